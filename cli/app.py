@@ -1,0 +1,216 @@
+"""The ``vdit-accel`` command line: thin commands over the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Faster video diffusion transformers.")
+
+_USER_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, OSError, RuntimeError)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+class _StepTimer:
+    """Wall time of a transformer's forward calls (synchronising CUDA around each)."""
+
+    def __init__(self, transformers):
+        import torch
+
+        self._torch = torch
+        self.seconds = 0.0
+        self.calls = 0
+        self._t0 = 0.0
+        self._handles = []
+        for tr in transformers:
+            self._handles.append(tr.register_forward_pre_hook(self._pre))
+            self._handles.append(tr.register_forward_hook(self._post))
+
+    def _sync(self):
+        if self._torch.cuda.is_available():
+            self._torch.cuda.synchronize()
+
+    def _pre(self, *_):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _post(self, *_):
+        self._sync()
+        self.seconds += time.perf_counter() - self._t0
+        self.calls += 1
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def _load_pipeline(model: Optional[str], device: str, dtype_name: str):
+    import torch
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    if model is None:
+        from vdit_accel.pipelines import build_tiny_pipeline, tiny_defaults
+
+        return build_tiny_pipeline("wan", dtype=dtype).to(device), tiny_defaults("wan")
+    from diffusers import DiffusionPipeline
+
+    from vdit_accel.pipelines.tiny import TinyDefaults
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except Exception as e:  # diffusers raises many kinds here; report them on one line
+        raise ValueError(f"could not load a diffusers pipeline from {model!r}: {type(e).__name__}: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), TinyDefaults(height=480, width=832, frames=81, steps=50, max_sequence_length=512)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option("a red circle moving left on a blue background", help="Text prompt."),
+    model: Optional[str] = typer.Option(None, help="diffusers pipeline directory or hub id; default: the built-in tiny Wan pipeline."),
+    strategy: str = typer.Option("window3d:t=1,h=2,w=2", help="Strategy file (.json), 'dense', or a uniform pattern such as 'window3d:t=1,h=2,w=2'."),
+    frames: Optional[int] = typer.Option(None, help="Number of frames (4k+1)."),
+    height: Optional[int] = typer.Option(None, help="Height in pixels (multiple of 16)."),
+    width: Optional[int] = typer.Option(None, help="Width in pixels (multiple of 16)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+    seed: int = typer.Option(0, help="Random seed (the same for the dense and the accelerated run)."),
+    dense_warmup_steps: Optional[int] = typer.Option(None, help="Override the strategy's dense warm-up steps."),
+    block_size: int = typer.Option(128, help="Tokens per block of the sparse masks."),
+    compare: bool = typer.Option(True, help="Also run dense (unpatched) with the same seed and report the difference."),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)."),
+    out: Path = typer.Option(Path("out/video.mp4"), help="Where to write the accelerated video; the report goes beside it (.json)."),
+):
+    """Generate a video with accelerated attention; report speed and PSNR against dense."""
+    try:
+        import torch
+
+        import vdit_accel
+        from vdit_accel.pipelines import patch_state
+        from vdit_accel.video import psnr, write_mp4
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        strat = vdit_accel.Strategy.from_spec(strategy, dense_warmup_steps)
+        if out.suffix != ".mp4":
+            raise ValueError(f"--out must end in .mp4, got {str(out)!r}")
+        pipe, defaults = _load_pipeline(model, device, dtype)
+        frames = frames or defaults.frames
+        height, width, steps = height or defaults.height, width or defaults.width, steps or defaults.steps
+        if frames < 1 or (frames - 1) % 4:
+            raise ValueError(f"--frames must be 4k+1 (1, 5, 9, 13, 17, ...), got {frames}")
+        if height < 16 or width < 16 or height % 16 or width % 16:
+            raise ValueError(f"--height and --width must be positive multiples of 16, got {height}x{width}")
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
+
+        transformers = [t for t in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if t is not None]
+        call = dict(prompt=prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps, output_type="np")
+        if model is None:
+            call["max_sequence_length"] = defaults.max_sequence_length
+
+        def run():
+            timer = _StepTimer(transformers)
+            try:
+                t0 = time.perf_counter()
+                video = pipe(**call, generator=torch.Generator(device="cpu").manual_seed(seed)).frames[0]
+                total = time.perf_counter() - t0
+            finally:
+                timer.remove()
+            return video, {"transformer_s_per_step": timer.seconds / steps, "transformer_calls": timer.calls, "total_s": total}
+
+        report: dict = {"model": model or "tiny-wan (built-in, random weights)", "prompt": prompt, "seed": seed,
+                        "frames": frames, "height": height, "width": width, "steps": steps, "device": device, "dtype": dtype}
+        dense_video = None
+        if compare:
+            typer.echo(f"dense run ({steps} steps) ...", err=True)
+            dense_video, report["dense"] = run()
+        vdit_accel.patch(pipe, strat, block_size=block_size)
+        typer.echo(f"accelerated run ({strat.describe()}) ...", err=True)
+        video, report["accelerated"] = run()
+        state = patch_state(transformers[0])
+        grid = state.grid
+        report["strategy"] = strat.describe()
+        report["grid"] = {"t": grid.t, "h": grid.h, "w": grid.w, "tokens": grid.seq_len}
+        report["block_size"] = block_size
+        report["density"] = state.mean_density(grid)
+        vdit_accel.unpatch(pipe)
+        if dense_video is not None:
+            report["psnr_db"] = psnr(video, dense_video)
+            report["speedup"] = report["dense"]["transformer_s_per_step"] / report["accelerated"]["transformer_s_per_step"]
+        write_mp4(out, video)
+        report["video"] = str(out)
+        report_path = out.with_suffix(".json")
+        report_path.write_text(json.dumps(report, indent=1) + "\n")
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    typer.echo(json.dumps({k: report[k] for k in ("video", "density", "psnr_db", "speedup") if k in report}))
+    typer.echo(f"report: {report_path}", err=True)
+
+
+@app.command()
+def inspect(
+    strategy: str = typer.Argument(..., help="Strategy file (.json), 'dense' or a uniform pattern."),
+    frames: int = typer.Option(21, help="Latent frames of the grid to measure density on."),
+    height: int = typer.Option(30, help="Latent rows (after patchification)."),
+    width: int = typer.Option(52, help="Latent columns (after patchification)."),
+    heads: int = typer.Option(12, help="Heads per layer (for a uniform strategy)."),
+    block_size: int = typer.Option(128, help="Tokens per block."),
+):
+    """Describe a strategy and its block density on a token grid (default: Wan 480x832, 81 frames)."""
+    try:
+        from vdit_accel import Strategy, VideoGrid
+        from vdit_accel.patterns import build_block_mask, format_pattern
+
+        st = Strategy.from_spec(strategy)
+        grid = VideoGrid(frames, height, width)
+        n_layers = len(st.layers) if st.layers is not None else 1
+        n_heads = len(st.layers[0]) if st.layers is not None else heads
+        typer.echo(st.describe())
+        densities = []
+        for layer in range(n_layers):
+            pats = st.layer_patterns(layer, n_heads)
+            d = build_block_mask(pats, grid, block_size, block_size).density_per_head().tolist()
+            densities += d
+            if st.layers is not None:
+                typer.echo(f"layer {layer:3d}: " + "  ".join(f"{format_pattern(p)} ({x:.2f})" for p, x in zip(pats, d)))
+        typer.echo(f"grid {grid.t}x{grid.h}x{grid.w} = {grid.seq_len} tokens, blocks of {block_size}: "
+                   f"mean density {sum(densities) / len(densities):.3f}")
+    except _USER_ERRORS as e:
+        _fail(str(e))
+
+
+@app.command()
+def version():
+    """Print versions of vdit-accel and the libraries it runs on."""
+    import torch
+
+    import vdit_accel
+
+    parts = [f"vdit-accel {vdit_accel.__version__}", f"torch {torch.__version__}"]
+    for mod in ("triton", "diffusers"):
+        try:
+            parts.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            parts.append(f"{mod} (not installed)")
+    typer.echo(", ".join(parts))
+
+
+def main():
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

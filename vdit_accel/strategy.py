@@ -1,0 +1,226 @@
+"""Strategy: which sparse pattern each layer and head of a model uses, as a versioned JSON file.
+
+A strategy is either *explicit* (a pattern for every layer and head, as the offline search writes
+it) or *uniform* (one pattern for every head, resolved against the model when it is applied).
+
+File format (``format`` and ``version`` are checked on load; unknown keys are refused)::
+
+    {
+      "format": "vdit-accel-strategy", "version": 1,
+      "model": {"class": "WanTransformer3DModel", "num_layers": 30, "num_heads": 12, "head_dim": 128},
+      "dense_warmup_steps": 2,
+      "default": {"kind": "dense"},
+      "layers": [{"heads": [{"pattern": {"kind": "window3d", "t": 1, "h": 2, "w": 2},
+                             "error": 0.012, "density": 0.21}, ...]}, ...],
+      "search": {...}
+    }
+
+``layers`` is omitted for a uniform strategy (``default`` applies to every head); ``model`` fields
+may be omitted (then any model with matching structure accepts it); per-head ``error`` and
+``density`` are optional measurements kept for inspection. Never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .patterns import Pattern, format_pattern, parse_pattern, validate_pattern
+
+FORMAT = "vdit-accel-strategy"
+VERSION = 1
+_TOP_KEYS = {"format", "version", "model", "dense_warmup_steps", "default", "layers", "search"}
+_MODEL_KEYS = {"class", "num_layers", "num_heads", "head_dim"}
+_HEAD_KEYS = {"pattern", "error", "density"}
+
+
+@dataclass
+class Strategy:
+    """Per-layer, per-head sparse patterns plus the dense-warmup schedule.
+
+    Args:
+        default: the pattern of every head not listed in ``layers`` (all heads, for a uniform strategy).
+        layers: optional explicit ``layers[layer][head]`` patterns.
+        dense_warmup_steps: the first N denoising steps run dense (sparsity hurts most early, when the
+            layout of the video is decided). Costs N steps' worth of the speed-up.
+        model: optional identity of the model it was made for (``class``, ``num_layers``,
+            ``num_heads``, ``head_dim``), checked by :meth:`validate_for`.
+        head_stats: optional ``[layer][head]`` dicts of measured ``error`` / ``density``.
+        search: the search's metadata (prompts, steps, budget, GPU, versions, time), free-form.
+    """
+
+    default: Pattern = field(default_factory=lambda: {"kind": "dense"})
+    layers: list[list[Pattern]] | None = None
+    dense_warmup_steps: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    head_stats: list[list[dict[str, float]]] | None = None
+    search: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.default = validate_pattern(self.default)
+        if isinstance(self.dense_warmup_steps, bool) or not isinstance(self.dense_warmup_steps, int) or self.dense_warmup_steps < 0:
+            raise ValueError(f"dense_warmup_steps must be an int >= 0, got {self.dense_warmup_steps!r}")
+        unknown = set(self.model) - _MODEL_KEYS
+        if unknown:
+            raise ValueError(f"strategy 'model' has unknown keys {sorted(unknown)}; allowed: {sorted(_MODEL_KEYS)}")
+        if self.layers is not None:
+            if not self.layers or not all(isinstance(l, list) and l for l in self.layers):
+                raise ValueError("strategy 'layers' must be a non-empty list of non-empty per-head lists")
+            widths = {len(l) for l in self.layers}
+            if len(widths) != 1:
+                raise ValueError(f"every layer must list the same number of heads, got {sorted(widths)}")
+            self.layers = [[validate_pattern(p) for p in layer] for layer in self.layers]
+            for name, val in (("num_layers", len(self.layers)), ("num_heads", widths.pop())):
+                if self.model.get(name, val) != val:
+                    raise ValueError(f"strategy model.{name}={self.model[name]} but 'layers' has {val}")
+                self.model[name] = val
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def dense(cls, num_layers: int | None = None, num_heads: int | None = None, dense_warmup_steps: int = 0) -> "Strategy":
+        """Every head dense (our kernel, no sparsity). Sizes, if given, are checked against the model."""
+        return cls.uniform({"kind": "dense"}, num_layers, num_heads, dense_warmup_steps)
+
+    @classmethod
+    def uniform(
+        cls, pattern: Pattern | str, num_layers: int | None = None, num_heads: int | None = None, dense_warmup_steps: int = 0
+    ) -> "Strategy":
+        """The same pattern for every head of every layer (e.g. ``"window3d:t=1,h=2,w=2"``)."""
+        model = {k: v for k, v in (("num_layers", num_layers), ("num_heads", num_heads)) if v is not None}
+        return cls(default=validate_pattern(pattern), dense_warmup_steps=dense_warmup_steps, model=model)
+
+    @classmethod
+    def from_spec(cls, spec: "Strategy | str | Path", dense_warmup_steps: int | None = None) -> "Strategy":
+        """A Strategy, a path to a strategy file, ``"dense"``, or a pattern in short form."""
+        if isinstance(spec, Strategy):
+            st = spec
+        elif isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".json")):
+            st = cls.load(spec)
+        elif isinstance(spec, str):
+            try:
+                st = cls.uniform(parse_pattern(spec))
+            except ValueError as e:
+                raise ValueError(
+                    f"strategy {spec!r} is neither a .json strategy file nor a pattern ({e}). "
+                    "Examples: 'dense', 'window3d:t=1,h=2,w=2', path/to/strategy.json"
+                ) from None
+        else:
+            raise TypeError(f"strategy must be a Strategy, a path or a string, got {type(spec).__name__}")
+        if dense_warmup_steps is not None:
+            st = Strategy(st.default, st.layers, dense_warmup_steps, dict(st.model), st.head_stats, st.search)
+        return st
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def is_uniform(self) -> bool:
+        return self.layers is None
+
+    def layer_patterns(self, layer: int, num_heads: int) -> list[Pattern]:
+        if self.layers is None:
+            return [self.default] * num_heads
+        return self.layers[layer]
+
+    def is_dense(self) -> bool:
+        pats = [self.default] if self.layers is None else [p for l in self.layers for p in l]
+        return all(p["kind"] == "dense" for p in pats)
+
+    def validate_for(self, model_class: str, num_layers: int, num_heads: int, head_dim: int | None = None) -> None:
+        """Raise ``ValueError`` if this strategy was made for a model of another structure."""
+        want = {"class": model_class, "num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim}
+        for key, actual in want.items():
+            if actual is None or key not in self.model:
+                continue
+            if self.model[key] != actual:
+                raise ValueError(
+                    f"strategy was made for {key}={self.model[key]!r} but the model has {key}={actual!r} "
+                    f"({model_class}: {num_layers} layers x {num_heads} heads). Search a strategy for this model "
+                    "(`vdit-accel search`) or use a uniform one (e.g. --strategy window3d:t=1,h=2,w=2)."
+                )
+
+    def describe(self) -> str:
+        if self.layers is None:
+            return f"uniform {format_pattern(self.default)}, dense_warmup_steps={self.dense_warmup_steps}"
+        kinds: dict[str, int] = {}
+        for layer in self.layers:
+            for p in layer:
+                kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
+        mix = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        return f"{len(self.layers)} layers x {len(self.layers[0])} heads ({mix}), dense_warmup_steps={self.dense_warmup_steps}"
+
+    # -- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+        if self.model:
+            d["model"] = dict(self.model)
+        d["dense_warmup_steps"] = self.dense_warmup_steps
+        d["default"] = self.default
+        if self.layers is not None:
+            d["layers"] = []
+            for li, layer in enumerate(self.layers):
+                heads = []
+                for hi, p in enumerate(layer):
+                    entry: dict[str, Any] = {"pattern": p}
+                    if self.head_stats is not None:
+                        entry.update(self.head_stats[li][hi])
+                    heads.append(entry)
+                d["layers"].append({"heads": heads})
+        if self.search:
+            d["search"] = self.search
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Strategy":
+        if not isinstance(d, dict):
+            raise ValueError("a strategy document is a JSON object")
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a vdit-accel strategy (format={d.get('format')!r}, expected {FORMAT!r})")
+        if d.get("version") != VERSION:
+            raise ValueError(f"strategy version {d.get('version')!r} is not supported (this vdit-accel reads {VERSION})")
+        unknown = set(d) - _TOP_KEYS
+        if unknown:
+            raise ValueError(f"strategy has unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+        layers = stats = None
+        if "layers" in d:
+            layers, stats = [], []
+            for li, layer in enumerate(d["layers"]):
+                if not isinstance(layer, dict) or set(layer) != {"heads"} or not isinstance(layer["heads"], list):
+                    raise ValueError(f"strategy layers[{li}] must be {{'heads': [...]}}")
+                pats, st = [], []
+                for hi, head in enumerate(layer["heads"]):
+                    if not isinstance(head, dict) or "pattern" not in head or set(head) - _HEAD_KEYS:
+                        raise ValueError(
+                            f"strategy layers[{li}].heads[{hi}] must have 'pattern' and optionally 'error', 'density'"
+                        )
+                    try:
+                        pats.append(validate_pattern(head["pattern"]))
+                    except ValueError as e:
+                        raise ValueError(f"strategy layers[{li}].heads[{hi}]: {e}") from None
+                    st.append({k: float(v) for k, v in head.items() if k != "pattern"})
+                layers.append(pats)
+                stats.append(st)
+            if not any(any(s) for s in stats):
+                stats = None
+        return cls(
+            default=d.get("default", {"kind": "dense"}),
+            layers=layers,
+            dense_warmup_steps=d.get("dense_warmup_steps", 0),
+            model=dict(d.get("model", {})),
+            head_stats=stats,
+            search=dict(d.get("search", {})),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Strategy":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"strategy file {str(path)!r} does not exist")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"strategy file {str(path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
