@@ -34,7 +34,6 @@ import json
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .block_mask import BlockMask, cdiv
 from .grid import VideoGrid
@@ -173,6 +172,19 @@ def format_pattern(p: Pattern) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _dilate(x: torch.Tensor, dim: int, r: int) -> torch.Tensor:
+    """Binary dilation of ``x`` (bool) by ``r`` along ``dim``: O(numel) through a cumulative sum."""
+    n = x.shape[dim]
+    r = min(r, n - 1)
+    if r <= 0:
+        return x
+    c = torch.cumsum(x.to(torch.int32), dim)
+    c = torch.cat([torch.zeros_like(c.narrow(dim, 0, 1)), c], dim)  # c[i] = sum of x[:i]
+    hi = torch.arange(n, device=x.device).add(r + 1).clamp_max(n)
+    lo = torch.arange(n, device=x.device).sub(r).clamp_min(0)
+    return (c.index_select(dim, hi) - c.index_select(dim, lo)) > 0
+
+
 def _video_reach(p: Pattern, grid: VideoGrid, q_onehot: torch.Tensor) -> torch.Tensor:
     """Which video keys some query of each group reaches.
 
@@ -192,18 +204,18 @@ def _video_reach(p: Pattern, grid: VideoGrid, q_onehot: torch.Tensor) -> torch.T
             out |= _video_reach(sub, grid, q_onehot)
         return out
     if kind == "window3d":
-        kt, kh, kw = min(p["t"], t - 1), min(p["h"], h - 1), min(p["w"], w - 1)
-        x = F.max_pool3d(q_onehot.unsqueeze(1), (2 * kt + 1, 2 * kh + 1, 2 * kw + 1), stride=1, padding=(kt, kh, kw))
-        return x.squeeze(1) > 0
+        x = q_onehot > 0
+        for dim, r in ((1, p["t"]), (2, p["h"]), (3, p["w"])):
+            x = _dilate(x, dim, r)
+        return x
     if kind == "frame_periodic":
-        kh, kw = min(p["h"], h - 1), min(p["w"], w - 1)
-        x = F.max_pool2d(q_onehot.reshape(g * t, 1, h, w), (2 * kh + 1, 2 * kw + 1), stride=1, padding=(kh, kw))
-        x = x.view(g, t, h, w) > 0
+        x = _dilate(_dilate(q_onehot > 0, 2, p["h"]), 3, p["w"])
         every = p["every"]
         # Frames grouped by residue mod `every`: key frame t' is reached if any query frame t with
         # t = t' (mod every) reaches (y', x').
         pad = cdiv(t, every) * every - t
-        xr = F.pad(x, (0, 0, 0, 0, 0, pad)).view(g, -1, every, h, w).any(1)  # [G, every, H, W]
+        x = torch.cat([x, x.new_zeros(g, pad, h, w)], 1)
+        xr = x.view(g, -1, every, h, w).any(1)  # [G, every, H, W]
         return xr.repeat(1, cdiv(t, every), 1, 1)[:, :t]
     if kind == "window1d":
         flat = q_onehot.reshape(g, -1)

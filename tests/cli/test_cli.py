@@ -1,0 +1,52 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from vdit_accel.cli.app import app
+from vdit_accel.video import read_mp4
+
+runner = CliRunner()
+
+
+def test_generate_end_to_end(tmp_path):
+    out = tmp_path / "clip.mp4"
+    res = runner.invoke(app, ["generate", "--frames", "9", "--height", "128", "--width", "160", "--steps", "2",
+                              "--strategy", "window3d:t=0,h=1,w=1", "--block-size", "32", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    video = read_mp4(out)
+    assert video.shape == (9, 128, 160, 3)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["grid"] == {"t": 3, "h": 8, "w": 10, "tokens": 240}
+    assert 0 < report["density"] < 1
+    assert report["psnr_db"] > 0 and report["speedup"] > 0
+    assert report["dense"]["transformer_calls"] == report["accelerated"]["transformer_calls"] == 4
+    assert report["accelerated"]["transformer_s_per_step"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--frames", "4"], "--frames must be 4k+1"),
+        (["--height", "100"], "multiples of 16"),
+        (["--strategy", "window9d"], "neither a .json strategy file nor a pattern"),
+        (["--strategy", "missing.json"], "does not exist"),
+        (["--out", "x.avi"], "must end in .mp4"),
+        (["--dtype", "int8"], "--dtype"),
+    ],
+)
+def test_generate_bad_input_is_one_line(args, match):
+    res = runner.invoke(app, ["generate", *args])
+    assert res.exit_code == 2
+    lines = [l for l in res.output.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and match in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_inspect_and_console_script():
+    res = runner.invoke(app, ["inspect", "window3d:t=1,h=2,w=2", "--frames", "5", "--height", "8", "--width", "8"])
+    assert res.exit_code == 0 and "mean density" in res.output
+    proc = subprocess.run([sys.executable, "-m", "vdit_accel.cli.app", "version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("vdit-accel ")

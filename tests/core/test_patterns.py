@@ -1,0 +1,162 @@
+import itertools
+
+import pytest
+import torch
+
+from vdit_accel import BlockMask, VideoGrid
+from vdit_accel.patterns import (
+    build_block_mask,
+    build_block_mask_for_pattern,
+    format_pattern,
+    parse_pattern,
+    token_pattern_mask,
+    validate_pattern,
+)
+
+PATTERNS = [
+    "dense",
+    "skip",
+    "window1d:frames=0.5",
+    "window3d:t=0,h=1,w=1",
+    "window3d:t=1,h=2,w=3",
+    "frame_periodic:h=1,w=1",
+    "frame_periodic:h=0,w=2,every=2",
+    "stripes:frames=0",
+    "stripes:frames=-1,tokens=5|-3",
+    "window3d:t=0,h=1,w=1+stripes:frames=0",
+]
+GRIDS = [
+    VideoGrid(3, 5, 7),
+    VideoGrid(4, 3, 6, text_len=11, text_at="prefix"),
+    VideoGrid(2, 4, 5, text_len=9, text_at="suffix"),
+]
+
+
+def _coords(grid):
+    t, h, w = torch.meshgrid(torch.arange(grid.t), torch.arange(grid.h), torch.arange(grid.w), indexing="ij")
+    return t.flatten(), h.flatten(), w.flatten()
+
+
+def _brute_force(p, grid):
+    """The token-level rule of each kind, written directly from its definition."""
+    t, y, x = _coords(grid)
+    dt = (t[:, None] - t[None, :]).abs()
+    dy = (y[:, None] - y[None, :]).abs()
+    dx = (x[:, None] - x[None, :]).abs()
+    v = grid.video_len
+    kind = p["kind"]
+    if kind == "dense":
+        return torch.ones(v, v, dtype=torch.bool)
+    if kind == "skip":
+        return torch.zeros(v, v, dtype=torch.bool)
+    if kind == "window1d":
+        i = torch.arange(v)
+        return (i[:, None] - i[None, :]).abs() <= round(p["frames"] * grid.h * grid.w)
+    if kind == "window3d":
+        return (dt <= p["t"]) & (dy <= p["h"]) & (dx <= p["w"])
+    if kind == "frame_periodic":
+        return ((t[:, None] - t[None, :]) % p["every"] == 0) & (dy <= p["h"]) & (dx <= p["w"])
+    if kind == "stripes":
+        col = torch.zeros(v, dtype=torch.bool)
+        for f in p["frames"]:
+            col |= t == (f % grid.t)
+        for tok in p["tokens"]:
+            col[tok % v] = True
+        return col[None, :].expand(v, v)
+    if kind == "union":
+        out = torch.zeros(v, v, dtype=torch.bool)
+        for q in p["of"]:
+            out |= _brute_force(q, grid)
+        return out
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("spec,grid", list(itertools.product(PATTERNS, GRIDS)))
+def test_token_rule_and_block_mask(spec, grid):
+    p = parse_pattern(spec)
+    tok = token_pattern_mask(p, grid)
+    # Token level: the video part follows the definition; text rows and columns are dense.
+    vs, vl = grid.video_start, grid.video_len
+    assert torch.equal(tok[vs : vs + vl, vs : vs + vl], _brute_force(p, grid))
+    if grid.text_len:
+        ts = grid.text_start
+        assert tok[ts : ts + grid.text_len].all() and tok[:, ts : ts + grid.text_len].all()
+    # Block level: a pair is visited iff some token pair in it is allowed (odd block sizes vs S).
+    for bm, bn in [(16, 16), (32, 16), (8, 32)]:
+        blk = build_block_mask_for_pattern(p, grid, bm, bn)
+        s = grid.seq_len
+        pad = torch.zeros(-(-s // bm) * bm, -(-s // bn) * bn, dtype=torch.bool)
+        pad[:s, :s] = tok
+        expect = pad.view(-1, bm, pad.shape[1] // bn, bn).any(3).any(1)
+        assert torch.equal(blk, expect), (spec, grid, bm, bn)
+
+
+def test_block_mask_per_head_and_cache():
+    grid = VideoGrid(3, 8, 8)
+    pats = [parse_pattern(s) for s in ("dense", "window3d:t=0,h=1,w=1", "skip", "window3d:t=0,h=1,w=1")]
+    bm = build_block_mask(pats, grid, 32, 32)
+    assert isinstance(bm, BlockMask) and bm.kv_num_blocks.shape == (1, 4, 6)
+    d = bm.density_per_head()
+    assert d[0] == 1.0 and d[2] == 0.0 and 0 < d[1] < 1 and d[1] == d[3]
+    assert build_block_mask(pats, grid, 32, 32) is bm  # cached
+    # The CSR form round-trips to the dense block form, indices ascending.
+    dense = torch.stack([build_block_mask_for_pattern(p, grid, 32, 32) for p in pats]).unsqueeze(0)
+    assert torch.equal(bm.to_dense(), dense)
+    for h in range(4):
+        for m in range(6):
+            n = int(bm.kv_num_blocks[0, h, m])
+            idx = bm.kv_indices[0, h, m, :n]
+            assert torch.all(idx[1:] > idx[:-1])
+
+
+def test_density_shrinks_with_window():
+    grid = VideoGrid(21, 30, 52)  # Wan2.1 480p, 81 frames
+    dens = [
+        build_block_mask([parse_pattern(f"window3d:t={t},h={h},w={w}")], grid).density()
+        for t, h, w in [(20, 29, 51), (3, 10, 20), (1, 4, 8), (0, 1, 1)]
+    ]
+    assert dens[0] == 1.0
+    assert all(a > b for a, b in zip(dens, dens[1:])), dens
+    assert dens[-1] < 0.1
+
+
+def test_skip_keeps_text_dense():
+    grid = VideoGrid(2, 4, 4, text_len=8, text_at="suffix")
+    blk = build_block_mask_for_pattern({"kind": "skip"}, grid, 8, 8)
+    assert blk[-1].all() and blk[:, -1].all()  # the text block row and column
+    assert not blk[:-1, :-1].any()
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"kind": "nope"}, "unknown pattern kind"),
+        ({"kind": "window3d", "t": 1, "h": 1}, "needs parameter 'w'"),
+        ({"kind": "window3d", "t": -1, "h": 1, "w": 1}, "int >= 0"),
+        ({"kind": "window3d", "t": 1, "h": 1, "w": 1, "x": 2}, "unknown"),
+        ({"kind": "window1d", "frames": 0}, "number > 0"),
+        ({"kind": "union", "of": []}, "non-empty"),
+        ({"kind": "stripes", "frames": ["a"]}, "list of ints"),
+        ("window3d:t=one,h=1,w=1", "bad value"),
+        (42, "a pattern is a dict"),
+    ],
+)
+def test_validation_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        validate_pattern(bad)
+
+
+@pytest.mark.parametrize("spec", PATTERNS)
+def test_short_form_round_trip(spec):
+    p = parse_pattern(spec)
+    assert parse_pattern(format_pattern(p)) == p
+    assert validate_pattern(p) == p
+
+
+def test_grid_validation():
+    with pytest.raises(ValueError, match="text_at"):
+        VideoGrid(2, 2, 2, text_len=4)
+    with pytest.raises(ValueError, match="positive int"):
+        VideoGrid(0, 2, 2)
+    g = VideoGrid(2, 3, 4, text_len=5, text_at="prefix")
+    assert (g.seq_len, g.video_start, g.text_start) == (29, 5, 0)

@@ -1,0 +1,120 @@
+import os
+
+import pytest
+import torch
+
+import vdit_accel
+from vdit_accel import Strategy
+from vdit_accel.pipelines import build_tiny_pipeline, patch_state
+
+CALL = dict(prompt="a red circle moving left", height=128, width=128, num_frames=9, num_inference_steps=3,
+            max_sequence_length=16, output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline("wan", seed=0)
+
+
+def _run(pipe, seed=0, **kw):
+    return pipe(**{**CALL, **kw}, generator=torch.Generator().manual_seed(seed)).frames[0]
+
+
+def test_tiny_pipeline_is_deterministic_and_offline(pipe):
+    other = build_tiny_pipeline("wan", seed=0)
+    a = next(pipe.transformer.parameters())
+    b = next(other.transformer.parameters())
+    assert torch.equal(a, b)
+    assert not torch.equal(a, next(build_tiny_pipeline("wan", seed=1).transformer.parameters()))
+    with pytest.raises(ValueError, match="available: wan"):
+        build_tiny_pipeline("nonesuch")
+
+
+def test_dense_reproduces_unpatched_and_unpatch_restores(pipe):
+    base = _run(pipe)
+    originals = {n: p for n, p in pipe.transformer.attn_processors.items()}
+    vdit_accel.patch(pipe, "dense")
+    try:
+        procs = pipe.transformer.attn_processors
+        assert all(type(procs[n]) is not type(p) for n, p in originals.items() if ".attn1." in n)
+        assert all(procs[n] is p for n, p in originals.items() if ".attn2." in n)  # cross-attention untouched
+        dense = _run(pipe)
+    finally:
+        vdit_accel.unpatch(pipe)
+    assert (dense - base).abs().max().item() <= 1e-4
+    assert all(pipe.transformer.attn_processors[n] is p for n, p in originals.items())
+    assert torch.equal(_run(pipe), base)  # bit for bit after unpatch
+
+
+def test_sparse_runs_changes_output_and_tracks_steps(pipe):
+    base = _run(pipe)
+    calls = []
+    strat = Strategy.uniform("window3d:t=0,h=1,w=1", dense_warmup_steps=1)
+    vdit_accel.patch(pipe, strat, block_size=32)
+    state = patch_state(pipe.transformer)
+    orig = state.block_mask
+    state.block_mask = lambda layer, q: calls.append((state.step, layer)) or orig(layer, q)
+    try:
+        out = _run(pipe)
+        assert state.grid == vdit_accel.VideoGrid(3, 8, 8)
+        density = state.mean_density(state.grid)
+    finally:
+        vdit_accel.unpatch(pipe)
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-3
+    assert 0 < density < 0.7
+    # 3 steps x (cond + uncond) x 4 layers; the first step dense by warm-up.
+    assert sorted({s for s, _ in calls}) == [0, 1, 2] and len(calls) == 3 * 2 * 4
+    masks = [state.block_mask(0, torch.empty(1, 192, 4, 64)) for state.step in (0, 1)]
+    assert masks[0] is None and masks[1] is not None
+    assert state.block_mask(0, torch.empty(1, 192, 4, 64)) is masks[1]  # built once, then cached
+
+
+def test_patch_errors(pipe):
+    vdit_accel.patch(pipe, "dense")
+    try:
+        with pytest.raises(RuntimeError, match="already patched"):
+            vdit_accel.patch(pipe, "dense")
+    finally:
+        vdit_accel.unpatch(pipe)
+    with pytest.raises(RuntimeError, match="not patched"):
+        vdit_accel.unpatch(pipe)
+    with pytest.raises(ValueError, match="num_layers=30"):
+        vdit_accel.patch(pipe, Strategy.dense(num_layers=30))
+    assert patch_state(pipe.transformer) is None  # a failed patch changes nothing
+    with pytest.raises(ValueError, match="power of two"):
+        vdit_accel.patch(pipe, "dense", block_size=100)
+    with pytest.raises(NotImplementedError, match="supported transformers: WanTransformer3DModel"):
+        vdit_accel.patch(torch.nn.Linear(2, 2), "dense")
+
+
+def test_strategy_file_with_per_head_patterns(pipe, tmp_path):
+    layers = [[{"kind": "window3d", "t": 0, "h": 1, "w": 1}, {"kind": "dense"}, {"kind": "skip"},
+               {"kind": "stripes", "frames": [0]}] for _ in range(4)]
+    path = tmp_path / "s.json"
+    Strategy(layers=layers, model={"class": "WanTransformer3DModel", "head_dim": 64}).save(path)
+    vdit_accel.patch(pipe.transformer, str(path), block_size=32)
+    try:
+        out = _run(pipe, num_inference_steps=2)
+        mask = patch_state(pipe.transformer).block_mask(0, torch.empty(1, 192, 4, 64))
+    finally:
+        vdit_accel.unpatch(pipe.transformer)
+    d = mask.density_per_head()
+    assert torch.isfinite(out).all() and d[1] == 1.0 and d[2] == 0.0 and 0 < d[0] < 1
+
+
+@pytest.mark.skipif(os.environ.get("VDIT_SKIP_TRITON_PIPELINE") == "1", reason="opted out")
+def test_pipeline_through_triton_interpreter(pipe, monkeypatch):
+    """The patched pipeline through our Triton kernel (interpreted on the CPU) equals the reference path."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 from the start of the session (tests/conftest.py sets it)")
+    strat = Strategy.uniform("window3d:t=0,h=1,w=1+stripes:frames=0")
+    small = dict(num_inference_steps=1, guidance_scale=1.0)
+    vdit_accel.patch(pipe, strat, block_size=32)
+    try:
+        ref = _run(pipe, **small)
+        monkeypatch.setenv("VDIT_CPU_TRITON", "1")
+        tri = _run(pipe, **small)
+    finally:
+        vdit_accel.unpatch(pipe)
+    assert (tri - ref).abs().max().item() <= 1e-3
