@@ -43,6 +43,8 @@ class BlockMask:
         b, h, mb = self.kv_num_blocks.shape
         if tuple(self.kv_indices.shape[:3]) != (b, h, mb):
             raise ValueError("kv_indices must share [B, H, Mb] with kv_num_blocks")
+        if self.kv_num_blocks.device != self.kv_indices.device:
+            raise ValueError("kv_num_blocks and kv_indices must be on one device")
         if mb != cdiv(self.seq_len, self.block_m) or self.kv_indices.shape[3] != cdiv(self.seq_len, self.block_n):
             raise ValueError(
                 f"BlockMask for seq_len={self.seq_len} with blocks ({self.block_m}, {self.block_n}) needs "
@@ -91,9 +93,12 @@ class BlockMask:
         """Bool ``[B, H, Mb, Nb]``: which (query block, key block) pairs are visited."""
         nb = self.num_kv_blocks
         valid = torch.arange(nb, device=self.device) < self.kv_num_blocks.unsqueeze(-1)
-        out = torch.zeros(*self.kv_indices.shape, dtype=torch.bool, device=self.device)
-        out.scatter_(-1, self.kv_indices.long(), valid)
-        return out
+        # Padding entries (past the count) go to an extra column that is dropped, so that padding
+        # which repeats a listed index cannot erase it.
+        idx = torch.where(valid, self.kv_indices.long(), nb)
+        out = torch.zeros(*self.kv_indices.shape[:3], nb + 1, dtype=torch.bool, device=self.device)
+        out.scatter_(-1, idx, True)
+        return out[..., :nb]
 
     def density(self) -> float:
         """Fraction of (query block, key block) pairs visited, averaged over batch and heads."""

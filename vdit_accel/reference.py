@@ -40,10 +40,10 @@ def reference_attention(
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     if block_mask is not None:
-        if block_mask.seq_len != s or block_mask.num_heads != h:
+        if block_mask.seq_len != s or block_mask.num_heads != h or block_mask.kv_num_blocks.shape[0] not in (1, b):
             raise ValueError(
-                f"block mask is for seq_len={block_mask.seq_len}, heads={block_mask.num_heads}; "
-                f"inputs have S={s}, H={h}"
+                f"block mask is for seq_len={block_mask.seq_len}, heads={block_mask.num_heads}, "
+                f"batch={block_mask.kv_num_blocks.shape[0]}; inputs have S={s}, H={h}, B={b} (mask batch must be 1 or B)"
             )
         block_dense = block_mask.to_dense().to(q.device)
         rows = torch.arange(s, device=q.device) // block_mask.block_m

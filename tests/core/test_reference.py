@@ -54,5 +54,8 @@ def test_block_mask_validation():
         BlockMask(torch.zeros(1, 1, 3, dtype=torch.int32), torch.zeros(1, 1, 3, 3, dtype=torch.int32), 100, 16, 16)
     with pytest.raises(ValueError, match="int32"):
         BlockMask(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, 1), 10, 16, 16)
+    # Padding past the count may repeat a listed index without erasing it.
+    padded = BlockMask(torch.tensor([[[2]]], dtype=torch.int32), torch.tensor([[[[0, 3, 0, 0]]]], dtype=torch.int32), 64, 64, 16)
+    assert padded.to_dense().tolist() == [[[[True, False, False, True]]]]
     m = BlockMask.full(100, 2, 32, 16)
     assert m.density() == 1.0 and m.num_q_blocks == 4 and m.num_kv_blocks == 7

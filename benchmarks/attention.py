@@ -1,0 +1,383 @@
+"""Attention forward on the GPU: our Triton kernel (dense, block-sparse) against cuDNN, SDPA flash and
+FlexAttention, on the shapes of shared/BENCHMARKS.md, with errors against a reference.
+
+    python benchmarks/attention.py                       # all shapes, densities 0.5 0.25 0.1
+    python benchmarks/attention.py --quick               # one shape, short timing: a smoke run
+    python benchmarks/attention.py --shapes wan1.3b-81f-480p --densities 0.1 --impls cudnn ours-dense ours-sparse
+
+Protocol (BENCHMARKS.md): random normal bf16 inputs in (B, S, H, D), do_bench(warmup=25, rep=200,
+median), dense-equivalent TFLOP/s = 4*B*H*S^2*D / time. Sparse rows use one local (banded) mask of
+128x128 blocks per density, the same for flex-sparse and ours-sparse. rel_err = ||out - ref|| / ||ref||
+on ~256 sampled query rows (all batches and heads, the last row always included) against a float64
+reference over all keys with the block mask applied.
+
+Needs only torch and triton (no diffusers). Runs from a plain checkout: if vdit_accel is not
+installed, the repository's folders are mapped to their package names here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+SHAPES = {  # name: (B, H, S, D)
+    "cogvideox5b-49f-480p": (1, 48, 17776, 64),
+    "wan1.3b-81f-480p": (1, 12, 32760, 128),
+    "hunyuan-129f-720p": (1, 24, 119040, 128),
+}
+DENSE_IMPLS = ("cudnn", "sdpa-flash", "flex-dense", "ours-dense")
+SPARSE_IMPLS = ("flex-sparse", "ours-sparse")
+MASK_BLOCK = 128
+
+
+def _import_vdit_accel():
+    """Import the three modules this script needs, from an install or from the checkout."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    try:
+        import vdit_accel.kernels  # noqa: F401
+    except ImportError:
+        # Not installed: kernels/ installs as vdit_accel.kernels (pyproject package-dir); map it by hand.
+        spec = importlib.util.spec_from_file_location(
+            "vdit_accel.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["vdit_accel.kernels"] = module
+        spec.loader.exec_module(module)
+    from vdit_accel.block_mask import BlockMask
+    from vdit_accel.kernels import attention_fwd
+    from vdit_accel.reference import reference_attention
+
+    return BlockMask, attention_fwd, reference_attention
+
+
+BlockMask, attention_fwd, reference_attention = _import_vdit_accel()
+
+
+# -- masks ----------------------------------------------------------------------------------------
+
+
+def local_block_mask(seq_len: int, num_heads: int, density: float, device) -> "BlockMask":
+    """Banded block mask (|i - j| <= r in block units) whose density is closest to ``density``."""
+    nb = math.ceil(seq_len / MASK_BLOCK)
+    i = torch.arange(nb, device=device)
+    dist = (i[:, None] - i[None, :]).abs()
+    density_at_r = (torch.bincount(dist.flatten(), minlength=nb).cumsum(0).double() / nb**2).tolist()
+    best_r = min(range(nb), key=lambda r: abs(density_at_r[r] - density))
+    dense = (dist <= best_r).expand(1, num_heads, nb, nb).contiguous()
+    return BlockMask.from_dense(dense, seq_len, MASK_BLOCK, MASK_BLOCK)
+
+
+def flex_block_mask(mask: "BlockMask"):
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+    import inspect
+
+    params = inspect.signature(FlexBlockMask.from_kv_blocks).parameters
+    kwargs = {}
+    if "BLOCK_SIZE" in params:
+        kwargs["BLOCK_SIZE"] = (mask.block_m, mask.block_n)
+    elif "KV_BLOCK_SIZE" in params:  # older spellings
+        kwargs["KV_BLOCK_SIZE"], kwargs["Q_BLOCK_SIZE"] = mask.block_n, mask.block_m
+    if "seq_lengths" in params:
+        kwargs["seq_lengths"] = (mask.seq_len, mask.seq_len)
+    elif mask.seq_len % MASK_BLOCK:
+        raise RuntimeError("this torch's BlockMask.from_kv_blocks has no seq_lengths: S must be a multiple of 128")
+    return FlexBlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, **kwargs)
+
+
+# -- reference on sampled rows ----------------------------------------------------------------------
+
+
+def sample_rows(seq_len: int, n: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    rows = torch.randperm(seq_len, generator=g)[: max(n - 1, 1)]
+    rows = torch.unique(torch.cat([rows, torch.tensor([seq_len - 1])]))
+    return rows.to(device)
+
+
+@torch.no_grad()
+def reference_rows(q, k, v, rows, mask: "BlockMask | None", scale: float) -> torch.Tensor:
+    """float64 attention for query rows ``rows`` against all keys: (B, R, H, D)."""
+    b, s, h, d = q.shape
+    out = torch.empty(b, rows.numel(), h, d, dtype=torch.float64, device=q.device)
+    if mask is not None:
+        blocks = mask.to_dense()  # [Bm, H, Mb, Nb]
+        col_block = torch.arange(s, device=q.device) // mask.block_n
+        row_block = rows // mask.block_m
+    for hi in range(h):
+        qh = q[:, rows, hi].double()
+        kh = k[:, :, hi].double()
+        scores = torch.einsum("brd,bsd->brs", qh, kh) * scale
+        if mask is not None:
+            allowed = blocks[:, hi][:, row_block][:, :, col_block]  # [Bm, R, S]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[:, :, hi] = torch.einsum("brs,bsd->brd", p, v[:, :, hi].double())
+        del scores, p
+    return out
+
+
+def rel_err(out_bshd: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor) -> float:
+    got = out_bshd[:, rows].double()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+# -- implementations ----------------------------------------------------------------------------------
+
+
+def make_impl(name: str, q, k, v, mask, flex_mask, scale: float, ours_config=None):
+    """A zero-argument callable returning the output as a (B, S, H, D) tensor (views allowed)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D) views, as diffusers passes them
+    if name in ("cudnn", "sdpa-flash"):
+        backend = SDPBackend.CUDNN_ATTENTION if name == "cudnn" else SDPBackend.FLASH_ATTENTION
+
+        def fn():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
+
+        return fn
+    if name in ("flex-dense", "flex-sparse"):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+        block_mask = flex_mask if name == "flex-sparse" else None
+        return lambda: compiled(qt, kt, vt, block_mask=block_mask, scale=scale).transpose(1, 2)
+    if name == "ours-dense":
+        return lambda: attention_fwd(q, k, v, scale=scale, config=ours_config)
+    if name == "ours-sparse":
+        return lambda: attention_fwd(
+            q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_m, mask.block_n, scale=scale, config=ours_config
+        )
+    raise ValueError(f"unknown impl {name!r}")
+
+
+def bench(fn, quick: bool) -> float:
+    import triton.testing
+
+    if quick:
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def free_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# -- runs -----------------------------------------------------------------------------------------
+
+
+def run_small_checks(reference_attention, device) -> list[dict]:
+    """bf16 vs float64 on odd small shapes, all rows: tails, head_dim 96, per-head masks, fused qkv."""
+    checks = []
+    g = torch.Generator(device=device).manual_seed(0)
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    for b, s, h, d, mask_kind, dtype in [
+        (2, 1000, 3, 64, None, bf16), (2, 1000, 3, 96, None, bf16), (2, 1000, 3, 128, None, bf16),
+        (2, 1000, 3, 64, "random", bf16), (2, 777, 3, 128, "random", bf16), (2, 1000, 3, 96, "random", bf16),
+        (2, 1000, 3, 128, "random", fp16), (2, 333, 3, 64, "random", fp32),
+    ]:
+        name = f"B{b}-S{s}-H{h}-D{d}-{mask_kind or 'dense'}-{str(dtype).split('.')[-1]}"
+        try:
+            qkv = torch.randn(b, s, 3, h, d, device=device, dtype=dtype, generator=g)
+            q, k, v = qkv.unbind(2)  # non-contiguous views
+            mask = None
+            if mask_kind == "random":
+                nb = math.ceil(s / MASK_BLOCK)
+                dense = torch.rand(b, h, nb, nb, device=device, generator=g) < 0.4
+                dense[:, 0, 0] = False  # an empty query block
+                dense[:, 0, -1] = True  # a full one, tail block included
+                dense[:, -1] = False  # an empty head
+                mask = BlockMask.from_dense(dense, s, MASK_BLOCK, MASK_BLOCK)
+            args = (mask.kv_num_blocks, mask.kv_indices, MASK_BLOCK, MASK_BLOCK) if mask is not None else ()
+            out, lse = attention_fwd(q, k, v, *args, return_lse=True)
+            ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), mask, return_lse=True)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            # PyTorch's own error at this dtype on the same inputs, for scale (STYLE.md habit 4).
+            torch_low = reference_attention(q, k, v, mask, compute_dtype=dtype)
+            torch_err = ((torch_low.double() - ref).norm() / ref.norm()).item()
+            inf_ok = bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)))
+            fin = ~torch.isneginf(ref_lse)
+            lse_err = (lse[fin] - ref_lse[fin]).abs().max().item()
+            empty_zero = bool((out[torch.isneginf(ref_lse).transpose(1, 2)] == 0).all())
+            bound = 1e-4 if dtype == fp32 else max(2 * torch_err, 1e-2)
+            ok = err <= bound and inf_ok and lse_err < 1e-2 and empty_zero and not out.isnan().any()
+            checks.append(dict(check=name, rel_err=err, torch_same_dtype_rel_err=torch_err, lse_max_abs_err=lse_err,
+                               lse_inf_match=inf_ok, empty_rows_zero=empty_zero, ok=bool(ok)))
+        except Exception as exc:  # one failing check must not stop the run
+            checks.append(dict(check=name, ok=False, error=f"{type(exc).__name__}: {exc}"[:500]))
+            traceback.print_exc()
+        print(f"check {name}: {checks[-1]}", flush=True)
+    free_memory()
+    return checks
+
+
+def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_config=None) -> list[dict]:
+    b, h, s, d = shape
+    scale = 1.0 / math.sqrt(d)
+    rows_out = []
+    g = torch.Generator(device=device).manual_seed(42)
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    rows = sample_rows(s, sample_n, device)
+    flops = 4.0 * b * h * s * s * d
+
+    torch._dynamo.reset()
+    ref_dense = reference_rows(q, k, v, rows, None, scale)
+    plans = [(impl, None) for impl in impls if impl in DENSE_IMPLS]
+    masks = {}
+    for density in densities:
+        mask = local_block_mask(s, h, density, device)
+        masks[density] = mask
+        plans += [(impl, density) for impl in impls if impl in SPARSE_IMPLS]
+
+    refs = {None: ref_dense}
+    for impl, density in plans:
+        row = dict(shape=name, impl=impl, B=b, H=h, S=s, D=d, density=1.0, ms=None, tflops=None, rel_err=None)
+        try:
+            mask = masks.get(density)
+            if mask is not None:
+                row["density"] = round(mask.density(), 4)
+                row["target_density"] = density
+                if density not in refs:
+                    refs[density] = reference_rows(q, k, v, rows, mask, scale)
+            flex_mask = flex_block_mask(mask) if impl == "flex-sparse" else None
+            fn = make_impl(impl, q, k, v, mask, flex_mask, scale, ours_config)
+            if ours_config is not None and impl.startswith("ours"):
+                row["config"] = ours_config
+            t0 = time.perf_counter()
+            out = fn()  # compiles
+            torch.cuda.synchronize()
+            row["first_call_s"] = round(time.perf_counter() - t0, 2)
+            row["rel_err"] = rel_err(out, rows, refs[density])
+            del out
+            ms = bench(fn, quick)
+            row["ms"] = ms
+            row["tflops"] = flops / (ms * 1e-3) / 1e12
+        except Exception as exc:  # a failing peer records an error row and the run goes on
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            traceback.print_exc()
+        free_memory()
+        rows_out.append(row)
+        print(_fmt_row(row), flush=True)
+    del q, k, v, masks, refs
+    torch._dynamo.reset()
+    free_memory()
+    return rows_out
+
+
+def _fmt(x, spec):
+    return "—" if x is None else format(x, spec)
+
+
+def _fmt_row(row) -> str:
+    err = f" ERROR {row['error']}" if "error" in row else ""
+    return (f"| {row['shape']} | {row['impl']} | {row['density']:.3f} | {_fmt(row['ms'], '.2f')} | "
+            f"{_fmt(row['tflops'], '.0f')} | {_fmt(row['rel_err'], '.2e')} |{err}")
+
+
+def markdown_table(rows) -> str:
+    lines = ["| shape | impl | density | ms | TFLOP/s (dense-eq.) | rel_err |", "|---|---|---|---|---|---|"]
+    lines += [_fmt_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None,
+                   help="shape names to run (default: all; with --quick: cogvideox5b-49f-480p)")
+    p.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.25, 0.1],
+                   help="target fractions of 128x128 blocks visited by the local sparse mask")
+    p.add_argument("--impls", nargs="+", choices=DENSE_IMPLS + SPARSE_IMPLS, default=list(DENSE_IMPLS + SPARSE_IMPLS))
+    p.add_argument("--quick", action="store_true", help="one shape, short timing (warmup 5 ms, rep 20 ms)")
+    p.add_argument("--sample-rows", type=int, default=256, help="query rows checked against the reference")
+    p.add_argument("--no-checks", action="store_true", help="skip the small full-reference bf16 checks")
+    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--ours-config", type=json.loads, default=None,
+                   help="launch config for ours-*, as JSON with keys BLOCK_M, BLOCK_N, num_warps, num_stages "
+                   "(default: the kernel's per-arch defaults)")
+    p.add_argument("--git-sha", default=None, help="recorded as versions.vdit_accel (default: git rev-parse)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    import triton
+
+    device = torch.device("cuda")
+    shapes = args.shapes or (["cogvideox5b-49f-480p"] if args.quick else list(SHAPES))
+    gpu = torch.cuda.get_device_name(device)
+    print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+
+    today = _dt.date.today()
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"attention-{slug}-{today.strftime('%Y%m%d')}{'-quick' if args.quick else ''}.json"
+    result = {
+        "gpu": gpu,
+        "date": today.isoformat(),
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                     "vdit_accel": args.git_sha or git_sha()},
+        "protocol": "do_bench median, warmup 5/rep 20 ms (quick)" if args.quick
+        else "do_bench median, warmup 25/rep 200 ms",
+        "rows": [],
+        "checks": [],
+    }
+
+    def write():  # after every stage, so a run cut short still leaves its results
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+    checks = result["checks"]
+    if not args.no_checks:
+        checks += run_small_checks(reference_attention, device)
+        write()
+    rows = result["rows"]
+    for name in shapes:
+        rows += run_shape(name, SHAPES[name], args.densities, args.impls, args.quick, args.sample_rows, device,
+                          args.ours_config)
+        write()
+    write()
+    print()
+    print(markdown_table(rows))
+    if checks:
+        bad = [c["check"] for c in checks if not c.get("ok")]
+        print(f"\nsmall bf16 checks: {len(checks) - len(bad)}/{len(checks)} ok" + (f"; FAILED: {bad}" if bad else ""))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Forward attention in Triton: dense and block-sparse, one kernel family.
+
+Inference only, non-causal, (B, S, H, D) layout read through strides. Sparsity is data: the
+CSR-like block lists ``kv_num_blocks [Bm, H, Mb]`` / ``kv_indices [Bm, H, Mb, Nb]`` (FlexAttention's
+``BlockMask`` tensors; ``Bm`` is 1 or B). Dense and sparse are one kernel under ``SPARSE: tl.constexpr``.
+
+This module imports only torch and triton: it is the bottom layer and takes raw tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ------------------------------------------------------------------------------------------------
+# Kernel notation
+#
+#   B, S, H, D      batch, tokens (queries = keys), heads, head_dim
+#   BLOCK_M         query rows per program (one query tile)
+#   BLOCK_N         key rows per inner-loop step (one key block of the kernel)
+#   BLOCK_D         D rounded up to a power of two; columns d >= HEAD_DIM are masked (D = 96 -> 128)
+#   HEAD_DIM        D itself
+#   MASK_BLOCK_M/N  block sizes of the block mask (mask query block / mask key block). BLOCK_M divides
+#                   MASK_BLOCK_M and BLOCK_N divides MASK_BLOCK_N; a mask key block is visited as
+#                   SUB = MASK_BLOCK_N // BLOCK_N consecutive kernel key blocks.
+#   SPARSE          visit only the key blocks listed for this (b, h, mask query block); else all
+#   EVEN_N          S % BLOCK_N == 0: no key block is partial, the masked tail step is compiled out
+#   RETURN_LSE      also write the natural-log log-sum-exp, float32 (B, H, S)
+#   INPUT_PRECISION tl.dot precision: "ieee" for fp32 inputs (exact, for tests), else None (the
+#                   default; fp16/bf16 dots are exact products with fp32 accumulation anyway)
+#   qk_scale        softmax scale * log2(e): scores live in the log2 domain so exp2 replaces exp
+#   m_i, l_i, acc   running row max (log2 domain, scaled), running row sum of exp2, running P @ V
+#   t               index of a kernel key block in this program's visit list (0 .. n_total-1);
+#                   dense: key block t; sparse: sub-block t % SUB of mask key block kv_indices[t // SUB]
+#
+# The visit list is ordered by key position (kv_indices ascending), so only its LAST kernel key
+# block can reach past S. Every block before it is loaded without a key mask (MASK_TAIL=False); the
+# last one, when S % BLOCK_N != 0, goes through the same inner loop once more with MASK_TAIL=True.
+# Every visited block holds at least one key < S, so the running max is finite after the first step
+# and no NaN arises; a query block that visits nothing keeps l_i = 0 and writes zeros, lse = -inf.
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    K_bh, V_bh, stride_kn, stride_vn,
+    kv_idx_row, stride_idx_n,
+    offs_n, offs_d, S, qk_scale,
+    lo, hi,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
+    for t in range(lo, hi):
+        if SPARSE:
+            kv_block = tl.load(kv_idx_row + (t // SUB) * stride_idx_n)
+            start_n = kv_block * MASK_BLOCK_N + (t % SUB) * BLOCK_N
+        else:
+            start_n = t * BLOCK_N
+        start_n = start_n.to(tl.int64)
+        k_ptrs = K_bh + start_n * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
+        v_ptrs = V_bh + start_n * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
+        if MASK_TAIL:
+            kv_mask = (start_n + offs_n)[:, None] < S
+            if BLOCK_D != HEAD_DIM:
+                kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if MASK_TAIL:
+            qk = tl.where((start_n + offs_n)[None, :] < S, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Out, Lse, KV_num, KV_idx,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_numb, stride_numh, stride_numm,
+    stride_idxb, stride_idxh, stride_idxm, stride_idxn,
+    S, H, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASK_BLOCK_M: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
+    SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    start_m = pid_m.to(tl.int64) * BLOCK_M  # int64: S * stride_s may pass 2**31 (fused qkv, long S)
+    offs_mt = tl.arange(0, BLOCK_M)  # row within the tile
+    offs_m = pid_m * BLOCK_M + offs_mt
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < S
+    d_mask = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m * stride_qs
+    q_ptrs += offs_mt[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    K_bh = K + b * stride_kb + h * stride_kh
+    V_bh = V + b * stride_vb + h * stride_vh
+
+    # How many kernel key blocks this program visits (n_total), and where their indices live.
+    if SPARSE:
+        SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
+        mask_row = (pid_m * BLOCK_M) // MASK_BLOCK_M
+        kv_num = tl.load(KV_num + b * stride_numb + h * stride_numh + mask_row * stride_numm)
+        kv_idx_row = KV_idx + b * stride_idxb + h * stride_idxh + mask_row * stride_idxm
+        last_block = tl.load(kv_idx_row + (kv_num - 1) * stride_idxn, mask=kv_num > 0, other=0)
+        last_sub = tl.minimum(tl.cdiv(S - last_block * MASK_BLOCK_N, BLOCK_N), SUB)
+        n_total = tl.where(kv_num > 0, (kv_num - 1) * SUB + last_sub, 0)
+    else:
+        kv_idx_row = KV_idx
+        n_total = tl.cdiv(S, BLOCK_N)
+    if EVEN_N:
+        n_full = n_total
+    else:
+        n_full = tl.maximum(n_total - 1, 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
+        offs_n, offs_d, S, qk_scale, 0, n_full,
+        BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION,
+    )
+    if not EVEN_N:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
+            offs_n, offs_d, S, qk_scale, n_full, n_total,
+            BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, True, INPUT_PRECISION,
+        )
+
+    # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + start_m * stride_os
+    o_ptrs += offs_mt[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    if RETURN_LSE:
+        LN2: tl.constexpr = 0.6931471805599453
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+        tl.store(Lse + (b * H + h) * S + offs_m, lse, mask=row_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch configurations
+# ------------------------------------------------------------------------------------------------
+
+# Default configurations, keyed by (arch, head_dim bucket); the bucket is the smallest key >= D.
+# sm90 values are the best found on an H100 (BENCHMARKS.md, "What a plain Triton kernel reaches").
+# "ampere" also serves Ada and anything unknown; its stages keep shared memory under ~100 KB.
+# "gpu-fp32" serves float32 inputs on any GPU (exact "ieee" dots, twice the bytes: tests, not speed).
+# "interpret" is for TRITON_INTERPRET=1 on a CPU, where small tiles keep tests quick.
+DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
+    ("sm90", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+    ("sm90", 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    ("sm90", 256): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("ampere", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("ampere", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("ampere", 256): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("gpu-fp32", 64): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("gpu-fp32", 128): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("gpu-fp32", 256): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("interpret", 64): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+    ("interpret", 128): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+    ("interpret", 256): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+}
+_HEAD_DIM_BUCKETS = (64, 128, 256)
+_CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _arch(device: torch.device, dtype: torch.dtype) -> str:
+    if _interpreting() or device.type != "cuda":
+        return "interpret"
+    if dtype == torch.float32:
+        return "gpu-fp32"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major == 9 else "ampere"
+
+
+def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """The launch configuration used when ``config`` is None (before fitting it to the mask blocks)."""
+    bucket = next(b for b in _HEAD_DIM_BUCKETS if head_dim <= b)
+    return dict(DEFAULT_CONFIGS[(_arch(device, dtype), bucket)])
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _check_config(config: dict, mask_block_m: int, mask_block_n: int, sparse: bool) -> dict[str, int]:
+    unknown = set(config) - _CONFIG_KEYS
+    missing = _CONFIG_KEYS - set(config)
+    if unknown or missing:
+        raise ValueError(
+            f"config must have exactly the keys {sorted(_CONFIG_KEYS)}; "
+            f"unknown: {sorted(unknown)}, missing: {sorted(missing)}"
+        )
+    cfg = {key: int(config[key]) for key in _CONFIG_KEYS}
+    for key in ("BLOCK_M", "BLOCK_N"):
+        if not _is_pow2(cfg[key]) or cfg[key] < 16:
+            raise ValueError(f"config[{key!r}] must be a power of two >= 16, got {cfg[key]}")
+    if sparse:
+        if mask_block_m % cfg["BLOCK_M"]:
+            raise ValueError(
+                f"BLOCK_M={cfg['BLOCK_M']} must divide mask_block_m={mask_block_m}: a query tile may not "
+                "straddle two mask query blocks; use a smaller BLOCK_M"
+            )
+        if mask_block_n % cfg["BLOCK_N"]:
+            raise ValueError(
+                f"BLOCK_N={cfg['BLOCK_N']} must divide mask_block_n={mask_block_n}; use a smaller BLOCK_N"
+            )
+    return cfg
+
+
+def _fit_default_to_mask(cfg: dict[str, int], mask_block_m: int, mask_block_n: int) -> dict[str, int]:
+    """Shrink the default tiles so they divide the mask blocks (only for config=None)."""
+    cfg = dict(cfg)
+    cfg["BLOCK_M"] = math.gcd(cfg["BLOCK_M"], mask_block_m)
+    cfg["BLOCK_N"] = math.gcd(cfg["BLOCK_N"], mask_block_n)
+    if cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16:
+        raise ValueError(
+            f"mask blocks ({mask_block_m}, {mask_block_n}) admit no kernel tile: use mask block sizes that "
+            "are multiples of 16 (powers of two, ideally 64 or 128)"
+        )
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Launcher
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, S, H, D), got shape {tuple(x.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            "q, k and v must have the same shape (B, S, H, D); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (layout is (B, S, H, D), not (B, H, S, D))"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"dtype {q.dtype} is not supported; use torch.float16 or torch.bfloat16 (float32 for tests)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        raise ValueError(
+            f"attention_fwd runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); got {q.device}"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(-1) != 1:
+            raise ValueError(
+                f"{name}'s last dim (head_dim) must have stride 1, got strides {tuple(x.stride())}; "
+                "call .contiguous() on it or pass a view whose head_dim is contiguous"
+            )
+    d = q.shape[-1]
+    if not (_MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM and d % 8 == 0):
+        raise ValueError(
+            f"head_dim {d} is not supported: use a multiple of 8 between {_MIN_HEAD_DIM} and {_MAX_HEAD_DIM} "
+            "(64, 96 and 128 are the tuned ones)"
+        )
+
+    if (kv_num_blocks is None) != (kv_indices is None):
+        raise ValueError("pass both kv_num_blocks and kv_indices for sparse attention, or neither for dense")
+    if kv_num_blocks is None:
+        return
+    b, s, h, _ = q.shape
+    for name, x, ndim in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
+        if not isinstance(x, torch.Tensor) or x.dim() != ndim:
+            shape = "[Bm, H, Mb]" if ndim == 3 else "[Bm, H, Mb, Nb]"
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a {ndim}-D tensor {shape}, got {got}")
+        if x.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; move the mask with .to(q.device)")
+    for name, blk in (("mask_block_m", mask_block_m), ("mask_block_n", mask_block_n)):
+        if not isinstance(blk, int) or blk <= 0:
+            raise ValueError(f"{name} must be a positive int, got {blk!r}")
+    mb, nb = triton.cdiv(s, mask_block_m), triton.cdiv(s, mask_block_n)
+    bm = kv_num_blocks.shape[0]
+    if bm not in (1, b):
+        raise ValueError(f"mask batch dim must be 1 (broadcast) or B={b}, got {bm}")
+    if tuple(kv_num_blocks.shape) != (bm, h, mb):
+        raise ValueError(
+            f"kv_num_blocks must have shape [Bm, H, Mb] = [{bm}, {h}, {mb}] for S={s}, mask_block_m={mask_block_m}; "
+            f"got {tuple(kv_num_blocks.shape)}"
+        )
+    if tuple(kv_indices.shape) != (bm, h, mb, nb):
+        raise ValueError(
+            f"kv_indices must have shape [Bm, H, Mb, Nb] = [{bm}, {h}, {mb}, {nb}] for S={s}, "
+            f"blocks ({mask_block_m}, {mask_block_n}); got {tuple(kv_indices.shape)}"
+        )
+
+
+def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128, mask_block_n=128,
+                  scale=None, return_lse=False, config=None):
+    """q, k, v: (B, S, H, D) read through strides (no transposed/contiguous copies; last dim must have stride 1).
+    Returns out (B, S, H, D) same dtype as q (contiguous), and lse float32 (B, H, S) natural-log log-sum-exp if return_lse.
+
+    Sparse when ``kv_num_blocks`` (int32 [Bm, H, Mb]) and ``kv_indices`` (int32 [Bm, H, Mb, Nb]) are given,
+    with Mb = cdiv(S, mask_block_m), Nb = cdiv(S, mask_block_n), Bm in (1, B): query token i attends key
+    token j iff ``j // mask_block_n`` is among the first ``kv_num_blocks[b, h, i // mask_block_m]`` entries
+    of ``kv_indices[b, h, i // mask_block_m]``. Those entries must be ascending, distinct and < Nb (not
+    checked: it would need a device sync); entries past the count are never read. A query block with no
+    key block gives zeros and lse = -inf.
+
+    Args:
+        scale: softmax scale, default 1 / sqrt(D).
+        config: optional {BLOCK_M, BLOCK_N, num_warps, num_stages}; BLOCK_M must divide mask_block_m and
+            BLOCK_N mask_block_n. Default: ``DEFAULT_CONFIGS`` by GPU arch and head_dim, shrunk to divide
+            the mask blocks.
+    """
+    _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n)
+    sparse = kv_num_blocks is not None
+    bsz, s, h, d = q.shape
+    if config is None:
+        cfg = default_config(d, q.device, q.dtype)
+        if sparse:
+            cfg = _fit_default_to_mask(cfg, mask_block_m, mask_block_n)
+    elif isinstance(config, dict):
+        cfg = _check_config(config, mask_block_m, mask_block_n, sparse)
+    else:
+        raise ValueError(f"config must be None or a dict, got {type(config).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+
+    out = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((bsz, h, s), dtype=torch.float32, device=q.device) if return_lse else None
+    if out.numel() == 0:
+        if return_lse:
+            lse.fill_(float("-inf"))
+        return (out, lse) if return_lse else out
+
+    if sparse:
+        bm = kv_num_blocks.shape[0]
+        num_strides = (0 if bm == 1 else kv_num_blocks.stride(0),) + tuple(kv_num_blocks.stride()[1:])
+        idx_strides = (0 if bm == 1 else kv_indices.stride(0),) + tuple(kv_indices.stride()[1:])
+        mask_m, mask_n = mask_block_m, mask_block_n
+    else:
+        # Dummies: never read when SPARSE=False. Mask block = kernel block keeps one compiled variant.
+        kv_num_blocks = kv_indices = torch.empty(1, dtype=torch.int32, device=q.device)
+        num_strides, idx_strides = (0, 0, 0), (0, 0, 0, 0)
+        mask_m, mask_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+
+    grid = (triton.cdiv(s, cfg["BLOCK_M"]), bsz * h)
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _attn_fwd[grid](
+            q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            *num_strides, *idx_strides,
+            s, h, float(scale) * 1.4426950408889634,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, triton.next_power_of_2(d)),
+            HEAD_DIM=d, MASK_BLOCK_M=mask_m, MASK_BLOCK_N=mask_n,
+            SPARSE=sparse, EVEN_N=(s % cfg["BLOCK_N"] == 0), RETURN_LSE=bool(return_lse),
+            INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return (out, lse) if return_lse else out
+
