@@ -59,13 +59,24 @@ def _import_vdit_accel():
         sys.modules["vdit_accel.kernels"] = module
         spec.loader.exec_module(module)
     from vdit_accel.block_mask import BlockMask
+    from vdit_accel.grid import VideoGrid
     from vdit_accel.kernels import attention_fwd
+    from vdit_accel.patterns import _CACHE, build_block_mask
     from vdit_accel.reference import reference_attention
 
-    return BlockMask, attention_fwd, reference_attention
+    return BlockMask, VideoGrid, attention_fwd, build_block_mask, _CACHE, reference_attention
 
 
-BlockMask, attention_fwd, reference_attention = _import_vdit_accel()
+BlockMask, VideoGrid, attention_fwd, build_block_mask, _pattern_cache, reference_attention = _import_vdit_accel()
+
+# The token grids behind the shapes (DESIGN.md, "Real shapes"): video (t, h, w) plus text.
+GRIDS = {
+    "cogvideox5b-49f-480p": VideoGrid(13, 30, 45, text_len=226, text_at="prefix"),
+    "wan1.3b-81f-480p": VideoGrid(21, 30, 52),
+    "hunyuan-129f-720p": VideoGrid(33, 45, 80, text_len=240, text_at="suffix"),
+}
+MASK_KINDS = ("local", "perhead")
+mask_build_ms: dict[int, float] = {}  # id(mask) -> ms of its uncached build
 
 
 # -- masks ----------------------------------------------------------------------------------------
@@ -80,6 +91,37 @@ def local_block_mask(seq_len: int, num_heads: int, density: float, device) -> "B
     best_r = min(range(nb), key=lambda r: abs(density_at_r[r] - density))
     dense = (dist <= best_r).expand(1, num_heads, nb, nb).contiguous()
     return BlockMask.from_dense(dense, seq_len, MASK_BLOCK, MASK_BLOCK)
+
+
+def perhead_block_mask(grid, num_heads: int, density: float, device) -> "BlockMask":
+    """window3d of a different shape per head (four aspect ratios, cycled) plus the always-dense text
+    rows and columns; one common scale is bisected so that the mean density is close to ``density``."""
+    ratios = [(1.0, 1.0, 1.0), (0.5, 1.5, 1.5), (2.0, 0.6, 0.6), (1.0, 0.5, 2.0)]
+
+    def build(a: float):
+        pats = []
+        for hi in range(num_heads):
+            rt, rh, rw = ratios[hi % len(ratios)]
+            pats.append({"kind": "window3d", "t": int(a * rt * grid.t), "h": int(a * rh * grid.h),
+                         "w": int(a * rw * grid.w)})
+        return build_block_mask(pats, grid, MASK_BLOCK, MASK_BLOCK, device)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if build(mid).density() < density:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda a: abs(build(a).density() - density))
+    # Time one uncached build of the chosen masks: the once-per-(grid, strategy) planning cost.
+    _pattern_cache.clear()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    mask = build(best)
+    torch.cuda.synchronize(device)
+    mask_build_ms[id(mask)] = (time.perf_counter() - t0) * 1e3
+    return mask
 
 
 def flex_block_mask(mask: "BlockMask"):
@@ -229,7 +271,7 @@ def run_small_checks(reference_attention, device) -> list[dict]:
     return checks
 
 
-def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_config=None) -> list[dict]:
+def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_config=None, mask_kinds=("local",)) -> list[dict]:
     b, h, s, d = shape
     scale = 1.0 / math.sqrt(d)
     rows_out = []
@@ -242,10 +284,13 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
     ref_dense = reference_rows(q, k, v, rows, None, scale)
     plans = [(impl, None) for impl in impls if impl in DENSE_IMPLS]
     masks = {}
-    for density in densities:
-        mask = local_block_mask(s, h, density, device)
-        masks[density] = mask
-        plans += [(impl, density) for impl in impls if impl in SPARSE_IMPLS]
+    for kind in mask_kinds:
+        for density in densities:
+            if kind == "local":
+                masks[(kind, density)] = local_block_mask(s, h, density, device)
+            else:
+                masks[(kind, density)] = perhead_block_mask(GRIDS[name], h, density, device)
+            plans += [(impl, (kind, density)) for impl in impls if impl in SPARSE_IMPLS]
 
     refs = {None: ref_dense}
     for impl, density in plans:
@@ -254,7 +299,9 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
             mask = masks.get(density)
             if mask is not None:
                 row["density"] = round(mask.density(), 4)
-                row["target_density"] = density
+                row["mask"], row["target_density"] = density
+                if id(mask) in mask_build_ms:
+                    row["mask_build_ms"] = round(mask_build_ms[id(mask)], 2)
                 if density not in refs:
                     refs[density] = reference_rows(q, k, v, rows, mask, scale)
             flex_mask = flex_block_mask(mask) if impl == "flex-sparse" else None
@@ -282,18 +329,62 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
     return rows_out
 
 
+SWEEP = {  # head_dim -> ours-dense configs tried by --sweep (the first is the default)
+    64: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, warp_specialize=True),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, warp_specialize=True),
+         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)],
+    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, warp_specialize=True),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, warp_specialize=True),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, warp_specialize=True),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)],
+}
+
+
+def run_sweep(name, shape, quick, device) -> list[dict]:
+    """ours-dense over SWEEP's configs, beside cuDNN, on one shape (errors recorded, not raised)."""
+    b, h, s, d = shape
+    g = torch.Generator(device=device).manual_seed(7)
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    flops = 4.0 * b * h * s * s * d
+    rows_out = []
+    ref = make_impl("cudnn", q, k, v, None, None, d**-0.5)()
+    plans = [("cudnn", None)] + [("ours-dense", c) for c in SWEEP[128 if d > 64 else 64]]
+    for impl, cfg in plans:
+        row = dict(shape=name, impl=impl, B=b, H=h, S=s, D=d, density=1.0, ms=None, tflops=None, rel_err=None)
+        if cfg is not None:
+            row["config"] = cfg
+        try:
+            fn = make_impl(impl, q, k, v, None, None, d**-0.5, cfg)
+            out = fn()
+            row["rel_err"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()  # vs cuDNN
+            row["ms"] = bench(fn, quick)
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows_out.append(row)
+        print(_fmt_row(row), json.dumps(cfg) if cfg else "", flush=True)
+    del q, k, v, ref
+    free_memory()
+    return rows_out
+
+
 def _fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
 def _fmt_row(row) -> str:
     err = f" ERROR {row['error']}" if "error" in row else ""
-    return (f"| {row['shape']} | {row['impl']} | {row['density']:.3f} | {_fmt(row['ms'], '.2f')} | "
+    return (f"| {row['shape']} | {row['impl']} | {row.get('mask', '—')} | {row['density']:.3f} | {_fmt(row['ms'], '.2f')} | "
             f"{_fmt(row['tflops'], '.0f')} | {_fmt(row['rel_err'], '.2e')} |{err}")
 
 
 def markdown_table(rows) -> str:
-    lines = ["| shape | impl | density | ms | TFLOP/s (dense-eq.) | rel_err |", "|---|---|---|---|---|---|"]
+    lines = ["| shape | impl | mask | density | ms | TFLOP/s (dense-eq.) | rel_err |", "|---|---|---|---|---|---|---|"]
     lines += [_fmt_row(r) for r in rows]
     return "\n".join(lines)
 
@@ -320,6 +411,9 @@ def parse_args(argv=None):
     p.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.25, 0.1],
                    help="target fractions of 128x128 blocks visited by the local sparse mask")
     p.add_argument("--impls", nargs="+", choices=DENSE_IMPLS + SPARSE_IMPLS, default=list(DENSE_IMPLS + SPARSE_IMPLS))
+    p.add_argument("--masks", nargs="+", choices=MASK_KINDS, default=list(MASK_KINDS),
+                   help="local: one banded mask for all heads; perhead: window3d of a different shape per head + text")
+    p.add_argument("--sweep", action="store_true", help="time ours-dense over the SWEEP configs (rel_err vs cuDNN) instead")
     p.add_argument("--quick", action="store_true", help="one shape, short timing (warmup 5 ms, rep 20 ms)")
     p.add_argument("--sample-rows", type=int, default=256, help="query rows checked against the reference")
     p.add_argument("--no-checks", action="store_true", help="skip the small full-reference bf16 checks")
@@ -345,7 +439,8 @@ def main(argv=None):
     today = _dt.date.today()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"attention-{slug}-{today.strftime('%Y%m%d')}{'-quick' if args.quick else ''}.json"
+    what = "attention-sweep" if args.sweep else "attention"
+    path = args.out_dir / f"{what}-{slug}-{today.strftime('%Y%m%d')}{'-quick' if args.quick else ''}.json"
     result = {
         "gpu": gpu,
         "date": today.isoformat(),
@@ -361,6 +456,13 @@ def main(argv=None):
     def write():  # after every stage, so a run cut short still leaves its results
         path.write_text(json.dumps(result, indent=1) + "\n")
 
+    if args.sweep:
+        for name in shapes:
+            result["rows"] += run_sweep(name, SHAPES[name], args.quick, device)
+            write()
+        print(markdown_table(result["rows"]))
+        print(f"\nwrote {path}")
+        return
     checks = result["checks"]
     if not args.no_checks:
         checks += run_small_checks(reference_attention, device)
@@ -368,7 +470,7 @@ def main(argv=None):
     rows = result["rows"]
     for name in shapes:
         rows += run_shape(name, SHAPES[name], args.densities, args.impls, args.quick, args.sample_rows, device,
-                          args.ours_config)
+                          args.ours_config, args.masks)
         write()
     write()
     print()

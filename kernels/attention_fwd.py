@@ -31,6 +31,7 @@ import triton.language as tl
 #   SPARSE          visit only the key blocks listed for this (b, h, mask query block); else all
 #   EVEN_N          S % BLOCK_N == 0: no key block is partial, the masked tail step is compiled out
 #   RETURN_LSE      also write the natural-log log-sum-exp, float32 (B, H, S)
+#   WARP_SPECIALIZE let Triton split the main loop into producer/consumer warps (Hopper+, triton >= 3.4)
 #   INPUT_PRECISION tl.dot precision: "ieee" for fp32 inputs (exact, for tests), else None (the
 #                   default; fp16/bf16 dots are exact products with fp32 accumulation anyway)
 #   qk_scale        softmax scale * log2(e): scores live in the log2 domain so exp2 replaces exp
@@ -55,10 +56,10 @@ def _attn_fwd_inner(
     lo, hi,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
-    for t in range(lo, hi):
+    for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
         if SPARSE:
             kv_block = tl.load(kv_idx_row + (t // SUB) * stride_idx_n)
             start_n = kv_block * MASK_BLOCK_N + (t % SUB) * BLOCK_N
@@ -106,7 +107,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_BLOCK_M: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -150,13 +151,13 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
         offs_n, offs_d, S, qk_scale, 0, n_full,
-        BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION,
+        BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
     )
     if not EVEN_N:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
             offs_n, offs_d, S, qk_scale, n_full, n_total,
-            BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, True, INPUT_PRECISION,
+            BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, True, INPUT_PRECISION, False,
         )
 
     # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
@@ -197,6 +198,7 @@ DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
 }
 _HEAD_DIM_BUCKETS = (64, 128, 256)
 _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False}
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -225,7 +227,7 @@ def _is_pow2(x: int) -> bool:
 
 
 def _check_config(config: dict, mask_block_m: int, mask_block_n: int, sparse: bool) -> dict[str, int]:
-    unknown = set(config) - _CONFIG_KEYS
+    unknown = set(config) - _CONFIG_KEYS - set(_OPTIONAL_CONFIG_KEYS)
     missing = _CONFIG_KEYS - set(config)
     if unknown or missing:
         raise ValueError(
@@ -233,6 +235,7 @@ def _check_config(config: dict, mask_block_m: int, mask_block_n: int, sparse: bo
             f"unknown: {sorted(unknown)}, missing: {sorted(missing)}"
         )
     cfg = {key: int(config[key]) for key in _CONFIG_KEYS}
+    cfg.update({key: config.get(key, default) for key, default in _OPTIONAL_CONFIG_KEYS.items()})
     for key in ("BLOCK_M", "BLOCK_N"):
         if not _is_pow2(cfg[key]) or cfg[key] < 16:
             raise ValueError(f"config[{key!r}] must be a power of two >= 16, got {cfg[key]}")
@@ -398,6 +401,7 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             HEAD_DIM=d, MASK_BLOCK_M=mask_m, MASK_BLOCK_N=mask_n,
             SPARSE=sparse, EVEN_N=(s % cfg["BLOCK_N"] == 0), RETURN_LSE=bool(return_lse),
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+            WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return (out, lse) if return_lse else out
