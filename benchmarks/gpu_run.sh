@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One device-machine run: install the carried wheels and this checkout, check and time the kernels
 # (benchmarks/attention.py), sweep dense configs, and generate on the GPU through the patched pipeline.
-# Usage (device tool, carry .whl): bash benchmarks/gpu_run.sh [what ...]   what: bench sweep generate
+# Usage (device tool, carry .whl): SHA=<commit> bash benchmarks/gpu_run.sh [what ...]   what: bench sweep generate
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-sha=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+sha=${SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+whats=("$@"); [ ${#whats[@]} -eq 0 ] && whats=(bench sweep generate)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
-for what in "${@:-bench sweep generate}"; do
+for what in "${whats[@]}"; do
   case $what in
     bench) python3 benchmarks/attention.py --out-dir "$OUT" --git-sha "$sha" 2>&1 | tee "$OUT/bench.log" | grep -v "^check " ;;
     sweep) python3 benchmarks/attention.py --sweep --out-dir "$OUT" --git-sha "$sha" 2>&1 | tee "$OUT/sweep.log" | tail -30 ;;
