@@ -16,6 +16,7 @@ for what in "${whats[@]}"; do
     bench) python3 benchmarks/attention.py --out-dir "$OUT" --git-sha "$sha" 2>&1 | tee "$OUT/bench.log" | grep -v "^check " ;;
     sweep) python3 benchmarks/attention.py --sweep --out-dir "$OUT" --git-sha "$sha" 2>&1 | tee "$OUT/sweep.log" | tail -30 ;;
     generate)
+      OUT=$(realpath "$OUT"); cd /tmp  # not the checkout: its vdit_accel/ would shadow the installed package
       python3 -m vdit_accel.cli.app generate --out "$OUT/gen/video.mp4" 2>&1 | tail -3
       python3 -m vdit_accel.cli.app generate --frames 33 --height 256 --width 256 --strategy "window3d:t=1,h=2,w=2+stripes:frames=0" \
         --out "$OUT/gen/video-2304tok.mp4" 2>&1 | tail -3 ;;
