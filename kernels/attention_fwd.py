@@ -32,6 +32,8 @@ import triton.language as tl
 #   EVEN_N          S % BLOCK_N == 0: no key block is partial, the masked tail step is compiled out
 #   RETURN_LSE      also write the natural-log log-sum-exp, float32 (B, H, S)
 #   WARP_SPECIALIZE let Triton split the main loop into producer/consumer warps (Hopper+, triton >= 3.4)
+#   LAZY_RESCALE    rescale acc / l_i only when a row max grows by > 8 (log2): see _softmax_step
+#   PIPELINE_QK     issue the scores of key block t+1 before the softmax of block t
 #   INPUT_PRECISION tl.dot precision: "ieee" for fp32 inputs (exact, for tests), else None (the
 #                   default; fp16/bf16 dots are exact products with fp32 accumulation anyway)
 #   qk_scale        softmax scale * log2(e): scores live in the log2 domain so exp2 replaces exp
@@ -48,6 +50,64 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_kv(
+    t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d, S,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
+):
+    """Kernel key block t of the visit list: its first key position, K and V tiles."""
+    SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
+    if SPARSE:
+        kv_block = tl.load(kv_idx_row + (t // SUB) * stride_idx_n)
+        start_n = kv_block * MASK_BLOCK_N + (t % SUB) * BLOCK_N
+    else:
+        start_n = t * BLOCK_N
+    start_n = start_n.to(tl.int64)
+    k_ptrs = K_bh + start_n * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
+    v_ptrs = V_bh + start_n * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
+    if MASK_TAIL:
+        kv_mask = (start_n + offs_n)[:, None] < S
+        if BLOCK_D != HEAD_DIM:
+            kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return start_n, k, v
+
+
+@triton.jit
+def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+    """Online softmax of one score tile: returns P (unnormalised, fp32) and the updated state.
+
+    LAZY_RESCALE: keep the running max m_i unless some row's max grows by more than 8 (log2 units);
+    P then stays below 2^8 and acc / l_i are rescaled only when the tile-wide test fires, which
+    after the first few key blocks is rare."""
+    if MASK_TAIL:
+        qk = tl.where((start_n + offs_n)[None, :] < S, qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if LAZY_RESCALE:
+        if tl.max(m_ij - m_i, 0) > 8.0:
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_ij
+        p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+    else:
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_ij
+    return p, acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     K_bh, V_bh, stride_kn, stride_vn,
@@ -57,40 +117,31 @@ def _attn_fwd_inner(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr,
 ):
-    SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
-    for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
-        if SPARSE:
-            kv_block = tl.load(kv_idx_row + (t // SUB) * stride_idx_n)
-            start_n = kv_block * MASK_BLOCK_N + (t % SUB) * BLOCK_N
-        else:
-            start_n = t * BLOCK_N
-        start_n = start_n.to(tl.int64)
-        k_ptrs = K_bh + start_n * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
-        v_ptrs = V_bh + start_n * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
-        if MASK_TAIL:
-            kv_mask = (start_n + offs_n)[:, None] < S
-            if BLOCK_D != HEAD_DIM:
-                kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        if MASK_TAIL:
-            qk = tl.where((start_n + offs_n)[None, :] < S, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        m_i = m_ij
+    if PIPELINE_QK:
+        # Scores of block t+1 are issued before the softmax of block t, so that the (asynchronous)
+        # tensor-core work overlaps the exponentials (FlashAttention-3's intra-warpgroup overlap).
+        if lo < hi:
+            start_n, k, v = _load_kv(lo, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d,
+                                     S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL)
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+            for t in tl.range(lo + 1, hi, warp_specialize=WARP_SPECIALIZE):
+                next_n, k_next, v_next = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n,
+                                                  offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL)
+                qk_next = tl.dot(q, tl.trans(k_next), input_precision=INPUT_PRECISION)
+                p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, LAZY_RESCALE)
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+                qk, v, start_n = qk_next, v_next, next_n
+            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, LAZY_RESCALE)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    else:
+        for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
+            start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d,
+                                     S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL)
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, LAZY_RESCALE)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -108,6 +159,7 @@ def _attn_fwd(
     MASK_BLOCK_M: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -152,12 +204,14 @@ def _attn_fwd(
         acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
         offs_n, offs_d, S, qk_scale, 0, n_full,
         BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
+        LAZY_RESCALE, PIPELINE_QK,
     )
     if not EVEN_N:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
             offs_n, offs_d, S, qk_scale, n_full, n_total,
             BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, True, INPUT_PRECISION, False,
+            LAZY_RESCALE, False,
         )
 
     # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
@@ -198,7 +252,7 @@ DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
 }
 _HEAD_DIM_BUCKETS = (64, 128, 256)
 _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False}
+_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "lazy_rescale": False, "pipeline_qk": False}
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -402,6 +456,8 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             SPARSE=sparse, EVEN_N=(s % cfg["BLOCK_N"] == 0), RETURN_LSE=bool(return_lse),
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
             WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
+            LAZY_RESCALE=bool(cfg.get("lazy_rescale", False)),
+            PIPELINE_QK=bool(cfg.get("pipeline_qk", False)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return (out, lse) if return_lse else out
