@@ -34,6 +34,7 @@ import triton.language as tl
 #   WARP_SPECIALIZE let Triton split the main loop into producer/consumer warps (Hopper+, triton >= 3.4)
 #   LAZY_RESCALE    rescale acc / l_i only when a row max grows by > 8 (log2): see _softmax_step
 #   PIPELINE_QK     issue the scores of key block t+1 before the softmax of block t
+#   USE_TMA         load K and V through host-side tensor descriptors (Hopper's copy engine)
 #   INPUT_PRECISION tl.dot precision: "ieee" for fp32 inputs (exact, for tests), else None (the
 #                   default; fp16/bf16 dots are exact products with fp32 accumulation anyway)
 #   qk_scale        softmax scale * log2(e): scores live in the log2 domain so exp2 replaces exp
@@ -54,14 +55,22 @@ def _load_kv(
     t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d, S,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
+    K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
 ):
-    """Kernel key block t of the visit list: its first key position, K and V tiles."""
+    """Kernel key block t of the visit list: its first key position, K and V tiles.
+
+    USE_TMA: K_desc / V_desc are tensor descriptors of the whole (B, S, H, D) tensors; the copy
+    engine fills rows past S (and columns past D) with zeros, so no load mask is needed."""
     SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
     if SPARSE:
         kv_block = tl.load(kv_idx_row + (t // SUB) * stride_idx_n)
         start_n = kv_block * MASK_BLOCK_N + (t % SUB) * BLOCK_N
     else:
         start_n = t * BLOCK_N
+    if USE_TMA:
+        k = K_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
+        return start_n, k, v
     start_n = start_n.to(tl.int64)
     k_ptrs = K_bh + start_n * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = V_bh + start_n * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
@@ -118,17 +127,20 @@ def _attn_fwd_inner(
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr,
+    K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
 ):
     if PIPELINE_QK:
         # Scores of block t+1 are issued before the softmax of block t, so that the (asynchronous)
         # tensor-core work overlaps the exponentials (FlashAttention-3's intra-warpgroup overlap).
         if lo < hi:
             start_n, k, v = _load_kv(lo, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d,
-                                     S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL)
+                                     S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
+                                     K_desc, V_desc, b, h, USE_TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
             for t in tl.range(lo + 1, hi, warp_specialize=WARP_SPECIALIZE):
                 next_n, k_next, v_next = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n,
-                                                  offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL)
+                                                  offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
+                                     K_desc, V_desc, b, h, USE_TMA)
                 qk_next = tl.dot(q, tl.trans(k_next), input_precision=INPUT_PRECISION)
                 p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, LAZY_RESCALE)
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
@@ -138,7 +150,8 @@ def _attn_fwd_inner(
     else:
         for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
             start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d,
-                                     S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL)
+                                     S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
+                                     K_desc, V_desc, b, h, USE_TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
             p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, LAZY_RESCALE)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
@@ -147,7 +160,7 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Lse, KV_num, KV_idx,
+    Q, K, V, Out, Lse, KV_num, KV_idx, K_desc, V_desc,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -159,7 +172,7 @@ def _attn_fwd(
     MASK_BLOCK_M: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -204,14 +217,14 @@ def _attn_fwd(
         acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
         offs_n, offs_d, S, qk_scale, 0, n_full,
         BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
-        LAZY_RESCALE, PIPELINE_QK,
+        LAZY_RESCALE, PIPELINE_QK, K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA,
     )
     if not EVEN_N:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
             offs_n, offs_d, S, qk_scale, n_full, n_total,
             BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, True, INPUT_PRECISION, False,
-            LAZY_RESCALE, False,
+            LAZY_RESCALE, False, K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA,
         )
 
     # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
@@ -252,7 +265,7 @@ DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
 }
 _HEAD_DIM_BUCKETS = (64, 128, 256)
 _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "lazy_rescale": False, "pipeline_qk": False}
+_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "lazy_rescale": False, "pipeline_qk": False, "tma": False}
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -322,6 +335,19 @@ def _fit_default_to_mask(cfg: dict[str, int], mask_block_m: int, mask_block_n: i
 # ------------------------------------------------------------------------------------------------
 # Launcher
 # ------------------------------------------------------------------------------------------------
+
+
+def _tensor_descriptor(x: torch.Tensor, block_n: int, block_d: int):
+    """A host-side TMA descriptor of a (B, S, H, D) tensor, one (1, block_n, 1, block_d) box per load."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    elem = x.element_size()
+    if any((st * elem) % 16 for st in x.stride()[:-1]) or x.data_ptr() % 16:
+        raise ValueError(
+            f"config tma=True needs 16-byte aligned strides and base; got strides {tuple(x.stride())} "
+            f"({elem}-byte elements): use tma=False for this input"
+        )
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, 1, block_d])
 
 
 def _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n):
@@ -441,23 +467,28 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
         num_strides, idx_strides = (0, 0, 0), (0, 0, 0, 0)
         mask_m, mask_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
 
+    block_d = max(16, triton.next_power_of_2(d))
+    k_desc, v_desc = k, v  # unused pointers unless tma
+    if cfg.get("tma"):
+        k_desc, v_desc = (_tensor_descriptor(x, cfg["BLOCK_N"], block_d) for x in (k, v))
     grid = (triton.cdiv(s, cfg["BLOCK_M"]), bsz * h)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _attn_fwd[grid](
-            q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices,
+            q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             *num_strides, *idx_strides,
             s, h, float(scale) * 1.4426950408889634,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, triton.next_power_of_2(d)),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
             HEAD_DIM=d, MASK_BLOCK_M=mask_m, MASK_BLOCK_N=mask_n,
             SPARSE=sparse, EVEN_N=(s % cfg["BLOCK_N"] == 0), RETURN_LSE=bool(return_lse),
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
             WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
             LAZY_RESCALE=bool(cfg.get("lazy_rescale", False)),
             PIPELINE_QK=bool(cfg.get("pipeline_qk", False)),
+            USE_TMA=bool(cfg.get("tma", False)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return (out, lse) if return_lse else out

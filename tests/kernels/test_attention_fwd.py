@@ -208,3 +208,14 @@ def test_loop_variants(lazy_rescale, pipeline_qk, sparse):
         cfg = dict(_cfg(32, 32), lazy_rescale=lazy_rescale, pipeline_qk=pipeline_qk)
         mask = _random_mask(1, h, s, 64, 32, seed=5) if sparse else None
         _check(q, k, v, mask, config=cfg)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_tma_loads(sparse):
+    """K/V through tensor descriptors: same function, tails zero-filled by the descriptor."""
+    pytest.importorskip("triton.tools.tensor_descriptor")
+    b, s, h, d = 2, 77, 2, 64
+    qkv = torch.randn(b, s, 3, h, d, generator=torch.Generator().manual_seed(4)).to(torch.float16)
+    q, k, v = qkv.unbind(2)
+    mask = _random_mask(2, h, s, 32, 32, seed=6) if sparse else None
+    _check(q, k, v, mask, config=dict(_cfg(32, 32), tma=True))
