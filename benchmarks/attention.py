@@ -365,7 +365,8 @@ def run_sweep(name, shape, quick, device) -> list[dict]:
             row["ms"] = bench(fn, quick)
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            msg = f"{type(exc).__name__}: {exc}"
+            row["error"] = msg[:200] + " ... " + msg[-600:] if len(msg) > 800 else msg
         rows_out.append(row)
         print(_fmt_row(row), json.dumps(cfg) if cfg else "", flush=True)
     del q, k, v, ref

@@ -70,22 +70,22 @@ def _load_kv(
     if USE_TMA:
         k = K_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
         v = V_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
-        return start_n, k, v
-    start_n = start_n.to(tl.int64)
-    k_ptrs = K_bh + start_n * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
-    v_ptrs = V_bh + start_n * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
-    if MASK_TAIL:
-        kv_mask = (start_n + offs_n)[:, None] < S
-        if BLOCK_D != HEAD_DIM:
-            kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        start_64 = start_n.to(tl.int64)
+        k_ptrs = K_bh + start_64 * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
+        v_ptrs = V_bh + start_64 * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
+        if MASK_TAIL:
+            kv_mask = (start_n + offs_n)[:, None] < S
+            if BLOCK_D != HEAD_DIM:
+                kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
     return start_n, k, v
 
 
