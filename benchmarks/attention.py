@@ -329,19 +329,16 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
     return rows_out
 
 
-SWEEP = {  # head_dim -> ours-dense configs tried by --sweep (the first is the default)
-    64: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
-         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True),
+SWEEP = {  # head_dim -> ours-dense configs tried by --sweep (the first is the sm90 default)
+    64: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
-         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
-         dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, tma=True, warp_specialize=True)],
-    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True)],
+    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
           dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, tma=True),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, tma=True, warp_specialize=True),
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
-          dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, tma=True, warp_specialize=True)],
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, tma=True, warp_specialize=True)],
 }
 
 

@@ -32,8 +32,6 @@ import triton.language as tl
 #   EVEN_N          S % BLOCK_N == 0: no key block is partial, the masked tail step is compiled out
 #   RETURN_LSE      also write the natural-log log-sum-exp, float32 (B, H, S)
 #   WARP_SPECIALIZE let Triton split the main loop into producer/consumer warps (Hopper+, triton >= 3.4)
-#   LAZY_RESCALE    rescale acc / l_i only when a row max grows by > 8 (log2): see _softmax_step
-#   PIPELINE_QK     issue the scores of key block t+1 before the softmax of block t
 #   USE_TMA         load K and V through host-side tensor descriptors (Hopper's copy engine)
 #   INPUT_PRECISION tl.dot precision: "ieee" for fp32 inputs (exact, for tests), else None (the
 #                   default; fp16/bf16 dots are exact products with fp32 accumulation anyway)
@@ -90,30 +88,16 @@ def _load_kv(
 
 
 @triton.jit
-def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl.constexpr, LAZY_RESCALE: tl.constexpr):
-    """Online softmax of one score tile: returns P (unnormalised, fp32) and the updated state.
-
-    LAZY_RESCALE: keep the running max m_i unless some row's max grows by more than 8 (log2 units);
-    P then stays below 2^8 and acc / l_i are rescaled only when the tile-wide test fires, which
-    after the first few key blocks is rare."""
+def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl.constexpr):
+    """Online softmax of one score tile: P (unnormalised, fp32) and the updated running state."""
     if MASK_TAIL:
         qk = tl.where((start_n + offs_n)[None, :] < S, qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if LAZY_RESCALE:
-        if tl.max(m_ij - m_i, 0) > 8.0:
-            alpha = tl.math.exp2(m_i - m_ij)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_ij
-        p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-    else:
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        m_i = m_ij
-    return p, acc, l_i, m_i
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, acc, l_i, m_ij
 
 
 @triton.jit
@@ -126,35 +110,15 @@ def _attn_fwd_inner(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr,
     K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
 ):
-    if PIPELINE_QK:
-        # Scores of block t+1 are issued before the softmax of block t, so that the (asynchronous)
-        # tensor-core work overlaps the exponentials (FlashAttention-3's intra-warpgroup overlap).
-        if lo < hi:
-            start_n, k, v = _load_kv(lo, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d,
-                                     S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
-                                     K_desc, V_desc, b, h, USE_TMA)
-            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-            for t in tl.range(lo + 1, hi, warp_specialize=WARP_SPECIALIZE):
-                next_n, k_next, v_next = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n,
-                                                  offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
-                                     K_desc, V_desc, b, h, USE_TMA)
-                qk_next = tl.dot(q, tl.trans(k_next), input_precision=INPUT_PRECISION)
-                p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, LAZY_RESCALE)
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-                qk, v, start_n = qk_next, v_next, next_n
-            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, LAZY_RESCALE)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-    else:
-        for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
-            start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d,
-                                     S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
-                                     K_desc, V_desc, b, h, USE_TMA)
-            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, LAZY_RESCALE)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
+        start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d,
+                                 S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
+                                 K_desc, V_desc, b, h, USE_TMA)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -172,7 +136,7 @@ def _attn_fwd(
     MASK_BLOCK_M: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, PIPELINE_QK: tl.constexpr, USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -205,10 +169,10 @@ def _attn_fwd(
     else:
         kv_idx_row = KV_idx
         n_total = tl.cdiv(S, BLOCK_N)
-    if EVEN_N:
-        n_full = n_total
-    else:
-        n_full = tl.maximum(n_total - 1, 0)
+    # The last visited block always runs in a loop of its own: masked when S % BLOCK_N != 0, and
+    # even when it is not, because the main loop then pipelines better under warp specialization
+    # (H100, triton 3.6: 512 -> 580 TFLOP/s at S = 119040, head_dim 128; measured 2026-11-22).
+    n_full = tl.maximum(n_total - 1, 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -217,15 +181,14 @@ def _attn_fwd(
         acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
         offs_n, offs_d, S, qk_scale, 0, n_full,
         BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
-        LAZY_RESCALE, PIPELINE_QK, K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA,
+        K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA,
     )
-    if not EVEN_N:
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
-            offs_n, offs_d, S, qk_scale, n_full, n_total,
-            BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, True, INPUT_PRECISION, False,
-            LAZY_RESCALE, False, K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA,
-        )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
+        offs_n, offs_d, S, qk_scale, n_full, n_total,
+        BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, not EVEN_N, INPUT_PRECISION, False,
+        K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA,
+    )
 
     # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
     empty = l_i == 0.0
@@ -245,13 +208,15 @@ def _attn_fwd(
 # ------------------------------------------------------------------------------------------------
 
 # Default configurations, keyed by (arch, head_dim bucket); the bucket is the smallest key >= D.
-# sm90 values are the best found on an H100 (BENCHMARKS.md, "What a plain Triton kernel reaches").
+# sm90 values are the best found on an H100 (benchmarks/results/attention-sweep-*-20261122.json):
+# TMA loads help at head_dim 64 and, with warp specialization, at 128. Where the input or the
+# installed triton cannot do TMA / warp specialization, the default quietly drops them.
 # "ampere" also serves Ada and anything unknown; its stages keep shared memory under ~100 KB.
 # "gpu-fp32" serves float32 inputs on any GPU (exact "ieee" dots, twice the bytes: tests, not speed).
 # "interpret" is for TRITON_INTERPRET=1 on a CPU, where small tiles keep tests quick.
 DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
-    ("sm90", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
-    ("sm90", 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    ("sm90", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True),
+    ("sm90", 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
     ("sm90", 256): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     ("ampere", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     ("ampere", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2),
@@ -265,7 +230,7 @@ DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
 }
 _HEAD_DIM_BUCKETS = (64, 128, 256)
 _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "lazy_rescale": False, "pipeline_qk": False, "tma": False}
+_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "tma": False}
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -287,6 +252,21 @@ def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = tor
     """The launch configuration used when ``config`` is None (before fitting it to the mask blocks)."""
     bucket = next(b for b in _HEAD_DIM_BUCKETS if head_dim <= b)
     return dict(DEFAULT_CONFIGS[(_arch(device, dtype), bucket)])
+
+
+def _supports_warp_specialize() -> bool:
+    import inspect
+
+    return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+def _tma_ok(x: torch.Tensor) -> bool:
+    try:
+        import triton.tools.tensor_descriptor  # noqa: F401
+    except ImportError:
+        return False
+    elem = x.element_size()
+    return x.data_ptr() % 16 == 0 and all((st * elem) % 16 == 0 for st in x.stride()[:-1])
 
 
 def _is_pow2(x: int) -> bool:
@@ -341,11 +321,10 @@ def _tensor_descriptor(x: torch.Tensor, block_n: int, block_d: int):
     """A host-side TMA descriptor of a (B, S, H, D) tensor, one (1, block_n, 1, block_d) box per load."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    elem = x.element_size()
-    if any((st * elem) % 16 for st in x.stride()[:-1]) or x.data_ptr() % 16:
+    if not _tma_ok(x):
         raise ValueError(
             f"config tma=True needs 16-byte aligned strides and base; got strides {tuple(x.stride())} "
-            f"({elem}-byte elements): use tma=False for this input"
+            f"({x.element_size()}-byte elements): use tma=False for this input"
         )
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, 1, block_d])
 
@@ -442,6 +421,10 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
         cfg = default_config(d, q.device, q.dtype)
         if sparse:
             cfg = _fit_default_to_mask(cfg, mask_block_m, mask_block_n)
+        if cfg.get("tma") and not (_tma_ok(k) and _tma_ok(v)):
+            cfg["tma"] = False
+        if cfg.get("warp_specialize") and not (cfg.get("tma") and _supports_warp_specialize()):
+            cfg["warp_specialize"] = False
     elif isinstance(config, dict):
         cfg = _check_config(config, mask_block_m, mask_block_n, sparse)
     else:
@@ -486,8 +469,6 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             SPARSE=sparse, EVEN_N=(s % cfg["BLOCK_N"] == 0), RETURN_LSE=bool(return_lse),
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
             WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
-            LAZY_RESCALE=bool(cfg.get("lazy_rescale", False)),
-            PIPELINE_QK=bool(cfg.get("pipeline_qk", False)),
             USE_TMA=bool(cfg.get("tma", False)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
