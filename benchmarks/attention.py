@@ -335,10 +335,10 @@ SWEEP = {  # head_dim -> ours-dense configs tried by --sweep (the first is the s
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True)],
     128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
-          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, tma=True, warp_specialize=True)],
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, tma=True, warp_specialize=True),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
+          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, warp_specialize=True),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, tma=True, warp_specialize=True)],
 }
 
 

@@ -239,30 +239,134 @@ def _video_reach(p: Pattern, grid: VideoGrid, q_onehot: torch.Tensor) -> torch.T
     raise AssertionError(f"unvalidated pattern kind {kind!r}")
 
 
+def _block_boxes(starts: torch.Tensor, ends: torch.Tensor, grid: VideoGrid):
+    """Each block's video tokens as at most 5 boxes of the (t, h, w) grid.
+
+    A block holds the raster range ``[starts, ends)`` of video indices (``ends <= starts``: none).
+    Such a range is a partial row, then full rows to the end of its frame, then full frames, then
+    full rows, then a partial row. Returns ``lo, hi`` int64 ``[N, 5, 3]`` (inclusive (t, y, x)
+    bounds per box) and ``valid`` bool ``[N, 5]``.
+    """
+    H, W = grid.h, grid.w
+    n = starts.numel()
+    a, last = starts, ends - 1  # inclusive video indices
+    nonempty = ends > starts
+    ra, rb = a // W, last // W  # first and last row (row = t * H + y)
+    one_row = ra == rb
+    # Rows fully covered: [r0, r1].
+    r0 = torch.where(a % W == 0, ra, ra + 1)
+    r1 = torch.where((last + 1) % W == 0, rb, rb - 1)
+    lo = torch.zeros(n, 5, 3, dtype=torch.long, device=starts.device)
+    hi = torch.zeros_like(lo)
+    valid = torch.zeros(n, 5, dtype=torch.bool, device=starts.device)
+
+    def put(i, ok, t0, t1, y0, y1, x0, x1):
+        lo[:, i, 0], hi[:, i, 0], lo[:, i, 1], hi[:, i, 1], lo[:, i, 2], hi[:, i, 2] = t0, t1, y0, y1, x0, x1
+        valid[:, i] = ok & nonempty
+
+    full_w = torch.full_like(a, W - 1)
+    zero = torch.zeros_like(a)
+    # 0: the first row, partial (or the whole block when it sits in one row).
+    x_end0 = torch.where(one_row, last % W, full_w)
+    put(0, one_row | (a % W != 0), ra // H, ra // H, ra % H, ra % H, a % W, x_end0)
+    # 4: the last row, partial.
+    put(4, ~one_row & ((last + 1) % W != 0), rb // H, rb // H, rb % H, rb % H, zero, last % W)
+    # Full rows [r0, r1], not in the one-row case: rows of r0's frame, full frames, rows of r1's frame.
+    rows_ok = ~one_row & (r0 <= r1)
+    f0, f1 = r0 // H, r1 // H
+    same_frame = f0 == f1
+    y_end1 = torch.where(same_frame, r1 % H, torch.full_like(a, H - 1))
+    put(1, rows_ok & (same_frame | (r0 % H != 0)), f0, f0, r0 % H, y_end1, zero, full_w)
+    ff0 = torch.where(r0 % H == 0, f0, f0 + 1)
+    ff1 = torch.where((r1 + 1) % H == 0, f1, f1 - 1)
+    put(2, rows_ok & ~same_frame & (ff0 <= ff1), ff0, ff1, zero, torch.full_like(a, H - 1), zero, full_w)
+    put(3, rows_ok & ~same_frame & ((r1 + 1) % H != 0), f1, f1, zero, r1 % H, zero, full_w)
+    return lo, hi, valid
+
+
+def _near(qlo, qhi, klo, khi, r):
+    """[Mb, Nb, 5, 5]: intervals [qlo, qhi] and [klo, khi] come within distance r."""
+    return (qlo[:, None, :, None] <= khi[None, :, None, :] + r) & (klo[None, :, None, :] <= qhi[:, None, :, None] + r)
+
+
+def _block_reach(p: Pattern, grid: VideoGrid, q, k, q_range, k_range, device) -> torch.Tensor:
+    """Bool [Mb, Nb]: some video query of block m reaches some video key of block n under p."""
+    (qlo, qhi, qv), (klo, khi, kv) = q, k
+    both = qv[:, None, :, None] & kv[None, :, None, :]
+    has_q = qv.any(1)[:, None]
+    has_k = kv.any(1)[None, :]
+    kind = p["kind"]
+    if kind == "dense":
+        return has_q & has_k
+    if kind == "skip":
+        return torch.zeros(qv.shape[0], kv.shape[0], dtype=torch.bool, device=device)
+    if kind == "union":
+        out = torch.zeros(qv.shape[0], kv.shape[0], dtype=torch.bool, device=device)
+        for sub in p["of"]:
+            out |= _block_reach(sub, grid, q, k, q_range, k_range, device)
+        return out
+    if kind == "window3d":
+        ok = both
+        for axis, r in ((0, p["t"]), (1, p["h"]), (2, p["w"])):
+            ok = ok & _near(qlo[..., axis], qhi[..., axis], klo[..., axis], khi[..., axis], r)
+        return ok.flatten(2).any(-1)
+    if kind == "frame_periodic":
+        ok = both
+        for axis, r in ((1, p["h"]), (2, p["w"])):
+            ok = ok & _near(qlo[..., axis], qhi[..., axis], klo[..., axis], khi[..., axis], r)
+        # Some t - t' in [qlo_t - khi_t, qhi_t - klo_t] is a multiple of `every`.
+        dmin = qlo[:, None, :, None, 0] - khi[None, :, None, :, 0]
+        dmax = qhi[:, None, :, None, 0] - klo[None, :, None, :, 0]
+        every = p["every"]
+        ok = ok & (torch.div(dmax, every, rounding_mode="floor") * every >= dmin)
+        return ok.flatten(2).any(-1)
+    if kind == "window1d":
+        radius = int(round(p["frames"] * grid.h * grid.w))
+        (qa, qb), (ka, kb) = q_range, k_range  # video index ranges [a, b)
+        ok = (qa[:, None] <= kb[None, :] - 1 + radius) & (ka[None, :] <= qb[:, None] - 1 + radius)
+        return ok & has_q & has_k
+    if kind == "stripes":
+        vl = grid.video_len
+        cols = torch.zeros(vl, dtype=torch.bool, device=device)
+        frame = cols.view(grid.t, grid.h * grid.w)
+        for f in p["frames"]:
+            if -grid.t <= f < grid.t:
+                frame[f] = True
+        for i in p["tokens"]:
+            if -vl <= i < vl:
+                cols[i] = True
+        csum = torch.cat([torch.zeros(1, dtype=torch.long, device=device), cols.long().cumsum(0)])
+        ka, kb = k_range
+        hit = csum[kb.clamp(min=0)] - csum[ka.clamp(max=vl)] > 0
+        return has_q & hit[None, :] & has_k
+    raise AssertionError(f"unvalidated pattern kind {kind!r}")
+
+
+def _video_ranges(grid: VideoGrid, block: int, n_blocks: int, device):
+    """Per block: the video index range [a, b) it holds (empty when b <= a)."""
+    start = torch.arange(n_blocks, device=device) * block - grid.video_start
+    a = start.clamp(0, grid.video_len)
+    b = (start + block).clamp(0, grid.video_len)
+    return a, b
+
+
 def build_block_mask_for_pattern(
     p: Pattern, grid: VideoGrid, block_m: int = 128, block_n: int = 128, device=None
 ) -> torch.Tensor:
-    """Bool ``[Mb, Nb]`` block-level mask of one pattern on one grid (raster token order)."""
+    """Bool ``[Mb, Nb]`` block-level mask of one pattern on one grid (raster token order).
+
+    Exact: a pair is set iff some (query, key) token pair in it is allowed (tests check this
+    against :func:`token_pattern_mask`). Each block's tokens are cut into at most 5 boxes of the
+    grid, and the pattern is tested box against box: O(Mb * Nb) work, no token-level tensor.
+    """
     p = validate_pattern(p)
     s = grid.seq_len
     mb, nb = cdiv(s, block_m), cdiv(s, block_n)
-    vs, vl = grid.video_start, grid.video_len
-    t, h, w = grid.t, grid.h, grid.w
-    q_block_of_video = torch.arange(vs, vs + vl, device=device) // block_m
-    mask = torch.zeros(mb, nb, dtype=torch.bool, device=device)
-    # Query blocks in chunks, so that the [chunk, S] one-hots stay small at 100k+ tokens.
-    chunk = max(1, (1 << 24) // max(s, 1))
-    for m0 in range(0, mb, chunk):
-        m1 = min(mb, m0 + chunk)
-        idx = torch.nonzero((q_block_of_video >= m0) & (q_block_of_video < m1)).squeeze(1)
-        if idx.numel() == 0:
-            continue
-        q_onehot = torch.zeros(m1 - m0, vl, device=device)
-        q_onehot[q_block_of_video[idx] - m0, idx] = 1.0
-        reach = _video_reach(p, grid, q_onehot.view(m1 - m0, t, h, w)).reshape(m1 - m0, vl)
-        row = torch.zeros(m1 - m0, nb * block_n, dtype=torch.bool, device=device)
-        row[:, vs : vs + vl] = reach
-        mask[m0:m1] = row.view(m1 - m0, nb, block_n).any(-1)
+    q_range = _video_ranges(grid, block_m, mb, device)
+    k_range = _video_ranges(grid, block_n, nb, device)
+    q = _block_boxes(*q_range, grid)
+    k = _block_boxes(*k_range, grid)
+    mask = _block_reach(p, grid, q, k, q_range, k_range, device)
     if grid.text_len:
         text = torch.arange(grid.text_start, grid.text_start + grid.text_len, device=device)
         mask[text // block_m, :] = True  # text rows attend everything
@@ -271,7 +375,17 @@ def build_block_mask_for_pattern(
 
 
 _CACHE: dict[tuple, BlockMask] = {}
-_CACHE_MAX = 64
+_PATTERN_CACHE: dict[tuple, torch.Tensor] = {}
+_CACHE_MAX = 256
+
+
+def _cached(cache: dict, key, make):
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) >= _CACHE_MAX:
+            cache.pop(next(iter(cache)))
+        hit = cache[key] = make()
+    return hit
 
 
 def build_block_mask(
@@ -279,24 +393,21 @@ def build_block_mask(
 ) -> BlockMask:
     """One :class:`BlockMask` for a layer: ``patterns[h]`` is head h's pattern (batch dim 1).
 
-    Cached per (patterns, grid, blocks, device): heads that share a pattern share the work.
+    Cached per (patterns, grid, blocks, device), and each distinct pattern's block mask is cached
+    across layers too: a searched strategy costs one build per distinct pattern, not per head.
     """
-    key = (json.dumps(patterns, sort_keys=True), grid, block_m, block_n, str(device))
-    hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
-    per_pattern: dict[str, torch.Tensor] = {}
-    rows = []
-    for p in patterns:
-        pk = json.dumps(p, sort_keys=True)
-        if pk not in per_pattern:
-            per_pattern[pk] = build_block_mask_for_pattern(p, grid, block_m, block_n, device)
-        rows.append(per_pattern[pk])
-    bm = BlockMask.from_dense(torch.stack(rows).unsqueeze(0), grid.seq_len, block_m, block_n)
-    if len(_CACHE) >= _CACHE_MAX:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = bm
-    return bm
+    dev = str(device)
+    key = (json.dumps(patterns, sort_keys=True), grid, block_m, block_n, dev)
+
+    def make():
+        rows = [
+            _cached(_PATTERN_CACHE, (json.dumps(p, sort_keys=True), grid, block_m, block_n, dev),
+                    lambda p=p: build_block_mask_for_pattern(p, grid, block_m, block_n, device))
+            for p in patterns
+        ]
+        return BlockMask.from_dense(torch.stack(rows).unsqueeze(0), grid.seq_len, block_m, block_n)
+
+    return _cached(_CACHE, key, make)
 
 
 def token_pattern_mask(p: Pattern, grid: VideoGrid) -> torch.Tensor:
