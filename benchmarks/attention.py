@@ -329,28 +329,17 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
     return rows_out
 
 
-SWEEP = {  # head_dim -> ours-dense configs tried by --sweep (the first is the sm90 default)
-    64: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True),
-         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
-         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
-         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True)],
-    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, tma=True, warp_specialize=True),
-          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
-          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, warp_specialize=True),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, tma=True, warp_specialize=True)],
-}
-
-
 def run_sweep(name, shape, quick, device) -> list[dict]:
-    """ours-dense over SWEEP's configs, beside cuDNN, on one shape (errors recorded, not raised)."""
+    """ours-dense over the kernel's AUTOTUNE_CANDIDATES, beside cuDNN, on one shape (errors recorded, not raised)."""
     b, h, s, d = shape
     g = torch.Generator(device=device).manual_seed(7)
     q, k, v = (torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
     flops = 4.0 * b * h * s * s * d
     rows_out = []
     ref = make_impl("cudnn", q, k, v, None, None, d**-0.5)()
-    plans = [("cudnn", None)] + [("ours-dense", c) for c in SWEEP[128 if d > 64 else 64]]
+    from vdit_accel.kernels.attention_fwd import AUTOTUNE_CANDIDATES
+
+    plans = [("cudnn", None)] + [("ours-dense", c) for c in AUTOTUNE_CANDIDATES[128 if d > 64 else 64]]
     for impl, cfg in plans:
         row = dict(shape=name, impl=impl, B=b, H=h, S=s, D=d, density=1.0, ms=None, tflops=None, rel_err=None)
         if cfg is not None:
@@ -411,7 +400,7 @@ def parse_args(argv=None):
     p.add_argument("--impls", nargs="+", choices=DENSE_IMPLS + SPARSE_IMPLS, default=list(DENSE_IMPLS + SPARSE_IMPLS))
     p.add_argument("--masks", nargs="+", choices=MASK_KINDS, default=list(MASK_KINDS),
                    help="local: one banded mask for all heads; perhead: window3d of a different shape per head + text")
-    p.add_argument("--sweep", action="store_true", help="time ours-dense over the SWEEP configs (rel_err vs cuDNN) instead")
+    p.add_argument("--sweep", action="store_true", help="time ours-dense over the kernel's autotune candidates (rel_err vs cuDNN) instead")
     p.add_argument("--quick", action="store_true", help="one shape, short timing (warmup 5 ms, rep 20 ms)")
     p.add_argument("--sample-rows", type=int, default=256, help="query rows checked against the reference")
     p.add_argument("--no-checks", action="store_true", help="skip the small full-reference bf16 checks")

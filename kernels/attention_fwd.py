@@ -254,6 +254,75 @@ def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = tor
     return dict(DEFAULT_CONFIGS[(_arch(device, dtype), bucket)])
 
 
+# The opt-in sweep (config="autotune"): per head_dim bucket, the candidates tried on the real
+# inputs, once per (GPU, dtype, shape, mask blocks), best kept in memory and in a JSON file.
+AUTOTUNE_CANDIDATES: dict[int, list[dict]] = {
+    64: [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
+         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2),
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+    256: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+          dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+          dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)],
+}
+_autotuned: dict[str, dict] = {}
+
+
+def _autotune_file() -> str:
+    root = os.environ.get("VDIT_AUTOTUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vdit_accel"))
+    return os.path.join(root, f"autotune-triton{triton.__version__}.json")
+
+
+def _autotune(q, k, v, sparse_args, mask_block_m, mask_block_n, run) -> dict:
+    """The fastest candidate config for these inputs (timed once, then cached)."""
+    import json
+
+    bsz, s, h, d = q.shape
+    name = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else "cpu"
+    key = f"{name}|{q.dtype}|{bsz}x{s}x{h}x{d}|{'sparse' if sparse_args else 'dense'}|{mask_block_m}x{mask_block_n}"
+    if not _autotuned:
+        with contextlib.suppress(OSError, ValueError):
+            with open(_autotune_file()) as f:
+                _autotuned.update(json.load(f))
+    if key in _autotuned:
+        return dict(_autotuned[key])
+    if _interpreting() or q.device.type != "cuda":
+        return default_config(d, q.device, q.dtype)
+    from triton.testing import do_bench
+
+    bucket = next(b for b in _HEAD_DIM_BUCKETS if d <= b)
+    best, best_ms = None, float("inf")
+    for cand in AUTOTUNE_CANDIDATES[bucket]:
+        if sparse_args and (mask_block_m % cand["BLOCK_M"] or mask_block_n % cand["BLOCK_N"]):
+            continue
+        if cand.get("tma") and not (_tma_ok(k) and _tma_ok(v)):
+            continue
+        if cand.get("warp_specialize") and not _supports_warp_specialize():
+            continue
+        try:
+            ms = do_bench(lambda: run(cand), warmup=5, rep=25, return_mode="median")
+        except Exception:  # a candidate the compiler rejects here (shared memory, a pass failure)
+            continue
+        if ms < best_ms:
+            best, best_ms = dict(cand), ms
+    if best is None:
+        return default_config(d, q.device, q.dtype)
+    _autotuned[key] = best
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(_autotune_file()), exist_ok=True)
+        with open(_autotune_file(), "w") as f:
+            json.dump(_autotuned, f, indent=1)
+    return dict(best)
+
+
 def _supports_warp_specialize() -> bool:
     import inspect
 
@@ -410,9 +479,11 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
 
     Args:
         scale: softmax scale, default 1 / sqrt(D).
-        config: optional {BLOCK_M, BLOCK_N, num_warps, num_stages}; BLOCK_M must divide mask_block_m and
-            BLOCK_N mask_block_n. Default: ``DEFAULT_CONFIGS`` by GPU arch and head_dim, shrunk to divide
-            the mask blocks.
+        config: None (``DEFAULT_CONFIGS`` by GPU arch and head_dim, shrunk to divide the mask blocks;
+            no tuning cost), ``"autotune"`` (time ``AUTOTUNE_CANDIDATES`` once per GPU, dtype, shape and
+            mask blocks, keep the fastest in memory and in ``$VDIT_AUTOTUNE_CACHE`` or
+            ``~/.cache/vdit_accel``), or a dict {BLOCK_M, BLOCK_N, num_warps, num_stages, and optionally
+            tma, warp_specialize}; BLOCK_M must divide mask_block_m and BLOCK_N mask_block_n.
     """
     _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n)
     sparse = kv_num_blocks is not None
@@ -425,10 +496,21 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             cfg["tma"] = False
         if cfg.get("warp_specialize") and not (cfg.get("tma") and _supports_warp_specialize()):
             cfg["warp_specialize"] = False
+    elif config == "autotune":
+        mask_args = (kv_num_blocks, kv_indices) if sparse else ()
+
+        def run(c):
+            return attention_fwd(q, k, v, *mask_args, mask_block_m, mask_block_n, scale=scale,
+                                 return_lse=return_lse, config=c)
+
+        cfg = _autotune(q, k, v, mask_args, mask_block_m, mask_block_n, run)
+        if sparse:
+            cfg = _fit_default_to_mask(cfg, mask_block_m, mask_block_n)
+        cfg = _check_config(cfg, mask_block_m, mask_block_n, sparse)
     elif isinstance(config, dict):
         cfg = _check_config(config, mask_block_m, mask_block_n, sparse)
     else:
-        raise ValueError(f"config must be None or a dict, got {type(config).__name__}")
+        raise ValueError(f"config must be None, 'autotune' or a dict, got {config!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
 

@@ -45,7 +45,8 @@ def attention(
     On CUDA this runs the Triton kernel (fp16/bf16; head_dim 64, 96, 128, ...). On the CPU it runs
     PyTorch (SDPA when dense, the exact block-masked reference in float32 otherwise), so the whole
     toolkit works without a GPU, slowly. ``VDIT_CPU_TRITON=1`` with ``TRITON_INTERPRET=1`` runs the
-    Triton kernel on the CPU instead (for tests).
+    Triton kernel on the CPU instead (for tests). ``VDIT_AUTOTUNE=1`` times a few kernel configs once
+    per shape and keeps the fastest (cached on disk); the default path has no tuning cost.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
@@ -64,7 +65,8 @@ def attention(
                 mask_block_m=block_mask.block_m,
                 mask_block_n=block_mask.block_n,
             )
-        return attention_fwd(q, k, v, scale=scale, return_lse=return_lse, **kw)
+        config = "autotune" if os.environ.get("VDIT_AUTOTUNE") == "1" else None
+        return attention_fwd(q, k, v, scale=scale, return_lse=return_lse, config=config, **kw)
     if block_mask is None and not return_lse:
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])

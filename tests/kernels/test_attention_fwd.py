@@ -203,3 +203,24 @@ def test_tma_loads(sparse):
     q, k, v = qkv.unbind(2)
     mask = _random_mask(2, h, s, 32, 32, seed=6) if sparse else None
     _check(q, k, v, mask, config=dict(_cfg(32, 32), tma=True))
+
+
+def test_autotune_on_cpu_uses_cache_or_default(tmp_path, monkeypatch):
+    """Under the interpreter autotune times nothing: it falls back to the default, and a cached
+    choice (written by an earlier GPU run) is read back and used."""
+    import json
+
+    monkeypatch.setenv("VDIT_AUTOTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(_mod, "_autotuned", {})
+    q, k, v = _qkv(1, 77, 2, 64, torch.float32, seed=9)
+    ref = reference_attention(q.double(), k.double(), v.double())
+    out = attention_fwd(q, k, v, config="autotune")
+    assert _rel_l2(out, ref) <= TOL[torch.float32]
+    key = f"cpu|{q.dtype}|1x77x2x64|dense|128x128"
+    (tmp_path / f"autotune-triton{_mod.triton.__version__}.json").write_text(
+        json.dumps({key: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)}))
+    monkeypatch.setattr(_mod, "_autotuned", {})
+    assert _rel_l2(attention_fwd(q, k, v, config="autotune"), ref) <= TOL[torch.float32]
+    assert _mod._autotuned[key]["BLOCK_M"] == 16
+    with pytest.raises(ValueError, match="'autotune'"):
+        attention_fwd(q, k, v, config="fast")
