@@ -274,6 +274,11 @@ AUTOTUNE_CANDIDATES: dict[int, list[dict]] = {
           dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)],
 }
 _autotuned: dict[str, dict] = {}
+try:
+    from triton.errors import TritonError as _TritonError
+except ImportError:  # older triton: compile errors derive from Exception directly
+    _TritonError = Exception
+_COMPILE_ERRORS = (RuntimeError, _TritonError)
 
 
 def _autotune_file() -> str:
@@ -309,7 +314,7 @@ def _autotune(q, k, v, sparse_args, mask_block_m, mask_block_n, run) -> dict:
             continue
         try:
             ms = do_bench(lambda: run(cand), warmup=5, rep=25, return_mode="median")
-        except Exception:  # a candidate the compiler rejects here (shared memory, a pass failure)
+        except _COMPILE_ERRORS:  # a candidate the compiler rejects here (shared memory, a pass failure)
             continue
         if ms < best_ms:
             best, best_ms = dict(cand), ms
@@ -500,8 +505,8 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
         mask_args = (kv_num_blocks, kv_indices) if sparse else ()
 
         def run(c):
-            return attention_fwd(q, k, v, *mask_args, mask_block_m, mask_block_n, scale=scale,
-                                 return_lse=return_lse, config=c)
+            return attention_fwd(q, k, v, kv_num_blocks, kv_indices, mask_block_m=mask_block_m,
+                                 mask_block_n=mask_block_n, scale=scale, return_lse=return_lse, config=c)
 
         cfg = _autotune(q, k, v, mask_args, mask_block_m, mask_block_n, run)
         if sparse:
