@@ -281,6 +281,10 @@ except ImportError:  # older triton: compile errors derive from Exception direct
 _COMPILE_ERRORS = (RuntimeError, _TritonError)
 
 
+def _can_time(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and not _interpreting()
+
+
 def _autotune_file() -> str:
     root = os.environ.get("VDIT_AUTOTUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vdit_accel"))
     return os.path.join(root, f"autotune-triton{triton.__version__}.json")
@@ -299,7 +303,7 @@ def _autotune(q, k, v, sparse_args, mask_block_m, mask_block_n, run) -> dict:
                 _autotuned.update(json.load(f))
     if key in _autotuned:
         return dict(_autotuned[key])
-    if _interpreting() or q.device.type != "cuda":
+    if not _can_time(q):
         return default_config(d, q.device, q.dtype)
     from triton.testing import do_bench
 
