@@ -350,6 +350,21 @@ def _video_ranges(grid: VideoGrid, block: int, n_blocks: int, device):
     return a, b
 
 
+_BOXES: dict[tuple, tuple] = {}
+
+
+def _blocks_of(grid: VideoGrid, block: int, n_blocks: int, device):
+    """Video ranges and boxes of every block: they depend on the grid and block size only, so all
+    patterns (and layers) share them."""
+    key = (grid, block, str(device))
+    if key not in _BOXES:
+        if len(_BOXES) >= 64:
+            _BOXES.pop(next(iter(_BOXES)))
+        rng = _video_ranges(grid, block, n_blocks, device)
+        _BOXES[key] = (rng, _block_boxes(*rng, grid))
+    return _BOXES[key]
+
+
 def build_block_mask_for_pattern(
     p: Pattern, grid: VideoGrid, block_m: int = 128, block_n: int = 128, device=None
 ) -> torch.Tensor:
@@ -362,10 +377,8 @@ def build_block_mask_for_pattern(
     p = validate_pattern(p)
     s = grid.seq_len
     mb, nb = cdiv(s, block_m), cdiv(s, block_n)
-    q_range = _video_ranges(grid, block_m, mb, device)
-    k_range = _video_ranges(grid, block_n, nb, device)
-    q = _block_boxes(*q_range, grid)
-    k = _block_boxes(*k_range, grid)
+    q_range, q = _blocks_of(grid, block_m, mb, device)
+    k_range, k = _blocks_of(grid, block_n, nb, device)
     mask = _block_reach(p, grid, q, k, q_range, k_range, device)
     if grid.text_len:
         text = torch.arange(grid.text_start, grid.text_start + grid.text_len, device=device)
