@@ -77,6 +77,8 @@ def _vdit_backend(
     block_mask = None
     if ctx is not None:
         state, layer = ctx
+        for observe in state.observers:
+            observe(layer, state.step, query, key, value)
         block_mask = state.block_mask(layer, query)
     return attention(query, key, value, block_mask, scale=scale)
 

@@ -60,6 +60,9 @@ class PatchState:
         self._masks: dict[tuple, BlockMask | None] = {}
         self.originals: dict[str, object] = {}
         self.hook = None
+        # Called as observer(layer, step, q, k, v) before each patched self-attention call, q/k/v in
+        # (B, S, H, D): how the offline search profiles heads without a second code path.
+        self.observers: list = []
 
     # Forward pre-hook of the transformer: the grid and the denoising step of this call.
     def on_forward(self, module, args, kwargs):
