@@ -14,7 +14,7 @@ from vdit_accel.patterns import build_block_mask
 from vdit_accel.strategy import Strategy
 
 from .adapters import Adapter, adapter_for
-from .backend import current_layer, register_backend
+from .backend import _SDPAToBackend, _warn_once, current_layer, register_backend
 
 logger = logging.getLogger("vdit_accel")
 
@@ -22,13 +22,15 @@ _STATE_ATTR = "_vdit_state"
 _processor_classes: dict[type, type] = {}
 
 
-def _patched_processor_class(base: type) -> type:
+def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
     """The model's own processor class, with our backend and the layer published per call.
 
     ``functools.wraps`` keeps the base ``__call__`` signature visible to ``inspect.signature``:
-    diffusers' ``Attention.forward`` drops keyword arguments the processor does not name.
+    diffusers' ``Attention.forward`` drops keyword arguments the processor does not name. With
+    ``route_sdpa`` (processors that call ``F.scaled_dot_product_attention`` themselves) the call runs
+    under :class:`~.backend._SDPAToBackend`, which sends that one op to our backend.
     """
-    cls = _processor_classes.get(base)
+    cls = _processor_classes.get((base, route_sdpa))
     if cls is not None:
         return cls
 
@@ -36,63 +38,124 @@ def _patched_processor_class(base: type) -> type:
     def __call__(self, *args, **kwargs):
         token = current_layer.set((self._vdit_state, self._vdit_layer))
         try:
+            if route_sdpa:
+                with _SDPAToBackend():
+                    return base.__call__(self, *args, **kwargs)
             return base.__call__(self, *args, **kwargs)
         finally:
             current_layer.reset(token)
 
     cls = type(f"Vdit{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__})
-    _processor_classes[base] = cls
+    _processor_classes[(base, route_sdpa)] = cls
     return cls
+
+
+class _StepTracker:
+    """The denoising step, from the sequence of timesteps the transformer(s) see.
+
+    An equal timestep is the other half of classifier-free guidance; a change in the direction the
+    timesteps have been moving starts a new generation. Direction-agnostic because Mochi's timesteps
+    rise (0 -> 1000) where everyone else's fall. One tracker is shared by the transformers patched
+    together (Wan 2.2's ``transformer`` and ``transformer_2`` split one schedule between them).
+    """
+
+    def __init__(self):
+        self.step, self.last, self.direction = 0, None, 0
+
+    def observe(self, t: float) -> None:
+        if self.last is not None and t != self.last:
+            d = 1 if t > self.last else -1
+            if self.direction in (0, d):
+                self.step, self.direction = self.step + 1, d
+            else:
+                self.step, self.direction = 0, 0
+        self.last = t
+
+    def reset(self) -> None:
+        self.step, self.last, self.direction = 0, None, 0
 
 
 class PatchState:
     """What a patched transformer carries: strategy, grid, step, block-mask cache, the originals."""
 
-    def __init__(self, transformer: torch.nn.Module, adapter: Adapter, strategy: Strategy, block_size: int):
+    def __init__(self, transformer: torch.nn.Module, adapter: Adapter, strategy: Strategy, block_size: int,
+                 steps: _StepTracker | None = None):
         self.adapter = adapter
         self.strategy = strategy
         self.block_size = block_size
         self.num_heads = adapter.num_heads(transformer)
         self.layers = adapter.layers(transformer)
+        # The grid of the last forward call (text_len as the forward was given it), and of the
+        # attention call in flight (text_len as that call's sequence has it; Mochi drops padded text
+        # per sample, HunyuanVideo masks it).
         self.grid: VideoGrid | None = None
-        self.step = 0
-        self._last_timestep: float | None = None
+        self.call_grid: VideoGrid | None = None
+        self._forward_seen = False
+        self._steps = steps or _StepTracker()
         self._masks: dict[tuple, BlockMask | None] = {}
         self.originals: dict[str, object] = {}
         self.hook = None
         # Called as observer(layer, step, q, k, v) before each patched self-attention call, q/k/v in
-        # (B, S, H, D): how the offline search profiles heads without a second code path.
+        # (B, S, H, D); ``call_grid`` describes their sequence (with a key-padding mask, each
+        # sample's valid tokens come as a call of their own, B = 1).
         self.observers: list = []
+
+    @property
+    def step(self) -> int:
+        return self._steps.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._steps.step = value
 
     # Forward pre-hook of the transformer: the grid and the denoising step of this call.
     def on_forward(self, module, args, kwargs):
+        self._forward_seen = True
         self.grid = self.adapter.grid(module, args, kwargs)
         t = self.adapter.timestep(args, kwargs)
         if t is not None:
-            tv = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-            # Denoising runs from high to low timesteps: a lower one is the next step, an equal one
-            # the other half of classifier-free guidance, a higher one a new generation.
-            if self._last_timestep is None or tv > self._last_timestep:
-                self.step = 0
-            elif tv < self._last_timestep:
-                self.step += 1
-            self._last_timestep = tv
+            # max: per-token (Wan 2.2 TI2V) or per-frame (SkyReels diffusion forcing) timesteps.
+            self._steps.observe(float(t.max()) if isinstance(t, torch.Tensor) else float(t))
 
     def reset(self) -> None:
         """Forget the step count (the next call counts as step 0)."""
-        self.step, self._last_timestep = 0, None
+        self._steps.reset()
 
-    def block_mask(self, layer: int, query: torch.Tensor) -> BlockMask | None:
-        """The block mask of ``layer`` for the current grid and step; None = dense. Cached."""
-        if self.step < self.strategy.dense_warmup_steps:
-            return None
+    def grid_for(self, seq_len: int, layer: int = 0) -> VideoGrid | None:
+        """The grid of an attention call over ``seq_len`` tokens: the forward's video grid with the
+        call's own text length. None when the forward could not tell the grid (then calls run dense)."""
         grid = self.grid
-        if grid is None or grid.seq_len != query.shape[1]:
+        if grid is None:
+            if not self._forward_seen:
+                raise RuntimeError(
+                    f"vdit-accel: the self-attention of layer {layer} ran before any forward of the patched "
+                    "transformer; call the patched transformer's forward, not its blocks directly"
+                )
+            return None
+        text_len = seq_len - grid.video_len
+        if text_len == grid.text_len:
+            return grid
+        if text_len < 0 or (text_len > 0 and grid.text_at == "none"):
             raise RuntimeError(
-                f"vdit-accel: the self-attention of layer {layer} got {query.shape[1]} tokens but the "
+                f"vdit-accel: the self-attention of layer {layer} got {seq_len} tokens but the "
                 f"transformer's forward announced grid {grid}; call the patched transformer's forward, "
                 "not its blocks directly"
             )
+        return VideoGrid(grid.t, grid.h, grid.w, text_len, grid.text_at if text_len else "none")
+
+    def block_mask(self, layer: int, query: torch.Tensor, grid: VideoGrid | None = None) -> BlockMask | None:
+        """The block mask of ``layer`` for ``grid`` (default: the call grid of ``query``'s length) at the
+        current step; None = dense. Cached per (grid, layer, device)."""
+        if self.step < self.strategy.dense_warmup_steps:
+            return None
+        grid = grid or self.grid_for(query.shape[1], layer)
+        if grid is None:
+            if not self.strategy.is_dense():
+                _warn_once(
+                    f"vdit-accel: {self.adapter.family}: the transformer's forward "
+                    "did not tell the token grid (e.g. LTX given video_coords only); running such calls dense"
+                )
+            return None
         key = (grid, layer, query.device)
         if key not in self._masks:
             patterns = self.strategy.layer_patterns(layer, self.num_heads)
@@ -135,9 +198,10 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
         block_size: tokens per query and key block of the sparse masks (128 matches the kernels' tiles
             on Hopper; smaller blocks follow a pattern more closely at more per-block overhead).
 
-    Only self-attention (``attn1``) processors are replaced; cross-attention is left alone. The token
+    Only the video self-attention processors the model's adapter lists are replaced (``attn1``, or
+    HunyuanVideo's joint ``attn``); cross-attention, text refiners and pools are left alone. The token
     grid is read from each forward call, the denoising step tracked from its timestep, and each block
-    mask built once per (grid, layer). Patching twice raises; :func:`unpatch` restores the originals.
+    mask built once per (grid, layer). Text tokens of joint attention are always attended densely. Patching twice raises; :func:`unpatch` restores the originals.
     Returns the object it was given.
     """
     strategy = Strategy.from_spec(strategy)
@@ -154,13 +218,15 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
         strategy.validate_for(type(tr).__name__, len(layers), adapter.num_heads(tr), adapter.head_dim(tr))
         plans.append((tr, adapter))
     backend = register_backend()
+    steps = _StepTracker()
     for tr, adapter in plans:
-        state = PatchState(tr, adapter, strategy, block_size)
+        state = PatchState(tr, adapter, strategy, block_size, steps)
         for i, (name, attn) in enumerate(state.layers):
             orig = attn.processor
-            proc = object.__new__(_patched_processor_class(type(orig)))
+            proc = object.__new__(_patched_processor_class(type(orig), adapter.calls_sdpa))
             proc.__dict__.update(orig.__dict__)
-            proc._attention_backend = backend
+            if not adapter.calls_sdpa:
+                proc._attention_backend = backend
             proc._vdit_state, proc._vdit_layer = state, i
             state.originals[name] = orig
             attn.processor = proc
