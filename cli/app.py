@@ -194,6 +194,75 @@ def inspect(
 
 
 @app.command()
+def search(
+    prompts: Optional[Path] = typer.Option(None, help="Text file with one calibration prompt per line (default: two built-in prompts)."),
+    model: Optional[str] = typer.Option(None, help="diffusers pipeline directory or hub id; default: the built-in tiny Wan pipeline."),
+    budget: float = typer.Option(0.05, help="Error budget: relative L2 error of a head's output against dense."),
+    mode: str = typer.Option("global", help="global: one budget over all heads (Lagrangian); per_head: every head within budget."),
+    target_density: Optional[float] = typer.Option(None, help="Instead of a budget: the mean block density to reach with least error."),
+    steps: Optional[str] = typer.Option(None, help="Comma-separated denoising steps to profile (default: first, middle, last)."),
+    num_inference_steps: Optional[int] = typer.Option(None, help="Denoising steps of each calibration run."),
+    frames: Optional[int] = typer.Option(None, help="Frames (4k+1)."),
+    height: Optional[int] = typer.Option(None, help="Height in pixels."),
+    width: Optional[int] = typer.Option(None, help="Width in pixels."),
+    dense_warmup_steps: Optional[int] = typer.Option(None, help="Fix the dense warm-up (default: chosen by the search)."),
+    block_size: int = typer.Option(128, help="Block size the strategy will run with."),
+    sample_blocks: int = typer.Option(8, help="Query blocks per call on which candidate errors are measured."),
+    state_dir: Optional[Path] = typer.Option(None, help="Save progress here after every prompt; rerun to resume."),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16."),
+    out: Path = typer.Option(Path("strategy.json"), help="Where to write the strategy file."),
+):
+    """Search a per-layer, per-head sparse strategy on calibration prompts (torchrun for several GPUs)."""
+    import os
+
+    try:
+        import torch
+
+        from vdit_accel.sparsity_search import SearchConfig
+        from vdit_accel.sparsity_search import search as run_search
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+            torch.distributed.init_process_group(backend)
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        rank = torch.distributed.get_rank() if world > 1 else 0
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if prompts is None:
+            prompt_list = ["a red circle moving left on a blue background", "two squares bouncing off the walls"]
+        elif not prompts.is_file():
+            raise ValueError(f"--prompts {str(prompts)!r} is not a file")
+        else:
+            prompt_list = [l.strip() for l in prompts.read_text().splitlines() if l.strip()]
+        step_list = [int(x) for x in steps.split(",")] if steps else None
+        config = SearchConfig(budget=budget, mode=mode, steps=step_list, dense_warmup_steps=dense_warmup_steps,
+                              block_size=block_size, sample_blocks=sample_blocks, target_density=target_density)
+        pipe, defaults = _load_pipeline(model, device, dtype)
+        call = dict(height=height or defaults.height, width=width or defaults.width,
+                    num_frames=frames or defaults.frames, num_inference_steps=num_inference_steps or defaults.steps,
+                    output_type="latent")
+        if model is None:
+            call["max_sequence_length"] = defaults.max_sequence_length
+        strategy = run_search(pipe, prompt_list, config, call_kwargs=call, state_dir=state_dir,
+                              progress=lambda msg: typer.echo(msg, err=True))
+        if rank == 0:
+            strategy.save(out)
+            typer.echo(json.dumps({"out": str(out), "strategy": strategy.describe(),
+                                   "mean_density": strategy.search["mean_density"],
+                                   "mean_error": strategy.search["mean_error"], "seconds": strategy.search["seconds"]}))
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@app.command()
 def version():
     """Print versions of vdit-accel and the libraries it runs on."""
     import torch

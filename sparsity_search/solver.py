@@ -1,0 +1,137 @@
+"""Choosing a pattern per head: the hardware-aware cost model and the solvers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Latency of one layer's attention as ``fixed_ms + per_density_ms * mean head density``.
+
+    Measured on the GPU by timing our kernel at a few densities on the real shape
+    (:func:`measure_cost_model`, cached on disk per GPU and shape), or, without a GPU, FLOP-proportional
+    (``fixed_ms = 0``): the solver needs only relative costs.
+    """
+
+    fixed_ms: float
+    per_density_ms: float
+    source: str
+
+    def head_cost(self, density: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """Cost of one head at each candidate density (the layer's cost spread over its heads)."""
+        return self.fixed_ms / num_heads + self.per_density_ms * density / num_heads
+
+
+def flops_cost_model(batch: int, seq_len: int, num_heads: int, head_dim: int, tflops: float = 500.0) -> CostModel:
+    dense_ms = 4.0 * batch * num_heads * seq_len**2 * head_dim / (tflops * 1e12) * 1e3
+    return CostModel(0.0, dense_ms, f"flops@{tflops:g}TFLOP/s")
+
+
+def _cost_cache_path(gpu: str, shape: tuple, block: int) -> str:
+    root = os.environ.get("VDIT_AUTOTUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vdit_accel"))
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    return os.path.join(root, f"cost-{slug}-{'x'.join(map(str, shape))}-b{block}.json")
+
+
+def measure_cost_model(batch: int, seq_len: int, num_heads: int, head_dim: int, block: int = 128,
+                       device="cuda", dtype=torch.bfloat16) -> CostModel:
+    """Time our sparse kernel at densities 1, 1/2, 1/4, 1/8, 1/16 (banded masks) and fit a line.
+
+    Cached on disk per GPU name, shape and block size, so a search pays this once per machine."""
+    if not torch.cuda.is_available() or torch.device(device).type != "cuda":
+        return flops_cost_model(batch, seq_len, num_heads, head_dim)
+    gpu = torch.cuda.get_device_name(device)
+    path = _cost_cache_path(gpu, (batch, seq_len, num_heads, head_dim), block)
+    if os.path.exists(path):
+        with open(path) as f:
+            d = json.load(f)
+        return CostModel(d["fixed_ms"], d["per_density_ms"], d["source"])
+    from triton.testing import do_bench
+
+    from vdit_accel.attention import attention
+    from vdit_accel.block_mask import BlockMask, cdiv
+
+    q, k, v = (torch.randn(batch, seq_len, num_heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    nb = cdiv(seq_len, block)
+    idx = torch.arange(nb, device=device)
+    xs, ys = [], []
+    for frac in (1.0, 0.5, 0.25, 0.125, 0.0625):
+        band = max(0, int(round(frac * nb / 2)))
+        blocks = ((idx[:, None] - idx[None, :]).abs() <= band).expand(1, num_heads, nb, nb)
+        mask = BlockMask.from_dense(blocks, seq_len, block, block)
+        ms = do_bench(lambda: attention(q, k, v, mask), warmup=10, rep=50, return_mode="median")
+        xs.append(mask.density())
+        ys.append(ms)
+    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    a = torch.stack([torch.ones_like(x), x], 1)
+    fixed, slope = torch.linalg.lstsq(a, y[:, None]).solution.flatten().tolist()
+    model = CostModel(max(fixed, 0.0), slope, f"measured on {gpu}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"fixed_ms": model.fixed_ms, "per_density_ms": model.per_density_ms, "source": model.source,
+                   "densities": xs, "ms": ys}, f, indent=1)
+    return model
+
+
+def solve_per_head(error: torch.Tensor, cost: torch.Tensor, budget: float) -> torch.Tensor:
+    """Per head, the cheapest candidate whose error is within ``budget`` (ties: lower error).
+
+    ``error`` [..., C], ``cost`` [C] (or broadcastable). Returns candidate indices [...]. A head for
+    which nothing fits gets its lowest-error candidate (dense, whose error is 0, is always a candidate).
+    """
+    cost = cost.expand_as(error).double()
+    ok = error <= budget
+    key = torch.where(ok, cost, math.inf) + error.double() * 1e-9
+    best = key.argmin(-1)
+    fallback = error.argmin(-1)
+    return torch.where(ok.any(-1), best, fallback)
+
+
+def solve_lagrangian(error: torch.Tensor, cost: torch.Tensor, *, mean_error: float | None = None,
+                     mean_cost: float | None = None, iters: int = 60) -> torch.Tensor:
+    """One budget spent across all heads and layers.
+
+    Minimises ``sum cost + lam * sum error`` per head independently, with ``lam`` bisected so that
+    the mean error is at most ``mean_error`` (or the mean cost at most ``mean_cost``). Heads where
+    sparsity is cheap in error give more, the others less. Returns candidate indices [...].
+    """
+    if (mean_error is None) == (mean_cost is None):
+        raise ValueError("give exactly one of mean_error and mean_cost")
+    cost = cost.expand_as(error).double()
+    err = error.double()
+
+    def pick(lam: float) -> torch.Tensor:
+        return (cost + lam * err).argmin(-1)
+
+    def measure(idx: torch.Tensor) -> tuple[float, float]:
+        e = err.gather(-1, idx[..., None]).mean().item()
+        c = cost.gather(-1, idx[..., None]).mean().item()
+        return e, c
+
+    lo, hi = 0.0, 1.0
+    # Grow hi until its solution is feasible (lam large = accurate, costly).
+    for _ in range(60):
+        e, c = measure(pick(hi))
+        if (mean_error is not None and e <= mean_error) or (mean_cost is not None and c > mean_cost):
+            break
+        hi *= 4.0
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 16.0
+        e, c = measure(pick(mid))
+        feasible = e <= mean_error if mean_error is not None else c <= mean_cost
+        # Error budget: the cheapest feasible (smallest lam). Cost budget: the most accurate feasible
+        # (largest lam whose cost still fits).
+        if mean_error is not None:
+            lo, hi = (lo, mid) if feasible else (mid, hi)
+        else:
+            lo, hi = (mid, hi) if feasible else (lo, mid)
+        if hi - lo < 1e-9 * max(hi, 1e-30):
+            break
+    return pick(hi if mean_error is not None else lo)
