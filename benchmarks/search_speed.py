@@ -1,0 +1,85 @@
+"""Time the offline search on a real-size transformer: Wan2.1-1.3B's config with random weights,
+480x832, 81 frames (a 21x30x52 token grid), one prompt, three profiled denoising steps.
+
+    python benchmarks/search_speed.py [--out-dir benchmarks/results]
+
+Weights are random (no hub here), which does not change the time. The text encoder is a tiny UMT5
+with Wan's text width; the VAE is only used for its scale factors (the search asks for latents).
+Writes benchmarks/results/search-<gpu>-<date>.json (rows with `seconds`) and the strategy beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def build_pipeline(device="cuda", dtype=torch.bfloat16):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(**WAN_1_3B).to(device, dtype)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=4096, d_kv=64, d_ff=256, num_layers=1,
+                                               num_heads=8)).to(device, dtype)
+    pipe = WanPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=AutoencoderKLWan(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--git-sha", default="unknown")
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--frames", type=int, default=81)
+    args = ap.parse_args(argv)
+    from vdit_accel.sparsity_search import SearchConfig, search
+
+    t0 = time.perf_counter()
+    pipe = build_pipeline()
+    build_s = time.perf_counter() - t0
+    call = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=3,
+                max_sequence_length=64, output_type="latent")
+    t0 = time.perf_counter()
+    strategy = search(pipe, ["a red fox running through fresh snow"], SearchConfig(budget=0.05, steps=[0, 1, 2]),
+                      call_kwargs=call)
+    seconds = time.perf_counter() - t0
+    gpu = torch.cuda.get_device_name()
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    today = dt.date.today()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    strategy.save(args.out_dir / f"search-strategy-wan1.3b-{slug}-{today:%Y%m%d}.json")
+    import diffusers
+    import triton
+
+    result = {
+        "gpu": gpu, "date": today.isoformat(), "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__,
+                     "vdit_accel": args.git_sha},
+        "rows": [{"shape": "wan1.3b-81f-480p", "impl": "search", "seconds": round(seconds, 1),
+                  "pipeline_build_s": round(build_s, 1), "prompts": 1, "profiled_steps": 3,
+                  "grid": strategy.search["grid"], "candidates": strategy.search["candidates"],
+                  "mean_density": strategy.search["mean_density"], "mean_error": strategy.search["mean_error"],
+                  "dense_warmup_steps": strategy.dense_warmup_steps, "cost_model": strategy.search["cost_model"]}],
+    }
+    path = args.out_dir / f"search-{slug}-{today:%Y%m%d}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["rows"][0]), f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
