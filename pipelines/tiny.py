@@ -255,6 +255,18 @@ def build_tiny_pipeline(family: str = "wan", seed: int = 0, dtype: torch.dtype =
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+# Tiny families that are a version of another family's architecture (same adapter).
+_ADAPTER_FAMILY = {"wan2.2": "wan", "cogvideox_1_5": "cogvideox"}
+
+
+def supported_models() -> list[tuple[str, tuple[str, ...]]]:
+    """``(family, diffusers transformer class names)`` for every family :func:`build_tiny_pipeline` builds."""
+    from .adapters import ADAPTERS
+
+    by_family = {a.family: a.class_names for a in ADAPTERS}
+    return [(f, by_family[_ADAPTER_FAMILY.get(f, f)]) for f in TINY_FAMILIES]
+
+
 def tiny_defaults(family: str = "wan") -> TinyDefaults:
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny pipeline family {family!r}; available: {', '.join(TINY_FAMILIES)}")

@@ -222,3 +222,15 @@ def test_other_masks_fall_back_to_sdpa(caplog, monkeypatch):
         current_layer.reset(token)
         vdit_accel.unpatch(tr)
     assert "not a key-padding mask of trailing text tokens: falling back to PyTorch SDPA" in caplog.text
+
+
+def test_models_command_lists_every_family():
+    from typer.testing import CliRunner
+
+    from vdit_accel.cli.app import app
+
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    lines = [line.split() for line in result.output.strip().splitlines()]
+    assert [l[0] for l in lines] == list(TINY_FAMILIES)
+    assert ["hunyuan_video_1_5", "HunyuanVideo15Transformer3DModel"] in lines
