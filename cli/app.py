@@ -263,6 +263,15 @@ def search(
 
 
 @app.command()
+def models():
+    """List the supported model families: their diffusers transformer classes and tiny offline pipelines."""
+    from vdit_accel.pipelines import supported_models
+
+    for family, classes in supported_models():
+        typer.echo(f"{family:<18} {', '.join(classes)}")
+
+
+@app.command()
 def version():
     """Print versions of vdit-accel and the libraries it runs on."""
     import torch
