@@ -234,3 +234,25 @@ def test_models_command_lists_every_family():
     lines = [line.split() for line in result.output.strip().splitlines()]
     assert [l[0] for l in lines] == list(TINY_FAMILIES)
     assert ["hunyuan_video_1_5", "HunyuanVideo15Transformer3DModel"] in lines
+
+
+def test_set_attention_backend_vdit_runs_dense():
+    """Without patch(): diffusers' own switch selects our backend on a dispatching model."""
+    tr = _pipe("ltx").transformer
+    calls = []
+    hook = tr.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+    try:
+        _run(_pipe("ltx"), "ltx")
+    finally:
+        hook.remove()
+    args, kwargs = calls[0]
+    kwargs = {**kwargs, "return_dict": False}
+    base = tr(*args, **kwargs)[0]
+    tr.set_attention_backend("vdit")
+    try:
+        assert all(p._attention_backend.value == "vdit" for p in tr.attn_processors.values())
+        ours = tr(*args, **kwargs)[0]
+    finally:
+        tr.reset_attention_backend()
+    assert (ours - base).abs().max().item() <= 1e-5
+    assert torch.equal(tr(*args, **kwargs)[0], base)
