@@ -185,10 +185,11 @@ def search(
         nonlocal profiler
         if step not in steps:
             return
+        grid = pstate.call_grid or pstate.grid  # the tokens of this very call (text included)
         if profiler is None:
-            profiler = HeadProfiler(candidate_patterns(pstate.grid), config.block_size, config.sample_blocks,
+            profiler = HeadProfiler(candidate_patterns(grid), config.block_size, config.sample_blocks,
                                     config.mass_stride, stats=state.stats)
-        profiler.observe(layer, step, pstate.grid, q, k, v)
+        profiler.observe(layer, step, grid, q, k, v)
 
     pstate.observers.append(observe)
     mine = prompts[rank::world]
@@ -200,7 +201,8 @@ def search(
             t_prompt = time.perf_counter()
             pstate.reset()
             pipe(prompt=prompt, **call_kwargs, generator=torch.Generator("cpu").manual_seed(config.seed))
-            state.grid = (pstate.grid.t, pstate.grid.h, pstate.grid.w, pstate.grid.text_len, pstate.grid.text_at)
+            g = pstate.call_grid or pstate.grid
+            state.grid = (g.t, g.h, g.w, g.text_len, g.text_at)
             state.done.append(prompt)
             if state_path:
                 state.save(state_path)
