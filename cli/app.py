@@ -121,8 +121,8 @@ def generate(
             call["max_sequence_length"] = defaults.max_sequence_length
 
         def run():
-            if device.startswith("cuda"):  # untimed: kernel compilation, cuDNN/cuBLAS set-up, allocator
-                pipe(**{**call, "num_inference_steps": 1}, generator=torch.Generator(device="cpu").manual_seed(seed))
+            # Untimed one-step warm-up: kernel compilation, library set-up, allocator, first touch.
+            pipe(**{**call, "num_inference_steps": 1}, generator=torch.Generator(device="cpu").manual_seed(seed))
             timer = _StepTimer(transformers)
             try:
                 t0 = time.perf_counter()

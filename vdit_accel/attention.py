@@ -43,7 +43,8 @@ def attention(
         ``out`` ``(B, S, H, D)`` in q's dtype; plus ``lse`` when asked.
 
     On CUDA this runs the Triton kernel (fp16/bf16; head_dim 64, 96, 128, ...). On the CPU it runs
-    PyTorch (SDPA when dense, the exact block-masked reference in float32 otherwise), so the whole
+    PyTorch SDPA (with the block mask expanded to tokens; the float32 reference when the LSE is
+    asked for), so the whole
     toolkit works without a GPU, slowly. ``VDIT_CPU_TRITON=1`` with ``TRITON_INTERPRET=1`` runs the
     Triton kernel on the CPU instead (for tests). ``VDIT_AUTOTUNE=1`` times a few kernel configs once
     per shape and keeps the fastest (cached on disk); the default path has no tuning cost.
@@ -67,9 +68,14 @@ def attention(
             )
         config = "autotune" if os.environ.get("VDIT_AUTOTUNE") == "1" else None
         return attention_fwd(q, k, v, scale=scale, return_lse=return_lse, config=config, **kw)
-    if block_mask is None and not return_lse:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        )
-        return out.transpose(1, 2).contiguous()
-    return reference_attention(q, k, v, block_mask, scale=scale, return_lse=return_lse, compute_dtype=torch.float32)
+    if return_lse:
+        return reference_attention(q, k, v, block_mask, scale=scale, return_lse=True, compute_dtype=torch.float32)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    mask = None
+    if block_mask is not None:
+        mask = block_mask.token_mask()  # [Bm, H, S, S]: the block mask, exactly, at token level
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         scale=scale).transpose(1, 2)
+    if mask is not None:  # rows that attend nothing: zeros (SDPA gives NaN there)
+        out = out.masked_fill(~mask.any(-1).transpose(1, 2)[..., None], 0.0)
+    return out.contiguous()

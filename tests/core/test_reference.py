@@ -45,6 +45,10 @@ def test_public_attention_cpu_paths():
     torch.testing.assert_close(dense, reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
     full = BlockMask.full(50, 2, 16, 16)
     torch.testing.assert_close(attention(q, k, v, full), dense, atol=1e-5, rtol=1e-5)
+    blocks = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(5)) < 0.5
+    blocks[0, 1, 2] = False  # a query block that attends nothing
+    sparse = BlockMask.from_dense(blocks, 50, 16, 16)
+    torch.testing.assert_close(attention(q, k, v, sparse), reference_attention(q, k, v, sparse), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"\(B, S, H, D\)"):
         attention(q, k[:, :10], v)
 
