@@ -3,24 +3,29 @@
 diffusers routes attention through ``dispatch_attention_fn(q, k, v, ..., backend=...)``, looking the
 backend up by an ``AttentionBackendName`` enum member. We add a member ``"vdit"`` to that enum and
 register :func:`_vdit_backend` under it. A patched processor is the model's own processor class with
-its backend set to ``"vdit"``; around each call it publishes "which layer of which patched model is
-running" in a context variable, and the backend turns that into the layer's block mask. So the
-processor's own code (projections, norms, RoPE, output) runs unchanged, and a diffusers update to a
-processor body needs no change here.
+its backend set to ``"vdit"``; around each call it publishes itself in :data:`_active`, and the backend
+reads that processor's block mask (prepared by the transformer's forward pre-hook for the forward's
+grid and step) and calls the ``vdit::attention`` custom op. So the processor's own code (projections,
+norms, RoPE, output) runs unchanged, and a diffusers update to a processor body needs no change here.
+
+torch.compile: a compiled block traces the processor and this backend. What differs between layers
+reaches the traced code only as tensors (the processor's mask tensors, graph inputs); the layer index,
+the step and the grid are read in eager code (the pre-hook; the observers; calls whose length differs
+from the forward's grid), so one graph serves every layer of a block shape. A ``contextvars`` variable
+would be per-thread, but dynamo cannot trace one (graph break); :data:`_active` is process-wide, so one
+process runs patched attention in one thread at a time (as it runs a patched transformer, whose step
+and grid are per-transformer state, anyway).
 """
 
 from __future__ import annotations
 
-import contextvars
-import enum
 import logging
-import math
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from vdit_accel.attention import attention
+from .op import vdit_attention
 
 if TYPE_CHECKING:
     from .patch import PatchState
@@ -29,10 +34,20 @@ logger = logging.getLogger("vdit_accel")
 
 BACKEND_NAME = "vdit"
 
-# (PatchState, layer index) of the self-attention call in flight, or None outside patched layers.
-current_layer: contextvars.ContextVar[tuple["PatchState", int] | None] = contextvars.ContextVar(
-    "vdit_current_layer", default=None
-)
+
+
+class _ActiveProcessor:
+    """The patched processor whose attention call is in flight (``proc``), or None outside patched layers.
+
+    A patched processor sets ``proc`` to itself around its call and restores the previous value. The
+    attribute is assigned in ``__init__`` so that dynamo's guards on it do not change after the first call.
+    """
+
+    def __init__(self):
+        self.proc = None
+
+
+_active = _ActiveProcessor()
 _warned: set[str] = set()
 
 
@@ -80,22 +95,30 @@ def _vdit_backend(
         why = ", ".join(unsupported) or "cross-attention shapes"
         _warn_once(f"vdit-accel: attention call with {why}: falling back to PyTorch SDPA for such calls")
         return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
-    ctx = current_layer.get()
+    proc = _active.proc
     if attn_mask is None:
-        return _attend(query, key, value, scale, ctx)
+        return _attend(query, key, value, scale, proc)
+    return _attend_masked(query, key, value, attn_mask, scale, proc)
+
+
+@torch.compiler.disable
+def _attend_masked(query, key, value, attn_mask, scale, proc) -> torch.Tensor:
+    """A call with a key-padding ``attn_mask``: per sample over its valid tokens (eager: the lengths are
+    data, read from the mask)."""
+    state = proc._vdit_state if proc is not None else None
     lengths = _valid_prefix_lengths(attn_mask, query.shape[0], query.shape[1])
-    text_at = ctx[0].grid.text_at if ctx is not None and ctx[0].grid is not None else None
-    if lengths is None or (text_at != "suffix" and ctx is not None and min(lengths) < query.shape[1]):
+    text_at = state.grid.text_at if state is not None and state.grid is not None else None
+    if lengths is None or (text_at != "suffix" and state is not None and min(lengths) < query.shape[1]):
         _warn_once(
             f"vdit-accel: attention mask of shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype} is not a "
             "key-padding mask of trailing text tokens: falling back to PyTorch SDPA for such calls"
         )
-        return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
+        return _sdpa(query, key, value, attn_mask, 0.0, False, scale)
     seq = query.shape[1]
     out = torch.empty_like(query)
     for b, n in enumerate(lengths):
         s = slice(b, b + 1)
-        out[s, :n] = _attend(query[s, :n], key[s, :n], value[s, :n], scale, ctx)
+        out[s, :n] = _attend(query[s, :n], key[s, :n], value[s, :n], scale, proc)
         if n < seq:  # padded query rows: exactly what SDPA gives them under the original mask
             mb = attn_mask[b : b + 1] if attn_mask.shape[0] > 1 else attn_mask
             rows = mb[:, :, n:] if mb.shape[2] == seq else mb
@@ -127,17 +150,37 @@ def _valid_prefix_lengths(mask: torch.Tensor, batch: int, seq: int) -> list[int]
     return lengths * batch if len(lengths) == 1 and batch > 1 else lengths
 
 
-def _attend(query, key, value, scale, ctx) -> torch.Tensor:
-    """Our attention over one call's tokens; ``ctx`` (patched layer or None) picks the block mask."""
-    block_mask = None
-    if ctx is not None:
-        state, layer = ctx
-        grid = state.grid_for(query.shape[1], layer)
-        state.call_grid = grid
-        for observe in state.observers:
-            observe(layer, state.step, query, key, value)
-        block_mask = state.block_mask(layer, query)
-    return attention(query, key, value, block_mask, scale=scale)
+def _attend(query, key, value, scale, proc) -> torch.Tensor:
+    """Our attention over one call's tokens; ``proc`` (the patched processor in flight, or None) gives the
+    block mask: the one its forward pre-hook prepared when the call spans the forward's grid (the mask
+    tensors are then graph inputs under torch.compile), else one looked up for the call's own grid."""
+    if proc is None:
+        return vdit_attention(query, key, value, None, None, 0, 0, scale)
+    state = proc._vdit_state
+    if state.observers:
+        _observe(proc, query, key, value)
+    if proc._vdit_seq_len == query.shape[1]:
+        kv_num_blocks, kv_indices = proc._vdit_kv_num_blocks, proc._vdit_kv_indices
+    else:
+        kv_num_blocks, kv_indices = _call_mask(proc, query)
+    return vdit_attention(query, key, value, kv_num_blocks, kv_indices, state.block_size, state.block_size, scale)
+
+
+@torch.compiler.disable
+def _observe(proc, query, key, value) -> None:
+    """Tell the observers of ``proc``'s state about this call (eager: they get the layer and step as ints)."""
+    state, layer = proc._vdit_state, proc._vdit_layer
+    state.call_grid = state.grid_for(query.shape[1], layer)
+    for observe in state.observers:
+        observe(layer, state.step, query, key, value)
+
+
+@torch.compiler.disable
+def _call_mask(proc, query) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The block mask of a call whose length differs from the forward's grid (text dropped or masked per
+    sample), or of a forward whose grid was not prepared; (None, None) = dense."""
+    mask = proc._vdit_state.block_mask(proc._vdit_layer, query)
+    return (None, None) if mask is None else (mask.kv_num_blocks, mask.kv_indices)
 
 
 class _SDPAToBackend(torch.overrides.TorchFunctionMode):

@@ -14,7 +14,7 @@ from vdit_accel.patterns import build_block_mask
 from vdit_accel.strategy import Strategy
 
 from .adapters import Adapter, adapter_for
-from .backend import _SDPAToBackend, _warn_once, current_layer, register_backend
+from .backend import _SDPAToBackend, _active, _warn_once, register_backend
 
 logger = logging.getLogger("vdit_accel")
 
@@ -23,7 +23,7 @@ _processor_classes: dict[type, type] = {}
 
 
 def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
-    """The model's own processor class, with our backend and the layer published per call.
+    """The model's own processor class, with our backend and the processor published per call.
 
     ``functools.wraps`` keeps the base ``__call__`` signature visible to ``inspect.signature``:
     diffusers' ``Attention.forward`` drops keyword arguments the processor does not name. With
@@ -36,14 +36,14 @@ def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
 
     @functools.wraps(base.__call__)
     def __call__(self, *args, **kwargs):
-        token = current_layer.set((self._vdit_state, self._vdit_layer))
+        prev, _active.proc = _active.proc, self
         try:
             if route_sdpa:
                 with _SDPAToBackend():
                     return base.__call__(self, *args, **kwargs)
             return base.__call__(self, *args, **kwargs)
         finally:
-            current_layer.reset(token)
+            _active.proc = prev
 
     cls = type(f"Vdit{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__})
     _processor_classes[(base, route_sdpa)] = cls
@@ -87,17 +87,19 @@ class PatchState:
         self.layers = adapter.layers(transformer)
         # The grid of the last forward call (text_len as the forward was given it), and of the
         # attention call in flight (text_len as that call's sequence has it; Mochi drops padded text
-        # per sample, HunyuanVideo masks it).
+        # per sample, HunyuanVideo masks it; updated for the observers).
         self.grid: VideoGrid | None = None
         self.call_grid: VideoGrid | None = None
         self._forward_seen = False
         self._steps = steps or _StepTracker()
         self._masks: dict[tuple, BlockMask | None] = {}
         self.originals: dict[str, object] = {}
+        self.processors: list = []  # the patched processors, in layer order
         self.hook = None
         # Called as observer(layer, step, q, k, v) before each patched self-attention call, q/k/v in
         # (B, S, H, D); ``call_grid`` describes their sequence (with a key-padding mask, each
-        # sample's valid tokens come as a call of their own, B = 1).
+        # sample's valid tokens come as a call of their own, B = 1). Under torch.compile an observer
+        # runs eagerly (a graph break per call while any is installed).
         self.observers: list = []
 
     @property
@@ -108,7 +110,10 @@ class PatchState:
     def step(self, value: int) -> None:
         self._steps.step = value
 
-    # Forward pre-hook of the transformer: the grid and the denoising step of this call.
+    # Forward pre-hook of the transformer: the grid and the denoising step of this call, and each
+    # layer's block mask for them. Eager under torch.compile (it reads the timestep's value), so that
+    # the compiled blocks see each layer's mask only as tensors on its processor.
+    @torch.compiler.disable
     def on_forward(self, module, args, kwargs):
         self._forward_seen = True
         self.grid = self.adapter.grid(module, args, kwargs)
@@ -116,6 +121,23 @@ class PatchState:
         if t is not None:
             # max: per-token (Wan 2.2 TI2V) or per-frame (SkyReels diffusion forcing) timesteps.
             self._steps.observe(float(t.max()) if isinstance(t, torch.Tensor) else float(t))
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self._prepare(hidden.device if isinstance(hidden, torch.Tensor) else None)
+
+    def _prepare(self, device) -> None:
+        """Give each patched processor its block mask for attention calls over the forward's whole grid.
+
+        ``_vdit_seq_len`` is the call length the mask is for (-1: none prepared; the backend then looks
+        the mask up per call); ``_vdit_kv_num_blocks`` / ``_vdit_kv_indices`` the mask (None = dense).
+        """
+        grid = self.grid
+        for layer, proc in enumerate(self.processors):
+            mask = None
+            if grid is not None and device is not None:
+                mask = self._layer_mask(layer, grid, device)
+            proc._vdit_seq_len = grid.seq_len if grid is not None and device is not None else -1
+            proc._vdit_kv_num_blocks = mask.kv_num_blocks if mask is not None else None
+            proc._vdit_kv_indices = mask.kv_indices if mask is not None else None
 
     def reset(self) -> None:
         """Forget the step count (the next call counts as step 0)."""
@@ -148,7 +170,11 @@ class PatchState:
         current step; None = dense. Cached per (grid, layer, device)."""
         if self.step < self.strategy.dense_warmup_steps:
             return None
-        grid = grid or self.grid_for(query.shape[1], layer)
+        return self._layer_mask(layer, grid or self.grid_for(query.shape[1], layer), query.device)
+
+    def _layer_mask(self, layer: int, grid: VideoGrid | None, device) -> BlockMask | None:
+        if self.step < self.strategy.dense_warmup_steps:
+            return None
         if grid is None:
             if not self.strategy.is_dense():
                 _warn_once(
@@ -156,13 +182,13 @@ class PatchState:
                     "did not tell the token grid (e.g. LTX given video_coords only); running such calls dense"
                 )
             return None
-        key = (grid, layer, query.device)
+        key = (grid, layer, torch.device(device))
         if key not in self._masks:
             patterns = self.strategy.layer_patterns(layer, self.num_heads)
             if all(p["kind"] == "dense" for p in patterns):
                 self._masks[key] = None
             else:
-                self._masks[key] = build_block_mask(patterns, grid, self.block_size, self.block_size, query.device)
+                self._masks[key] = build_block_mask(patterns, grid, self.block_size, self.block_size, device)
         return self._masks[key]
 
     def mean_density(self, grid: VideoGrid) -> float:
@@ -228,7 +254,9 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
             if not adapter.calls_sdpa:
                 proc._attention_backend = backend
             proc._vdit_state, proc._vdit_layer = state, i
+            proc._vdit_seq_len, proc._vdit_kv_num_blocks, proc._vdit_kv_indices = -1, None, None
             state.originals[name] = orig
+            state.processors.append(proc)
             attn.processor = proc
         state.hook = tr.register_forward_pre_hook(state.on_forward, with_kwargs=True)
         setattr(tr, _STATE_ATTR, state)

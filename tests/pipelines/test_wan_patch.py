@@ -52,8 +52,7 @@ def test_sparse_runs_changes_output_and_tracks_steps(pipe):
     strat = Strategy.uniform("window3d:t=0,h=1,w=1", dense_warmup_steps=1)
     vdit_accel.patch(pipe, strat, block_size=32)
     state = patch_state(pipe.transformer)
-    orig = state.block_mask
-    state.block_mask = lambda layer, q: calls.append((state.step, layer)) or orig(layer, q)
+    state.observers.append(lambda layer, step, q, k, v: calls.append((step, layer)))
     try:
         out = _run(pipe)
         assert state.grid == vdit_accel.VideoGrid(3, 8, 8)

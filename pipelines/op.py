@@ -1,0 +1,44 @@
+"""``vdit::attention``: our attention as a PyTorch custom op, so that ``torch.compile`` sees one opaque call.
+
+The block mask enters as two tensors (``kv_num_blocks``, ``kv_indices``; both ``None`` = dense) and two
+ints that are the same for every layer (the mask's block sizes). A compiled graph therefore takes a
+layer's mask as a tensor input: all layers of one block shape share one graph, where a per-layer Python
+object or int would specialise (and recompile) it per layer. The implementation is
+:func:`vdit_accel.attention` — the Triton kernel on CUDA, the PyTorch reference path on the CPU; the
+fake implementation only says the output's shape, dtype and (contiguous) layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vdit_accel.attention import attention
+from vdit_accel.block_mask import BlockMask
+
+
+@torch.library.custom_op("vdit::attention", mutates_args=())
+def vdit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor | None,
+    kv_indices: torch.Tensor | None,
+    block_m: int,
+    block_n: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """Non-causal attention over ``(B, S, H, D)`` q, k, v; a contiguous ``(B, S, H, D)`` out in q's dtype.
+
+    ``kv_num_blocks`` int32 ``[B or 1, H, Mb]`` and ``kv_indices`` int32 ``[B or 1, H, Mb, Nb]`` are a
+    :class:`~vdit_accel.block_mask.BlockMask` over ``S = q.shape[1]`` tokens in blocks of
+    ``(block_m, block_n)``; pass both as ``None`` for dense attention (block sizes then unused).
+    """
+    if (kv_num_blocks is None) != (kv_indices is None):
+        raise ValueError("vdit::attention takes kv_num_blocks and kv_indices together (both None = dense)")
+    mask = None if kv_num_blocks is None else BlockMask(kv_num_blocks, kv_indices, q.shape[1], block_m, block_n)
+    return attention(q, k, v, mask, scale=scale).contiguous()
+
+
+@vdit_attention.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
