@@ -109,7 +109,7 @@ def run_shape(shape: str, reps: int, variants: list[str]) -> list[dict]:
 
     import vdit_accel
     from vdit_accel.grid import VideoGrid
-    from vdit_accel.pipelines import backend as vdit_backend
+    from vdit_accel.pipelines import op as vdit_op
     from vdit_accel.pipelines import patch_state
 
     model, inputs = build(shape)
@@ -123,7 +123,7 @@ def run_shape(shape: str, reps: int, variants: list[str]) -> list[dict]:
         "flex-window3d-0.15": (window, flex_attention_fn()),
         "noop-attention": ("dense", lambda q, k, v, block_mask=None, **kw: v.contiguous()),
     }
-    rows, original = [], vdit_backend.attention
+    rows, original = [], vdit_op.attention  # what the vdit::attention op calls
     for name in ["noop-attention"] + [v for v in variants if v != "noop-attention"]:
         strategy, attention_fn = plans[name]
         row = {"shape": shape, "impl": name, "tokens": grid.seq_len, "ms": None, "attn_ms": None}
@@ -131,7 +131,7 @@ def run_shape(shape: str, reps: int, variants: list[str]) -> list[dict]:
             if strategy is not None:
                 vdit_accel.patch(model, strategy)
             if attention_fn is not None:
-                vdit_backend.attention = attention_fn
+                vdit_op.attention = attention_fn
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 row["ms"], row["peak_gib"] = time_step(model, inputs, reps)
             if strategy is not None:
@@ -141,7 +141,7 @@ def run_shape(shape: str, reps: int, variants: list[str]) -> list[dict]:
         except Exception as exc:  # one failing variant records its error; the run goes on
             row["error"] = f"{type(exc).__name__}: {exc}"[:400]
         finally:
-            vdit_backend.attention = original
+            vdit_op.attention = original
             if patch_state(model) is not None:
                 vdit_accel.unpatch(model)
         rows.append(row)
