@@ -121,7 +121,7 @@ def run_shape(shape: str, reps: int, variants: list[str]) -> list[dict]:
         "ours-dense": ("dense", None),
         "ours-window3d-0.15": (window, None),
         "flex-window3d-0.15": (window, flex_attention_fn()),
-        "noop-attention": ("dense", lambda q, k, v, block_mask=None, **kw: v.contiguous()),
+        "noop-attention": ("dense", lambda q, k, v, block_mask=None, **kw: v.clone()),  # a copy: ops may not alias
     }
     rows, original = [], vdit_op.attention  # what the vdit::attention op calls
     for name in ["noop-attention"] + [v for v in variants if v != "noop-attention"]:
