@@ -8,6 +8,10 @@ reads that processor's block mask (prepared by the transformer's forward pre-hoo
 grid and step) and calls the ``vdit::attention`` custom op. So the processor's own code (projections,
 norms, RoPE, output) runs unchanged, and a diffusers update to a processor body needs no change here.
 
+Context parallelism: the backend is registered with ``supports_context_parallel``; under Ulysses it
+runs diffusers' own templated path (all-to-all around :func:`_ulysses_forward_op`), and the mask of each
+processor covers the global heads of its rank (:func:`local_heads`). Ring attention raises.
+
 torch.compile: a compiled block traces the processor and this backend. What differs between layers
 reaches the traced code only as tensors (the processor's mask tensors, graph inputs); the layer index,
 the step and the grid are read in eager code (the pre-hook; the observers; calls whose length differs
@@ -83,12 +87,21 @@ def _vdit_backend(
     each sample's valid tokens go through our attention with the grid of its true text length, and
     the padded query rows (whose outputs diffusers discards) through SDPA with the original mask
     rows. Any other mask, causal attention, dropout or GQA falls back to SDPA, with a warning.
+
+    Under diffusers' Ulysses context parallelism (``_parallel_config`` set by ``enable_parallelism``)
+    the call is diffusers' templated one: an all-to-all gives this rank the whole sequence for its
+    ``H / P`` heads, which go through the same path with the block mask of those global heads (see
+    :func:`local_heads`), and a second all-to-all restores the sequence shards. Ring attention is not
+    supported (it would hand us rotating key chunks that no block mask describes).
     """
-    if _parallel_config is not None:
-        raise NotImplementedError(
-            "vdit-accel does not support diffusers context parallelism yet; disable enable_parallelism() "
-            "or use another attention backend"
-        )
+    cp = getattr(_parallel_config, "context_parallel_config", None)
+    if cp is not None:
+        return _ulysses(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config)
+    return _local(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _local(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, head_start: int = 0):
+    """Attention over the whole sequence of the heads in ``query``, global heads from ``head_start`` on."""
     unsupported = [n for n, bad in (("is_causal", is_causal), ("dropout_p", dropout_p > 0),
                                     ("enable_gqa", enable_gqa)) if bad]
     if unsupported or key.shape != query.shape or value.shape != query.shape:
@@ -97,12 +110,66 @@ def _vdit_backend(
         return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
     proc = _active.proc
     if attn_mask is None:
-        return _attend(query, key, value, scale, proc)
-    return _attend_masked(query, key, value, attn_mask, scale, proc)
+        return _attend(query, key, value, scale, proc, head_start)
+    return _attend_masked(query, key, value, attn_mask, scale, proc, head_start)
+
+
+# -- Ulysses context parallelism ------------------------------------------------------------------
+
+
+def local_heads(parallel_config, num_heads: int) -> tuple[int, int] | None:
+    """The global heads ``[start, stop)`` a rank attends under diffusers' Ulysses context parallelism
+    (``parallel_config`` as ``enable_parallelism`` sets it on a processor), or None without it.
+
+    Ulysses' all-to-all splits the heads into ``ulysses_degree`` equal contiguous slices, rank ``r`` of
+    the Ulysses mesh getting slice ``r``: heads ``[r * H / P, (r + 1) * H / P)``.
+    """
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None or cp.ulysses_degree <= 1:
+        return None
+    if num_heads % cp.ulysses_degree:
+        raise ValueError(f"vdit-accel: Ulysses degree {cp.ulysses_degree} does not divide the {num_heads} heads")
+    n = num_heads // cp.ulysses_degree
+    start = cp._ulysses_local_rank * n
+    return start, start + n
+
+
+def _ulysses(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, parallel_config):
+    from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+    cp = parallel_config.context_parallel_config
+    if cp.ring_degree > 1:
+        raise NotImplementedError(
+            "vdit-accel supports diffusers' Ulysses context parallelism only, not ring attention "
+            f"(ring_degree={cp.ring_degree}); use ContextParallelConfig(ulysses_degree=...) or another backend"
+        )
+    if cp.ulysses_anything:
+        raise NotImplementedError(
+            "vdit-accel does not support ContextParallelConfig(ulysses_anything=True) (uneven head slices); "
+            "use a head count and sequence length that ulysses_degree divides"
+        )
+    return _templated_context_parallel_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
+        forward_op=_ulysses_forward_op, backward_op=_ulysses_backward_op, _parallel_config=parallel_config,
+    )
+
+
+def _ulysses_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """diffusers' templated forward op: the whole sequence of this rank's ``H / P`` heads, after the
+    all-to-all. The local heads are global heads ``ulysses_local_rank * H / P`` on."""
+    if return_lse:
+        raise ValueError("vdit-accel attention does not return the log-sum-exp")
+    head_start = _parallel_config.context_parallel_config._ulysses_local_rank * query.shape[2]
+    return _local(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, head_start)
+
+
+def _ulysses_backward_op(ctx, grad_out, *args, **kwargs):
+    raise NotImplementedError("vdit-accel attention is inference-only (no backward)")
 
 
 @torch.compiler.disable
-def _attend_masked(query, key, value, attn_mask, scale, proc) -> torch.Tensor:
+def _attend_masked(query, key, value, attn_mask, scale, proc, head_start: int = 0) -> torch.Tensor:
     """A call with a key-padding ``attn_mask``: per sample over its valid tokens (eager: the lengths are
     data, read from the mask)."""
     state = proc._vdit_state if proc is not None else None
@@ -118,7 +185,7 @@ def _attend_masked(query, key, value, attn_mask, scale, proc) -> torch.Tensor:
     out = torch.empty_like(query)
     for b, n in enumerate(lengths):
         s = slice(b, b + 1)
-        out[s, :n] = _attend(query[s, :n], key[s, :n], value[s, :n], scale, proc)
+        out[s, :n] = _attend(query[s, :n], key[s, :n], value[s, :n], scale, proc, head_start)
         if n < seq:  # padded query rows: exactly what SDPA gives them under the original mask
             mb = attn_mask[b : b + 1] if attn_mask.shape[0] > 1 else attn_mask
             rows = mb[:, :, n:] if mb.shape[2] == seq else mb
@@ -150,36 +217,43 @@ def _valid_prefix_lengths(mask: torch.Tensor, batch: int, seq: int) -> list[int]
     return lengths * batch if len(lengths) == 1 and batch > 1 else lengths
 
 
-def _attend(query, key, value, scale, proc) -> torch.Tensor:
+def _attend(query, key, value, scale, proc, head_start: int = 0) -> torch.Tensor:
     """Our attention over one call's tokens; ``proc`` (the patched processor in flight, or None) gives the
-    block mask: the one its forward pre-hook prepared when the call spans the forward's grid (the mask
-    tensors are then graph inputs under torch.compile), else one looked up for the call's own grid."""
+    block mask: the one its forward pre-hook prepared when the call spans the forward's grid and heads
+    (the mask tensors are then graph inputs under torch.compile), else one looked up for the call's own
+    grid. The call's heads are global heads ``head_start`` to ``head_start + query.shape[2]``."""
     if proc is None:
         return vdit_attention(query, key, value, None, None, 0, 0, scale)
     state = proc._vdit_state
+    heads = (head_start, head_start + query.shape[2])
     if state.observers:
-        _observe(proc, query, key, value)
-    if proc._vdit_seq_len == query.shape[1]:
+        _observe(proc, query, key, value, heads)
+    if proc._vdit_seq_len == query.shape[1] and proc._vdit_heads == heads:
         kv_num_blocks, kv_indices = proc._vdit_kv_num_blocks, proc._vdit_kv_indices
     else:
-        kv_num_blocks, kv_indices = _call_mask(proc, query)
+        kv_num_blocks, kv_indices = _call_mask(proc, query, heads)
     return vdit_attention(query, key, value, kv_num_blocks, kv_indices, state.block_size, state.block_size, scale)
 
 
 @torch.compiler.disable
-def _observe(proc, query, key, value) -> None:
+def _observe(proc, query, key, value, heads) -> None:
     """Tell the observers of ``proc``'s state about this call (eager: they get the layer and step as ints)."""
     state, layer = proc._vdit_state, proc._vdit_layer
+    if heads != (0, state.num_heads):
+        raise NotImplementedError(
+            "vdit-accel: attention observers (e.g. the sparsity search) see a call over heads "
+            f"{heads[0]}..{heads[1] - 1} of {state.num_heads}: they are not supported under context parallelism"
+        )
     state.call_grid = state.grid_for(query.shape[1], layer)
     for observe in state.observers:
         observe(layer, state.step, query, key, value)
 
 
 @torch.compiler.disable
-def _call_mask(proc, query) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _call_mask(proc, query, heads) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The block mask of a call whose length differs from the forward's grid (text dropped or masked per
-    sample), or of a forward whose grid was not prepared; (None, None) = dense."""
-    mask = proc._vdit_state.block_mask(proc._vdit_layer, query)
+    sample), or of a forward whose grid or heads were not prepared; (None, None) = dense."""
+    mask = proc._vdit_state.block_mask(proc._vdit_layer, query, heads=heads)
     return (None, None) if mask is None else (mask.kv_num_blocks, mask.kv_indices)
 
 
@@ -228,5 +302,7 @@ def register_backend():
         names._value2member_map_[BACKEND_NAME] = member
         names._member_names_.append("VDIT")
     if member not in ad._AttentionBackendRegistry._backends:
-        ad._AttentionBackendRegistry.register(member)(_vdit_backend)
+        ad._AttentionBackendRegistry.register(member, supports_context_parallel=True)(_vdit_backend)
+    # Ulysses context parallelism (enable_parallelism) checks this set; ring raises in the backend.
+    ad._AttentionBackendRegistry._supports_context_parallel.add(BACKEND_NAME)
     return member

@@ -14,7 +14,7 @@ from vdit_accel.patterns import build_block_mask
 from vdit_accel.strategy import Strategy
 
 from .adapters import Adapter, adapter_for
-from .backend import _SDPAToBackend, _active, _warn_once, register_backend
+from .backend import _SDPAToBackend, _active, _warn_once, local_heads, register_backend
 
 logger = logging.getLogger("vdit_accel")
 
@@ -128,13 +128,17 @@ class PatchState:
         """Give each patched processor its block mask for attention calls over the forward's whole grid.
 
         ``_vdit_seq_len`` is the call length the mask is for (-1: none prepared; the backend then looks
-        the mask up per call); ``_vdit_kv_num_blocks`` / ``_vdit_kv_indices`` the mask (None = dense).
+        the mask up per call); ``_vdit_heads`` the global heads ``(start, stop)`` it covers (all of them,
+        or under Ulysses context parallelism this rank's slice: the processor's ``_parallel_config``);
+        ``_vdit_kv_num_blocks`` / ``_vdit_kv_indices`` the mask (None = dense).
         """
         grid = self.grid
         for layer, proc in enumerate(self.processors):
             mask = None
+            heads = local_heads(getattr(proc, "_parallel_config", None), self.num_heads) or (0, self.num_heads)
             if grid is not None and device is not None:
-                mask = self._layer_mask(layer, grid, device)
+                mask = self._layer_mask(layer, grid, device, heads)
+            proc._vdit_heads = heads
             proc._vdit_seq_len = grid.seq_len if grid is not None and device is not None else -1
             proc._vdit_kv_num_blocks = mask.kv_num_blocks if mask is not None else None
             proc._vdit_kv_indices = mask.kv_indices if mask is not None else None
@@ -165,14 +169,17 @@ class PatchState:
             )
         return VideoGrid(grid.t, grid.h, grid.w, text_len, grid.text_at if text_len else "none")
 
-    def block_mask(self, layer: int, query: torch.Tensor, grid: VideoGrid | None = None) -> BlockMask | None:
+    def block_mask(self, layer: int, query: torch.Tensor, grid: VideoGrid | None = None,
+                   heads: tuple[int, int] | None = None) -> BlockMask | None:
         """The block mask of ``layer`` for ``grid`` (default: the call grid of ``query``'s length) at the
-        current step; None = dense. Cached per (grid, layer, device)."""
+        current step, over global heads ``heads = (start, stop)`` (default: all); None = dense. Cached
+        per (grid, layer, device, heads)."""
         if self.step < self.strategy.dense_warmup_steps:
             return None
-        return self._layer_mask(layer, grid or self.grid_for(query.shape[1], layer), query.device)
+        return self._layer_mask(layer, grid or self.grid_for(query.shape[1], layer), query.device, heads)
 
-    def _layer_mask(self, layer: int, grid: VideoGrid | None, device) -> BlockMask | None:
+    def _layer_mask(self, layer: int, grid: VideoGrid | None, device,
+                    heads: tuple[int, int] | None = None) -> BlockMask | None:
         if self.step < self.strategy.dense_warmup_steps:
             return None
         if grid is None:
@@ -182,9 +189,11 @@ class PatchState:
                     "did not tell the token grid (e.g. LTX given video_coords only); running such calls dense"
                 )
             return None
-        key = (grid, layer, torch.device(device))
+        heads = heads or (0, self.num_heads)
+        key = (grid, layer, torch.device(device), heads)
         if key not in self._masks:
-            patterns = self.strategy.layer_patterns(layer, self.num_heads)
+            # Head h of the mask is global head heads[0] + h (Ulysses gives a rank a slice of the heads).
+            patterns = self.strategy.layer_patterns(layer, self.num_heads)[heads[0]:heads[1]]
             if all(p["kind"] == "dense" for p in patterns):
                 self._masks[key] = None
             else:
@@ -255,6 +264,7 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
                 proc._attention_backend = backend
             proc._vdit_state, proc._vdit_layer = state, i
             proc._vdit_seq_len, proc._vdit_kv_num_blocks, proc._vdit_kv_indices = -1, None, None
+            proc._vdit_heads = (0, state.num_heads)
             state.originals[name] = orig
             state.processors.append(proc)
             attn.processor = proc
@@ -274,7 +284,12 @@ def unpatch(pipe_or_transformer):
         if state is None:
             continue
         for name, attn in state.layers:
-            attn.processor = state.originals[name]
+            orig = state.originals[name]
+            # enable_parallelism() after patch() gave the parallel config to our processor only.
+            cfg = getattr(attn.processor, "_parallel_config", None)
+            if cfg is not None and getattr(orig, "_parallel_config", None) is not cfg:
+                orig._parallel_config = cfg
+            attn.processor = orig
         state.hook.remove()
         delattr(tr, _STATE_ATTR)
     return pipe_or_transformer

@@ -1,0 +1,120 @@
+"""diffusers' Ulysses context parallelism with the "vdit" backend: per-head strategies index global heads."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import vdit_accel
+from vdit_accel import Strategy, VideoGrid
+from vdit_accel.patterns import build_block_mask
+from vdit_accel.pipelines import build_tiny_pipeline, patch_state
+from vdit_accel.pipelines.backend import _active, _ulysses_forward_op, _vdit_backend, local_heads
+from vdit_accel.pipelines.op import vdit_attention
+
+WORKER = Path(__file__).with_name("ulysses_worker.py")
+PER_HEAD = ["dense", "window3d:t=0,h=1,w=1", "window3d:t=0,h=8,w=8", "window3d:t=1,h=1,w=1"]
+
+
+def _ulysses(degree: int, rank: int):
+    cp = SimpleNamespace(ulysses_degree=degree, ring_degree=1, ulysses_anything=False, _ulysses_local_rank=rank)
+    return SimpleNamespace(context_parallel_config=cp)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The worker's outputs from 2 CPU processes (gloo), or a skip where gloo is missing."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("ulysses") / "out.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def _diff(res, a, b):
+    return (res[a] - res[b]).abs().max().item()
+
+
+def test_ulysses_p2_dense_matches_single_process(two_ranks):
+    assert two_ranks["world"] == 2 and two_ranks["device"] == "cpu"
+    assert _diff(two_ranks, "dense", "base") <= 1e-4
+    assert _diff(two_ranks, "cp_dense", "base") <= 1e-4  # patched, then enable_parallelism accepted "vdit"
+    assert _diff(two_ranks, "cp_unpatched", "base") <= 1e-4  # unpatch keeps the parallel config
+    assert _diff(two_ranks, "cp_backend_only", "base") <= 1e-4  # set_attention_backend("vdit"), no patch
+
+
+def test_ulysses_p2_per_head_strategy_indexes_global_heads(two_ranks):
+    assert _diff(two_ranks, "per_head", "dense") > 1e-3  # the strategy is sparse enough to matter
+    # Local-head indexing (rank 1 applying heads 0-1's patterns to heads 2-3) would give this instead:
+    assert _diff(two_ranks, "per_head", "local_indexed") > 1e-3
+    assert _diff(two_ranks, "cp_per_head", "per_head") <= 1e-4
+    assert _diff(two_ranks, "cp_per_head_patched_after", "per_head") <= 1e-4
+
+
+def test_local_heads():
+    assert local_heads(None, 4) is None
+    assert local_heads(_ulysses(2, 0), 4) == (0, 2)
+    assert local_heads(_ulysses(2, 1), 4) == (2, 4)
+    assert local_heads(_ulysses(4, 3), 8) == (6, 8)
+    with pytest.raises(ValueError, match="does not divide"):
+        local_heads(_ulysses(3, 0), 4)
+
+
+def test_head_slice_with_mocked_parallel_config():
+    """No processes: a processor given a Ulysses config (rank 1 of 2) prepares the mask of global heads
+    2-3, and the templated forward op (what runs after the all-to-all) attends them with it."""
+    tr = build_tiny_pipeline("wan", seed=0).transformer
+    vdit_accel.patch(tr, Strategy(layers=[PER_HEAD] * 4), block_size=32)
+    try:
+        state = patch_state(tr)
+        grid = VideoGrid(3, 8, 8)
+        state.grid, state._forward_seen = grid, True
+        proc = state.processors[1]
+        proc._parallel_config = _ulysses(2, 1)
+        state._prepare(torch.device("cpu"))
+        assert proc._vdit_heads == (2, 4) and state.processors[0]._vdit_heads == (0, 4)
+        full = build_block_mask([state.strategy.layers[1][h] for h in range(4)], grid, 32, 32)
+        local = full.head_slice(2, 4)
+        assert torch.equal(proc._vdit_kv_num_blocks, local.kv_num_blocks)
+        assert torch.equal(proc._vdit_kv_indices, local.kv_indices)
+
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, grid.seq_len, 4, 64, generator=g) for _ in range(3))
+        want = vdit_attention(q, k, v, full.kv_num_blocks, full.kv_indices, 32, 32, None)[:, :, 2:]
+        prev, _active.proc = _active.proc, proc
+        try:
+            got = _ulysses_forward_op(None, q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], _parallel_config=proc._parallel_config)
+            # A call the pre-hook did not prepare (other length) looks the global heads' mask up itself.
+            proc._vdit_seq_len = -1
+            looked_up = _ulysses_forward_op(None, q[:, :, 2:], k[:, :, 2:], v[:, :, 2:],
+                                            _parallel_config=proc._parallel_config)
+        finally:
+            _active.proc = prev
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(looked_up, want, atol=1e-5)
+        wrong = vdit_attention(q, k, v, full.kv_num_blocks, full.kv_indices, 32, 32, None)[:, :, :2]
+        assert not torch.allclose(got, wrong, atol=1e-3)
+    finally:
+        vdit_accel.unpatch(tr)
+
+
+def test_ring_and_ulysses_anything_are_refused():
+    from diffusers import ContextParallelConfig
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    assert _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName("vdit"))
+    q = torch.randn(1, 8, 2, 16)
+    ring = SimpleNamespace(context_parallel_config=ContextParallelConfig(ring_degree=2))
+    with pytest.raises(NotImplementedError, match="ring attention"):
+        _vdit_backend(q, q, q, _parallel_config=ring)
+    anything = SimpleNamespace(context_parallel_config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
+    with pytest.raises(NotImplementedError, match="ulysses_anything"):
+        _vdit_backend(q, q, q, _parallel_config=anything)
