@@ -44,6 +44,16 @@ def planted_head(kind: str, grid: VideoGrid, head_dim: int = 64, generator=None,
             q[:, col + 2], k[:, col + 2] = 1.0, -alpha * ca**2
             col += 3
         # A box, not a Gaussian: scale up so that inside the radius logits are within a few units.
+    elif kind == "clustered":
+        # Tokens belong to `clusters` random semantic groups, scattered over the grid; a token attends
+        # its own group (what k-means orders are for).
+        n = radii.get("clusters", 16)
+        labels = torch.randint(0, n, (v_tok,), generator=generator)
+        centres = torch.randn(n, head_dim, generator=generator, dtype=torch.float64)
+        centres = centres / centres.norm(dim=1, keepdim=True) * 4.0
+        q = centres[labels] + 0.1 * torch.randn(v_tok, head_dim, generator=generator, dtype=torch.float64)
+        k = centres[labels] + 0.1 * torch.randn(v_tok, head_dim, generator=generator, dtype=torch.float64)
+        # logits q.k ~ 16 within a group, ~0 across groups (after the 1/sqrt(D) fold below: x sqrt(D))
     elif kind == "stripes":
         q[:, 0] = 1.0
         k[:, 0] = torch.where(c[:, 0] == 0, 12.0, 0.0)

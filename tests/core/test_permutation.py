@@ -57,3 +57,29 @@ def test_blocks_for_recall():
     assert blocks_for_recall(probs, torch.arange(8), 4) == 0.5
     uniform = torch.full((8, 8), 1 / 8)
     assert blocks_for_recall(uniform, torch.arange(8), 4) == 1.0
+
+
+def test_semantic_order_on_clustered_heads():
+    """k-means orders make a clustered head's keys contiguous: >= 1.3x fewer blocks than tiles."""
+    from vdit_accel.permutation import semantic_order
+    from vdit_accel.sparsity_search.synthetic import planted_head
+
+    grid = VideoGrid(4, 8, 32, text_len=7, text_at="suffix")
+    video = VideoGrid(4, 8, 32)
+    g = torch.Generator().manual_seed(0)
+    q, k, _ = planted_head("clustered", video, 32, g, clusters=12)
+    # Add text rows/keys (random) to exercise "text kept whole".
+    q = torch.cat([q, torch.randn(7, 32, generator=g)])
+    k = torch.cat([k, torch.randn(7, 32, generator=g)])
+    qp, qc = semantic_order(q, grid, 12)
+    kp, _ = semantic_order(k, grid, 12)
+    for perm in (qp, kp):
+        assert torch.equal(perm.sort().values, torch.arange(grid.seq_len))
+        assert torch.equal(perm[-7:], torch.arange(grid.video_len, grid.seq_len))
+    probs = torch.softmax(q.double() @ k.double().T / 32**0.5, -1)
+    tiled = blocks_for_recall(probs, tiled_order(grid, (1, 4, 8)), 32)
+    semantic = blocks_for_recall(probs, qp, 32, key_perm=kp)
+    assert tiled / semantic >= 1.3, (tiled, semantic)
+    # Warm start from the previous step's centroids gives the same clusters in no more iterations.
+    qp2, _ = semantic_order(q, grid, 12, iters=1, init=qc)
+    assert blocks_for_recall(probs, qp2, 32, key_perm=kp) <= semantic + 1e-9
