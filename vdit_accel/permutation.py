@@ -8,6 +8,7 @@ prefix stays a prefix, a suffix a suffix) and stay whole.
 - ``tiled``: the video grid cut into (tt, th, tw) tiles, tiles in raster order, tokens raster order
   inside a tile; a block of ``tt*th*tw`` tokens is then one compact 3D tile (edge tiles are smaller;
   no resolution is refused, blocks may then span two edge tiles).
+- ``segment`` (keys only): inside fixed key segments, keys sorted by importance; no output inverse.
 - ``semantic`` (per head, Q and K apart): video tokens sorted by k-means cluster of that head's Q
   (or K) rows, clusters contiguous whatever their size, centroids warm-started across steps.
 
@@ -121,6 +122,20 @@ def semantic_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int = 10, in
     text = torch.arange(grid.text_start, grid.text_start + grid.text_len, device=x.device)
     perm = torch.cat([text, video]) if grid.text_at == "prefix" else torch.cat([video, text])
     return perm, centroids
+
+
+def segment_key_order(importance: torch.Tensor, segment: int) -> torch.Tensor:
+    """Key-only order (PBS-Attn style): within each segment of ``segment`` consecutive keys, keys
+    sorted by decreasing ``importance`` ([S], e.g. the attention mass a sample of query rows gives
+    each key), so that the few heavy keys of a segment share its first blocks.
+
+    Only K and V are reordered (together), so the output needs no inverse permutation; locality
+    between segments is kept. Returns the key permutation [S]."""
+    s = importance.numel()
+    seg = torch.arange(s, device=importance.device) // segment
+    # Sort by (segment, -importance): segments stay in place, keys inside move.
+    key = seg.double() * 4.0 - importance.double() / importance.double().abs().max().clamp_min(1e-30)
+    return torch.argsort(key, stable=True)
 
 
 def blocks_for_recall(probs: torch.Tensor, perm: torch.Tensor, block: int, recall: float = 0.95,

@@ -83,3 +83,24 @@ def test_semantic_order_on_clustered_heads():
     # Warm start from the previous step's centroids gives the same clusters in no more iterations.
     qp2, _ = semantic_order(q, grid, 12, iters=1, init=qc)
     assert blocks_for_recall(probs, qp2, 32, key_perm=kp) <= semantic + 1e-9
+
+
+def test_segment_key_order_needs_no_output_inverse_and_packs_heavy_keys():
+    from vdit_accel.permutation import segment_key_order
+
+    s, seg, block = 256, 64, 16
+    g = torch.Generator().manual_seed(3)
+    heavy = torch.randperm(s, generator=g)[:24]  # scattered "global" keys every query attends
+    logits = torch.randn(s, s, generator=g, dtype=torch.float64) * 0.1
+    logits[:, heavy] += 6.0
+    probs = torch.softmax(logits, -1)
+    importance = probs[::8].sum(0)  # mass from a sample of query rows
+    kperm = segment_key_order(importance, seg)
+    assert torch.equal(kperm.sort().values, torch.arange(s))
+    assert torch.equal(kperm // seg, torch.arange(s) // seg)  # keys never leave their segment
+    ident = torch.arange(s)
+    assert blocks_for_recall(probs, ident, block, 0.9, key_perm=kperm) < 0.75 * blocks_for_recall(probs, ident, block, 0.9)
+    # Keys and values move together, queries do not: the output is already in query order.
+    q = torch.randn(1, s, 1, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(1, s, 1, 8, generator=g, dtype=torch.float64), torch.randn(1, s, 1, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(reference_attention(q, k[:, kperm], v[:, kperm]), reference_attention(q, k, v))
