@@ -61,13 +61,13 @@ def _import_vdit_accel():
     from vdit_accel.block_mask import BlockMask
     from vdit_accel.grid import VideoGrid
     from vdit_accel.kernels import attention_fwd
-    from vdit_accel.patterns import _CACHE, build_block_mask
+    from vdit_accel.patterns import build_block_mask, clear_mask_caches
     from vdit_accel.reference import reference_attention
 
-    return BlockMask, VideoGrid, attention_fwd, build_block_mask, _CACHE, reference_attention
+    return BlockMask, VideoGrid, attention_fwd, build_block_mask, clear_mask_caches, reference_attention
 
 
-BlockMask, VideoGrid, attention_fwd, build_block_mask, _pattern_cache, reference_attention = _import_vdit_accel()
+BlockMask, VideoGrid, attention_fwd, build_block_mask, clear_mask_caches, reference_attention = _import_vdit_accel()
 
 # The token grids behind the shapes (DESIGN.md, "Real shapes"): video (t, h, w) plus text.
 GRIDS = {
@@ -115,7 +115,7 @@ def perhead_block_mask(grid, num_heads: int, density: float, device) -> "BlockMa
             hi = mid
     best = min((lo, hi), key=lambda a: abs(build(a).density() - density))
     # Time one uncached build of the chosen masks: the once-per-(grid, strategy) planning cost.
-    _pattern_cache.clear()
+    clear_mask_caches()
     torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     mask = build(best)

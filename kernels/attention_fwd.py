@@ -285,9 +285,13 @@ def _can_time(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" and not _interpreting()
 
 
+def cache_dir() -> str:
+    """Where measurements made on this machine are kept ($VDIT_AUTOTUNE_CACHE, else ~/.cache/vdit_accel)."""
+    return os.environ.get("VDIT_AUTOTUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vdit_accel"))
+
+
 def _autotune_file() -> str:
-    root = os.environ.get("VDIT_AUTOTUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vdit_accel"))
-    return os.path.join(root, f"autotune-triton{triton.__version__}.json")
+    return os.path.join(cache_dir(), f"autotune-triton{triton.__version__}.json")
 
 
 def _autotune(q, k, v, sparse_args, mask_block_m, mask_block_n, run) -> dict:

@@ -35,9 +35,10 @@ def flops_cost_model(batch: int, seq_len: int, num_heads: int, head_dim: int, tf
 
 
 def _cost_cache_path(gpu: str, shape: tuple, block: int) -> str:
-    root = os.environ.get("VDIT_AUTOTUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vdit_accel"))
+    from vdit_accel.kernels.attention_fwd import cache_dir
+
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    return os.path.join(root, f"cost-{slug}-{'x'.join(map(str, shape))}-b{block}.json")
+    return os.path.join(cache_dir(), f"cost-{slug}-{'x'.join(map(str, shape))}-b{block}.json")
 
 
 def measure_cost_model(batch: int, seq_len: int, num_heads: int, head_dim: int, block: int = 128,

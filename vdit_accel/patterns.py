@@ -350,19 +350,36 @@ def _video_ranges(grid: VideoGrid, block: int, n_blocks: int, device):
     return a, b
 
 
-_BOXES: dict[tuple, tuple] = {}
+_BOXES: dict[tuple, tuple] = {}  # (grid, block, device) -> per-block video ranges and boxes
+_CACHE: dict[tuple, BlockMask] = {}  # (patterns, grid, blocks, device) -> a layer's BlockMask
+_PATTERN_CACHE: dict[tuple, torch.Tensor] = {}  # (pattern, grid, blocks, device) -> bool [Mb, Nb]
+_CACHE_MAX = 256
+
+
+def _cached(cache: dict, key, make):
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) >= _CACHE_MAX:
+            cache.pop(next(iter(cache)))
+        hit = cache[key] = make()
+    return hit
+
+
+def clear_mask_caches() -> None:
+    """Forget every cached block mask, per-pattern mask and block geometry (to time a cold build)."""
+    for cache in (_BOXES, _CACHE, _PATTERN_CACHE):
+        cache.clear()
 
 
 def _blocks_of(grid: VideoGrid, block: int, n_blocks: int, device):
     """Video ranges and boxes of every block: they depend on the grid and block size only, so all
     patterns (and layers) share them."""
-    key = (grid, block, str(device))
-    if key not in _BOXES:
-        if len(_BOXES) >= 64:
-            _BOXES.pop(next(iter(_BOXES)))
+
+    def make():
         rng = _video_ranges(grid, block, n_blocks, device)
-        _BOXES[key] = (rng, _block_boxes(*rng, grid))
-    return _BOXES[key]
+        return rng, _block_boxes(*rng, grid)
+
+    return _cached(_BOXES, (grid, block, str(device)), make)
 
 
 def build_block_mask_for_pattern(
@@ -385,20 +402,6 @@ def build_block_mask_for_pattern(
         mask[text // block_m, :] = True  # text rows attend everything
         mask[:, text // block_n] = True  # every row attends the text columns
     return mask
-
-
-_CACHE: dict[tuple, BlockMask] = {}
-_PATTERN_CACHE: dict[tuple, torch.Tensor] = {}
-_CACHE_MAX = 256
-
-
-def _cached(cache: dict, key, make):
-    hit = cache.get(key)
-    if hit is None:
-        if len(cache) >= _CACHE_MAX:
-            cache.pop(next(iter(cache)))
-        hit = cache[key] = make()
-    return hit
 
 
 def build_block_mask(
