@@ -7,10 +7,12 @@ import time
 
 import torch
 
+from vdit_accel import VideoGrid
 from vdit_accel.patterns import build_block_mask, clear_mask_caches
+
 grids = {"cog": VideoGrid(13, 30, 45, 226, "prefix"), "wan": VideoGrid(21, 30, 52), "hunyuan": VideoGrid(33, 45, 80, 240, "suffix")}
 ratios = [(1.0, 1.0, 1.0), (0.5, 1.5, 1.5), (2.0, 0.6, 0.6), (1.0, 0.5, 2.0)]
-for name, g in grids.items():  # noqa: B007
+for name, g in grids.items():
     for heads, distinct in ((24, 4), (24, 24)):
         pats = [{"kind": "window3d", "t": int(0.1 * ratios[i % 4][0] * g.t) + i // 4 * (distinct > 4),
                  "h": int(0.1 * ratios[i % 4][1] * g.h), "w": int(0.1 * ratios[i % 4][2] * g.w)} for i in range(heads)]
