@@ -10,11 +10,16 @@ File format (``format`` and ``version`` are checked on load; unknown keys are re
       "model": {"class": "WanTransformer3DModel", "num_layers": 30, "num_heads": 12, "head_dim": 128},
       "dense_warmup_steps": 2,
       "default": {"kind": "dense"},
-      "layers": [{"heads": [{"pattern": {"kind": "window3d", "t": 1, "h": 2, "w": 2},
+      "quant": "fp8", "quant_bf16_steps": [2, 1],
+      "layers": [{"heads": [{"pattern": {"kind": "window3d", "t": 1, "h": 2, "w": 2}, "quant": "int8",
                              "error": 0.012, "density": 0.21}, ...]}, ...],
       "search": {...}
     }
 
+``quant`` (top level: every head's default; per head: that head's) is ``null`` (bf16/fp16, the
+default), ``"fp8"``, ``"int8"`` or ``"int4"`` (see :mod:`vdit_accel.quant`); ``quant_bf16_steps``
+``[first, last]`` runs the first and last denoising steps unquantized (the last needs the pipeline's
+step count: patch the pipeline, not only its transformer).
 ``layers`` is omitted for a uniform strategy (``default`` applies to every head); ``model`` fields
 may be omitted (then any model with matching structure accepts it); per-head ``error`` and
 ``density`` are optional measurements kept for inspection. Never pickled.
@@ -22,18 +27,27 @@ may be omitted (then any model with matching structure accepts it); per-head ``e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .patterns import Pattern, format_pattern, parse_pattern, validate_pattern
+from .quant import QUANT_MODES
 
 FORMAT = "vdit-accel-strategy"
 VERSION = 1
-_TOP_KEYS = {"format", "version", "model", "dense_warmup_steps", "default", "layers", "search"}
+_TOP_KEYS = {"format", "version", "model", "dense_warmup_steps", "default", "quant", "quant_bf16_steps", "layers", "search"}
 _MODEL_KEYS = {"class", "num_layers", "num_heads", "head_dim"}
-_HEAD_KEYS = {"pattern", "error", "density"}
+_HEAD_KEYS = {"pattern", "quant", "error", "density"}
+
+
+def validate_quant(mode) -> str | None:
+    """``None`` (no quantization) or one of ``QUANT_MODES``; anything else raises ``ValueError``."""
+    if mode is None or mode in QUANT_MODES:
+        return mode
+    raise ValueError(f"unknown quantization mode {mode!r}; use one of {list(QUANT_MODES)} or null (bf16)")
 
 
 @dataclass
@@ -49,6 +63,9 @@ class Strategy:
             ``num_heads``, ``head_dim``), checked by :meth:`validate_for`.
         head_stats: optional ``[layer][head]`` dicts of measured ``error`` / ``density``.
         search: the search's metadata (prompts, steps, budget, GPU, versions, time), free-form.
+        quant: the quantization mode of every head not given one in ``quants`` (None: unquantized).
+        quants: optional ``quants[layer][head]`` modes (None entries: unquantized), next to ``layers``.
+        quant_bf16_steps: ``(first, last)``: that many first and last denoising steps run unquantized.
     """
 
     default: Pattern = field(default_factory=lambda: {"kind": "dense"})
@@ -57,9 +74,24 @@ class Strategy:
     model: dict[str, Any] = field(default_factory=dict)
     head_stats: list[list[dict[str, float]]] | None = None
     search: dict[str, Any] = field(default_factory=dict)
+    quant: str | None = None
+    quants: list[list[str | None]] | None = None
+    quant_bf16_steps: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
         self.default = validate_pattern(self.default)
+        self.quant = validate_quant(self.quant)
+        steps = self.quant_bf16_steps
+        if (not isinstance(steps, (tuple, list)) or len(steps) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps)):
+            raise ValueError(f"quant_bf16_steps must be two ints >= 0 (first, last), got {steps!r}")
+        self.quant_bf16_steps = (int(steps[0]), int(steps[1]))
+        if self.quants is not None:
+            if self.layers is None:
+                raise ValueError("per-head 'quants' need per-head 'layers' (use 'quant' for a uniform strategy)")
+            if [len(q) for q in self.quants] != [len(l) for l in self.layers]:
+                raise ValueError("'quants' must list one mode per head of every layer of 'layers'")
+            self.quants = [[validate_quant(m) for m in q] for q in self.quants]
         if isinstance(self.dense_warmup_steps, bool) or not isinstance(self.dense_warmup_steps, int) or self.dense_warmup_steps < 0:
             raise ValueError(f"dense_warmup_steps must be an int >= 0, got {self.dense_warmup_steps!r}")
         unknown = set(self.model) - _MODEL_KEYS
@@ -85,15 +117,21 @@ class Strategy:
 
     @classmethod
     def uniform(
-        cls, pattern: Pattern | str, num_layers: int | None = None, num_heads: int | None = None, dense_warmup_steps: int = 0
+        cls, pattern: Pattern | str, num_layers: int | None = None, num_heads: int | None = None, dense_warmup_steps: int = 0,
+        quant: str | None = None, quant_bf16_steps: tuple[int, int] = (0, 0),
     ) -> "Strategy":
-        """The same pattern for every head of every layer (e.g. ``"window3d:t=1,h=2,w=2"``)."""
+        """The same pattern (and quantization mode) for every head of every layer (e.g. ``"window3d:t=1,h=2,w=2"``)."""
         model = {k: v for k, v in (("num_layers", num_layers), ("num_heads", num_heads)) if v is not None}
-        return cls(default=validate_pattern(pattern), dense_warmup_steps=dense_warmup_steps, model=model)
+        return cls(default=validate_pattern(pattern), dense_warmup_steps=dense_warmup_steps, model=model,
+                   quant=quant, quant_bf16_steps=quant_bf16_steps)
 
     @classmethod
-    def from_spec(cls, spec: "Strategy | str | Path", dense_warmup_steps: int | None = None) -> "Strategy":
-        """A Strategy, a path to a strategy file, ``"dense"``, or a pattern in short form."""
+    def from_spec(cls, spec: "Strategy | str | Path", dense_warmup_steps: int | None = None,
+                  quant: str | None = None) -> "Strategy":
+        """A Strategy, a path to a strategy file, ``"dense"``, or a pattern in short form.
+
+        ``dense_warmup_steps`` / ``quant`` (given) override the strategy's; ``quant`` then applies to
+        every head (per-head modes are dropped)."""
         if isinstance(spec, Strategy):
             st = spec
         elif isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".json")):
@@ -108,8 +146,11 @@ class Strategy:
                 ) from None
         else:
             raise TypeError(f"strategy must be a Strategy, a path or a string, got {type(spec).__name__}")
-        if dense_warmup_steps is not None:
-            st = Strategy(st.default, st.layers, dense_warmup_steps, dict(st.model), st.head_stats, st.search)
+        if dense_warmup_steps is not None or quant is not None:
+            st = dataclasses.replace(
+                st, model=dict(st.model),
+                dense_warmup_steps=st.dense_warmup_steps if dense_warmup_steps is None else dense_warmup_steps,
+                quant=st.quant if quant is None else quant, quants=st.quants if quant is None else None)
         return st
 
     # -- queries -------------------------------------------------------------------------------
@@ -121,6 +162,24 @@ class Strategy:
         if self.layers is None:
             return [self.default] * num_heads
         return self.layers[layer]
+
+    def layer_quants(self, layer: int, num_heads: int) -> list[str | None]:
+        """The quantization mode of each head of ``layer`` (None: unquantized)."""
+        if self.quants is None:
+            return [self.quant] * num_heads
+        return self.quants[layer]
+
+    def quantized_at(self, step: int, num_steps: int | None) -> bool:
+        """Whether quantized modes apply at denoising ``step`` of ``num_steps`` (None: unknown, then
+        only the first steps of ``quant_bf16_steps`` can be honoured)."""
+        first, last = self.quant_bf16_steps
+        if step < first:
+            return False
+        return not (num_steps is not None and last and step >= num_steps - last)
+
+    def is_quantized(self) -> bool:
+        modes = [self.quant] if self.quants is None else [m for q in self.quants for m in q]
+        return any(m is not None for m in modes)
 
     def is_dense(self) -> bool:
         pats = [self.default] if self.layers is None else [p for l in self.layers for p in l]
@@ -140,14 +199,18 @@ class Strategy:
                 )
 
     def describe(self) -> str:
+        quant = ""
+        if self.is_quantized():
+            modes = sorted({str(m) for m in ([self.quant] if self.quants is None else [m for q in self.quants for m in q])})
+            quant = f", quant={'/'.join(modes)} (bf16 steps: first {self.quant_bf16_steps[0]}, last {self.quant_bf16_steps[1]})"
         if self.layers is None:
-            return f"uniform {format_pattern(self.default)}, dense_warmup_steps={self.dense_warmup_steps}"
+            return f"uniform {format_pattern(self.default)}, dense_warmup_steps={self.dense_warmup_steps}{quant}"
         kinds: dict[str, int] = {}
         for layer in self.layers:
             for p in layer:
                 kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
         mix = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-        return f"{len(self.layers)} layers x {len(self.layers[0])} heads ({mix}), dense_warmup_steps={self.dense_warmup_steps}"
+        return f"{len(self.layers)} layers x {len(self.layers[0])} heads ({mix}), dense_warmup_steps={self.dense_warmup_steps}{quant}"
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -156,12 +219,18 @@ class Strategy:
             d["model"] = dict(self.model)
         d["dense_warmup_steps"] = self.dense_warmup_steps
         d["default"] = self.default
+        if self.quant is not None:
+            d["quant"] = self.quant
+        if self.quant_bf16_steps != (0, 0):
+            d["quant_bf16_steps"] = list(self.quant_bf16_steps)
         if self.layers is not None:
             d["layers"] = []
             for li, layer in enumerate(self.layers):
                 heads = []
                 for hi, p in enumerate(layer):
                     entry: dict[str, Any] = {"pattern": p}
+                    if self.quants is not None and self.quants[li][hi] != self.quant:
+                        entry["quant"] = self.quants[li][hi]
                     if self.head_stats is not None:
                         entry.update(self.head_stats[li][hi])
                     heads.append(entry)
@@ -181,27 +250,36 @@ class Strategy:
         unknown = set(d) - _TOP_KEYS
         if unknown:
             raise ValueError(f"strategy has unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
-        layers = stats = None
+        layers = stats = quants = None
+        qbs = d.get("quant_bf16_steps", [0, 0])
+        try:
+            quant = validate_quant(d.get("quant"))
+        except ValueError as e:
+            raise ValueError(f"strategy 'quant': {e}") from None
         if "layers" in d:
-            layers, stats = [], []
+            layers, stats, quants = [], [], []
             for li, layer in enumerate(d["layers"]):
                 if not isinstance(layer, dict) or set(layer) != {"heads"} or not isinstance(layer["heads"], list):
                     raise ValueError(f"strategy layers[{li}] must be {{'heads': [...]}}")
-                pats, st = [], []
+                pats, st, qs = [], [], []
                 for hi, head in enumerate(layer["heads"]):
                     if not isinstance(head, dict) or "pattern" not in head or set(head) - _HEAD_KEYS:
                         raise ValueError(
-                            f"strategy layers[{li}].heads[{hi}] must have 'pattern' and optionally 'error', 'density'"
+                            f"strategy layers[{li}].heads[{hi}] must have 'pattern' and optionally 'quant', 'error', 'density'"
                         )
                     try:
                         pats.append(validate_pattern(head["pattern"]))
+                        qs.append(validate_quant(head.get("quant", quant)))
                     except ValueError as e:
                         raise ValueError(f"strategy layers[{li}].heads[{hi}]: {e}") from None
-                    st.append({k: float(v) for k, v in head.items() if k != "pattern"})
+                    st.append({k: float(v) for k, v in head.items() if k not in ("pattern", "quant")})
                 layers.append(pats)
                 stats.append(st)
+                quants.append(qs)
             if not any(any(s) for s in stats):
                 stats = None
+            if all(m == quant for q in quants for m in q):
+                quants = None
         return cls(
             default=d.get("default", {"kind": "dense"}),
             layers=layers,
@@ -209,6 +287,9 @@ class Strategy:
             model=dict(d.get("model", {})),
             head_stats=stats,
             search=dict(d.get("search", {})),
+            quant=quant,
+            quants=quants,
+            quant_bf16_steps=tuple(qbs) if isinstance(qbs, list) else qbs,
         )
 
     def save(self, path: str | Path) -> None:

@@ -77,3 +77,40 @@ def test_load_validation(tmp_path, doc, match):
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=match):
         Strategy.load(path)
+
+
+def test_quant_fields_round_trip_and_validate(tmp_path):
+    st = Strategy.uniform("window3d:t=1,h=1,w=1", quant="fp8", quant_bf16_steps=(2, 1))
+    assert st.layer_quants(0, 3) == ["fp8"] * 3 and st.is_quantized()
+    assert [st.quantized_at(i, 10) for i in range(10)] == [False, False] + [True] * 7 + [False]
+    assert st.quantized_at(9, None)  # the last steps need the step count
+    path = tmp_path / "s.json"
+    st.save(path)
+    back = Strategy.load(path)
+    assert back.quant == "fp8" and back.quant_bf16_steps == (2, 1) and back.quants is None
+    # Per-head modes next to per-head patterns; entries equal to the default are not repeated.
+    win = {"kind": "window3d", "t": 1, "h": 1, "w": 1}
+    mixed = Strategy(layers=[[win, win], [win, {"kind": "dense"}]], quant="int8", quants=[["int8", None], ["fp8", "int8"]])
+    d = mixed.to_dict()
+    assert "quant" not in d["layers"][0]["heads"][0] and d["layers"][0]["heads"][1]["quant"] is None
+    back = Strategy.from_dict(d)
+    assert back.quants == [["int8", None], ["fp8", "int8"]] and back.layer_quants(1, 2) == ["fp8", "int8"]
+    assert "quant=None/fp8/int8" in back.describe()
+    # --quant on the command line overrides every head.
+    assert Strategy.from_spec(back, quant="int4").layer_quants(0, 2) == ["int4", "int4"]
+    assert not Strategy.from_spec("dense").is_quantized()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(quant="fp4"), "unknown quantization mode"),
+    (dict(quant_bf16_steps=(1,)), "quant_bf16_steps"),
+    (dict(quant_bf16_steps=(-1, 0)), "quant_bf16_steps"),
+    (dict(quants=[["fp8"]]), "need per-head 'layers'"),
+])
+def test_quant_fields_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Strategy(**bad)
+    doc = Strategy.uniform("dense").to_dict()
+    doc["quant"] = "fp16"
+    with pytest.raises(ValueError, match="strategy 'quant'"):
+        Strategy.from_dict(doc)
