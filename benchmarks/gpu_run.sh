@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine run: install the carried wheels and this checkout, check and time the kernels
 # (benchmarks/attention.py), sweep dense configs, and generate on the GPU through the patched pipeline.
-# Usage (device tool, carry .whl): SHA=<commit> bash benchmarks/gpu_run.sh [what ...]   what: bench sweep generate
+# Usage (device tool, carry .whl): SHA=<commit> bash benchmarks/gpu_run.sh [what ...]   what: bench sweep generate e2e
+# (e2e: one denoising step of every real shape and row, benchmarks/e2e.py; about 6 min on an H100; not in the default set)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -15,6 +16,8 @@ for what in "${whats[@]}"; do
   case $what in
     bench) python3 benchmarks/attention.py --out-dir "$OUT" --git-sha "$sha" 2>&1 | tee "$OUT/bench.log" | grep -v "^check " ;;
     sweep) python3 benchmarks/attention.py --sweep --out-dir "$OUT" --git-sha "$sha" 2>&1 | tee "$OUT/sweep.log" | tail -30 ;;
+    e2e)  # from /tmp: the checkout's vdit_accel/ would shadow the installed package
+      ( out=$(realpath "$OUT"); repo=$(pwd); cd /tmp && python3 "$repo/benchmarks/e2e.py" --out-dir "$out" --git-sha "$sha" 2>&1 | tee "$out/e2e.log" | grep -v '^  {' ) ;;
     generate)
       OUT=$(realpath "$OUT"); cd /tmp  # not the checkout: its vdit_accel/ would shadow the installed package
       python3 -m vdit_accel.cli.app generate --out "$OUT/gen/video.mp4" 2>&1 | tail -3

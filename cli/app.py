@@ -287,6 +287,39 @@ def version():
     typer.echo(", ".join(parts))
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: real-size steps on a GPU, tiny ones on the CPU.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    shape: list[str] = typer.Option(..., "--shape", help="Shape to run (repeat for several): wan2.1-1.3b-480p, wan2.1-1.3b-720p, wan2.1-14b-720p, hunyuan-720p; tiny-wan, tiny-hunyuan on the CPU."),
+    variants: list[str] = typer.Option(None, "--variants", help="Rows to run, comma-separated or repeated (default: all): noop-attention, dense-cudnn, ours-dense, ours-window3d-0.15, flex-window3d-0.15, ours-window3d-0.15-fp8, ours-searched."),
+    reps: Optional[int] = typer.Option(None, help="Timed forwards per row (default: per shape, 1 to 3)."),
+    searched_strategy: Optional[Path] = typer.Option(None, help="Strategy file from `vdit-accel search` for the ours-searched row (skipped when it does not fit the model)."),
+    block_size: int = typer.Option(128, help="Tokens per block of the sparse masks."),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda if available)."),
+    git_sha: Optional[str] = typer.Option(None, help="Commit recorded in the result file (default: the package version)."),
+    out_dir: Path = typer.Option(Path("."), help="Where e2e-<gpu>-<yyyymmdd>.json is written."),
+):
+    """Time one denoising step (one transformer forward, batch 1) of real-config transformers with
+    random weights: diffusers' attention, ours dense and sparse, FlexAttention on the same masks."""
+    from vdit_accel.cli.bench import VARIANTS, markdown_table, run_pipeline_bench
+
+    chosen = [v.strip() for item in (variants or []) for v in item.split(",") if v.strip()] or list(VARIANTS)
+    command = " ".join(["vdit-accel bench pipeline", *(f"--shape {s}" for s in shape), "--variants " + ",".join(chosen)]
+                       + [f"--{k.replace('_', '-')} {v}" for k, v in (("reps", reps), ("searched_strategy", searched_strategy),
+                                                                       ("block_size", block_size), ("device", device),
+                                                                       ("out_dir", out_dir)) if v is not None])
+    try:
+        doc, path = run_pipeline_bench(shape, chosen, reps, out_dir, device, block_size, searched_strategy,
+                                       command=command, git_sha=git_sha, log=lambda m: typer.echo(m, err=True))
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    typer.echo(markdown_table(doc))
+    typer.echo(f"wrote {path}", err=True)
+
+
 def main():
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     app()
