@@ -41,6 +41,13 @@ SHAPES = {  # name: (B, H, S, D)
 }
 DENSE_IMPLS = ("cudnn", "sdpa-flash", "flex-dense", "ours-dense")
 SPARSE_IMPLS = ("flex-sparse", "ours-sparse")
+QUANT_MODES = ("fp8", "int8", "int4")
+# Quantized: ours-<mode> (dense), ours-sparse-<mode>, quantize-<mode> (the quantizers alone: part of
+# ours-<mode>'s time), sage1 (SageAttention 1.0.6, Triton, INT8 Q·K + fp16 P·V; pip sageattention==1.0.6).
+QUANT_DENSE_IMPLS = tuple(f"ours-{m}" for m in QUANT_MODES) + tuple(f"quantize-{m}" for m in QUANT_MODES) + ("sage1",)
+QUANT_SPARSE_IMPLS = tuple(f"ours-sparse-{m}" for m in QUANT_MODES)
+DENSE_IMPLS += QUANT_DENSE_IMPLS
+SPARSE_IMPLS += QUANT_SPARSE_IMPLS
 MASK_BLOCK = 128
 
 
@@ -201,12 +208,24 @@ def make_impl(name: str, q, k, v, mask, flex_mask, scale: float, ours_config=Non
         compiled = torch.compile(flex_attention, dynamic=False)
         block_mask = flex_mask if name == "flex-sparse" else None
         return lambda: compiled(qt, kt, vt, block_mask=block_mask, scale=scale).transpose(1, 2)
-    if name == "ours-dense":
-        return lambda: attention_fwd(q, k, v, scale=scale, config=ours_config)
-    if name == "ours-sparse":
+    quant = next((m for m in QUANT_MODES if name.endswith("-" + m)), None)
+    if name in ("ours-dense", f"ours-{quant}"):
+        return lambda: attention_fwd(q, k, v, scale=scale, config=ours_config, quant=quant)
+    if name in ("ours-sparse", f"ours-sparse-{quant}"):
         return lambda: attention_fwd(
-            q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_m, mask.block_n, scale=scale, config=ours_config
+            q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_m, mask.block_n, scale=scale, config=ours_config,
+            quant=quant,
         )
+    if name == f"quantize-{quant}":
+        from vdit_accel.kernels.attention_fwd import default_config
+        from vdit_accel.kernels.quantize import quantize_qkv
+
+        cfg = ours_config or default_config(q.shape[-1], q.device, q.dtype, quant)
+        return lambda: (quantize_qkv(q, k, v, quant, cfg["BLOCK_M"], cfg["BLOCK_N"], scale * 1.4426950408889634), q)[1]
+    if name == "sage1":
+        from sageattention import sageattn
+
+        return lambda: sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)
     raise ValueError(f"unknown impl {name!r}")
 
 
@@ -271,6 +290,48 @@ def run_small_checks(reference_attention, device) -> list[dict]:
     return checks
 
 
+def run_quant_checks(device) -> list[dict]:
+    """Quantized modes on video-DiT-like bf16 data (vdit_accel.quant.dit_like_qkv), all rows: error and
+    cosine against float64 (the accuracy targets: fp8/int8 rel_err <= 2e-2 and cos >= 0.999, int4
+    rel_err <= 5e-2), and against the simulation of the recipe (the kernel computes what the recipe
+    says, with the GPU's own conversions); SageAttention 1.0.6 on the same data for scale."""
+    from vdit_accel.quant import dit_like_qkv, reference_quant_attention
+
+    checks = []
+    bounds = {"fp8": 2e-2, "int8": 2e-2, "int4": 5e-2}
+    for b, s, h, d in [(1, 4096, 2, 128), (1, 4095, 2, 64), (2, 1000, 2, 96)]:
+        q, k, v = dit_like_qkv(b, s, h, d, seed=s, dtype=torch.bfloat16, device=device)
+        exact = reference_attention(q.double(), k.double(), v.double())
+        for mode in QUANT_MODES + ("sage1", None):
+            name = f"quant-{mode or 'bf16'}-B{b}-S{s}-H{h}-D{d}"
+            try:
+                if mode == "sage1":
+                    from sageattention import sageattn
+
+                    out = sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+                else:
+                    out = attention_fwd(q, k, v, quant=mode)
+                err = ((out.double() - exact).norm() / exact.norm()).item()
+                cos = torch.nn.functional.cosine_similarity(out.double().flatten(), exact.flatten(), dim=0).item()
+                row = dict(check=name, rel_err=err, cos=cos)
+                if mode in QUANT_MODES:
+                    from vdit_accel.kernels.attention_fwd import default_config
+
+                    cfg = default_config(d, q.device, q.dtype, mode)
+                    sim = reference_quant_attention(q, k, v, mode, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"])
+                    row["vs_simulation"] = ((out.double() - sim.double()).norm() / sim.double().norm()).item()
+                    row["ok"] = bool(err <= bounds[mode] and (mode == "int4" or cos >= 0.999) and row["vs_simulation"] < 2e-3)
+                else:
+                    row["ok"] = True
+            except Exception as exc:
+                row = dict(check=name, ok=mode == "sage1", error=f"{type(exc).__name__}: {exc}"[:500])
+                traceback.print_exc()
+            checks.append(row)
+            print(f"check {name}: {row}", flush=True)
+    free_memory()
+    return checks
+
+
 def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_config=None, mask_kinds=("local",)) -> list[dict]:
     b, h, s, d = shape
     scale = 1.0 / math.sqrt(d)
@@ -312,11 +373,13 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
             out = fn()  # compiles
             torch.cuda.synchronize()
             row["first_call_s"] = round(time.perf_counter() - t0, 2)
-            row["rel_err"] = rel_err(out, rows, refs[density])
+            if not impl.startswith("quantize-"):  # the quantizers alone give no attention output
+                row["rel_err"] = rel_err(out, rows, refs[density])
             del out
             ms = bench(fn, quick)
             row["ms"] = ms
-            row["tflops"] = flops / (ms * 1e-3) / 1e12
+            if not impl.startswith("quantize-"):
+                row["tflops"] = flops / (ms * 1e-3) / 1e12
         except Exception as exc:  # a failing peer records an error row and the run goes on
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             traceback.print_exc()
@@ -329,8 +392,9 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
     return rows_out
 
 
-def run_sweep(name, shape, quick, device) -> list[dict]:
-    """ours-dense over the kernel's AUTOTUNE_CANDIDATES, beside cuDNN, on one shape (errors recorded, not raised)."""
+def run_sweep(name, shape, quick, device, quant=None) -> list[dict]:
+    """ours-dense (or ours-<quant>) over the kernel's AUTOTUNE_CANDIDATES, beside cuDNN, on one shape
+    (errors recorded, not raised)."""
     b, h, s, d = shape
     g = torch.Generator(device=device).manual_seed(7)
     q, k, v = (torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -339,7 +403,8 @@ def run_sweep(name, shape, quick, device) -> list[dict]:
     ref = make_impl("cudnn", q, k, v, None, None, d**-0.5)()
     from vdit_accel.kernels.attention_fwd import AUTOTUNE_CANDIDATES
 
-    plans = [("cudnn", None)] + [("ours-dense", c) for c in AUTOTUNE_CANDIDATES[128 if d > 64 else 64]]
+    impl = f"ours-{quant}" if quant else "ours-dense"
+    plans = [("cudnn", None)] + [(impl, c) for c in AUTOTUNE_CANDIDATES[128 if d > 64 else 64]]
     for impl, cfg in plans:
         row = dict(shape=name, impl=impl, B=b, H=h, S=s, D=d, density=1.0, ms=None, tflops=None, rel_err=None)
         if cfg is not None:
@@ -401,6 +466,8 @@ def parse_args(argv=None):
     p.add_argument("--masks", nargs="+", choices=MASK_KINDS, default=list(MASK_KINDS),
                    help="local: one banded mask for all heads; perhead: window3d of a different shape per head + text")
     p.add_argument("--sweep", action="store_true", help="time ours-dense over the kernel's autotune candidates (rel_err vs cuDNN) instead")
+    p.add_argument("--sweep-quant", choices=QUANT_MODES, default=None, help="with --sweep: sweep ours-<mode> instead")
+    p.add_argument("--quant-checks", action="store_true", help="also run the quantized modes' accuracy checks")
     p.add_argument("--quick", action="store_true", help="one shape, short timing (warmup 5 ms, rep 20 ms)")
     p.add_argument("--sample-rows", type=int, default=256, help="query rows checked against the reference")
     p.add_argument("--no-checks", action="store_true", help="skip the small full-reference bf16 checks")
@@ -427,6 +494,8 @@ def main(argv=None):
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     what = "attention-sweep" if args.sweep else "attention"
+    if args.sweep and args.sweep_quant:
+        what += "-" + args.sweep_quant
     path = args.out_dir / f"{what}-{slug}-{today.strftime('%Y%m%d')}{'-quick' if args.quick else ''}.json"
     result = {
         "gpu": gpu,
@@ -445,7 +514,7 @@ def main(argv=None):
 
     if args.sweep:
         for name in shapes:
-            result["rows"] += run_sweep(name, SHAPES[name], args.quick, device)
+            result["rows"] += run_sweep(name, SHAPES[name], args.quick, device, args.sweep_quant)
             write()
         print(markdown_table(result["rows"]))
         print(f"\nwrote {path}")
@@ -453,6 +522,9 @@ def main(argv=None):
     checks = result["checks"]
     if not args.no_checks:
         checks += run_small_checks(reference_attention, device)
+        write()
+    if args.quant_checks:
+        checks += run_quant_checks(device)
         write()
     rows = result["rows"]
     for name in shapes:

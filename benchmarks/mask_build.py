@@ -1,9 +1,15 @@
 """Cold build time of a layer's per-head block mask on the GPU (every mask cache cleared first).
 
-    python benchmarks/mask_build.py
+    python benchmarks/mask_build.py [--out-dir benchmarks/results]
 
-Not yet run: the numbers in README/notes for the box builder are to come from this script."""
+Writes mask-build-<gpu>-<date>.json (median of 3 cold builds per grid and head set)."""
+import argparse
+import datetime as dt
+import json
+import re
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -12,6 +18,10 @@ from vdit_accel.patterns import build_block_mask, clear_mask_caches
 
 grids = {"cog": VideoGrid(13, 30, 45, 226, "prefix"), "wan": VideoGrid(21, 30, 52), "hunyuan": VideoGrid(33, 45, 80, 240, "suffix")}
 ratios = [(1.0, 1.0, 1.0), (0.5, 1.5, 1.5), (2.0, 0.6, 0.6), (1.0, 0.5, 2.0)]
+ap = argparse.ArgumentParser()
+ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+args = ap.parse_args()
+rows = []
 for name, g in grids.items():
     for heads, distinct in ((24, 4), (24, 24)):
         pats = [{"kind": "window3d", "t": int(0.1 * ratios[i % 4][0] * g.t) + i // 4 * (distinct > 4),
@@ -21,4 +31,12 @@ for name, g in grids.items():
         for _ in range(3):
             clear_mask_caches(); torch.cuda.synchronize(); t0 = time.perf_counter()
             m = build_block_mask(pats, g, device="cuda"); torch.cuda.synchronize(); ts.append((time.perf_counter() - t0) * 1e3)
-        print(f"{name}: {heads} heads, {len({str(p) for p in pats})} distinct patterns: cold build {sorted(ts)[1]:.2f} ms, density {m.density():.3f}")
+        rows.append(dict(grid=name, heads=heads, distinct_patterns=len({str(p) for p in pats}), cold_build_ms=round(sorted(ts)[1], 3),
+                         density=round(m.density(), 4)))
+        print(rows[-1], flush=True)
+gpu = torch.cuda.get_device_name()
+slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+path = args.out_dir / f"mask-build-{slug}-{dt.date.today().strftime('%Y%m%d')}.json"
+path.write_text(json.dumps(dict(gpu=gpu, date=dt.date.today().isoformat(), torch=torch.__version__,
+                                command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), rows=rows), indent=1) + "\n")
+print("wrote", path)

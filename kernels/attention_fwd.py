@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .quantize import _to_e4m3
+
 # ------------------------------------------------------------------------------------------------
 # Kernel notation
 #
@@ -36,6 +38,12 @@ import triton.language as tl
 #   INPUT_PRECISION tl.dot precision: "ieee" for fp32 inputs (exact, for tests), else None (the
 #                   default; fp16/bf16 dots are exact products with fp32 accumulation anyway)
 #   qk_scale        softmax scale * log2(e): scores live in the log2 domain so exp2 replaces exp
+#   QUANT           0: q/k/v as given (fp16/bf16/fp32). 1 fp8, 2 int8, 3 int4: q/k/v are the buffers of
+#                   kernels/quantize.py (Q, K (B, H, S_pad, D) viewed as (B, S_pad, H, D); V e4m3
+#                   (B, H, D, S_pad) viewed the same way, so stride_vd = S_pad and its rows are
+#                   contiguous), zero past S; Q/K scales per tile (per row for int4) carry qk_scale,
+#                   P is quantized to e4m3 (times 448) for P @ V, V's per-channel scale is applied at
+#                   the end. See vdit_accel/quant.py for the recipes and their reference.
 #   m_i, l_i, acc   running row max (log2 domain, scaled), running row sum of exp2, running P @ V
 #   t               index of a kernel key block in this program's visit list (0 .. n_total-1);
 #                   dense: key block t; sparse: sub-block t % SUB of mask key block kv_indices[t // SUB]
@@ -49,29 +57,59 @@ import triton.language as tl
 
 
 @triton.jit
+def _unpack_int4(packed, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """uint8 [ROWS, BLOCK_D // 2], two int4 a byte (element 2i low) -> int8 [ROWS, BLOCK_D]."""
+    x = packed.to(tl.int32)
+    lo = ((x & 0xF) ^ 8) - 8
+    hi = ((x >> 4) ^ 8) - 8
+    return tl.reshape(tl.join(lo, hi), [ROWS, BLOCK_D]).to(tl.int8)
+
+
+@triton.jit
 def _load_kv(
-    t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d, S,
+    t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n, offs_d, S,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
-    K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
+    K_desc, V_desc, b, h, USE_TMA: tl.constexpr, QUANT: tl.constexpr,
 ):
     """Kernel key block t of the visit list: its first key position, K and V tiles.
 
-    USE_TMA: K_desc / V_desc are tensor descriptors of the whole (B, S, H, D) tensors; the copy
-    engine fills rows past S (and columns past D) with zeros, so no load mask is needed."""
+    USE_TMA: K_desc / V_desc are tensor descriptors of the whole (B, S, H, D) tensors (QUANT: of the
+    quantized (B, H, S_pad, D) K and (B, H, D, S_pad) V); the copy engine fills rows past S (and
+    columns past D) with zeros, so no load mask is needed. QUANT buffers are zero-padded to whole
+    tiles, so their rows need no mask either; int4 K comes packed and is unpacked here."""
     SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
     if SPARSE:
         kv_block = tl.load(kv_idx_row + (t // SUB) * stride_idx_n)
         start_n = kv_block * MASK_BLOCK_N + (t % SUB) * BLOCK_N
     else:
         start_n = t * BLOCK_N
-    if USE_TMA:
+    if USE_TMA and QUANT > 0:
+        k = K_desc.load([b, h, start_n.to(tl.int32), 0]).reshape(BLOCK_N, BLOCK_D)
+        v = tl.trans(V_desc.load([b, h, 0, start_n.to(tl.int32)]).reshape(BLOCK_D, BLOCK_N))
+    elif USE_TMA:
         k = K_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
         v = V_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
+    elif QUANT > 0:
+        start_64 = start_n.to(tl.int64)
+        rows = start_64 + offs_n
+        d_ok = offs_d[None, :] < HEAD_DIM
+        if QUANT == 3:
+            offs_p = tl.arange(0, BLOCK_D // 2)
+            kp = tl.load(K_bh + rows[:, None] * stride_kn + offs_p[None, :], mask=offs_p[None, :] < HEAD_DIM // 2, other=0)
+            k = _unpack_int4(kp, BLOCK_N, BLOCK_D)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(K_bh + rows[:, None] * stride_kn + offs_d[None, :], mask=d_ok, other=0.0)
+        else:
+            k = tl.load(K_bh + rows[:, None] * stride_kn + offs_d[None, :])
+        if BLOCK_D != HEAD_DIM:
+            v = tl.load(V_bh + rows[:, None] + offs_d[None, :] * stride_vd, mask=d_ok, other=0.0)
+        else:
+            v = tl.load(V_bh + rows[:, None] + offs_d[None, :] * stride_vd)
     else:
         start_64 = start_n.to(tl.int64)
         k_ptrs = K_bh + start_64 * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
-        v_ptrs = V_bh + start_64 * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
+        v_ptrs = V_bh + start_64 * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
         if MASK_TAIL:
             kv_mask = (start_n + offs_n)[:, None] < S
             if BLOCK_D != HEAD_DIM:
@@ -103,7 +141,7 @@ def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
-    K_bh, V_bh, stride_kn, stride_vn,
+    K_bh, V_bh, stride_kn, stride_vn, stride_vd,
     kv_idx_row, stride_idx_n,
     offs_n, offs_d, S, qk_scale,
     lo, hi,
@@ -111,32 +149,48 @@ def _attn_fwd_inner(
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
+    QUANT: tl.constexpr, KScale_bh, q_rows, q_mean, EMULATE_FP8: tl.constexpr,
 ):
     for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
-        start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, kv_idx_row, stride_idx_n, offs_n, offs_d,
-                                 S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
-                                 K_desc, V_desc, b, h, USE_TMA)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n,
+                                 offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
+                                 K_desc, V_desc, b, h, USE_TMA, QUANT)
+        if QUANT == 0:
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        else:
+            if QUANT == 1:
+                qk = tl.dot(q, tl.trans(k))
+            else:
+                qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+            if QUANT == 3:  # per-row scales, and the smoothed-away q_mean . k_j added back per key
+                k_rows = tl.load(KScale_bh + start_n + offs_n)
+                bias = tl.sum(q_mean[None, :] * k.to(tl.float32), 1) * k_rows
+                qk = qk * (q_rows[:, None] * k_rows[None, :]) + bias[None, :]
+                tile_scale = 1.0
+            else:  # per-tile scales: one scalar for the whole score tile
+                tile_scale = qk_scale * tl.load(KScale_bh + start_n // BLOCK_N)
+            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, tile_scale, MASK_TAIL)
+            acc = tl.dot(_to_e4m3(p * 448.0, EMULATE_FP8), v, acc)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Lse, KV_num, KV_idx, K_desc, V_desc,
+    Q, K, V, Out, Lse, KV_num, KV_idx, K_desc, V_desc, QScale, KScale, VScale, QMean,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
+    stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh,
     stride_numb, stride_numh, stride_numm,
     stride_idxb, stride_idxh, stride_idxm, stride_idxn,
-    S, H, qk_scale,
+    S, H, qk_scale, S_pad,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_BLOCK_M: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -151,9 +205,28 @@ def _attn_fwd(
     row_mask = offs_m < S
     d_mask = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m * stride_qs
-    q_ptrs += offs_mt[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh + start_m * stride_qs
+    bh = b * H + h
+    q_rows = qk_scale  # QUANT: the per-row (int4) or per-tile Q scales; else unused
+    q_mean = qk_scale
+    KScale_bh = KScale
+    if QUANT == 3:
+        offs_p = tl.arange(0, BLOCK_D // 2)
+        qp = tl.load(q_base + offs_mt[:, None] * stride_qs + offs_p[None, :], mask=offs_p[None, :] < HEAD_DIM // 2, other=0)
+        q = _unpack_int4(qp, BLOCK_M, BLOCK_D)
+        q_rows = tl.load(QScale + bh * S_pad + start_m + offs_mt)
+        q_mean = tl.load(QMean + (bh * (S_pad // BLOCK_M) + pid_m) * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        KScale_bh = KScale + bh * S_pad
+    elif QUANT > 0:  # zero-padded to whole tiles: no row mask
+        if BLOCK_D != HEAD_DIM:
+            q = tl.load(q_base + offs_mt[:, None] * stride_qs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+        else:
+            q = tl.load(q_base + offs_mt[:, None] * stride_qs + offs_d[None, :])
+        qk_scale = tl.load(QScale + bh * (S_pad // BLOCK_M) + pid_m)
+        KScale_bh = KScale + bh * (S_pad // BLOCK_N)
+    else:
+        q_ptrs = q_base + offs_mt[:, None] * stride_qs + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     K_bh = K + b * stride_kb + h * stride_kh
     V_bh = V + b * stride_vb + h * stride_vh
 
@@ -178,22 +251,26 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
+        acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
         offs_n, offs_d, S, qk_scale, 0, n_full,
         BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
-        K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA,
+        K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, kv_idx_row, stride_idxn,
+        acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
         offs_n, offs_d, S, qk_scale, n_full, n_total,
         BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, not EVEN_N, INPUT_PRECISION, False,
-        K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA,
+        K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
     )
 
     # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    if QUANT > 0:  # P was in units of 1/448, V in units of its channel scale
+        v_scale = tl.load(VScale + bh * HEAD_DIM + offs_d, mask=d_mask, other=0.0) * (1.0 / 448.0)
+        out = acc * v_scale[None, :] / l_safe[:, None]
+    else:
+        out = acc / l_safe[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + start_m * stride_os
     o_ptrs += offs_mt[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -229,6 +306,7 @@ DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
     ("interpret", 256): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
 }
 _HEAD_DIM_BUCKETS = (64, 128, 256)
+_QUANT_IDS = {"fp8": 1, "int8": 2, "int4": 3}
 _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
 _OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "tma": False}
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
@@ -248,10 +326,15 @@ def _arch(device: torch.device, dtype: torch.dtype) -> str:
     return "sm90" if major == 9 else "ampere"
 
 
-def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """The launch configuration used when ``config`` is None (before fitting it to the mask blocks)."""
+def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                   quant: str | None = None) -> dict[str, int]:
+    """The launch configuration used when ``config`` is None (before fitting it to the mask blocks).
+    Quantized modes use the ``<arch>-q`` entry where there is one."""
     bucket = next(b for b in _HEAD_DIM_BUCKETS if head_dim <= b)
-    return dict(DEFAULT_CONFIGS[(_arch(device, dtype), bucket)])
+    arch = _arch(device, dtype)
+    if quant is not None and (arch + "-q", bucket) in DEFAULT_CONFIGS:
+        arch += "-q"
+    return dict(DEFAULT_CONFIGS[(arch, bucket)])
 
 
 # The opt-in sweep (config="autotune"): per head_dim bucket, the candidates tried on the real
@@ -294,13 +377,15 @@ def _autotune_file() -> str:
     return os.path.join(cache_dir(), f"autotune-triton{triton.__version__}.json")
 
 
-def _autotune(q, k, v, sparse_args, mask_block_m, mask_block_n, run) -> dict:
+def _autotune(q, k, v, sparse_args, mask_block_m, mask_block_n, run, quant=None) -> dict:
     """The fastest candidate config for these inputs (timed once, then cached)."""
     import json
 
     bsz, s, h, d = q.shape
     name = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else "cpu"
     key = f"{name}|{q.dtype}|{bsz}x{s}x{h}x{d}|{'sparse' if sparse_args else 'dense'}|{mask_block_m}x{mask_block_n}"
+    if quant is not None:
+        key += f"|{quant}"
     if not _autotuned:
         with contextlib.suppress(OSError, ValueError):
             with open(_autotune_file()) as f:
@@ -308,7 +393,7 @@ def _autotune(q, k, v, sparse_args, mask_block_m, mask_block_n, run) -> dict:
     if key in _autotuned:
         return dict(_autotuned[key])
     if not _can_time(q):
-        return default_config(d, q.device, q.dtype)
+        return default_config(d, q.device, q.dtype, quant)
     from triton.testing import do_bench
 
     bucket = next(b for b in _HEAD_DIM_BUCKETS if d <= b)
@@ -327,7 +412,7 @@ def _autotune(q, k, v, sparse_args, mask_block_m, mask_block_n, run) -> dict:
         if ms < best_ms:
             best, best_ms = dict(cand), ms
     if best is None:
-        return default_config(d, q.device, q.dtype)
+        return default_config(d, q.device, q.dtype, quant)
     _autotuned[key] = best
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(_autotune_file()), exist_ok=True)
@@ -479,7 +564,7 @@ def _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n
 
 
 def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128, mask_block_n=128,
-                  scale=None, return_lse=False, config=None):
+                  scale=None, return_lse=False, config=None, quant=None, out=None):
     """q, k, v: (B, S, H, D) read through strides (no transposed/contiguous copies; last dim must have stride 1).
     Returns out (B, S, H, D) same dtype as q (contiguous), and lse float32 (B, H, S) natural-log log-sum-exp if return_lse.
 
@@ -497,12 +582,22 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             mask blocks, keep the fastest in memory and in ``$VDIT_AUTOTUNE_CACHE`` or
             ``~/.cache/vdit_accel``), or a dict {BLOCK_M, BLOCK_N, num_warps, num_stages, and optionally
             tma, warp_specialize}; BLOCK_M must divide mask_block_m and BLOCK_N mask_block_n.
+        quant: None, or ``"fp8"`` / ``"int8"`` / ``"int4"``: quantize q, k, v first
+            (``kernels/quantize.py``, recipes in ``vdit_accel/quant.py``) and run the quantized kernel.
+        out: optional (B, S, H, D) tensor of q's dtype (any strides, last dim contiguous) to write into,
+            e.g. a head slice of a bigger output.
     """
     _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n)
+    if quant is not None and quant not in _QUANT_IDS:
+        raise ValueError(f"unknown quantization mode {quant!r}; use None or one of {list(_QUANT_IDS)}")
+    if quant is not None and q.dtype == torch.float32:
+        raise ValueError("quantized attention takes fp16/bf16 inputs, got float32")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last dim")
     sparse = kv_num_blocks is not None
     bsz, s, h, d = q.shape
     if config is None:
-        cfg = default_config(d, q.device, q.dtype)
+        cfg = default_config(d, q.device, q.dtype, quant)
         if sparse:
             cfg = _fit_default_to_mask(cfg, mask_block_m, mask_block_n)
         if cfg.get("tma") and not (_tma_ok(k) and _tma_ok(v)):
@@ -514,9 +609,9 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
 
         def run(c):
             return attention_fwd(q, k, v, kv_num_blocks, kv_indices, mask_block_m=mask_block_m,
-                                 mask_block_n=mask_block_n, scale=scale, return_lse=return_lse, config=c)
+                                 mask_block_n=mask_block_n, scale=scale, return_lse=return_lse, config=c, quant=quant)
 
-        cfg = _autotune(q, k, v, mask_args, mask_block_m, mask_block_n, run)
+        cfg = _autotune(q, k, v, mask_args, mask_block_m, mask_block_n, run, quant)
         if sparse:
             cfg = _fit_default_to_mask(cfg, mask_block_m, mask_block_n)
         cfg = _check_config(cfg, mask_block_m, mask_block_n, sparse)
@@ -527,7 +622,10 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
     if scale is None:
         scale = 1.0 / math.sqrt(d)
 
-    out = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
+    if quant == "int4":  # packed int4 rows are not TMA-loaded
+        cfg["tma"] = cfg["warp_specialize"] = False
+    if out is None:
+        out = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz, h, s), dtype=torch.float32, device=q.device) if return_lse else None
     if out.numel() == 0:
         if return_lse:
@@ -546,25 +644,45 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
         mask_m, mask_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
 
     block_d = max(16, triton.next_power_of_2(d))
+    qk_scale = float(scale) * 1.4426950408889634
+    q_scale = k_scale = v_scale = q_mean = out  # unused pointers unless quant
+    s_pad, stride_vd = s, 1
+    if quant is not None:
+        from .quantize import quantize_qkv
+
+        qz = quantize_qkv(q, k, v, quant, cfg["BLOCK_M"], cfg["BLOCK_N"], qk_scale)
+        s_pad, qk_scale = qz["s_pad"], 1.0
+        q_scale, k_scale, v_scale = qz["q_scale"], qz["k_scale"], qz["v_scale"]
+        q_mean = qz["q_mean"] if qz["q_mean"] is not None else out
+        # (B, H, S_pad, D') viewed as (B, S_pad, H, D'); V (B, H, D, S_pad) likewise (stride_vd = S_pad).
+        q, k = qz["q"].permute(0, 2, 1, 3), qz["k"].permute(0, 2, 1, 3)
+        v, stride_vd = qz["v"].permute(0, 3, 1, 2), s_pad
     k_desc, v_desc = k, v  # unused pointers unless tma
-    if cfg.get("tma"):
+    if cfg.get("tma") and quant is not None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kq, vq = qz["k"], qz["v"]
+        k_desc = TensorDescriptor(kq, list(kq.shape), list(kq.stride()), [1, 1, cfg["BLOCK_N"], block_d])
+        v_desc = TensorDescriptor(vq, list(vq.shape), list(vq.stride()), [1, 1, block_d, cfg["BLOCK_N"]])
+    elif cfg.get("tma"):
         k_desc, v_desc = (_tensor_descriptor(x, cfg["BLOCK_N"], block_d) for x in (k, v))
     grid = (triton.cdiv(s, cfg["BLOCK_M"]), bsz * h)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _attn_fwd[grid](
             q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
+            q_scale, k_scale, v_scale, q_mean,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), stride_vd,
             out.stride(0), out.stride(1), out.stride(2),
             *num_strides, *idx_strides,
-            s, h, float(scale) * 1.4426950408889634,
+            s, h, qk_scale, s_pad,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
             HEAD_DIM=d, MASK_BLOCK_M=mask_m, MASK_BLOCK_N=mask_n,
             SPARSE=sparse, EVEN_N=(s % cfg["BLOCK_N"] == 0), RETURN_LSE=bool(return_lse),
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
             WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
-            USE_TMA=bool(cfg.get("tma", False)),
+            USE_TMA=bool(cfg.get("tma", False)), QUANT=_QUANT_IDS.get(quant, 0), EMULATE_FP8=_interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return (out, lse) if return_lse else out

@@ -1,24 +1,25 @@
 """Quantized attention: the recipes and their PyTorch reference (what the quantized kernels compute).
 
-Modes (``QUANT_MODES``), SageAttention-style:
+Modes (``QUANT_MODES``), SageAttention-style; the kernels are ``kernels/quantize.py`` (quantizers) and
+``kernels/attention_fwd.py`` (``quant=``); which tensor gets which grain is ``RECIPES`` there:
 
-- ``fp8``: Q and (smoothed) K in e4m3 with one scale per (batch, head, block of rows); P in e4m3 (P <= 1,
-  scaled by 448); V in e4m3 with one scale per (batch, head, channel); fp32 accumulation.
-- ``int8``: Q and K in int8 per block, K smoothed first (its mean over the sequence subtracted per
-  channel: softmax ignores a per-row constant, and the outlier channels that real DiTs have in K go
-  away); P·V as in ``fp8``.
-- ``int4``: Q and K in int4 (-7..7) per block, two to a byte along head_dim, with K smoothed as
-  above and Q smoothed per block (its block mean subtracted; the product of that mean with K is added
-  back to the scores exactly, as a per-key bias); P·V as in ``fp8``. On GPUs without INT4 tensor
-  cores (Hopper) the int4 values are multiplied on the INT8 tensor cores.
+- ``fp8``: Q and (smoothed, as for int8) K in e4m3 with one scale per kernel tile of rows (BLOCK_M rows of Q, BLOCK_N of K:
+  a scalar per score tile, so the softmax does no extra work); P in e4m3 (P <= 1 after the running
+  max, scaled by 448); V in e4m3 with one scale per (batch, head, channel); fp32 accumulation.
+- ``int8``: Q and K in int8 per tile, K smoothed first (its mean over the sequence subtracted per
+  channel: softmax ignores a per-query constant, and the outlier channels that real DiTs have in K
+  go away); Q·K on the INT8 tensor cores (int32 accumulation); P·V as in ``fp8``.
+- ``int4``: Q and K in int4 (-7..7) with one scale per row (token), two values a byte along head_dim,
+  K smoothed as above and Q smoothed per BLOCK_M block (the block mean subtracted; its product with K
+  is added back to the scores exactly, as a per-key bias the kernel computes per tile), and the range
+  of each channel balanced between Q and K (Q's channel times sqrt(amax K / amax Q), K's divided by
+  it: exact for Q·K, SmoothQuant's migration; 5.0% → 4.0% error on ``dit_like_qkv``); P·V as in
+  ``fp8``. Hopper has no INT4 tensor cores: the kernel unpacks to int8 and multiplies on the INT8
+  ones — int4 halves Q/K memory but is not faster than int8 there.
 
-The softmax scale (and log2 e for an exp2 softmax) can be folded into Q's scale: dequantised scores
-are ``(q_int . k_int) * q_scale * k_scale``.
-
-Status (2026-11-22): the reference only; the quantized kernels are not written yet. Measured with
-this reference on diffuse Gaussian Q/K/V (S=777, D=64, blocks of 128): P in e4m3 alone costs 2.4%
-relative L2, V in e4m3 alone 2.5%, Q·K in e4m3 3.9%, in int8 1.3%, in int4 24% (per-block scales):
-the accuracy targets of the quantization issue need finer int4 groups and peaked (real) attention.
+Integers round half up (``floor(x + 0.5)``), clamped to ±qmax; e4m3 rounds to nearest even. The
+softmax scale times log2 e is folded into Q's scale: dequantised scores are ``(q . k) * q_scale *
+k_scale`` in the log2 domain of the kernel's exp2 softmax.
 """
 
 from __future__ import annotations
@@ -27,52 +28,61 @@ import math
 
 import torch
 
-QUANT_MODES = ("fp8", "int8", "int4")
-FP8_MAX = 448.0  # largest finite e4m3 value
-INT_MAX = {"int8": 127.0, "int4": 7.0}
+from .kernels.quantize import FP8_MAX, QMAX, RECIPES, balance_factors, padded_len
+
+QUANT_MODES = tuple(RECIPES)
+LOG2E = 1.4426950408889634
 
 
-def smooth_k(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K minus its mean over the sequence, per (batch, head, channel). ``k``: (B, S, H, D).
-
-    Returns ``(k - mean, mean)``; scores change by a per-query constant, which softmax ignores."""
-    mean = k.float().mean(1, keepdim=True)
-    return (k.float() - mean), mean
-
-
-def quantize_per_block(x: torch.Tensor, block: int, mode: str, scale_mul: float = 1.0):
-    """Quantize (B, S, H, D) with one scale per (batch, head, block of ``block`` rows).
-
-    Returns ``(data, scale)``: ``data`` (B, S, H, D) in float8_e4m3fn (fp8) or int8 (int8 and int4,
-    int4 values in -7..7, unpacked), ``scale`` float32 (B, H, ceil(S / block)) such that
-    ``x ≈ data * scale * scale_mul⁻¹`` — ``scale_mul`` (e.g. the softmax scale) is folded into it.
-    """
+def _check_mode(mode: str) -> None:
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; use one of {QUANT_MODES}")
+
+
+def quantize_rows_reference(x: torch.Tensor, mode: str, group: int, s_pad: int, scale_mul: float = 1.0,
+                            mean: torch.Tensor | None = None, group_mean: bool = False, rows: int = 64,
+                            chan_mul: torch.Tensor | None = None):
+    """PyTorch twin of :func:`kernels.quantize.quantize_rows` (same arguments, same outputs)."""
+    _check_mode(mode)
     b, s, h, d = x.shape
-    nblk = -(-s // block)
-    xf = x.float()
-    pad = nblk * block - s
-    if pad:
-        xf = torch.cat([xf, xf.new_zeros(b, pad, h, d)], 1)
-    xb = xf.view(b, nblk, block, h, d)
-    amax = xb.abs().amax(dim=(2, 4)).clamp_min(1e-12)  # (B, nblk, H)
-    qmax = FP8_MAX if mode == "fp8" else INT_MAX[mode]
-    scale = amax / qmax
-    scaled = xb / scale[:, :, None, :, None]
-    if mode == "fp8":
-        data = scaled.to(torch.float8_e4m3fn)
+    rows = group if group > 1 else rows
+    xf = torch.zeros(b, h, s_pad, d, dtype=torch.float32, device=x.device)
+    xf[:, :, :s] = x.float().transpose(1, 2)
+    valid = (torch.arange(s_pad, device=x.device) < s)[:, None]
+    if mean is not None:
+        xf = torch.where(valid, xf - mean[:, :, None, :], 0.0)
+    if chan_mul is not None:
+        xf = xf * chan_mul[:, :, None, :]
+    gmean = None
+    if group_mean:
+        blocks = xf.view(b, h, s_pad // rows, rows, d)
+        n_valid = valid.view(s_pad // rows, rows, 1).float().sum(1).clamp_min(1.0)  # (nblk, 1)
+        gm = blocks.sum(3) / n_valid
+        xf = torch.where(valid, xf - gm.repeat_interleave(rows, 2), 0.0)
+        gmean = gm * scale_mul
+    qmax = QMAX[mode]
+    if group == 1:
+        amax = xf.abs().amax(-1).clamp_min(1e-12)  # (B, H, S_pad)
+        y = xf * (qmax / amax)[..., None]
+        scale = amax / qmax * scale_mul
     else:
-        data = scaled.round().clamp(-qmax, qmax).to(torch.int8)
-    data = data.view(b, nblk * block, h, d)[:, :s]
-    return data, (scale * scale_mul).permute(0, 2, 1).contiguous()  # (B, H, nblk)
+        amax = xf.view(b, h, s_pad // group, group * d).abs().amax(-1).clamp_min(1e-12)
+        y = xf * (qmax / amax).repeat_interleave(group, 2)[..., None]
+        scale = amax / qmax * scale_mul
+    if mode == "fp8":
+        data = y.to(torch.float8_e4m3fn)
+    else:
+        data = torch.floor(y + 0.5).clamp(-qmax, qmax).to(torch.int8)
+        if mode == "int4":
+            data = pack_int4(data)
+    return data, scale, gmean
 
 
-def dequantize_per_block(data: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
-    """Inverse of :func:`quantize_per_block` (float32)."""
-    s = data.shape[1]
-    rows = torch.arange(s, device=data.device) // block
-    return data.float() * scale[:, :, rows].permute(0, 2, 1)[..., None]
+def dequantize_rows(data: torch.Tensor, scale: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, H, S_pad, D) float32 from :func:`quantize_rows_reference`'s data and scales (scale_mul included)."""
+    vals = unpack_int4(data) if mode == "int4" else data
+    group = vals.shape[2] // scale.shape[2]
+    return vals.float() * scale.repeat_interleave(group, 2)[..., None]
 
 
 def pack_int4(data: torch.Tensor) -> torch.Tensor:
@@ -91,50 +101,89 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(out > 7, out - 16, out).to(torch.int8)
 
 
-def quantize_v_per_channel(v: torch.Tensor):
-    """V (B, S, H, D) → (e4m3 data, float32 scale (B, H, D)) with one scale per channel."""
+def quantize_v_reference(v: torch.Tensor, s_pad: int):
+    """PyTorch twin of :func:`kernels.quantize.quantize_v`: e4m3 (B, H, D, S_pad), scale (B, H, D)."""
+    b, s, h, d = v.shape
     amax = v.float().abs().amax(1).clamp_min(1e-12)  # (B, H, D)
-    scale = amax / FP8_MAX
-    return (v.float() / scale[:, None]).to(torch.float8_e4m3fn), scale
+    vt = torch.zeros(b, h, d, s_pad, dtype=torch.float32, device=v.device)
+    vt[..., :s] = v.float().permute(0, 2, 3, 1)
+    return (vt * (FP8_MAX / amax)[..., None]).to(torch.float8_e4m3fn), amax / FP8_MAX
 
 
 def reference_quant_attention(q, k, v, mode: str, block_mask=None, block_m: int = 128, block_n: int = 128,
                               scale: float | None = None) -> torch.Tensor:
-    """What the quantized kernels compute, simulated in float64 from the quantized operands.
+    """What the quantized kernel computes, simulated (float64 arithmetic on the quantized operands).
 
-    (B, S, H, D) in and out (q's dtype). P is quantized to e4m3 after the (exact) online softmax's
-    exponentials, i.e. as ``exp(s - rowmax) * 448`` rounded to e4m3; the row sum uses unquantized P
-    (as the kernels do). ``block_mask`` as in :func:`vdit_accel.reference.reference_attention`.
+    ``block_m`` / ``block_n`` are the KERNEL's tiles (they set the scale grain and the online
+    softmax's steps: P is quantized against the running max, block by block, as the kernel does).
+    (B, S, H, D) in and out (q's dtype); ``block_mask`` as in :func:`vdit_accel.reference.reference_attention`.
     """
-    if mode not in QUANT_MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; use one of {QUANT_MODES}")
+    _check_mode(mode)
     b, s, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    ks, _ = smooth_k(k)
-    bias = None
-    qs = q.float()
-    if mode == "int4":
-        nblk = -(-s // block_m)
+    r = RECIPES[mode]
+    grain = {"block_m": block_m, "block_n": block_n}
+    s_pad = padded_len(s, block_m, block_n)
+    k_mean = k.float().mean(1)  # (B, H, D)
+    q_mul = k_mul = None
+    if r["balance"]:
+        q_mul = balance_factors(q.float().amax(1), q.float().amin(1), k.float().amax(1), k.float().amin(1), k_mean)
+        k_mul = 1.0 / q_mul
+    qd, qsc, qmean = quantize_rows_reference(q, mode, grain.get(r["q_group"], r["q_group"]), s_pad, scale * LOG2E,
+                                             group_mean=r["smooth_q"], rows=block_m, chan_mul=q_mul)
+    kd, ksc, _ = quantize_rows_reference(k, mode, grain.get(r["k_group"], r["k_group"]), s_pad, 1.0,
+                                         mean=k_mean if r["smooth_k"] else None, chan_mul=k_mul)
+    qf = dequantize_rows(qd, qsc, mode).double()[:, :, :s]  # (B, H, S, D), log2-domain scale folded in
+    kf = dequantize_rows(kd, ksc, mode).double()[:, :, :s]
+    scores = qf @ kf.transpose(-1, -2)  # (B, H, S, S), log2 domain
+    if qmean is not None:  # the smoothed-away q_mean . k_j, per (query block, key)
         rows = torch.arange(s, device=q.device) // block_m
-        counts = torch.bincount(rows, minlength=nblk).clamp_min(1).to(qs.dtype)
-        qmean = torch.zeros(b, nblk, h, d, device=q.device).index_add_(1, rows, qs) / counts[None, :, None, None]
-        qs = qs - qmean[:, rows]
-        # The smoothed-away part, q_mean . k_j, added back exactly per (query block, key).
-        bias = torch.einsum("bmhd,bjhd->bhmj", qmean.double(), ks.double())[:, :, rows] * scale  # (B,H,S,S)
-    qd, qsc = quantize_per_block(qs, block_m, mode)
-    kd, ksc = quantize_per_block(ks, block_n, mode)
-    qf = dequantize_per_block(qd, qsc, block_m).double()
-    kf = dequantize_per_block(kd, ksc, block_n).double()
-    vd, vsc = quantize_v_per_channel(v)
-    scores = torch.einsum("bihd,bjhd->bhij", qf, kf) * scale
-    if bias is not None:
-        scores = scores + bias
+        scores = scores + (qmean.double() @ kf.transpose(-1, -2))[:, :, rows]
     if block_mask is not None:
         scores = scores.masked_fill(~block_mask.token_mask().to(q.device), float("-inf"))
-    m = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).min)
-    p = torch.exp(scores - m)
-    l = p.sum(-1, keepdim=True)
-    p8 = (p * FP8_MAX).to(torch.float8_e4m3fn).double() / FP8_MAX
-    out = torch.einsum("bhij,bjhd->bihd", p8, vd.double()) * vsc.double()[:, None]
-    out = out / l.permute(0, 2, 1, 3).clamp_min(1e-300)
-    return torch.nan_to_num(out, nan=0.0).to(q.dtype)
+    v8, vsc = quantize_v_reference(v, s_pad)
+    vf = v8.double()[..., :s].transpose(-1, -2)  # (B, H, S, D), units of vsc
+    m = torch.full((b, h, s, 1), float("-inf"), dtype=torch.float64, device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(b, h, s, d, dtype=torch.float64, device=q.device)
+    for n0 in range(0, s, block_n):  # the kernel's online softmax, one key tile at a time
+        sc = scores[..., n0 : n0 + block_n]
+        m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
+        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+        p = torch.exp2(sc - m_safe)
+        alpha = torch.exp2(torch.where(torch.isinf(m), float("-inf"), m - m_safe))
+        l = l * alpha + p.sum(-1, keepdim=True)
+        p8 = (p.float() * FP8_MAX).to(torch.float8_e4m3fn).double()
+        acc = acc * alpha + p8 @ vf[:, :, n0 : n0 + block_n]
+        m = m_new
+    out = acc * vsc.double()[:, :, None, :] / FP8_MAX / torch.where(l > 0, l, 1.0)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def dit_like_qkv(b: int, s: int, h: int, d: int, *, peak: float = 1.5, seed: int = 0, dtype=torch.float32,
+                 device=None):
+    """Test data with the structure of a video DiT's attention inputs (for the accuracy checks).
+
+    Q and K are one smooth function of a token's position (a 1D stand-in for the video) plus noise,
+    times ``peak``: attention concentrates on nearby tokens, as in real heads (at S=1000, D=64:
+    ``peak`` 1.0 → mean max probability 0.04, ~85 effective keys; 1.5 → 0.18, ~15; 2.5 → 0.56, ~3 —
+    quantization error grows with peakedness, see the quantization tests). K has 4 outlier channels
+    10-20x larger than the rest, mostly a per-channel offset (what SageAttention found in real DiTs;
+    K smoothing removes it). V is smooth in position plus noise and a per-channel offset, as
+    neighbouring video tokens are alike.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(s, dtype=torch.float32)[:, None] / max(s, 1)
+
+    def feature():
+        return torch.cos(pos * torch.randn(1, d, generator=g) * 40.0 + torch.rand(1, d, generator=g) * 6.283)
+
+    def heads(base, noise):
+        return torch.stack([base + noise * torch.randn(s, d, generator=g) for _ in range(b * h)]).view(b, h, s, d)
+
+    f = feature()
+    q, k = heads(f, 0.5) * peak, heads(f, 0.5) * peak
+    outliers = torch.randperm(d, generator=g)[:4]
+    k[..., outliers] = k[..., outliers] * 2.0 + (10.0 + 10.0 * torch.rand(4, generator=g)) * peak
+    v = heads(feature(), 0.5) + 0.3 * torch.randn(b, h, 1, d, generator=g)
+    return [x.transpose(1, 2).contiguous().to(dtype=dtype, device=device) for x in (q, k, v)]
