@@ -19,6 +19,8 @@ import triton.language as tl
 
 from .quantize import _to_e4m3
 
+LOG2_FP8_MAX: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): e4m3's largest value
+
 # ------------------------------------------------------------------------------------------------
 # Kernel notation
 #
@@ -126,14 +128,34 @@ def _load_kv(
 
 
 @triton.jit
-def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl.constexpr):
-    """Online softmax of one score tile: P (unnormalised, fp32) and the updated running state."""
+def _exp2_half(x):
+    """2**x rounded to fp16, two elements per MUFU instruction (PTX ex2.approx.f16x2): half the cost
+    of the fp32 exp2 that bounds the softmax. For P, which the P @ V product rounds to bf16 (8-bit
+    mantissa) or e4m3 (3-bit) anyway, fp16's 11 bits lose nothing that matters."""
+    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                     dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl.constexpr,
+                  P_LOG2_SCALE: tl.constexpr, FAST_EXP: tl.constexpr):
+    """Online softmax of one score tile: P (unnormalised, times 2**P_LOG2_SCALE; fp16 with FAST_EXP,
+    else fp32) and the updated running state (l_i in the same units as P)."""
     if MASK_TAIL:
         qk = tl.where((start_n + offs_n)[None, :] < S, qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    if P_LOG2_SCALE != 0.0:
+        x = qk * qk_scale - (m_ij - P_LOG2_SCALE)[:, None]
+    else:
+        x = qk * qk_scale - m_ij[:, None]
+    if FAST_EXP:
+        p = _exp2_half(x)
+        row_sum = tl.sum(p.to(tl.float32), 1)
+    else:
+        p = tl.math.exp2(x)
+        row_sum = tl.sum(p, 1)
     alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + row_sum
     acc = acc * alpha[:, None]
     return p, acc, l_i, m_ij
 
@@ -149,7 +171,7 @@ def _attn_fwd_inner(
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
-    QUANT: tl.constexpr, KScale_bh, q_rows, q_mean, EMULATE_FP8: tl.constexpr,
+    QUANT: tl.constexpr, KScale_bh, q_rows, q_mean, EMULATE_FP8: tl.constexpr, FAST_EXP: tl.constexpr,
 ):
     for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
         start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n,
@@ -157,7 +179,7 @@ def _attn_fwd_inner(
                                  K_desc, V_desc, b, h, USE_TMA, QUANT)
         if QUANT == 0:
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL)
+            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, 0.0, FAST_EXP)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         else:
             if QUANT == 1:
@@ -171,8 +193,10 @@ def _attn_fwd_inner(
                 tile_scale = 1.0
             else:  # per-tile scales: one scalar for the whole score tile
                 tile_scale = qk_scale * tl.load(KScale_bh + start_n // BLOCK_N)
-            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, tile_scale, MASK_TAIL)
-            acc = tl.dot(_to_e4m3(p * 448.0, EMULATE_FP8), v, acc)
+            # P in units of 1/448 (e4m3's range), straight from the exponent: no multiply.
+            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, tile_scale, MASK_TAIL,
+                                             LOG2_FP8_MAX, FAST_EXP)
+            acc = tl.dot(_to_e4m3(p, EMULATE_FP8), v, acc)
     return acc, l_i, m_i
 
 
@@ -190,7 +214,7 @@ def _attn_fwd(
     MASK_BLOCK_M: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    USE_TMA: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    USE_TMA: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr, FAST_EXP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -217,12 +241,20 @@ def _attn_fwd(
         q_rows = tl.load(QScale + bh * S_pad + start_m + offs_mt)
         q_mean = tl.load(QMean + (bh * (S_pad // BLOCK_M) + pid_m) * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
         KScale_bh = KScale + bh * S_pad
-    elif QUANT > 0:  # zero-padded to whole tiles: no row mask
-        if BLOCK_D != HEAD_DIM:
-            q = tl.load(q_base + offs_mt[:, None] * stride_qs + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+    elif QUANT > 0:  # fp8 / int8: Q's tile quantized here, one scale per tile (no pass over Q before)
+        q = tl.load(q_base + offs_mt[:, None] * stride_qs + offs_d[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        if QUANT == 1:
+            QMAX: tl.constexpr = 448.0
         else:
-            q = tl.load(q_base + offs_mt[:, None] * stride_qs + offs_d[None, :])
-        qk_scale = tl.load(QScale + bh * (S_pad // BLOCK_M) + pid_m)
+            QMAX: tl.constexpr = 127.0
+        q_amax = tl.maximum(tl.max(tl.max(tl.abs(q), 1), 0), 1e-12)
+        q = q * (QMAX / q_amax)
+        if QUANT == 1:
+            q = _to_e4m3(q, EMULATE_FP8)
+        else:
+            q = tl.minimum(tl.maximum(tl.floor(q + 0.5), -QMAX), QMAX).to(tl.int8)
+        qk_scale = (q_amax / QMAX) * qk_scale
         KScale_bh = KScale + bh * (S_pad // BLOCK_N)
     else:
         q_ptrs = q_base + offs_mt[:, None] * stride_qs + offs_d[None, :]
@@ -255,19 +287,21 @@ def _attn_fwd(
         offs_n, offs_d, S, qk_scale, 0, n_full,
         BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
         K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
+        FAST_EXP,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
         offs_n, offs_d, S, qk_scale, n_full, n_total,
         BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, not EVEN_N, INPUT_PRECISION, False,
         K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
+        FAST_EXP,
     )
 
     # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    if QUANT > 0:  # P was in units of 1/448, V in units of its channel scale
-        v_scale = tl.load(VScale + bh * HEAD_DIM + offs_d, mask=d_mask, other=0.0) * (1.0 / 448.0)
+    if QUANT > 0:  # P and l_i both in units of 1/448; V in units of its channel scale
+        v_scale = tl.load(VScale + bh * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
         out = acc * v_scale[None, :] / l_safe[:, None]
     else:
         out = acc / l_safe[:, None]
@@ -276,7 +310,10 @@ def _attn_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     if RETURN_LSE:
         LN2: tl.constexpr = 0.6931471805599453
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+        if QUANT > 0:
+            lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe) - LOG2_FP8_MAX) * LN2)
+        else:
+            lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         tl.store(Lse + (b * H + h) * S + offs_m, lse, mask=row_mask)
 
 
@@ -311,6 +348,11 @@ _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
 _OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "tma": False}
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _fast_exp(dtype: torch.dtype) -> bool:
+    """P's exponentials in packed fp16 (see _exp2_half): on CUDA for fp16/bf16 inputs; VDIT_FAST_EXP=0 turns it off."""
+    return dtype != torch.float32 and not _interpreting() and os.environ.get("VDIT_FAST_EXP", "1") != "0"
 
 
 def _interpreting() -> bool:
@@ -651,11 +693,13 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
         from .quantize import quantize_qkv
 
         qz = quantize_qkv(q, k, v, quant, cfg["BLOCK_M"], cfg["BLOCK_N"], qk_scale)
-        s_pad, qk_scale = qz["s_pad"], 1.0
-        q_scale, k_scale, v_scale = qz["q_scale"], qz["k_scale"], qz["v_scale"]
-        q_mean = qz["q_mean"] if qz["q_mean"] is not None else out
+        s_pad = qz["s_pad"]
+        k_scale, v_scale = qz["k_scale"], qz["v_scale"]
+        if qz["q"] is not None:  # int4: Q quantized ahead (fp8 / int8 quantize Q's tile in the kernel)
+            q, q_scale, qk_scale = qz["q"].permute(0, 2, 1, 3), qz["q_scale"], 1.0
+            q_mean = qz["q_mean"]
         # (B, H, S_pad, D') viewed as (B, S_pad, H, D'); V (B, H, D, S_pad) likewise (stride_vd = S_pad).
-        q, k = qz["q"].permute(0, 2, 1, 3), qz["k"].permute(0, 2, 1, 3)
+        k = qz["k"].permute(0, 2, 1, 3)
         v, stride_vd = qz["v"].permute(0, 3, 1, 2), s_pad
     k_desc, v_desc = k, v  # unused pointers unless tma
     if cfg.get("tma") and quant is not None:
@@ -683,6 +727,7 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
             WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
             USE_TMA=bool(cfg.get("tma", False)), QUANT=_QUANT_IDS.get(quant, 0), EMULATE_FP8=_interpreting(),
+            FAST_EXP=_fast_exp(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return (out, lse) if return_lse else out

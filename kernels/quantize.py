@@ -27,7 +27,7 @@ FP8_MAX = 448.0
 QMAX = {"fp8": FP8_MAX, "int8": 127.0, "int4": 7.0}
 _MODE_ID = {"fp8": 1, "int8": 2, "int4": 3}
 _STAT_ROWS = 64  # rows per step of a channel_stats program
-_STAT_CHUNK = 2048  # rows per channel_stats program
+_STAT_CHUNK = 256  # rows per channel_stats program
 
 
 def interpreting() -> bool:
@@ -260,8 +260,9 @@ def _group(spec, block_m: int, block_n: int) -> int:
 
 
 def quantize_qkv(q, k, v, mode: str, block_m: int, block_n: int, qk_scale: float) -> dict:
-    """Q, K, V (B, S, H, D) quantized for the attention kernel in ``mode`` (one read of each, plus one
-    of K and V for their channel statistics). ``qk_scale`` (softmax scale times log2 e) is folded
+    """K, V (B, S, H, D) — and for int4 Q — quantized for the attention kernel in ``mode`` (one read of
+    each, plus one of K and V for their channel statistics; fp8 / int8 Q tiles are quantized inside
+    the attention kernel, ``q`` is then None). ``qk_scale`` (softmax scale times log2 e) is folded
     into Q's scales (and its int4 block means)."""
     if mode not in RECIPES:
         raise ValueError(f"unknown quantization mode {mode!r}; use one of {list(RECIPES)}")
@@ -272,8 +273,10 @@ def quantize_qkv(q, k, v, mode: str, block_m: int, block_n: int, qk_scale: float
     if r["balance"]:
         q_mul = balance_factors(*channel_stats(q)[1:], k_max, k_min, k_mean)
         k_mul = 1.0 / q_mul
-    q8, q_scale, q_mean = quantize_rows(q, mode, _group(r["q_group"], block_m, block_n), s_pad, qk_scale,
-                                        group_mean=r["smooth_q"], rows=block_m, chan_mul=q_mul)
+    q8 = q_scale = q_mean = None
+    if r["q_group"] != "block_m":  # per-tile Q scales are the attention kernel's own job
+        q8, q_scale, q_mean = quantize_rows(q, mode, _group(r["q_group"], block_m, block_n), s_pad, qk_scale,
+                                            group_mean=r["smooth_q"], rows=block_m, chan_mul=q_mul)
     k8, k_scale, _ = quantize_rows(k, mode, _group(r["k_group"], block_m, block_n), s_pad, 1.0,
                                    mean=k_mean if r["smooth_k"] else None, chan_mul=k_mul)
     _, v_max, v_min = channel_stats(v)
