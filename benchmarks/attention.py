@@ -46,8 +46,8 @@ QUANT_MODES = ("fp8", "int8", "int4")
 # ours-<mode>'s time), sage1 (SageAttention 1.0.6, Triton, INT8 Q·K + fp16 P·V; pip sageattention==1.0.6).
 QUANT_DENSE_IMPLS = tuple(f"ours-{m}" for m in QUANT_MODES) + tuple(f"quantize-{m}" for m in QUANT_MODES) + ("sage1",)
 QUANT_SPARSE_IMPLS = tuple(f"ours-sparse-{m}" for m in QUANT_MODES)
-DENSE_IMPLS += QUANT_DENSE_IMPLS + ("ours-dense-exp32", "ours-fp8-exp32")
-SPARSE_IMPLS += QUANT_SPARSE_IMPLS + ("ours-sparse-exp32",)
+DENSE_IMPLS += QUANT_DENSE_IMPLS
+SPARSE_IMPLS += QUANT_SPARSE_IMPLS
 MASK_BLOCK = 128
 
 
@@ -208,19 +208,6 @@ def make_impl(name: str, q, k, v, mask, flex_mask, scale: float, ours_config=Non
         compiled = torch.compile(flex_attention, dynamic=False)
         block_mask = flex_mask if name == "flex-sparse" else None
         return lambda: compiled(qt, kt, vt, block_mask=block_mask, scale=scale).transpose(1, 2)
-    if name.endswith("-exp32"):  # the same implementation with P's exponentials in fp32 (A/B of _exp2_half)
-        import os
-
-        inner = make_impl(name[: -len("-exp32")], q, k, v, mask, flex_mask, scale, ours_config)
-
-        def slow():
-            os.environ["VDIT_FAST_EXP"] = "0"
-            try:
-                return inner()
-            finally:
-                os.environ.pop("VDIT_FAST_EXP")
-
-        return slow
     quant = next((m for m in QUANT_MODES if name.endswith("-" + m)), None)
     if name in ("ours-dense", f"ours-{quant}"):
         return lambda: attention_fwd(q, k, v, scale=scale, config=ours_config, quant=quant)

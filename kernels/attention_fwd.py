@@ -128,19 +128,10 @@ def _load_kv(
 
 
 @triton.jit
-def _exp2_half(x):
-    """2**x rounded to fp16, two elements per MUFU instruction (PTX ex2.approx.f16x2): half the cost
-    of the fp32 exp2 that bounds the softmax. For P, which the P @ V product rounds to bf16 (8-bit
-    mantissa) or e4m3 (3-bit) anyway, fp16's 11 bits lose nothing that matters."""
-    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                     dtype=tl.float16, is_pure=True, pack=2)
-
-
-@triton.jit
 def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl.constexpr,
-                  P_LOG2_SCALE: tl.constexpr, FAST_EXP: tl.constexpr):
-    """Online softmax of one score tile: P (unnormalised, times 2**P_LOG2_SCALE; fp16 with FAST_EXP,
-    else fp32) and the updated running state (l_i in the same units as P)."""
+                  P_LOG2_SCALE: tl.constexpr):
+    """Online softmax of one score tile: P (unnormalised, times 2**P_LOG2_SCALE, fp32) and the updated
+    running state (l_i in the same units as P)."""
     if MASK_TAIL:
         qk = tl.where((start_n + offs_n)[None, :] < S, qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -148,14 +139,9 @@ def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl
         x = qk * qk_scale - (m_ij - P_LOG2_SCALE)[:, None]
     else:
         x = qk * qk_scale - m_ij[:, None]
-    if FAST_EXP:
-        p = _exp2_half(x)
-        row_sum = tl.sum(p.to(tl.float32), 1)
-    else:
-        p = tl.math.exp2(x)
-        row_sum = tl.sum(p, 1)
+    p = tl.math.exp2(x)
     alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + row_sum
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     return p, acc, l_i, m_ij
 
@@ -171,7 +157,7 @@ def _attn_fwd_inner(
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
-    QUANT: tl.constexpr, KScale_bh, q_rows, q_mean, EMULATE_FP8: tl.constexpr, FAST_EXP: tl.constexpr,
+    QUANT: tl.constexpr, KScale_bh, q_rows, q_mean, EMULATE_FP8: tl.constexpr,
 ):
     for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
         start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n,
@@ -179,7 +165,7 @@ def _attn_fwd_inner(
                                  K_desc, V_desc, b, h, USE_TMA, QUANT)
         if QUANT == 0:
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, 0.0, FAST_EXP)
+            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, 0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         else:
             if QUANT == 1:
@@ -195,7 +181,7 @@ def _attn_fwd_inner(
                 tile_scale = qk_scale * tl.load(KScale_bh + start_n // BLOCK_N)
             # P in units of 1/448 (e4m3's range), straight from the exponent: no multiply.
             p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, tile_scale, MASK_TAIL,
-                                             LOG2_FP8_MAX, FAST_EXP)
+                                             LOG2_FP8_MAX)
             acc = tl.dot(_to_e4m3(p, EMULATE_FP8), v, acc)
     return acc, l_i, m_i
 
@@ -214,7 +200,7 @@ def _attn_fwd(
     MASK_BLOCK_M: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    USE_TMA: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr, FAST_EXP: tl.constexpr,
+    USE_TMA: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -287,14 +273,12 @@ def _attn_fwd(
         offs_n, offs_d, S, qk_scale, 0, n_full,
         BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
         K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
-        FAST_EXP,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
         offs_n, offs_d, S, qk_scale, n_full, n_total,
         BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, not EVEN_N, INPUT_PRECISION, False,
         K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
-        FAST_EXP,
     )
 
     # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
@@ -348,11 +332,6 @@ _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
 _OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "tma": False}
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _fast_exp(dtype: torch.dtype) -> bool:
-    """P's exponentials in packed fp16 (see _exp2_half): on CUDA for fp16/bf16 inputs; VDIT_FAST_EXP=0 turns it off."""
-    return dtype != torch.float32 and not _interpreting() and os.environ.get("VDIT_FAST_EXP", "1") != "0"
 
 
 def _interpreting() -> bool:
@@ -727,7 +706,6 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
             WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
             USE_TMA=bool(cfg.get("tma", False)), QUANT=_QUANT_IDS.get(quant, 0), EMULATE_FP8=_interpreting(),
-            FAST_EXP=_fast_exp(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return (out, lse) if return_lse else out

@@ -205,15 +205,17 @@ def _quantize_v_kernel(V, Scale, Out, stride_vb, stride_vs, stride_vh, S, H, S_p
                 mask=(rows < S)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     amax = tl.load(Scale + pid_bh * HEAD_DIM + offs_d, mask=d_mask, other=1.0)
     y = _to_e4m3(x * (448.0 / tl.maximum(amax, 1e-12))[None, :], EMULATE_FP8)
-    # Transposed: element (row, d) goes to Out[b, h, d, row].
-    tl.store(Out + (pid_bh * HEAD_DIM + offs_d[None, :]).to(tl.int64) * S_pad + rows[:, None], y, mask=d_mask[None, :])
+    # Transposed: element (row, d) goes to Out[b, h, d, row]; stored as a [D, ROWS] tile whose rows
+    # are contiguous in memory, so the writes coalesce (the transpose goes through shared memory).
+    out_ptrs = Out + (pid_bh * HEAD_DIM + offs_d[:, None]).to(tl.int64) * S_pad + rows[None, :]
+    tl.store(out_ptrs, tl.trans(y), mask=d_mask[:, None])
 
 
 def quantize_v(v: torch.Tensor, amax: torch.Tensor, s_pad: int):
     """V (B, S, H, D) → e4m3 (B, H, D, S_pad) and the per-channel scale (B, H, D) = amax / 448
     (``amax``: V's per-channel absolute max)."""
     b, s, h, d = v.shape
-    rows = 64
+    rows = 128 if s_pad % 128 == 0 else 64
     if s_pad % rows or s_pad < s:
         raise ValueError(f"s_pad={s_pad} must be >= S={s} and a multiple of {rows}")
     out = torch.empty(b, h, d, s_pad, dtype=torch.float8_e4m3fn, device=v.device)
