@@ -202,3 +202,14 @@ def test_readme_table_is_current():
     rt = _load("readme_tables")
     readme = (REPO / "README.md").read_text()
     assert rt.replace_section(readme, rt.e2e_table()) == readme
+
+
+def test_flex_on_another_mask_is_an_error(monkeypatch):
+    """The flex row is checked against ours: on another mask it records an error and no time."""
+    from vdit_accel import BlockMask
+
+    flex_mask = bench._FlexAttention._flex_mask
+    monkeypatch.setattr(bench._FlexAttention, "_flex_mask", lambda self, bm: flex_mask(
+        self, BlockMask.full(bm.seq_len, bm.num_heads, bm.block_m, bm.block_n)))
+    [row] = bench.run_shape("tiny-wan", ["flex-window3d-0.15"], device="cpu", block_size=16, log=lambda m: None)[0]
+    assert "not the same block mask" in row["error"] and "ms" not in row
