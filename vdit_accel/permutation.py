@@ -1,31 +1,52 @@
 """Token orders: which token sits at which position of the sequence the kernels see.
 
-An order is a permutation ``perm`` (int64 [S]): position ``i`` of the reordered sequence holds
-original token ``perm[i]``; ``inverse(perm)`` undoes it. Text tokens always keep their place (a
-prefix stays a prefix, a suffix a suffix) and stay whole.
+An order is a permutation ``perm`` (int64 ``[S]``, or ``[..., S]`` per head): position ``i`` of the
+reordered sequence holds original token ``perm[i]``; :func:`inverse` undoes it. A block-sparse kernel
+visits whole blocks of consecutive positions, so an order that puts the keys a query block needs into
+few blocks makes the same attention cheaper. Text tokens always keep their place (a prefix stays a
+prefix, a suffix a suffix) and are attended densely (rows and columns), whatever the order.
 
-- ``raster``: diffusers' own order (T-major, then H, then W) — the identity.
-- ``tiled``: the video grid cut into (tt, th, tw) tiles, tiles in raster order, tokens raster order
-  inside a tile; a block of ``tt*th*tw`` tokens is then one compact 3D tile (edge tiles are smaller;
-  no resolution is refused, blocks may then span two edge tiles).
-- ``segment`` (keys only): inside fixed key segments, keys sorted by importance; no output inverse.
-- ``semantic`` (per head, Q and K apart): video tokens sorted by k-means cluster of that head's Q
-  (or K) rows, clusters contiguous whatever their size, centroids warm-started across steps.
+Orders (``kind`` of an order spec, :func:`validate_order`):
 
-Block masks under any order are built exactly from the token-level pattern
-(:func:`block_mask_for_order`); block-mass statistics (:func:`blocks_for_recall`) tell how many
-key blocks a head needs in a given order.
+- ``raster``: diffusers' own order (T-major, then H, then W) — the identity; ``None`` in a strategy.
+- ``tiled`` (static, one for all heads and layers): the video cut into slabs of ``t`` frames, each slab
+  into strips of ``h`` rows, and each strip read column by column (the ``t x h`` tokens of a column
+  together). A block of ``b`` tokens is then a ``(t, h, b / (t h))`` box: one compact 3D tile. Strips
+  and slabs are visited in a serpentine (boustrophedon) order, so consecutive tiles always touch:
+  where the grid is not a multiple of the tile (edge strips, the last slab), a block that spans two
+  strips spans two touching tiles. No resolution is refused. Default tile (:func:`tile_shape`): for
+  blocks of 128, ``(2, 8, 8)``; measured best of 7 shapes on the ``local3d`` heads (see below).
+  On a grid whose ``w`` is a multiple of the tile width (and ``t``, ``h`` multiples of the tile's), every
+  block is exactly one tile of a regular lattice, and a ``window3d`` whose radii are whole multiples of
+  the tile's sides visits exactly the key tiles within that many tiles of the query tile, each of them
+  wholly reached (sliding-tile attention): the block mask then wastes nothing.
+- ``semantic`` (per head, per call; Sparse VideoGen2): k-means of the head's Q rows and, separately,
+  of its K rows; video tokens sorted by cluster (clusters contiguous, any size; tokens of a cluster
+  keep their relative order); centroids warm-started from the previous call. Key blocks come from the
+  centroids: for each query cluster, key clusters by decreasing estimated attention share
+  (``softmax(scale * c_q . c_k + log |cluster_k|)``) up to ``top_p`` of it; a (query block, key block)
+  pair is visited iff some kept (query cluster, key cluster) pair meets in it (:func:`semantic_block_mask`).
+  The head's pattern is not used (it must be ``dense``). The output is scattered back to the frame order.
+- ``segment`` (keys only, per head, per call; PBS-Attn style): inside fixed segments of ``size`` video
+  keys, keys sorted by importance (the attention mass that each query block's mean query gives them),
+  so the few heavy keys of a segment share its first blocks; key blocks chosen up to ``top_p`` of the
+  same estimated mass. Only K and V move, so the output needs no inverse.
 
-Status (2026-11-22): orders, inverse and exact masks only; not yet wired into the kernels, the
-strategy or the search. Measured on planted 3D-local heads (grid 8x16x32, blocks of 64, 95% recall):
-the tiled order needs 0.8-1.2x the raster order's blocks depending on tile shape and head (e.g.
-window3d t=1,h=2,w=2: 0.0996 -> 0.0781 with (2,4,8) tiles; t=0,h=4,w=8: 0.043 -> 0.055) — short of
-the 1.5x the permutation issue asks for on this grid. Semantic orders on clustered heads (grid
-8x16x32, blocks 64, k = true cluster count 8/16/32): 0.22/0.10/0.09 of the blocks against 0.95 for
-tiled — 4.3x to 11x fewer.
+Block masks of a pattern under any static order are exact (:func:`block_mask_for_order`); how many
+blocks a head needs in an order (:func:`block_density`, :func:`blocks_for_recall`) is what the orders
+are measured by.
+
+Measured (CPU, ``benchmarks/permutation.py --density``, committed in
+``benchmarks/results/permutation-density-cpu-*.json``): see the README's permutation section; the
+numbers live there and in the result file, not here.
 """
 
 from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,33 +54,174 @@ from .block_mask import cdiv
 from .grid import VideoGrid
 from .patterns import Pattern, _video_reach, validate_pattern
 
+Order = dict[str, Any]
+
+# -------------------------------------------------------------------------------------------------
+# Order specs
+# -------------------------------------------------------------------------------------------------
+
+_AUTO = None
+# kind -> {param: (type, default)}; None = chosen from the grid and block size.
+_ORDER_SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
+    "raster": {},
+    "tiled": {"t": (int, _AUTO), "h": (int, _AUTO)},
+    "semantic": {"q_clusters": (int, _AUTO), "k_clusters": (int, _AUTO), "top_p": (float, 0.95), "iters": (int, 1)},
+    "segment": {"size": (int, _AUTO), "top_p": (float, 0.95)},
+}
+ORDER_KINDS = tuple(_ORDER_SCHEMA)
+STATIC_KINDS = ("raster", "tiled")  # orders that depend on the grid only (masks built once per grid)
+DYNAMIC_KINDS = ("semantic", "segment")  # orders computed from each call's Q/K (masks too)
+
+
+def validate_order(o: Any) -> Order | None:
+    """Check an order spec and return it normalised: ``None`` for raster, else a dict with every
+    parameter present (``None`` = chosen from the grid). Accepts ``None``, a short-form string
+    (``"tiled"``, ``"semantic:top_p=0.9,k_clusters=256"``) or a dict with a ``kind``."""
+    if o is None:
+        return None
+    if isinstance(o, str):
+        return parse_order(o)
+    if not isinstance(o, dict) or "kind" not in o:
+        raise ValueError(f"an order is null (raster), a string or a dict with a 'kind' (one of {', '.join(ORDER_KINDS)}), got {o!r}")
+    kind = o["kind"]
+    if kind not in _ORDER_SCHEMA:
+        raise ValueError(f"unknown order kind {kind!r}; known orders: {', '.join(ORDER_KINDS)}")
+    schema = _ORDER_SCHEMA[kind]
+    extra = set(o) - set(schema) - {"kind"}
+    if extra:
+        raise ValueError(f"order {kind!r} takes {sorted(schema) or 'no parameters'}, got unknown {sorted(extra)}")
+    if kind == "raster":
+        return None
+    out: Order = {"kind": kind}
+    for name, (typ, default) in schema.items():
+        val = o.get(name, default)
+        if val is None:
+            out[name] = None
+        elif typ is int:
+            low = 0 if name == "iters" else 1
+            if isinstance(val, bool) or not isinstance(val, int) or val < low:
+                raise ValueError(f"order {kind!r}: {name!r} must be an int >= {low} (or null: automatic), got {val!r}")
+            out[name] = val
+        else:
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 < val <= 1:
+                raise ValueError(f"order {kind!r}: {name!r} must be a number in (0, 1], got {val!r}")
+            out[name] = float(val)
+    return out
+
+
+def parse_order(text: str) -> Order | None:
+    """The short form: ``kind`` or ``kind:k=v,k=v`` (``raster``, ``tiled:t=2,h=8``, ``semantic:top_p=0.9``)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return validate_order(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"order {text!r} is not valid JSON: {e}") from None
+    kind, _, args = text.partition(":")
+    o: dict[str, Any] = {"kind": kind.strip()}
+    schema = _ORDER_SCHEMA.get(kind.strip(), {})
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        name, eq, val = item.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ValueError(f"order {text!r}: expected name=value, got {item!r}")
+        typ = schema.get(name, (str, None))[0]
+        try:
+            o[name] = int(val) if typ is int else float(val) if typ is float else val
+        except ValueError:
+            raise ValueError(f"order {text!r}: bad value for {name!r}: {val!r}") from None
+    return validate_order(o)
+
+
+def format_order(o: Order | None) -> str:
+    """Inverse of :func:`parse_order` (automatic parameters left out)."""
+    if o is None:
+        return "raster"
+    args = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in o.items() if k != "kind" and v is not None]
+    return o["kind"] + (":" + ",".join(args) if args else "")
+
+
+def order_key(o: Order | None) -> str:
+    """A hashable, canonical key of an order spec."""
+    return json.dumps(o, sort_keys=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Static orders
+# -------------------------------------------------------------------------------------------------
+
 
 def raster_order(grid: VideoGrid, device=None) -> torch.Tensor:
     return torch.arange(grid.seq_len, device=device)
 
 
-def tiled_order(grid: VideoGrid, tile: tuple[int, int, int], device=None) -> torch.Tensor:
-    """The permutation that lays the video out tile by tile (see the module docstring)."""
-    tt, th, tw = tile
-    if min(tile) < 1:
-        raise ValueError(f"tile sizes must be >= 1, got {tile}")
-    t, h, w = torch.meshgrid(torch.arange(grid.t, device=device), torch.arange(grid.h, device=device),
-                             torch.arange(grid.w, device=device), indexing="ij")
-    nh, nw = cdiv(grid.h, th), cdiv(grid.w, tw)
-    # Sort key: (tile index in raster order of tiles, position inside the tile).
-    tile_id = ((t // tt) * nh + h // th) * nw + w // tw
-    inner = ((t % tt) * th + h % th) * tw + w % tw
-    key = (tile_id * (tt * th * tw) + inner).flatten()
-    video = torch.argsort(key, stable=True) + grid.video_start
-    text = torch.arange(grid.text_start, grid.text_start + grid.text_len, device=device)
-    if grid.text_at == "prefix":
-        return torch.cat([text, video])
-    return torch.cat([video, text])
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
+
+
+def tile_shape(grid: VideoGrid, block: int = 128, t: int | None = None, h: int | None = None) -> tuple[int, int, float]:
+    """The tile ``(t, h, w)`` of the tiled order: ``t`` frames x ``h`` rows x ``w = block / (t h)`` columns.
+
+    Defaults: ``t = 2`` (1 for blocks under 32 tokens), ``h`` the largest power of two with ``h <= w``
+    (a square or 1:2 spatial face): ``(2, 8, 8)`` for blocks of 128, ``(2, 4, 8)`` for 64, ``(2, 8, 16)``
+    for 256. Each is capped by the grid (a 1-frame video gets ``t = 1``). ``w`` is a float when ``t h``
+    does not divide the block (a block then ends mid-column). Among (1, 8, 16), (2, 8, 8), (4, 8, 4),
+    (2, 4, 16), (4, 4, 8), (1, 16, 8) and (2, 16, 4) on the ``local3d`` heads at 21x30x52, (2, 8, 8)
+    needed the fewest blocks (``benchmarks/results/permutation-density-cpu-*.json``)."""
+    if t is None:
+        t = 2 if block >= 32 else 1
+    if h is None:
+        h = _pow2_floor(math.sqrt(block / t))
+    if t < 1 or h < 1:
+        raise ValueError(f"tile sides must be >= 1, got t={t}, h={h}")
+    t, h = min(t, grid.t), min(h, grid.h)
+    if t * h > block:
+        raise ValueError(f"a tile of t={t} frames x h={h} rows holds more than one block of {block} tokens per column")
+    w = block / (t * h)
+    return t, h, (int(w) if w.is_integer() else w)
+
+
+def tiled_order(grid: VideoGrid, block: int = 128, t: int | None = None, h: int | None = None,
+                device=None) -> torch.Tensor:
+    """The permutation of the tiled order (see the module docstring): slabs of ``t`` frames, strips of
+    ``h`` rows, columns in turn, serpentine. Text tokens keep their place."""
+    tt, th, _ = tile_shape(grid, block, t, h)
+    T, H, W = grid.t, grid.h, grid.w
+    ti, yi, xi = torch.meshgrid(torch.arange(T, device=device), torch.arange(H, device=device),
+                                torch.arange(W, device=device), indexing="ij")
+    slab = ti // tt
+    n_strips = cdiv(H, th)
+    strip = yi // th
+    strip = torch.where(slab % 2 == 1, n_strips - 1 - strip, strip)  # serpentine over strips
+    g = slab * n_strips + strip  # the strip's rank in the whole traversal
+    col = torch.where(g % 2 == 1, W - 1 - xi, xi)  # serpentine over columns
+    key = ((g * W + col) * tt + ti % tt) * th + yi % th
+    video = torch.argsort(key.flatten()) + grid.video_start
+    return _with_text(video, grid, device)
+
+
+def _with_text(video: torch.Tensor, grid: VideoGrid, device=None) -> torch.Tensor:
+    """Prepend / append the text positions (kept in place) to a video permutation ``[..., V]``."""
+    if not grid.text_len:
+        return video
+    text = torch.arange(grid.text_start, grid.text_start + grid.text_len, device=video.device)
+    text = text.expand(*video.shape[:-1], grid.text_len)
+    return torch.cat([text, video], -1) if grid.text_at == "prefix" else torch.cat([video, text], -1)
+
+
+def static_order(o: Order | None, grid: VideoGrid, block: int, device=None) -> torch.Tensor:
+    """The permutation ``[S]`` of a static order spec (raster or tiled) on ``grid``."""
+    if o is None:
+        return raster_order(grid, device)
+    if o["kind"] == "tiled":
+        return tiled_order(grid, block, o["t"], o["h"], device)
+    raise ValueError(f"order {format_order(o)!r} is computed from the data of each call, not from the grid")
 
 
 def inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation (along the last dim): ``inverse(perm)[..., perm[..., i]] = i``."""
     inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    inv.scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm))
     return inv
 
 
@@ -76,76 +238,311 @@ def block_mask_for_order(p: Pattern, grid: VideoGrid, perm: torch.Tensor, block_
     vs, vl = grid.video_start, grid.video_len
     vid_pos = pos[vs : vs + vl]
     key_block = vid_pos // block_n
+    qblk = vid_pos // block_m
     mask = torch.zeros(mb, nb, dtype=torch.bool, device=device)
     chunk = max(1, (1 << 22) // max(vl, 1))
     for m0 in range(0, mb, chunk):
         m1 = min(mb, m0 + chunk)
-        qblk = vid_pos // block_m
         sel = (qblk >= m0) & (qblk < m1)
         onehot = torch.zeros(m1 - m0, vl, device=device)
         idx = sel.nonzero().squeeze(1)
         onehot[qblk[idx] - m0, idx] = 1.0
         reach = _video_reach(p, grid, onehot.view(m1 - m0, grid.t, grid.h, grid.w)).reshape(m1 - m0, vl)
         mask[m0:m1] = torch.zeros(m1 - m0, nb, device=device).index_add_(1, key_block, reach.float()) > 0
-    if grid.text_len:
-        text_pos = pos[grid.text_start : grid.text_start + grid.text_len]
-        mask[text_pos // block_m, :] = True
-        mask[:, text_pos // block_n] = True
+    _dense_text(mask, grid, pos, block_m, block_n)
     return mask
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 10, init: torch.Tensor | None = None, seed: int = 0):
-    """Plain k-means on rows of ``x`` [N, D] (float32). Returns (labels [N], centroids [k, D]).
+def _dense_text(mask: torch.Tensor, grid: VideoGrid, pos: torch.Tensor | None, block_m: int, block_n: int) -> None:
+    """Set the text rows and columns of a block mask ``[..., Mb, Nb]`` (text at positions ``pos[text]``)."""
+    if not grid.text_len:
+        return
+    text = torch.arange(grid.text_start, grid.text_start + grid.text_len, device=mask.device)
+    tp = text if pos is None else pos[text]
+    mask[..., tp // block_m, :] = True
+    mask[..., :, tp // block_n] = True
 
-    ``init``: centroids to start from (e.g. the previous denoising step's: warm start); else k rows
-    drawn at random. Empty clusters keep their previous centroid."""
-    x = x.float()
+
+# -------------------------------------------------------------------------------------------------
+# Moving tokens
+# -------------------------------------------------------------------------------------------------
+
+
+def _flat_index(idx: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """Row indices into ``x.reshape(B * S * H, D)`` for ``out[b, i, h] = x[b, idx[b, h, i], h]``."""
+    s = idx.shape[-1]
+    idx = idx.expand(batch, heads, s)
+    b = torch.arange(batch, device=idx.device).view(batch, 1, 1)
+    h = torch.arange(heads, device=idx.device).view(1, heads, 1)
+    return ((b * s + idx) * heads + h).transpose(1, 2).reshape(-1)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``out[b, i, h] = x[b, idx[b, h, i], h]`` for ``x`` (B, S, H, D) and ``idx`` ``[S]`` (every head)
+    or ``[B or 1, H, S]`` (per head): one row gather, contiguous out."""
+    if idx.dim() == 1:
+        return x.index_select(1, idx)
+    b, s, h, d = x.shape
+    return x.reshape(b * s * h, d).index_select(0, _flat_index(idx, b, h)).view(b, s, h, d)
+
+
+def scatter_tokens(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`gather_tokens`: ``out[b, idx[b, h, i], h] = y[b, i, h]``."""
+    if idx.dim() == 1:
+        return torch.empty_like(y).index_copy_(1, idx, y)
+    b, s, h, d = y.shape
+    out = torch.empty(b * s * h, d, dtype=y.dtype, device=y.device)
+    return out.index_copy_(0, _flat_index(idx, b, h), y.reshape(b * s * h, d)).view(b, s, h, d)
+
+
+# -------------------------------------------------------------------------------------------------
+# Semantic order (k-means of Q and of K, per head)
+# -------------------------------------------------------------------------------------------------
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid of each row: ``argmax(x . c - |c|^2 / 2)``; x [G, N, D], c [G, K, D] -> [G, N]."""
+    c = c.to(x.dtype)
+    half = 0.5 * (c.float() ** 2).sum(-1)
+    return (torch.bmm(x, c.transpose(1, 2)) - half.to(x.dtype)[:, None, :]).argmax(-1)
+
+
+def _update(x: torch.Tensor, labels: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """One Lloyd update: each centroid the mean of its rows (an empty cluster keeps its centroid)."""
+    g, n, d = x.shape
+    k = c.shape[1]
+    flat = (labels + torch.arange(g, device=x.device)[:, None] * k).reshape(-1)
+    sums = torch.zeros(g * k, d, device=x.device, dtype=torch.float32).index_add_(0, flat, x.reshape(-1, d).float())
+    counts = torch.bincount(flat, minlength=g * k).view(g, k, 1)
+    return torch.where(counts > 0, sums.view(g, k, d) / counts.clamp_min(1), c.float())
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, init: torch.Tensor | None = None, sample: int | None = None,
+           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means of the rows of ``x`` ``[..., N, D]`` (each leading index its own problem).
+
+    Returns ``(labels [..., N], centroids [..., k, D] float32)``. ``init``: centroids to start from
+    (the previous call's: warm start), else ``k`` rows drawn at random (seeded). The ``iters`` Lloyd
+    updates use at most ``sample`` rows (evenly strided; all when None); the returned labels are the
+    final assignment of every row. Empty clusters keep their centroid."""
+    lead, (n, d) = x.shape[:-2], x.shape[-2:]
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= rows; got k={k} for {n} rows")
+    xg = x.reshape(-1, n, d)
     if init is None:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        init = x[torch.randperm(x.shape[0], generator=g)[:k].to(x.device)]
-    c = init.float().clone()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        rows = torch.randperm(n, generator=gen)[:k].to(x.device)
+        c = xg[:, rows].float()
+    else:
+        c = init.reshape(-1, k, d).float()
+    xs = xg if sample is None or sample >= n else xg[:, torch.linspace(0, n - 1, sample, device=x.device).long()]
     for _ in range(iters):
-        labels = torch.cdist(x, c).argmin(1)
-        sums = torch.zeros_like(c).index_add_(0, labels, x)
-        counts = torch.bincount(labels, minlength=c.shape[0]).to(x.dtype)
-        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
-    return torch.cdist(x, c).argmin(1), c
+        c = _update(xs, _assign(xs, c), c)
+    return _assign(xg, c).view(*lead, n), c.view(*lead, k, d)
 
 
-def semantic_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int = 10, init: torch.Tensor | None = None):
-    """One head's semantic order: its video tokens sorted by k-means cluster of ``x`` (that head's Q or
-    K rows, [S, D]); clusters of any size, contiguous; text tokens keep their place (their own cluster,
-    always kept). Returns (perm [S], centroids [k, D]) — pass the centroids back as ``init`` next step."""
+def default_clusters(grid: VideoGrid, block: int) -> tuple[int, int]:
+    """Default cluster counts of the semantic order: ~4 blocks per query cluster, ~2 per key cluster
+    (wan 480p, blocks of 128: 64 and 128), at least 2, at most one cluster per 4 video tokens."""
+    v = grid.video_len
+    return (max(2, min(v // 4, cdiv(v, 4 * block))), max(2, min(v // 4, cdiv(v, 2 * block))))
+
+
+@dataclass
+class SemanticPlan:
+    """A semantic order of every (batch, head): positions, cluster extents and centroids.
+
+    ``q_perm`` / ``k_perm``: ``[B, H, S]`` permutations of the sequence (text in place);
+    ``q_bounds`` / ``k_bounds``: ``[B, H, K + 1]`` where each cluster starts in the reordered sequence
+    (cluster ``c`` spans ``[bounds[c], bounds[c + 1])``; empty clusters are empty ranges);
+    ``q_centroids`` / ``k_centroids``: ``[B, H, K, D]`` float32 (pass back as ``init`` next call)."""
+
+    q_perm: torch.Tensor
+    k_perm: torch.Tensor
+    q_bounds: torch.Tensor
+    k_bounds: torch.Tensor
+    q_centroids: torch.Tensor
+    k_centroids: torch.Tensor
+
+
+def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, sample):
+    """x [B, S, H, D] -> (perm [B, H, S], bounds [B, H, k + 1], centroids [B, H, k, D])."""
     vs, vl = grid.video_start, grid.video_len
-    labels, centroids = kmeans(x[vs : vs + vl], k, iters, init)
-    video = torch.argsort(labels, stable=True) + vs
-    text = torch.arange(grid.text_start, grid.text_start + grid.text_len, device=x.device)
-    perm = torch.cat([text, video]) if grid.text_at == "prefix" else torch.cat([video, text])
-    return perm, centroids
+    xv = x[:, vs : vs + vl].transpose(1, 2)  # [B, H, V, D]
+    labels, cent = kmeans(xv, k, iters, init, sample)
+    video = torch.sort(labels, dim=-1, stable=True).indices + vs
+    counts = torch.zeros(*labels.shape[:-1], k, dtype=torch.long, device=x.device)
+    counts.scatter_add_(-1, labels, torch.ones_like(labels))
+    bounds = torch.cat([torch.zeros_like(counts[..., :1]), counts.cumsum(-1)], -1) + vs
+    return _with_text(video, grid), bounds, cent
+
+
+def semantic_orders(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, q_clusters: int, k_clusters: int,
+                    iters: int = 1, init: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    init_iters: int = 8, sample: int | None = 16384) -> SemanticPlan:
+    """The semantic orders of every head of one call: k-means of Q and of K (``(B, S, H, D)``) apart.
+
+    Cold (``init`` None): ``init_iters`` Lloyd updates from random rows; warm (``init`` = the previous
+    plan's centroids, same shapes): ``iters`` updates (0: only re-assign). Updates use ``sample``
+    video tokens (evenly strided); every token is then assigned. Text tokens keep their place."""
+    n_iter = init_iters if init is None else iters
+    qi, ki = (None, None) if init is None else init
+    qp, qb, qc = _cluster_order(q, grid, q_clusters, n_iter, qi, sample)
+    kp, kb, kc = _cluster_order(k, grid, k_clusters, n_iter, ki, sample)
+    return SemanticPlan(qp, kp, qb, kb, qc, kc)
+
+
+def _block_overlap(bounds: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+    """Float [..., n_blocks, K]: 1 where block m holds some token of cluster c (ranges from ``bounds``)."""
+    lo, hi = bounds[..., :-1], bounds[..., 1:]  # [..., K]
+    start = torch.arange(n_blocks, device=bounds.device).view(n_blocks, 1) * block
+    return ((lo[..., None, :] < start + block) & (hi[..., None, :] > start) & (hi > lo)[..., None, :]).float()
+
+
+def top_p_keep(weights: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool mask of the largest entries of each row of ``weights`` (non-negative, last dim) whose sum
+    first reaches ``top_p`` of the row's sum (at least one entry per non-empty row)."""
+    w, order = weights.sort(-1, descending=True)
+    total = w.sum(-1, keepdim=True)
+    before = w.cumsum(-1) - w  # mass already kept before this entry
+    keep_sorted = (before < top_p * total) & (w > 0)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def semantic_block_mask(plan: SemanticPlan, grid: VideoGrid, top_p: float, block_m: int = 128, block_n: int = 128,
+                        scale: float | None = None) -> torch.Tensor:
+    """Bool ``[B, H, Mb, Nb]``: the key blocks of each query block under a semantic plan (see the module
+    docstring): key clusters by estimated attention share up to ``top_p``, per query cluster; text rows
+    and columns dense. ``scale``: the softmax scale (default ``1 / sqrt(D)``)."""
+    d = plan.q_centroids.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    sizes = (plan.k_bounds[..., 1:] - plan.k_bounds[..., :-1]).float()  # [B, H, Kk]
+    logits = scale * plan.q_centroids @ plan.k_centroids.transpose(-1, -2) + sizes.log()[..., None, :]
+    share = torch.softmax(logits, -1).nan_to_num(0.0)  # [B, H, Kq, Kk]
+    keep = top_p_keep(share, top_p).float()
+    s = grid.seq_len
+    a = _block_overlap(plan.q_bounds, block_m, cdiv(s, block_m))  # [B, H, Mb, Kq]
+    b = _block_overlap(plan.k_bounds, block_n, cdiv(s, block_n))  # [B, H, Nb, Kk]
+    mask = (a @ keep @ b.transpose(-1, -2)) > 0
+    _dense_text(mask, grid, None, block_m, block_n)
+    return mask
+
+
+# -------------------------------------------------------------------------------------------------
+# Key-only segment order (PBS-Attn style)
+# -------------------------------------------------------------------------------------------------
 
 
 def segment_key_order(importance: torch.Tensor, segment: int) -> torch.Tensor:
     """Key-only order (PBS-Attn style): within each segment of ``segment`` consecutive keys, keys
-    sorted by decreasing ``importance`` ([S], e.g. the attention mass a sample of query rows gives
+    sorted by decreasing ``importance`` (``[..., S]``, e.g. the attention mass a sample of queries gives
     each key), so that the few heavy keys of a segment share its first blocks.
 
     Only K and V are reordered (together), so the output needs no inverse permutation; locality
-    between segments is kept. Returns the key permutation [S]."""
-    s = importance.numel()
+    between segments is kept. Returns the key permutation ``[..., S]``."""
+    s = importance.shape[-1]
     seg = torch.arange(s, device=importance.device) // segment
+    imp = importance.double()
     # Sort by (segment, -importance): segments stay in place, keys inside move.
-    key = seg.double() * 4.0 - importance.double() / importance.double().abs().max().clamp_min(1e-30)
-    return torch.argsort(key, stable=True)
+    key = seg.double() * 4.0 - imp / imp.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    return torch.argsort(key, dim=-1, stable=True)
+
+
+def _pooled_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float) -> torch.Tensor:
+    """Float ``[B, H, Mb, S]``: softmax over keys of each query block's mean query (one head at a time)."""
+    b, s, h, d = q.shape
+    mb = cdiv(s, block)
+    pad = mb * block - s
+    qf = q.float()
+    if pad:
+        qf = torch.cat([qf, qf.new_zeros(b, pad, h, d)], 1)
+    counts = torch.full((mb,), float(block), device=q.device)
+    counts[-1] = block - pad
+    pooled = qf.view(b, mb, block, h, d).sum(2) / counts.view(1, mb, 1, 1)  # [B, Mb, H, D]
+    out = torch.empty(b, h, mb, s, device=q.device)
+    for hi in range(h):
+        out[:, hi] = torch.softmax(scale * pooled[:, :, hi] @ k[:, :, hi].float().transpose(1, 2), -1)
+    return out
+
+
+def segment_plan(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, size: int, top_p: float, block_m: int = 128,
+                 block_n: int = 128, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segment order of every head of one call and its block mask.
+
+    Key importance = the attention mass the mean query of every query block gives each key (one
+    ``[Mb, S]`` product per head); video keys sorted by it inside segments of ``size`` video keys (text
+    keys stay); key blocks kept per query block by that mass up to ``top_p``; text rows and columns
+    dense. Returns ``(k_perm [B, H, S], mask bool [B, H, Mb, Nb])``."""
+    b, s, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    mass = _pooled_mass(q, k, block_m, scale)  # [B, H, Mb, S]
+    vs, vl = grid.video_start, grid.video_len
+    video = segment_key_order(mass[..., vs : vs + vl].sum(-2), size) + vs
+    k_perm = _with_text(video, grid)
+    nb = cdiv(s, block_n)
+    moved = mass.gather(-1, k_perm[:, :, None, :].expand_as(mass))
+    pad = nb * block_n - s
+    if pad:
+        moved = torch.nn.functional.pad(moved, (0, pad))
+    mask = top_p_keep(moved.view(*moved.shape[:-1], nb, block_n).sum(-1), top_p)
+    _dense_text(mask, grid, None, block_m, block_n)
+    return k_perm, mask
+
+
+# -------------------------------------------------------------------------------------------------
+# Measuring an order: blocks needed for a recalled attention mass
+# -------------------------------------------------------------------------------------------------
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, block: int, q_perm: torch.Tensor | None = None,
+               k_perm: torch.Tensor | None = None, rows: list[int] | None = None, scale: float | None = None) -> torch.Tensor:
+    """Float ``[M, Nb]``: the attention mass of one head's query blocks (``q_perm`` order; ``rows``
+    picks M of them, default all) in each key block (``k_perm`` order), normalised per query block.
+
+    ``q``, ``k``: ``[S, D]`` in the original order. Computed a few query blocks at a time from the
+    scores (never ``S x S``), in float32; ``scale`` default ``1 / sqrt(D)``."""
+    s, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nb = cdiv(s, block)
+    qo = q if q_perm is None else q[q_perm]
+    ko = (k if k_perm is None else k[k_perm]).float()
+    rows = list(range(nb)) if rows is None else list(rows)
+    pad = nb * block - s
+    out = torch.empty(len(rows), nb, device=q.device)
+    chunk = max(1, (1 << 24) // (block * s))
+    for i in range(0, len(rows), chunk):
+        sel = rows[i : i + chunk]
+        qb = torch.stack([torch.nn.functional.pad(qo[m * block : (m + 1) * block], (0, 0, 0, max(0, (m + 1) * block - s)))
+                          for m in sel]).float()  # [c, block, D] (padded rows are dropped below)
+        p = torch.softmax(scale * qb @ ko.T, -1)
+        valid = torch.tensor([min(block, s - m * block) for m in sel], device=q.device)
+        p = p * (torch.arange(block, device=q.device)[None, :] < valid[:, None])[..., None]
+        if pad:
+            p = torch.nn.functional.pad(p, (0, pad))
+        out[i : i + len(sel)] = p.view(len(sel), block, nb, block).sum((1, 3)) / valid[:, None]
+    return out
+
+
+def blocks_needed(mass: torch.Tensor, recall: float = 0.95) -> torch.Tensor:
+    """Per row of ``mass`` ``[..., Nb]``: how many of its largest blocks first hold ``recall`` of the row."""
+    sorted_mass = mass.sort(-1, descending=True).values
+    need = (sorted_mass.cumsum(-1) < recall * mass.sum(-1, keepdim=True)).sum(-1) + 1
+    return need.clamp(max=mass.shape[-1])
+
+
+def block_density(q: torch.Tensor, k: torch.Tensor, block: int, recall: float = 0.95, q_perm: torch.Tensor | None = None,
+                  k_perm: torch.Tensor | None = None, rows: list[int] | None = None) -> float:
+    """Mean fraction of key blocks one head needs, per query block, to keep ``recall`` of its attention
+    mass, with queries in ``q_perm`` order and keys in ``k_perm`` order (:func:`block_mass`)."""
+    mass = block_mass(q, k, block, q_perm, k_perm, rows)
+    return float(blocks_needed(mass, recall).float().mean() / mass.shape[-1])
 
 
 def blocks_for_recall(probs: torch.Tensor, perm: torch.Tensor, block: int, recall: float = 0.95,
                       key_perm: torch.Tensor | None = None) -> float:
-    """Fraction of key blocks a head needs, in order ``perm``, to keep ``recall`` of its attention mass.
+    """:func:`block_density` from explicit probabilities ``[S, S]`` (rows sum to 1; small S only).
 
-    ``probs``: [S, S] attention probabilities of one head (rows sum to 1) in the original order.
-    ``key_perm``: a separate order for the keys (semantic orders cluster Q and K apart); default
-    ``perm``. Per query block, key blocks are taken by decreasing mass until ``recall`` of the block
-    row's mass is kept. Returns the mean over query blocks of (blocks taken / all key blocks)."""
+    ``key_perm``: a separate order for the keys (default ``perm``)."""
     s = probs.shape[0]
     nb = cdiv(s, block)
     p = probs[perm][:, perm if key_perm is None else key_perm]
@@ -153,7 +550,139 @@ def blocks_for_recall(probs: torch.Tensor, perm: torch.Tensor, block: int, recal
     if pad:
         p = torch.nn.functional.pad(p, (0, pad, 0, pad))
     mass = p.view(nb, block, nb, block).sum((1, 3))  # [Mb, Nb]
-    sorted_mass, _ = mass.sort(1, descending=True)
-    cum = sorted_mass.cumsum(1)
-    need = (cum < recall * mass.sum(1, keepdim=True)).sum(1) + 1
-    return float(need.clamp(max=nb).float().mean() / nb)
+    return float(blocks_needed(mass, recall).float().mean() / nb)
+
+
+# -------------------------------------------------------------------------------------------------
+# Applying orders to one attention call
+# -------------------------------------------------------------------------------------------------
+
+_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
+_INDEX_CACHE_MAX = 64
+
+
+def frame_index(o: Order | None, frame: Order | None, grid: VideoGrid, block: int, device) -> torch.Tensor | None:
+    """Positions, in the ``frame`` order the tensors arrive in, of the tokens of static order ``o``
+    (``[S]``; None when the two orders are the same). Cached per (orders, grid, block, device)."""
+    if order_key(o) == order_key(frame):
+        return None
+    key = (order_key(o), order_key(frame), grid, block, str(device))
+    hit = _INDEX_CACHE.get(key)
+    if hit is None:
+        perm = static_order(o, grid, block, device)
+        hit = perm if frame is None else inverse(static_order(frame, grid, block, device))[perm]
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_MAX:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        _INDEX_CACHE[key] = hit
+    return hit
+
+
+@dataclass
+class CallPlan:
+    """Where each head's tokens go for one kernel call, and its block mask.
+
+    ``q_index`` / ``k_index``: ``out[b, i, h] = x[b, index[b, h, i], h]`` (``[B or 1, H, S]``), or ``[S]``
+    for every head, or None (the tensors stay as they came); K and V share ``k_index``; the output is
+    scattered back through ``q_index``. ``mask``: bool ``[B or 1, H, Mb, Nb]`` in the heads' own orders
+    (None: dense)."""
+
+    q_index: torch.Tensor | None
+    k_index: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Order | None], frame: Order | None,
+              block: int, static_mask: torch.Tensor | None, memory: dict | None = None,
+              scale: float | None = None) -> CallPlan:
+    """Plan one attention call whose heads have ``orders`` (one per head; q, k ``(B, S, H, D)`` arrive in
+    the ``frame`` order, e.g. tiled when the transformer permuted its hidden states once per forward).
+
+    ``static_mask``: bool ``[1, H, Mb, Nb]`` with each static head's block mask in its own order (rows of
+    dynamic heads are ignored), or None (static heads dense). ``memory``: a dict kept by the caller
+    between calls of the same layer; semantic heads keep their centroids there (warm start)."""
+    b, s, h, d = q.shape
+    if len(orders) != h:
+        raise ValueError(f"plan_call got {len(orders)} orders for {h} heads")
+    device = q.device
+    ident = torch.arange(s, device=device)
+    q_rows: list[torch.Tensor | None] = []
+    k_rows: list[torch.Tensor | None] = []
+    for o in orders:
+        if o is None or o["kind"] in STATIC_KINDS:
+            idx = frame_index(o, frame, grid, block, device)
+            q_rows.append(idx)
+            k_rows.append(idx)
+        else:
+            q_rows.append(None)
+            k_rows.append(None)
+    dyn_rows: dict[int, torch.Tensor] = {}  # head -> bool [B, Mb, Nb]
+    q_dyn: dict[int, torch.Tensor] = {}  # head -> [B, S]
+    k_dyn: dict[int, torch.Tensor] = {}
+    groups: dict[str, list[int]] = {}
+    for hi, o in enumerate(orders):
+        if o is not None and o["kind"] in DYNAMIC_KINDS:
+            groups.setdefault(order_key(o), []).append(hi)
+    memory = {} if memory is None else memory
+    for key, heads in groups.items():
+        o = orders[heads[0]]
+        sel = torch.tensor(heads, device=device)
+        qs, ks = q.index_select(2, sel), k.index_select(2, sel)
+        if o["kind"] == "semantic":
+            dq, dk = default_clusters(grid, block)
+            nq, nk = o["q_clusters"] or dq, o["k_clusters"] or dk
+            nq, nk = min(nq, grid.video_len), min(nk, grid.video_len)
+            mem_key = ("semantic", key, tuple(heads), b, grid)
+            init = memory.get(mem_key)
+            plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], init)
+            memory[mem_key] = (plan.q_centroids, plan.k_centroids)
+            rows = semantic_block_mask(plan, grid, o["top_p"], block, block, scale)
+            qp, kp = plan.q_perm, plan.k_perm
+        else:  # segment
+            size = o["size"] or 8 * block
+            kp, rows = segment_plan(qs, ks, grid, size, o["top_p"], block, block, scale)
+            qp = None
+        for j, hi in enumerate(heads):
+            dyn_rows[hi] = rows[:, j]
+            k_dyn[hi] = kp[:, j]
+            if qp is not None:
+                q_dyn[hi] = qp[:, j]
+
+    def index(rows: list, dyn: dict) -> torch.Tensor | None:
+        if not dyn and all(r is None for r in rows):
+            return None
+        if not dyn and all(r is not None and (r is rows[0] or torch.equal(r, rows[0])) for r in rows):
+            return rows[0]  # one static order for every head: a plain gather along S
+        out = torch.empty(b if dyn else 1, h, s, dtype=torch.long, device=device)
+        for hi, r in enumerate(rows):
+            out[:, hi] = dyn[hi] if hi in dyn else (ident if r is None else r)
+        return out
+
+    mask = None
+    if dyn_rows or static_mask is not None:
+        mb, nb = cdiv(s, block), cdiv(s, block)
+        base = static_mask if static_mask is not None else torch.ones(1, h, mb, nb, dtype=torch.bool, device=device)
+        if dyn_rows:
+            base = base.expand(b, h, mb, nb).clone()
+            for hi, r in dyn_rows.items():
+                base[:, hi] = r
+        mask = base
+    return CallPlan(index(q_rows, q_dyn), index(k_rows, k_dyn), mask)
+
+
+def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, block: int, attend,
+                   scale: float | None = None) -> torch.Tensor:
+    """Run one call under ``plan``: gather Q by ``q_index`` and K, V by ``k_index``, attend through
+    ``attend(q, k, v, kv_num_blocks, kv_indices, block, scale)`` (None, None = dense), scatter the output
+    back. The output is in the order q arrived in."""
+    from .block_mask import BlockMask
+
+    if plan.q_index is not None:
+        q = gather_tokens(q, plan.q_index)
+    if plan.k_index is not None:
+        k, v = gather_tokens(k, plan.k_index), gather_tokens(v, plan.k_index)
+    num = idx = None
+    if plan.mask is not None:
+        bm = BlockMask.from_dense(plan.mask, q.shape[1], block, block)
+        num, idx = bm.kv_num_blocks, bm.kv_indices
+    out = attend(q, k, v, num, idx, block, scale)
+    return out if plan.q_index is None else scatter_tokens(out, plan.q_index)

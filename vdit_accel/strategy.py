@@ -10,9 +10,10 @@ File format (``format`` and ``version`` are checked on load; unknown keys are re
       "model": {"class": "WanTransformer3DModel", "num_layers": 30, "num_heads": 12, "head_dim": 128},
       "dense_warmup_steps": 2,
       "default": {"kind": "dense"},
-      "quant": "fp8", "quant_bf16_steps": [2, 1],
+      "quant": "fp8", "quant_bf16_steps": [2, 1], "order": {"kind": "tiled"},
       "layers": [{"heads": [{"pattern": {"kind": "window3d", "t": 1, "h": 2, "w": 2}, "quant": "int8",
-                             "error": 0.012, "density": 0.21}, ...]}, ...],
+                             "order": {"kind": "semantic", "top_p": 0.9}, "error": 0.012, "density": 0.21},
+                            ...]}, ...],
       "search": {...}
     }
 
@@ -20,6 +21,11 @@ File format (``format`` and ``version`` are checked on load; unknown keys are re
 default), ``"fp8"``, ``"int8"`` or ``"int4"`` (see :mod:`vdit_accel.quant`); ``quant_bf16_steps``
 ``[first, last]`` runs the first and last denoising steps unquantized (the last needs the pipeline's
 step count: patch the pipeline, not only its transformer).
+``order`` (top level: every head's default; per head: that head's) is the token order the head is
+attended in: ``null`` (raster, diffusers' own), ``{"kind": "tiled"}``, ``{"kind": "semantic", ...}`` or
+``{"kind": "segment", ...}`` (see :mod:`vdit_accel.permutation`; short forms such as ``"tiled"`` or
+``"semantic:top_p=0.9"`` are accepted on input). A ``semantic`` or ``segment`` head chooses its key
+blocks from the data of each call, so its pattern must be ``dense``.
 ``layers`` is omitted for a uniform strategy (``default`` applies to every head); ``model`` fields
 may be omitted (then any model with matching structure accepts it); per-head ``error`` and
 ``density`` are optional measurements kept for inspection. Never pickled.
@@ -34,13 +40,15 @@ from pathlib import Path
 from typing import Any
 
 from .patterns import Pattern, format_pattern, parse_pattern, validate_pattern
+from .permutation import DYNAMIC_KINDS, Order, format_order, validate_order
 from .quant import QUANT_MODES
 
 FORMAT = "vdit-accel-strategy"
 VERSION = 1
-_TOP_KEYS = {"format", "version", "model", "dense_warmup_steps", "default", "quant", "quant_bf16_steps", "layers", "search"}
+_TOP_KEYS = {"format", "version", "model", "dense_warmup_steps", "default", "quant", "quant_bf16_steps", "order",
+             "layers", "search"}
 _MODEL_KEYS = {"class", "num_layers", "num_heads", "head_dim"}
-_HEAD_KEYS = {"pattern", "quant", "error", "density"}
+_HEAD_KEYS = {"pattern", "quant", "order", "error", "density"}
 
 
 def validate_quant(mode) -> str | None:
@@ -66,6 +74,11 @@ class Strategy:
         quant: the quantization mode of every head not given one in ``quants`` (None: unquantized).
         quants: optional ``quants[layer][head]`` modes (None entries: unquantized), next to ``layers``.
         quant_bf16_steps: ``(first, last)``: that many first and last denoising steps run unquantized.
+        order: the token order of every head not given one in ``orders`` (None: raster). A ``tiled``
+            default is applied once per transformer forward where the model allows it (Wan); heads of
+            another order are then gathered per call. Costs the reordering; buys fewer blocks for the
+            same attention (see :mod:`vdit_accel.permutation`).
+        orders: optional ``orders[layer][head]`` (None entries: raster), next to ``layers``.
     """
 
     default: Pattern = field(default_factory=lambda: {"kind": "dense"})
@@ -77,6 +90,8 @@ class Strategy:
     quant: str | None = None
     quants: list[list[str | None]] | None = None
     quant_bf16_steps: tuple[int, int] = (0, 0)
+    order: Order | None = None
+    orders: list[list[Order | None]] | None = None
 
     def __post_init__(self):
         self.default = validate_pattern(self.default)
@@ -92,6 +107,13 @@ class Strategy:
             if [len(q) for q in self.quants] != [len(l) for l in self.layers]:
                 raise ValueError("'quants' must list one mode per head of every layer of 'layers'")
             self.quants = [[validate_quant(m) for m in q] for q in self.quants]
+        self.order = validate_order(self.order)
+        if self.orders is not None:
+            if self.layers is None:
+                raise ValueError("per-head 'orders' need per-head 'layers' (use 'order' for a uniform strategy)")
+            if [len(o) for o in self.orders] != [len(l) for l in self.layers]:
+                raise ValueError("'orders' must list one order per head of every layer of 'layers'")
+            self.orders = [[validate_order(o) for o in row] for row in self.orders]
         if isinstance(self.dense_warmup_steps, bool) or not isinstance(self.dense_warmup_steps, int) or self.dense_warmup_steps < 0:
             raise ValueError(f"dense_warmup_steps must be an int >= 0, got {self.dense_warmup_steps!r}")
         unknown = set(self.model) - _MODEL_KEYS
@@ -108,6 +130,21 @@ class Strategy:
                 if self.model.get(name, val) != val:
                     raise ValueError(f"strategy model.{name}={self.model[name]} but 'layers' has {val}")
                 self.model[name] = val
+        self._check_dynamic_orders()
+
+    def _check_dynamic_orders(self) -> None:
+        """A semantic or segment head picks its blocks from the data: its pattern must be dense."""
+        if self.layers is None:
+            cases = [("default", self.default, self.order)]
+        else:
+            cases = [(f"layers[{li}].heads[{hi}]", p, self.layer_orders(li, len(layer))[hi])
+                     for li, layer in enumerate(self.layers) for hi, p in enumerate(layer)]
+        for where, p, o in cases:
+            if o is not None and o["kind"] in DYNAMIC_KINDS and p["kind"] != "dense":
+                raise ValueError(
+                    f"strategy {where}: order {format_order(o)!r} chooses its key blocks from each call's data, so "
+                    f"its pattern must be 'dense' (got {p['kind']!r}); use order 'tiled' or null to keep the pattern"
+                )
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -118,12 +155,12 @@ class Strategy:
     @classmethod
     def uniform(
         cls, pattern: Pattern | str, num_layers: int | None = None, num_heads: int | None = None, dense_warmup_steps: int = 0,
-        quant: str | None = None, quant_bf16_steps: tuple[int, int] = (0, 0),
+        quant: str | None = None, quant_bf16_steps: tuple[int, int] = (0, 0), order: Order | str | None = None,
     ) -> "Strategy":
-        """The same pattern (and quantization mode) for every head of every layer (e.g. ``"window3d:t=1,h=2,w=2"``)."""
+        """The same pattern (quantization mode, token order) for every head of every layer (e.g. ``"window3d:t=1,h=2,w=2"``)."""
         model = {k: v for k, v in (("num_layers", num_layers), ("num_heads", num_heads)) if v is not None}
         return cls(default=validate_pattern(pattern), dense_warmup_steps=dense_warmup_steps, model=model,
-                   quant=quant, quant_bf16_steps=quant_bf16_steps)
+                   quant=quant, quant_bf16_steps=quant_bf16_steps, order=order)
 
     @classmethod
     def from_spec(cls, spec: "Strategy | str | Path", dense_warmup_steps: int | None = None,
@@ -169,6 +206,17 @@ class Strategy:
             return [self.quant] * num_heads
         return self.quants[layer]
 
+    def layer_orders(self, layer: int, num_heads: int) -> list[Order | None]:
+        """The token order of each head of ``layer`` (None: raster)."""
+        if self.orders is None:
+            return [self.order] * num_heads
+        return self.orders[layer]
+
+    def uses_orders(self) -> bool:
+        """Whether any head is attended in another order than raster."""
+        orders = [self.order] if self.orders is None else [o for row in self.orders for o in row]
+        return any(o is not None for o in orders)
+
     def quantized_at(self, step: int, num_steps: int | None) -> bool:
         """Whether quantized modes apply at denoising ``step`` of ``num_steps`` (None: unknown, then
         only the first steps of ``quant_bf16_steps`` can be honoured)."""
@@ -182,8 +230,10 @@ class Strategy:
         return any(m is not None for m in modes)
 
     def is_dense(self) -> bool:
+        """Every head attends every key (dense patterns, no data-chosen blocks)."""
         pats = [self.default] if self.layers is None else [p for l in self.layers for p in l]
-        return all(p["kind"] == "dense" for p in pats)
+        orders = [self.order] if self.orders is None else [o for row in self.orders for o in row]
+        return all(p["kind"] == "dense" for p in pats) and not any(o is not None and o["kind"] in DYNAMIC_KINDS for o in orders)
 
     def validate_for(self, model_class: str, num_layers: int, num_heads: int, head_dim: int | None = None) -> None:
         """Raise ``ValueError`` if this strategy was made for a model of another structure."""
@@ -203,6 +253,9 @@ class Strategy:
         if self.is_quantized():
             modes = sorted({str(m) for m in ([self.quant] if self.quants is None else [m for q in self.quants for m in q])})
             quant = f", quant={'/'.join(modes)} (bf16 steps: first {self.quant_bf16_steps[0]}, last {self.quant_bf16_steps[1]})"
+        if self.uses_orders():
+            names = [self.order] if self.orders is None else [o for row in self.orders for o in row]
+            quant += f", order={'/'.join(sorted({format_order(o) for o in names}))}"
         if self.layers is None:
             return f"uniform {format_pattern(self.default)}, dense_warmup_steps={self.dense_warmup_steps}{quant}"
         kinds: dict[str, int] = {}
@@ -223,6 +276,8 @@ class Strategy:
             d["quant"] = self.quant
         if self.quant_bf16_steps != (0, 0):
             d["quant_bf16_steps"] = list(self.quant_bf16_steps)
+        if self.order is not None:
+            d["order"] = _order_json(self.order)
         if self.layers is not None:
             d["layers"] = []
             for li, layer in enumerate(self.layers):
@@ -231,6 +286,8 @@ class Strategy:
                     entry: dict[str, Any] = {"pattern": p}
                     if self.quants is not None and self.quants[li][hi] != self.quant:
                         entry["quant"] = self.quants[li][hi]
+                    if self.orders is not None and self.orders[li][hi] != self.order:
+                        entry["order"] = _order_json(self.orders[li][hi])
                     if self.head_stats is not None:
                         entry.update(self.head_stats[li][hi])
                     heads.append(entry)
@@ -250,36 +307,45 @@ class Strategy:
         unknown = set(d) - _TOP_KEYS
         if unknown:
             raise ValueError(f"strategy has unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
-        layers = stats = quants = None
+        layers = stats = quants = orders = None
         qbs = d.get("quant_bf16_steps", [0, 0])
         try:
             quant = validate_quant(d.get("quant"))
         except ValueError as e:
             raise ValueError(f"strategy 'quant': {e}") from None
+        try:
+            order = validate_order(d.get("order"))
+        except ValueError as e:
+            raise ValueError(f"strategy 'order': {e}") from None
         if "layers" in d:
-            layers, stats, quants = [], [], []
+            layers, stats, quants, orders = [], [], [], []
             for li, layer in enumerate(d["layers"]):
                 if not isinstance(layer, dict) or set(layer) != {"heads"} or not isinstance(layer["heads"], list):
                     raise ValueError(f"strategy layers[{li}] must be {{'heads': [...]}}")
-                pats, st, qs = [], [], []
+                pats, st, qs, os_ = [], [], [], []
                 for hi, head in enumerate(layer["heads"]):
                     if not isinstance(head, dict) or "pattern" not in head or set(head) - _HEAD_KEYS:
                         raise ValueError(
-                            f"strategy layers[{li}].heads[{hi}] must have 'pattern' and optionally 'quant', 'error', 'density'"
+                            f"strategy layers[{li}].heads[{hi}] must have 'pattern' and optionally 'quant', 'order', 'error', "
+                            "'density'"
                         )
                     try:
                         pats.append(validate_pattern(head["pattern"]))
                         qs.append(validate_quant(head.get("quant", quant)))
+                        os_.append(validate_order(head["order"]) if "order" in head else order)
                     except ValueError as e:
                         raise ValueError(f"strategy layers[{li}].heads[{hi}]: {e}") from None
-                    st.append({k: float(v) for k, v in head.items() if k not in ("pattern", "quant")})
+                    st.append({k: float(v) for k, v in head.items() if k not in ("pattern", "quant", "order")})
                 layers.append(pats)
                 stats.append(st)
                 quants.append(qs)
+                orders.append(os_)
             if not any(any(s) for s in stats):
                 stats = None
             if all(m == quant for q in quants for m in q):
                 quants = None
+            if all(o == order for row in orders for o in row):
+                orders = None
         return cls(
             default=d.get("default", {"kind": "dense"}),
             layers=layers,
@@ -290,6 +356,8 @@ class Strategy:
             quant=quant,
             quants=quants,
             quant_bf16_steps=tuple(qbs) if isinstance(qbs, list) else qbs,
+            order=order,
+            orders=orders,
         )
 
     def save(self, path: str | Path) -> None:
@@ -305,3 +373,8 @@ class Strategy:
         except json.JSONDecodeError as e:
             raise ValueError(f"strategy file {str(path)!r} is not valid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+def _order_json(o: Order | None) -> dict | None:
+    """An order as stored in a strategy file: its automatic (None) parameters left out."""
+    return None if o is None else {k: v for k, v in o.items() if v is not None}

@@ -3,22 +3,90 @@ import torch
 
 from vdit_accel import BlockMask, VideoGrid
 from vdit_accel.patterns import build_block_mask_for_pattern, parse_pattern, token_pattern_mask
-from vdit_accel.permutation import block_mask_for_order, blocks_for_recall, inverse, raster_order, tiled_order
+from vdit_accel.permutation import (attend_planned, block_density, block_mask_for_order, block_mass, blocks_for_recall,
+                                    format_order, gather_tokens, inverse, kmeans, parse_order, plan_call, raster_order,
+                                    scatter_tokens, segment_key_order, semantic_block_mask, semantic_orders, tile_shape,
+                                    tiled_order, validate_order)
 from vdit_accel.reference import reference_attention
 
 
+def _coords(perm, grid):
+    v = perm - grid.video_start
+    return v // (grid.h * grid.w), (v // grid.w) % grid.h, v % grid.w
+
+
+def _attend(q, k, v, num, idx, block, scale):
+    mask = None if num is None else BlockMask(num, idx, q.shape[1], block, block)
+    return reference_attention(q, k, v, mask, scale)
+
+
 @pytest.mark.parametrize("grid", [VideoGrid(3, 5, 7), VideoGrid(4, 6, 10, text_len=9, text_at="prefix"),
-                                  VideoGrid(2, 4, 6, text_len=5, text_at="suffix")])
-def test_tiled_order_is_a_permutation_with_text_kept_whole(grid):
-    perm = tiled_order(grid, (2, 2, 4))  # edge tiles of every size: 3, 5 and 7 are not multiples
+                                  VideoGrid(5, 7, 9, text_len=5, text_at="suffix"), VideoGrid(1, 3, 50)])
+def test_tiled_order_is_a_permutation_of_compact_blocks_with_text_kept_whole(grid):
+    block = 16
+    perm = tiled_order(grid, block)  # edge tiles of every size: no side is a multiple of the tile
     assert torch.equal(perm.sort().values, torch.arange(grid.seq_len))
-    assert torch.equal(inverse(perm)[perm], torch.arange(grid.seq_len))
+    assert torch.equal(perm[inverse(perm)], torch.arange(grid.seq_len))
     text = torch.arange(grid.text_start, grid.text_start + grid.text_len)
-    assert torch.equal(perm[grid.text_start : grid.text_start + grid.text_len], text)
-    # The first tile of the video comes first, whole: its tokens are a compact (t, h, w) box.
-    v0 = perm[grid.video_start : grid.video_start + 16] - grid.video_start
-    t, h, w = v0 // (grid.h * grid.w), (v0 // grid.w) % grid.h, v0 % grid.w
-    assert t.max() < 2 and h.max() < 2 and w.max() < 4
+    pos = inverse(perm)
+    assert torch.equal(pos[text], text)  # text stays where it was, whole
+    video = perm[grid.video_start : grid.video_start + grid.video_len]
+    tt, th, tw = tile_shape(grid, block)
+    volume = {"tiled": [], "raster": []}
+    for name, order in (("tiled", video), ("raster", torch.arange(grid.video_len) + grid.video_start)):
+        for b0 in range(0, grid.video_len, block):
+            t, h, w = _coords(order[b0 : b0 + block], grid)
+            ext = (t.max() - t.min() + 1, h.max() - h.min() + 1, w.max() - w.min() + 1)
+            volume[name].append(int(ext[0] * ext[1] * ext[2]))
+            if name == "tiled":  # one tile, or touching tiles where a strip or slab ends (serpentine order)
+                assert ext[0] <= 2 * tt and ext[1] <= 2 * th, (b0, ext)
+    assert sum(volume["tiled"]) <= sum(volume["raster"])
+
+
+def test_tiled_blocks_are_exact_tiles_when_the_grid_is_a_multiple():
+    grid, block = VideoGrid(6, 16, 24), 128
+    assert tile_shape(grid, block) == (2, 8, 8)
+    perm = tiled_order(grid, block)
+    boxes = set()
+    for b0 in range(0, grid.video_len, block):
+        t, h, w = _coords(perm[b0 : b0 + block], grid)
+        assert (t.max() - t.min(), h.max() - h.min(), w.max() - w.min()) == (1, 7, 7)
+        assert t.min() % 2 == 0 and h.min() % 8 == 0 and w.min() % 8 == 0  # a regular lattice
+        boxes.add((int(t.min()), int(h.min()), int(w.min())))
+    assert len(boxes) == grid.video_len // block
+
+
+def test_tile_shape_choices():
+    big = VideoGrid(21, 30, 52)
+    assert tile_shape(big, 128) == (2, 8, 8)
+    assert tile_shape(big, 64) == (2, 4, 8)
+    assert tile_shape(big, 256) == (2, 8, 16)
+    assert tile_shape(big, 16) == (1, 4, 4)
+    assert tile_shape(big, 128, t=1, h=8) == (1, 8, 16)
+    assert tile_shape(VideoGrid(1, 6, 40), 128) == (1, 6, 128 / 6)  # capped by the grid; ends mid-column
+    with pytest.raises(ValueError, match="more than one block"):
+        tile_shape(big, 16, t=4, h=8)
+
+
+def test_window3d_in_tiles_is_exactly_block_aligned():
+    """Radii that are whole multiples of the tile's sides: the block mask visits exactly the key tiles
+    within that many tiles of the query tile, and every key of a visited block is reached by some query
+    of the query block (sliding-tile attention; nothing wasted). In raster order it is not."""
+    grid, block = VideoGrid(6, 16, 24), 128
+    tt, th, tw = tile_shape(grid, block)
+    p = parse_pattern(f"window3d:t={tt},h={th},w={2 * tw}")
+    tok = token_pattern_mask(p, grid)
+    for perm, aligned in ((tiled_order(grid, block), True), (raster_order(grid), False)):
+        blocks = block_mask_for_order(p, grid, perm, block, block)
+        tp = tok[perm][:, perm].view(-1, block, tok.shape[0]).any(1)  # [Mb, S]: keys some query of the block reaches
+        tight = all(tp[m].view(-1, block)[n].all() for m, n in blocks.nonzero().tolist())
+        assert tight == aligned
+    # The tile-level window: query tile (a, b, c) visits key tiles within (1, 1, 2) tiles of it.
+    perm = tiled_order(grid, block)
+    t, h, w = _coords(perm, grid)
+    tile = torch.stack([t // tt, h // th, w // tw], 1).view(-1, block, 3)[:, 0]  # [Mb, 3]
+    expected = ((tile[:, None] - tile[None, :]).abs() <= torch.tensor([1, 1, 2])).all(-1)
+    assert torch.equal(block_mask_for_order(p, grid, perm, block, block), expected)
 
 
 @pytest.mark.parametrize("spec", ["window3d:t=1,h=1,w=2", "frame_periodic:h=1,w=1", "stripes:frames=0", "skip"])
@@ -26,7 +94,7 @@ def test_block_mask_under_an_order_is_exact(spec):
     grid = VideoGrid(3, 5, 7, text_len=6, text_at="suffix")
     p = parse_pattern(spec)
     tok = token_pattern_mask(p, grid)
-    for perm in (raster_order(grid), tiled_order(grid, (1, 2, 4))):
+    for perm in (raster_order(grid), tiled_order(grid, 16), tiled_order(grid, 8, t=1, h=2)):
         blocks = block_mask_for_order(p, grid, perm, 16, 8)
         tp = tok[perm][:, perm]
         s = grid.seq_len
@@ -36,58 +104,160 @@ def test_block_mask_under_an_order_is_exact(spec):
     assert torch.equal(block_mask_for_order(p, grid, raster_order(grid), 16, 8), build_block_mask_for_pattern(p, grid, 16, 8))
 
 
-def test_dense_attention_is_order_invariant_and_sparse_runs_permuted():
+def test_order_specs():
+    assert validate_order(None) is None and validate_order("raster") is None
+    assert validate_order("tiled") == {"kind": "tiled", "t": None, "h": None}
+    o = parse_order("semantic:top_p=0.9,k_clusters=32")
+    assert o == {"kind": "semantic", "q_clusters": None, "k_clusters": 32, "top_p": 0.9, "iters": 1}
+    assert parse_order(format_order(o)) == o and validate_order(o) == o
+    for bad, match in [("spiral", "unknown order kind"), ("tiled:t=0", "int >= 1"), ("semantic:top_p=1.5", r"\(0, 1\]"),
+                       ({"kind": "segment", "width": 3}, "unknown"), (3, "a string or a dict")]:
+        with pytest.raises(ValueError, match=match):
+            validate_order(bad)
+
+
+def test_gather_scatter_per_head_round_trip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 13, 3, 4, generator=g)
+    idx = torch.stack([torch.stack([torch.randperm(13, generator=g) for _ in range(3)]) for _ in range(2)])
+    y = gather_tokens(x, idx)
+    for b in range(2):
+        for h in range(3):
+            assert torch.equal(y[b, :, h], x[b, idx[b, h], h])
+    assert torch.equal(scatter_tokens(y, idx), x)
+    one = torch.randperm(13, generator=g)
+    assert torch.equal(gather_tokens(x, one), x[:, one]) and torch.equal(scatter_tokens(gather_tokens(x, one), one), x)
+
+
+def test_dense_attention_is_order_invariant_for_every_kind():
+    """Dense attention under any order (per head, Q and K apart, keys only) equals the unpermuted result."""
     grid = VideoGrid(3, 4, 6, text_len=5, text_at="prefix")
     s = grid.seq_len
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, s, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    perm = tiled_order(grid, (2, 2, 2))
-    out = reference_attention(q[:, perm], k[:, perm], v[:, perm])[:, inverse(perm)]
-    torch.testing.assert_close(out, reference_attention(q, k, v))
-    # Sparse under the order: the same token pattern, attended in permuted blocks.
-    p = parse_pattern("window3d:t=1,h=1,w=1")
-    blocks = block_mask_for_order(p, grid, perm, 8, 8)
-    mask = BlockMask.from_dense(blocks.expand(1, 2, *blocks.shape), s, 8, 8)
-    out = reference_attention(q[:, perm], k[:, perm], v[:, perm], mask)[:, inverse(perm)]
-    assert torch.isfinite(out).all()
+    q, k, v = (torch.randn(2, s, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = reference_attention(q, k, v)
+    orders = [None, validate_order("tiled"), validate_order("semantic:top_p=1,q_clusters=3,k_clusters=5"),
+              validate_order("segment:size=20,top_p=1")]
+    for frame in (None, validate_order("tiled")):
+        qf, kf, vf = q, k, v
+        if frame is not None:  # tensors arrive in the tiled frame (permuted once per forward)
+            fp = tiled_order(grid, 8)
+            qf, kf, vf = q[:, fp], k[:, fp], v[:, fp]
+        plan = plan_call(qf, kf, grid, orders, frame, 8, None, {})
+        assert plan.q_index.shape == (2, 4, s) and plan.mask.all()  # top_p=1 keeps every block
+        out = attend_planned(qf, kf, vf, plan, 8, _attend)
+        if frame is not None:
+            out = out[:, inverse(fp)]
+        torch.testing.assert_close(out, ref)
 
 
-def test_blocks_for_recall():
-    probs = torch.eye(8)  # each token attends itself: one block per query block
-    assert blocks_for_recall(probs, torch.arange(8), 4) == 0.5
-    uniform = torch.full((8, 8), 1 / 8)
-    assert blocks_for_recall(uniform, torch.arange(8), 4) == 1.0
+def test_sparse_tiled_equals_the_token_pattern_in_raster_order():
+    """A tiled head with a tile-aligned window3d attends exactly the token pairs of the tile window:
+    computed permuted in blocks, it equals raster-order attention with that token mask."""
+    grid, block = VideoGrid(4, 8, 16), 64
+    tt, th, tw = tile_shape(grid, block)
+    p = parse_pattern(f"window3d:t={tt},h={th},w={tw}")
+    perm = tiled_order(grid, block)
+    blocks = block_mask_for_order(p, grid, perm, block, block)
+    s = grid.seq_len
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, s, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    plan = plan_call(q, k, grid, [validate_order("tiled")] * 2, None, block, blocks.expand(1, 2, *blocks.shape), {})
+    out = attend_planned(q, k, v, plan, block, _attend)
+    # The same pairs as a token mask in raster order (blocks of one token).
+    pos = inverse(perm)
+    tok = blocks[pos[:, None] // block, pos[None, :] // block]
+    t, h, w = _coords(torch.arange(s), grid)
+    tile = torch.stack([t // tt, h // th, w // tw], 1)
+    assert torch.equal(tok, ((tile[:, None] - tile[None, :]).abs() <= 1).all(-1))  # the tile window, exactly
+    ref = reference_attention(q, k, v, BlockMask.from_dense(tok.expand(1, 2, s, s), s, 1, 1))
+    torch.testing.assert_close(out, ref)
 
 
-def test_semantic_order_on_clustered_heads():
-    """k-means orders make a clustered head's keys contiguous: >= 1.3x fewer blocks than tiles."""
-    from vdit_accel.permutation import semantic_order
-    from vdit_accel.sparsity_search.synthetic import planted_head
+def test_kmeans_recovers_separated_clusters_and_warm_starts():
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(2, 5, 8, generator=g) * 10  # 2 independent problems
+    labels = torch.randint(0, 5, (2, 300), generator=g)
+    x = centres.gather(1, labels[..., None].expand(2, 300, 8)) + 0.1 * torch.randn(2, 300, 8, generator=g)
+    found, cent = kmeans(x, 5, iters=20, sample=120)
+    for b in range(2):  # the same partition up to renaming
+        pairs = set(zip(found[b].tolist(), labels[b].tolist()))
+        assert len(pairs) == len(set(labels[b].tolist()))
+    again, cent2 = kmeans(x, 5, iters=0, init=cent)  # warm start, no update: the same labels
+    assert torch.equal(again, found) and torch.equal(cent2, cent)
+    with pytest.raises(ValueError, match="1 <= k <= rows"):
+        kmeans(x, 400)
 
-    grid = VideoGrid(4, 8, 32, text_len=7, text_at="suffix")
-    video = VideoGrid(4, 8, 32)
+
+def test_semantic_plan_clusters_contiguous_text_its_own_kept_cluster():
+    from vdit_accel.sparsity_search.synthetic import clustered_head
+
+    video = VideoGrid(4, 8, 16)
+    grid = VideoGrid(4, 8, 16, text_len=7, text_at="suffix")
     g = torch.Generator().manual_seed(0)
-    q, k, _ = planted_head("clustered", video, 32, g, clusters=12)
-    # Add text rows/keys (random) to exercise "text kept whole".
-    q = torch.cat([q, torch.randn(7, 32, generator=g)])
-    k = torch.cat([k, torch.randn(7, 32, generator=g)])
-    qp, qc = semantic_order(q, grid, 12)
-    kp, _ = semantic_order(k, grid, 12)
-    for perm in (qp, kp):
+    qv, kv = clustered_head(video, 6, "scattered", 16.0, 32, g)
+    q = torch.cat([qv, torch.randn(7, 32, generator=g)])[None, :, None]  # (1, S, 1, D)
+    k = torch.cat([kv, torch.randn(7, 32, generator=g)])[None, :, None]
+    plan = semantic_orders(q, k, grid, 8, 12, init_iters=10)
+    for perm, bounds, x in ((plan.q_perm, plan.q_bounds, q), (plan.k_perm, plan.k_bounds, k)):
+        perm, bounds = perm[0, 0], bounds[0, 0]
         assert torch.equal(perm.sort().values, torch.arange(grid.seq_len))
-        assert torch.equal(perm[-7:], torch.arange(grid.video_len, grid.seq_len))
-    probs = torch.softmax(q.double() @ k.double().T / 32**0.5, -1)
-    tiled = blocks_for_recall(probs, tiled_order(grid, (1, 4, 8)), 32)
-    semantic = blocks_for_recall(probs, qp, 32, key_perm=kp)
-    assert tiled / semantic >= 1.3, (tiled, semantic)
-    # Warm start from the previous step's centroids gives the same clusters in no more iterations.
-    qp2, _ = semantic_order(q, grid, 12, iters=1, init=qc)
-    assert blocks_for_recall(probs, qp2, 32, key_perm=kp) <= semantic + 1e-9
+        assert torch.equal(perm[-7:], torch.arange(grid.video_len, grid.seq_len))  # text in place
+        assert bounds[0] == 0 and bounds[-1] == grid.video_len and (bounds.diff() >= 0).all()
+        assert len(set(bounds.diff().tolist()) - {0}) > 1  # clusters of different sizes
+    # Clusters are contiguous: along the order, the nearest centroid never decreases, and each cluster
+    # holds exactly the range its bounds say.
+    for perm, bounds, cent, x in ((plan.q_perm, plan.q_bounds, plan.q_centroids, q), (plan.k_perm, plan.k_bounds, plan.k_centroids, k)):
+        video = perm[0, 0, : grid.video_len]
+        nearest = torch.cdist(x[0, video, 0], cent[0, 0]).argmin(1)
+        assert (nearest.diff() >= 0).all()
+        assert torch.equal(torch.bincount(nearest, minlength=cent.shape[2]), bounds[0, 0].diff())
+    # Most planted groups become one cluster each (k-means from random rows may split or merge a few).
+    qc = torch.cdist(qv, plan.q_centroids[0, 0]).argmin(1)
+    assert len(set(qc.tolist())) >= 6
+    mask = semantic_block_mask(plan, grid, 0.95, 16, 16)[0, 0]
+    text_blocks = torch.arange(grid.video_len, grid.seq_len) // 16
+    assert mask[text_blocks].all() and mask[:, text_blocks].all()  # text rows and columns always kept
+    # The centroid top-p mask keeps most of the true attention mass at a fraction of the blocks.
+    mass = block_mass(q[0, :, 0], k[0, :, 0], 16, plan.q_perm[0, 0], plan.k_perm[0, 0])
+    recall = (mass * mask).sum(1).mean()
+    assert recall > 0.9 and mask.float().mean() < 0.5, (recall, mask.float().mean())
+    # Warm start: the previous call's centroids, no update, give the same orders.
+    warm = semantic_orders(q, k, grid, 8, 12, iters=0, init=(plan.q_centroids, plan.k_centroids))
+    assert torch.equal(warm.q_perm, plan.q_perm) and torch.equal(warm.k_perm, plan.k_perm)
+
+
+def test_semantic_order_on_clustered_heads_needs_fewer_blocks_than_tiles():
+    """k-means orders make a clustered head's keys contiguous: >= 1.3x fewer blocks than tiles."""
+    from vdit_accel.sparsity_search.synthetic import clustered_head
+
+    grid = VideoGrid(4, 8, 32)
+    g = torch.Generator().manual_seed(0)
+    for n, layout, gain in ((12, "scattered", 1.3), (12, "objects", 1.0)):  # objects are local: tiles help too
+        q, k = clustered_head(grid, n, layout, 12.0, 32, g)
+        plan = semantic_orders(q[None, :, None], k[None, :, None], grid, 16, 24, init_iters=10)
+        tp = tiled_order(grid, 32)
+        tiled = block_density(q, k, 32, 0.95, tp, tp)
+        semantic = block_density(q, k, 32, 0.95, plan.q_perm[0, 0], plan.k_perm[0, 0])
+        assert tiled / semantic >= gain, (layout, tiled, semantic)
+
+
+def test_block_mass_matches_explicit_probabilities():
+    g = torch.Generator().manual_seed(4)
+    s, d, block = 91, 8, 16  # S not a multiple of the block
+    q, k = torch.randn(s, d, generator=g, dtype=torch.float64), torch.randn(s, d, generator=g, dtype=torch.float64)
+    qp, kp = torch.randperm(s, generator=g), torch.randperm(s, generator=g)
+    probs = torch.softmax(q @ k.T / d**0.5, -1)
+    assert block_density(q, k, block, 0.9, qp, kp) == pytest.approx(blocks_for_recall(probs, qp, block, 0.9, kp))
+    mass = block_mass(q, k, block, qp, kp, rows=[0, 5])
+    p = probs[qp][:, kp]
+    expected = torch.nn.functional.pad(p[80:91].mean(0), (0, 5)).view(6, 16).sum(1)  # the short last block
+    torch.testing.assert_close(mass[1].double(), expected, rtol=1e-5, atol=1e-6)
+    assert blocks_for_recall(torch.eye(8), torch.arange(8), 4) == 0.5
+    assert blocks_for_recall(torch.full((8, 8), 1 / 8), torch.arange(8), 4) == 1.0
 
 
 def test_segment_key_order_needs_no_output_inverse_and_packs_heavy_keys():
-    from vdit_accel.permutation import segment_key_order
-
     s, seg, block = 256, 64, 16
     g = torch.Generator().manual_seed(3)
     heavy = torch.randperm(s, generator=g)[:24]  # scattered "global" keys every query attends
@@ -104,3 +274,7 @@ def test_segment_key_order_needs_no_output_inverse_and_packs_heavy_keys():
     q = torch.randn(1, s, 1, 8, generator=g, dtype=torch.float64)
     k, v = torch.randn(1, s, 1, 8, generator=g, dtype=torch.float64), torch.randn(1, s, 1, 8, generator=g, dtype=torch.float64)
     torch.testing.assert_close(reference_attention(q, k[:, kperm], v[:, kperm]), reference_attention(q, k, v))
+    # The runtime plan of a segment head gathers keys only.
+    grid = VideoGrid(4, 8, 8)
+    plan = plan_call(q, k, grid, [validate_order("segment:size=64,top_p=0.9")], None, block, None, {})
+    assert plan.q_index is None and plan.k_index.shape == (1, 1, s)
