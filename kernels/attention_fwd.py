@@ -358,6 +358,14 @@ def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = tor
     return dict(DEFAULT_CONFIGS[(arch, bucket)])
 
 
+def gpu_tiles(head_dim: int, quant: str | None = None) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the H100 default for this head_dim and mode (what the CPU simulation of
+    the quantized kernel mimics: the tiles set the quantization grain)."""
+    bucket = next(b for b in _HEAD_DIM_BUCKETS if head_dim <= b)
+    cfg = DEFAULT_CONFIGS.get(("sm90-q", bucket), DEFAULT_CONFIGS[("sm90", bucket)]) if quant else DEFAULT_CONFIGS[("sm90", bucket)]
+    return cfg["BLOCK_M"], cfg["BLOCK_N"]
+
+
 # The opt-in sweep (config="autotune"): per head_dim bucket, the candidates tried on the real
 # inputs, once per (GPU, dtype, shape, mask blocks), best kept in memory and in a JSON file.
 AUTOTUNE_CANDIDATES: dict[int, list[dict]] = {
@@ -668,6 +676,7 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
     qk_scale = float(scale) * 1.4426950408889634
     q_scale = k_scale = v_scale = q_mean = out  # unused pointers unless quant
     s_pad, stride_vd = s, 1
+    q_orig = q
     if quant is not None:
         from .quantize import quantize_qkv
 
@@ -708,5 +717,8 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             USE_TMA=bool(cfg.get("tma", False)), QUANT=_QUANT_IDS.get(quant, 0), EMULATE_FP8=_interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+    if return_lse and quant is not None and qz["k_mean"] is not None:
+        # K smoothing shifted every score of a row by -q . mean(K): the outputs ignore it, the LSE not.
+        lse += float(scale) * torch.einsum("bshd,bhd->bhs", q_orig.float(), qz["k_mean"])
     return (out, lse) if return_lse else out
 

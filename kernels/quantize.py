@@ -283,4 +283,5 @@ def quantize_qkv(q, k, v, mode: str, block_m: int, block_n: int, qk_scale: float
                                    mean=k_mean if r["smooth_k"] else None, chan_mul=k_mul)
     _, v_max, v_min = channel_stats(v)
     v8, v_scale = quantize_v(v, torch.maximum(v_max.abs(), v_min.abs()), s_pad)
-    return dict(q=q8, k=k8, v=v8, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, q_mean=q_mean, s_pad=s_pad)
+    return dict(q=q8, k=k8, v=v8, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, q_mean=q_mean, s_pad=s_pad,
+                k_mean=k_mean if r["smooth_k"] else None)

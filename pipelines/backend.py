@@ -229,10 +229,13 @@ def _attend(query, key, value, scale, proc, head_start: int = 0) -> torch.Tensor
     if state.observers:
         _observe(proc, query, key, value, heads)
     if proc._vdit_seq_len == query.shape[1] and proc._vdit_heads == heads:
-        kv_num_blocks, kv_indices = proc._vdit_kv_num_blocks, proc._vdit_kv_indices
+        kv_num_blocks, kv_indices, quant = proc._vdit_kv_num_blocks, proc._vdit_kv_indices, proc._vdit_quant
     else:
-        kv_num_blocks, kv_indices = _call_mask(proc, query, heads)
-    return vdit_attention(query, key, value, kv_num_blocks, kv_indices, state.block_size, state.block_size, scale)
+        kv_num_blocks, kv_indices, quant = _call_mask(proc, query, heads)
+    if state.orders is not None:  # token orders: gathers, per-call plans (pipelines/permute.py)
+        return state.orders.attend(proc, query, key, value, scale, heads, kv_num_blocks, kv_indices, quant)
+    return vdit_attention(query, key, value, kv_num_blocks, kv_indices, state.block_size, state.block_size, scale,
+                          quant)
 
 
 @torch.compiler.disable
@@ -250,11 +253,14 @@ def _observe(proc, query, key, value, heads) -> None:
 
 
 @torch.compiler.disable
-def _call_mask(proc, query, heads) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The block mask of a call whose length differs from the forward's grid (text dropped or masked per
-    sample), or of a forward whose grid or heads were not prepared; (None, None) = dense."""
-    mask = proc._vdit_state.block_mask(proc._vdit_layer, query, heads=heads)
-    return (None, None) if mask is None else (mask.kv_num_blocks, mask.kv_indices)
+def _call_mask(proc, query, heads) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """The block mask (and quantization modes) of a call whose length differs from the forward's grid
+    (text dropped or masked per sample), or of a forward whose grid or heads were not prepared;
+    (None, None, ...) = dense."""
+    state = proc._vdit_state
+    mask = state.block_mask(proc._vdit_layer, query, heads=heads)
+    quant = state.layer_quant(proc._vdit_layer, heads)
+    return (None, None, quant) if mask is None else (mask.kv_num_blocks, mask.kv_indices, quant)
 
 
 class _SDPAToBackend(torch.overrides.TorchFunctionMode):

@@ -26,19 +26,38 @@ def vdit_attention(
     block_m: int,
     block_n: int,
     scale: float | None,
+    quant: str = "",
 ) -> torch.Tensor:
     """Non-causal attention over ``(B, S, H, D)`` q, k, v; a contiguous ``(B, S, H, D)`` out in q's dtype.
 
     ``kv_num_blocks`` int32 ``[B or 1, H, Mb]`` and ``kv_indices`` int32 ``[B or 1, H, Mb, Nb]`` are a
     :class:`~vdit_accel.block_mask.BlockMask` over ``S = q.shape[1]`` tokens in blocks of
     ``(block_m, block_n)``; pass both as ``None`` for dense attention (block sizes then unused).
+    ``quant``: ``""`` (unquantized), one mode for every head, or one per head joined by commas (an
+    empty entry: that head unquantized) — a string, so a compiled graph specialises per mode pattern.
     """
     if (kv_num_blocks is None) != (kv_indices is None):
         raise ValueError("vdit::attention takes kv_num_blocks and kv_indices together (both None = dense)")
     mask = None if kv_num_blocks is None else BlockMask(kv_num_blocks, kv_indices, q.shape[1], block_m, block_n)
-    return attention(q, k, v, mask, scale=scale).contiguous()
+    return attention(q, k, v, mask, scale=scale, quant=decode_quant(quant)).contiguous()
+
+
+def encode_quant(modes) -> str:
+    """Per-head modes (None = unquantized) as the op's string: "" if none, the mode if all equal."""
+    modes = list(modes)
+    if all(m is None for m in modes):
+        return ""
+    if all(m == modes[0] for m in modes):
+        return modes[0]
+    return ",".join(m or "" for m in modes)
+
+
+def decode_quant(quant: str):
+    if not quant:
+        return None
+    return [m or None for m in quant.split(",")] if "," in quant else quant
 
 
 @vdit_attention.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale):
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale, quant=""):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)

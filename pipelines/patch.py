@@ -15,6 +15,7 @@ from vdit_accel.strategy import Strategy
 
 from .adapters import Adapter, adapter_for
 from .backend import _SDPAToBackend, _active, _warn_once, local_heads, register_backend
+from .op import encode_quant
 
 logger = logging.getLogger("vdit_accel")
 
@@ -93,9 +94,11 @@ class PatchState:
         self._forward_seen = False
         self._steps = steps or _StepTracker()
         self._masks: dict[tuple, BlockMask | None] = {}
+        self.scheduler = None  # the patched pipeline's scheduler: its timesteps tell the step count
         self.originals: dict[str, object] = {}
         self.processors: list = []  # the patched processors, in layer order
         self.hook = None
+        self.orders = None  # the token orders' runtime (.permute.OrderRuntime) when the strategy has any
         # Called as observer(layer, step, q, k, v) before each patched self-attention call, q/k/v in
         # (B, S, H, D); ``call_grid`` describes their sequence (with a key-padding mask, each
         # sample's valid tokens come as a call of their own, B = 1). Under torch.compile an observer
@@ -142,6 +145,28 @@ class PatchState:
             proc._vdit_seq_len = grid.seq_len if grid is not None and device is not None else -1
             proc._vdit_kv_num_blocks = mask.kv_num_blocks if mask is not None else None
             proc._vdit_kv_indices = mask.kv_indices if mask is not None else None
+            proc._vdit_quant = self.layer_quant(layer, heads)
+
+    def num_steps(self) -> int | None:
+        """The denoising steps of the generation in flight: the patched pipeline's scheduler's timesteps
+        (None when only a transformer was patched, or before the pipeline set them)."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        return len(timesteps) if timesteps is not None else None
+
+    def layer_quant(self, layer: int, heads: tuple[int, int] | None = None) -> str:
+        """The quantization modes of ``layer``'s heads ``heads`` at the current step, as the op takes them."""
+        if not self.strategy.is_quantized():
+            return ""
+        num_steps = self.num_steps()
+        if num_steps is None and self.strategy.quant_bf16_steps[1]:
+            _warn_once(
+                "vdit-accel: the strategy runs its last denoising steps unquantized, but the step count is unknown "
+                "(patch the pipeline, not only its transformer): quantizing them"
+            )
+        if not self.strategy.quantized_at(self.step, num_steps):
+            return ""
+        heads = heads or (0, self.num_heads)
+        return encode_quant(self.strategy.layer_quants(layer, self.num_heads)[heads[0]:heads[1]])
 
     def reset(self) -> None:
         """Forget the step count (the next call counts as step 0)."""
@@ -194,7 +219,9 @@ class PatchState:
         if key not in self._masks:
             # Head h of the mask is global head heads[0] + h (Ulysses gives a rank a slice of the heads).
             patterns = self.strategy.layer_patterns(layer, self.num_heads)[heads[0]:heads[1]]
-            if all(p["kind"] == "dense" for p in patterns):
+            if self.orders is not None:  # each head's mask in its own token order
+                self._masks[key] = self.orders.layer_mask(layer, patterns, grid, device, heads)
+            elif all(p["kind"] == "dense" for p in patterns):
                 self._masks[key] = None
             else:
                 self._masks[key] = build_block_mask(patterns, grid, self.block_size, self.block_size, device)
@@ -205,7 +232,10 @@ class PatchState:
         total = 0.0
         for layer in range(len(self.layers)):
             patterns = self.strategy.layer_patterns(layer, self.num_heads)
-            if all(p["kind"] == "dense" for p in patterns):
+            if self.orders is not None:  # static heads in their own orders; semantic/segment ones count as dense
+                mask = self.orders.layer_mask(layer, patterns, grid, None, (0, self.num_heads))
+                total += 1.0 if mask is None else mask.density()
+            elif all(p["kind"] == "dense" for p in patterns):
                 total += 1.0
             else:
                 total += build_block_mask(patterns, grid, self.block_size, self.block_size).density()
@@ -222,7 +252,8 @@ def _transformers_of(obj) -> list[torch.nn.Module]:
     return found
 
 
-def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, block_size: int = 128):
+def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, block_size: int = 128,
+          quant: str | None = None):
     """Route the self-attention of a diffusers video pipeline (or transformer) through vdit-accel.
 
     Args:
@@ -232,6 +263,8 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
             in short form (``"window3d:t=1,h=2,w=2"``).
         block_size: tokens per query and key block of the sparse masks (128 matches the kernels' tiles
             on Hopper; smaller blocks follow a pattern more closely at more per-block overhead).
+        quant: if given (``"fp8"``, ``"int8"``, ``"int4"``), every head runs in that mode, overriding
+            the strategy's own ``quant`` (whose ``quant_bf16_steps`` still apply).
 
     Only the video self-attention processors the model's adapter lists are replaced (``attn1``, or
     HunyuanVideo's joint ``attn``); cross-attention, text refiners and pools are left alone. The token
@@ -239,7 +272,7 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
     mask built once per (grid, layer). Text tokens of joint attention are always attended densely. Patching twice raises; :func:`unpatch` restores the originals.
     Returns the object it was given.
     """
-    strategy = Strategy.from_spec(strategy)
+    strategy = Strategy.from_spec(strategy, quant=quant)
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
     transformers = _transformers_of(pipe_or_transformer)
@@ -256,6 +289,7 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
     steps = _StepTracker()
     for tr, adapter in plans:
         state = PatchState(tr, adapter, strategy, block_size, steps)
+        state.scheduler = getattr(pipe_or_transformer, "scheduler", None)
         for i, (name, attn) in enumerate(state.layers):
             orig = attn.processor
             proc = object.__new__(_patched_processor_class(type(orig), adapter.calls_sdpa))
@@ -264,11 +298,16 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
                 proc._attention_backend = backend
             proc._vdit_state, proc._vdit_layer = state, i
             proc._vdit_seq_len, proc._vdit_kv_num_blocks, proc._vdit_kv_indices = -1, None, None
+            proc._vdit_quant = ""
             proc._vdit_heads = (0, state.num_heads)
             state.originals[name] = orig
             state.processors.append(proc)
             attn.processor = proc
         state.hook = tr.register_forward_pre_hook(state.on_forward, with_kwargs=True)
+        if strategy.uses_orders():
+            from .permute import OrderRuntime
+
+            state.orders = OrderRuntime(tr, state)  # its hooks run after state.on_forward
         setattr(tr, _STATE_ATTR, state)
     logger.info("vdit-accel: patched %d transformer(s) with %s", len(plans), strategy.describe())
     return pipe_or_transformer
@@ -291,6 +330,8 @@ def unpatch(pipe_or_transformer):
                 orig._parallel_config = cfg
             attn.processor = orig
         state.hook.remove()
+        if state.orders is not None:
+            state.orders.remove()
         delattr(tr, _STATE_ATTR)
     return pipe_or_transformer
 

@@ -29,8 +29,9 @@ def attention(
     *,
     scale: float | None = None,
     return_lse: bool = False,
+    quant=None,
 ):
-    """Non-causal softmax attention, dense or block-sparse.
+    """Non-causal softmax attention, dense or block-sparse, optionally quantized.
 
     Args:
         q, k, v: ``(B, S, H, D)`` — diffusers' layout; read through strides (no copies on CUDA).
@@ -38,13 +39,17 @@ def attention(
             Its batch dim may be 1 (shared) or B.
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the natural log-sum-exp, float32 ``(B, H, S)``.
+        quant: ``None`` (fp16/bf16 throughout), a mode of :data:`vdit_accel.quant.QUANT_MODES`
+            (``"fp8"``, ``"int8"``, ``"int4"``) for every head, or a sequence of H modes (``None``
+            entries unquantized): runs of heads with one mode each go to one kernel launch.
 
     Returns:
         ``out`` ``(B, S, H, D)`` in q's dtype; plus ``lse`` when asked.
 
     On CUDA this runs the Triton kernel (fp16/bf16; head_dim 64, 96, 128, ...). On the CPU it runs
     PyTorch SDPA (with the block mask expanded to tokens; the float32 reference when the LSE is
-    asked for), so the whole
+    asked for; quantized heads through :func:`vdit_accel.quant.reference_quant_attention`, the
+    float64 simulation of the kernel's arithmetic at the H100's tile sizes), so the whole
     toolkit works without a GPU, slowly. ``VDIT_CPU_TRITON=1`` with ``TRITON_INTERPRET=1`` runs the
     Triton kernel on the CPU instead (for tests). ``VDIT_AUTOTUNE=1`` times a few kernel configs once
     per shape and keeps the fastest (cached on disk); the default path has no tuning cost.
@@ -55,6 +60,9 @@ def attention(
         )
     if block_mask is not None and block_mask.device != q.device:
         block_mask = block_mask.to(q.device)
+    runs = head_runs(quant, q.shape[2])
+    if len(runs) > 1 or runs[0][2] is not None:
+        return _attention_runs(q, k, v, block_mask, scale, return_lse, runs)
     if _use_triton(q):
         from .kernels import attention_fwd
 
@@ -79,3 +87,68 @@ def attention(
     if mask is not None:  # rows that attend nothing: zeros (SDPA gives NaN there)
         out = out.masked_fill(~mask.any(-1).transpose(1, 2)[..., None], 0.0)
     return out.contiguous()
+
+
+def head_runs(quant, num_heads: int) -> list[tuple[int, int, str | None]]:
+    """``quant`` (None, one mode, or one per head) as maximal runs ``(start, stop, mode)`` of heads."""
+    from .quant import QUANT_MODES
+
+    modes = [quant] * num_heads if quant is None or isinstance(quant, str) else list(quant)
+    if len(modes) != num_heads:
+        raise ValueError(f"quant lists {len(modes)} modes for {num_heads} heads")
+    for m in modes:
+        if m is not None and m not in QUANT_MODES:
+            raise ValueError(f"unknown quantization mode {m!r}; use None or one of {list(QUANT_MODES)}")
+    runs, start = [], 0
+    for h in range(1, num_heads + 1):
+        if h == num_heads or modes[h] != modes[start]:
+            runs.append((start, h, modes[start]))
+            start = h
+    return runs
+
+
+def _attention_runs(q, k, v, block_mask, scale, return_lse, runs):
+    """Each run of heads with its own mode, written into one output."""
+    b, s, h, d = q.shape
+    out = torch.empty((b, s, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device) if return_lse else None
+    for h0, h1, mode in runs:
+        sub = None if block_mask is None else block_mask.head_slice(h0, h1)
+        qs, ks, vs = q[:, :, h0:h1], k[:, :, h0:h1], v[:, :, h0:h1]
+        if mode is None:
+            res = attention(qs, ks, vs, sub, scale=scale, return_lse=return_lse)
+        elif _use_triton(q):
+            from .kernels import attention_fwd
+
+            kw = {}
+            if sub is not None:
+                kw = dict(kv_num_blocks=sub.kv_num_blocks, kv_indices=sub.kv_indices,
+                          mask_block_m=sub.block_m, mask_block_n=sub.block_n)
+            config = "autotune" if os.environ.get("VDIT_AUTOTUNE") == "1" else None
+            res = attention_fwd(qs, ks, vs, scale=scale, return_lse=return_lse, config=config, quant=mode,
+                                out=None if return_lse else out[:, :, h0:h1], **kw)
+        else:
+            res = _simulated(qs, ks, vs, sub, scale, mode, return_lse)
+        if return_lse:
+            res, lse[:, h0:h1] = res
+        if res.data_ptr() != out[:, :, h0:h1].data_ptr():
+            out[:, :, h0:h1] = res
+    return (out, lse) if return_lse else out
+
+
+def _simulated(q, k, v, block_mask, scale, mode, return_lse):
+    """CPU: the quantized kernel's arithmetic, simulated per head at the H100 defaults' tile sizes."""
+    from .kernels.attention_fwd import gpu_tiles
+    from .quant import reference_quant_attention
+
+    if return_lse:
+        raise ValueError("the CPU simulation of quantized attention does not return the log-sum-exp")
+    block_m, block_n = gpu_tiles(q.shape[-1], mode)
+    if block_mask is not None:
+        block_m, block_n = math.gcd(block_m, block_mask.block_m), math.gcd(block_n, block_mask.block_n)
+    outs = []
+    for h in range(q.shape[2]):
+        sub = None if block_mask is None else block_mask.head_slice(h, h + 1)
+        outs.append(reference_quant_attention(q[:, :, h : h + 1], k[:, :, h : h + 1], v[:, :, h : h + 1], mode,
+                                              sub, block_m, block_n, scale))
+    return torch.cat(outs, 2)

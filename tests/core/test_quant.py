@@ -1,14 +1,20 @@
+"""The quantization recipes (vdit_accel.quant): packing, per-mode error bounds, smoothing, and the
+simulated quantized attention against float64 on video-DiT-like data (the accuracy targets)."""
+
 import pytest
 import torch
 
+from vdit_accel import attention
+from vdit_accel.attention import head_runs
+from vdit_accel.block_mask import BlockMask
 from vdit_accel.quant import (
     FP8_MAX,
-    dequantize_per_block,
+    dequantize_rows,
+    dit_like_qkv,
     pack_int4,
-    quantize_per_block,
-    quantize_v_per_channel,
+    quantize_rows_reference,
+    quantize_v_reference,
     reference_quant_attention,
-    smooth_k,
     unpack_int4,
 )
 from vdit_accel.reference import reference_attention
@@ -16,6 +22,14 @@ from vdit_accel.reference import reference_attention
 
 def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _cos(out, ref):
+    return torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), dim=0).item()
 
 
 def test_int4_pack_round_trip():
@@ -28,49 +42,77 @@ def test_int4_pack_round_trip():
         pack_int4(x[..., :3])
 
 
-@pytest.mark.parametrize("mode,bound", [("int8", 0.5 / 127), ("int4", 0.5 / 7), ("fp8", 2.0**-4)])
-def test_per_block_quantization_error_bound(mode, bound):
+@pytest.mark.parametrize("mode,group", [("int8", 32), ("int4", 1), ("fp8", 32), ("fp8", 1)])
+def test_quantized_rows_error_bound(mode, group):
+    """Every element within half a step (integers) or e4m3's relative rounding of its group's scale."""
     x = _x(2, 77, 3, 16) * torch.linspace(0.1, 10, 16)  # channels of very different size
-    data, scale = quantize_per_block(x, 32, mode)
-    assert scale.shape == (2, 3, 3) and data.shape == x.shape
-    back = dequantize_per_block(data, scale, 32)
-    rows = torch.arange(77) // 32
-    amax = x.abs().view(2, 77, 3, 16).amax(-1)  # per row; the block amax bounds every element's error
-    block_amax = torch.zeros(2, 3, 3).index_reduce_(2, rows, amax.transpose(1, 2), "amax", include_self=False)
-    err = (back - x).abs()
-    step = block_amax[:, :, rows].transpose(1, 2)[..., None]  # the block's amax, broadcast per element
-    if mode == "fp8":  # e4m3: relative rounding (3 mantissa bits) for normals, 2^-9 steps below them
-        tol = x.abs() * bound + step / FP8_MAX * 2.0**-9
-    else:  # integers: half a step of amax / qmax
-        tol = step * bound
+    data, scale, _ = quantize_rows_reference(x, mode, group, 96, scale_mul=0.5)
+    assert scale.shape == (2, 3, 96 // group)
+    back = dequantize_rows(data, scale, mode)[:, :, :77] / 0.5  # (B, H, S, D)
+    xt = x.transpose(1, 2)
+    step = scale.repeat_interleave(group, 2)[:, :, :77, None] / 0.5
+    err = (back - xt).abs()
+    if mode == "fp8":
+        tol = xt.abs() * 2.0**-4 + step * 2.0**-9
+    else:
+        tol = step * 0.5
     assert (err <= tol + 1e-6).all()
     if mode != "fp8":
-        assert data.abs().max() <= (127 if mode == "int8" else 7)
+        assert unpack_int4(data).abs().max() <= 7 if mode == "int4" else data.abs().max() <= 127
+    assert (dequantize_rows(data, scale, mode)[:, :, 77:] == 0).all()  # padding rows are zero
+
+
+def test_v_transposed_per_channel():
+    v = _x(2, 30, 2, 8) * torch.tensor([1, 10, 100, 1000, 1, 1, 1, 1.0])
+    data, scale = quantize_v_reference(v, 64)
+    assert data.dtype == torch.float8_e4m3fn and data.shape == (2, 2, 8, 64) and scale.shape == (2, 2, 8)
+    back = (data.float() * scale[..., None])[..., :30].permute(0, 3, 1, 2)
+    assert _rel(back, v) < 0.04 and data.float().abs().max() <= FP8_MAX
 
 
 def test_k_smoothing_leaves_attention_unchanged():
     q, k, v = _x(1, 50, 2, 8, seed=1), _x(1, 50, 2, 8, seed=2) + 20.0, _x(1, 50, 2, 8, seed=3)
-    ks, mean = smooth_k(k)
-    assert mean.shape == (1, 1, 2, 8) and ks.mean(1).abs().max() < 1e-4
+    ks = k - k.mean(1, keepdim=True)
     torch.testing.assert_close(reference_attention(q.double(), ks.double(), v.double()),
                                reference_attention(q.double(), k.double(), v.double()))
 
 
-def test_v_per_channel_scale():
-    v = _x(2, 30, 2, 8) * torch.tensor([1, 10, 100, 1000, 1, 1, 1, 1.0])
-    data, scale = quantize_v_per_channel(v)
-    assert data.dtype == torch.float8_e4m3fn and scale.shape == (2, 2, 8)
-    rel = ((data.float() * scale[:, None] - v).norm() / v.norm()).item()
-    assert rel < 0.04
-
-
-@pytest.mark.parametrize("mode,tol", [("fp8", 0.08), ("int8", 0.06), ("int4", 0.4)])
-def test_reference_quant_attention_is_close(mode, tol):
-    """The simulated quantized attention stays within the error each format allows on Gaussian data
-    (measured: fp8 5.3%, int8 3.8%, int4 24%); the strict targets wait for the kernels' issue."""
-    q, k, v = _x(1, 99, 2, 32, seed=4), _x(1, 99, 2, 32, seed=5) + 5.0, _x(1, 99, 2, 32, seed=6)
-    ref = reference_attention(q.double(), k.double(), v.double())
-    out = reference_quant_attention(q, k, v, mode, block_m=32, block_n=32).double()
-    assert ((out - ref).norm() / ref.norm()).item() < tol
+@pytest.mark.parametrize("s,d,block_n", [(1000, 64, 64), (777, 128, 128)])
+def test_accuracy_targets_on_dit_like_data(s, d, block_n):
+    """The quantization issue's targets, at the H100 defaults' tiles: fp8 and int8 rel. L2 <= 2e-2 and
+    cosine >= 0.999, int4 <= 5e-2 (measured: fp8 1.6-1.8%, int8 1.2-1.4%, int4 4.0-4.5%)."""
+    q, k, v = dit_like_qkv(1, s, 2, d, seed=s, dtype=torch.float16)
+    exact = reference_attention(q.double(), k.double(), v.double())
+    for mode, bound in (("fp8", 2e-2), ("int8", 2e-2), ("int4", 5e-2)):
+        out = reference_quant_attention(q, k, v, mode, block_m=128, block_n=block_n)
+        assert _rel(out, exact) <= bound, mode
+        assert _cos(out, exact) >= (0.999 if mode != "int4" else 0.998), mode
     with pytest.raises(ValueError, match="unknown quantization mode"):
         reference_quant_attention(q, k, v, "int2")
+
+
+def test_head_runs():
+    assert head_runs(None, 3) == [(0, 3, None)]
+    assert head_runs("fp8", 2) == [(0, 2, "fp8")]
+    assert head_runs(["fp8", "fp8", None, "int8"], 4) == [(0, 2, "fp8"), (2, 3, None), (3, 4, "int8")]
+    with pytest.raises(ValueError, match="3 modes for 2 heads"):
+        head_runs(["fp8"] * 3, 2)
+    with pytest.raises(ValueError, match="unknown quantization mode"):
+        head_runs("fp4", 2)
+
+
+def test_attention_per_head_modes_on_cpu():
+    """Per-head modes: each head as if run alone in its mode (CPU: the simulation), sparse mask sliced."""
+    q, k, v = dit_like_qkv(1, 300, 3, 64, seed=5)
+    dense = torch.rand(1, 3, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.7
+    dense[..., 0] = True
+    mask = BlockMask.from_dense(dense, 300, 128, 128)
+    modes = ["int8", None, "fp8"]
+    out = attention(q, k, v, mask, quant=modes)
+    for h, mode in enumerate(modes):
+        sub = mask.head_slice(h, h + 1)
+        alone = attention(q[:, :, h : h + 1], k[:, :, h : h + 1], v[:, :, h : h + 1], sub, quant=mode)
+        torch.testing.assert_close(out[:, :, h : h + 1], alone)
+    exact = reference_attention(q.double(), k.double(), v.double(), mask)
+    assert _rel(out, exact) < 2e-2
+    assert _rel(out[:, :, 1], exact[:, :, 1]) < 1e-5  # the unquantized head is exact (fp32 SDPA)
