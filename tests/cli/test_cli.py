@@ -26,9 +26,23 @@ def test_generate_end_to_end(tmp_path):
     assert report["accelerated"]["transformer_s_per_step"] > 0
 
 
+def test_generate_reports_each_quantized_mode(tmp_path):
+    out = tmp_path / "clip.mp4"
+    res = runner.invoke(app, ["generate", "--frames", "5", "--height", "64", "--width", "64", "--steps", "2",
+                              "--strategy", "dense", "--quant", "all", "--block-size", "32", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["quant"]) == {"fp8", "int8", "int4"}
+    for mode, entry in report["quant"].items():
+        # Quantized attention changes the video a little: finite PSNR, but close to the dense one.
+        assert 20 < entry["psnr_db"] < 200 and entry["transformer_calls"] == 4, (mode, entry)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["quant_psnr_db"].keys() == {"fp8", "int8", "int4"}
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
+        (["--quant", "fp4"], "--quant must be one of"),
         (["--frames", "4"], "--frames must be 4k+1"),
         (["--height", "100"], "multiples of 16"),
         (["--strategy", "window9d"], "neither a .json strategy file nor a pattern"),

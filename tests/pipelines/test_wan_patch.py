@@ -117,3 +117,34 @@ def test_pipeline_through_triton_interpreter(pipe, monkeypatch):
     finally:
         vdit_accel.unpatch(pipe)
     assert (tri - ref).abs().max().item() <= 1e-3
+
+
+def test_quantized_strategy_and_its_bf16_steps():
+    """patch(quant=...) runs the quantized kernels (CPU: their simulation): the output moves a little;
+    quant_bf16_steps keeps the first and last steps unquantized, using the pipeline's step count."""
+    import vdit_accel
+    from vdit_accel import Strategy
+    from vdit_accel.pipelines import build_tiny_pipeline, patch_state
+
+    pipe = build_tiny_pipeline("wan")
+    tr = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 8, 8, generator=g)
+    t = torch.tensor([500])
+    enc = torch.randn(1, 8, tr.config.text_dim, generator=g)
+    with torch.no_grad():
+        ref = tr(x, t, enc, return_dict=False)[0]
+        vdit_accel.patch(pipe, Strategy.uniform("dense", quant="fp8", quant_bf16_steps=(1, 1)))
+        state = patch_state(tr)
+        assert state.layer_quant(0) == ""  # step 0: in the first unquantized steps
+        out0 = tr(x, t, enc, return_dict=False)[0]
+        torch.testing.assert_close(out0, ref, atol=1e-4, rtol=1e-4)
+        pipe.scheduler.set_timesteps(4)
+        out1 = tr(x, torch.tensor([400]), enc, return_dict=False)[0]  # step 1 of 4: quantized
+        assert state.step == 1 and state.layer_quant(0) == "fp8"
+        state.step = 3  # the last step: unquantized again
+        assert state.layer_quant(0) == ""
+        vdit_accel.unpatch(pipe)
+        ref1 = tr(x, torch.tensor([400]), enc, return_dict=False)[0]
+    err = ((out1 - ref1).norm() / ref1.norm()).item()
+    assert 1e-5 < err < 5e-2, err
