@@ -8,7 +8,7 @@ Modes (``QUANT_MODES``), SageAttention-style; the kernels are ``kernels/quantize
   max, scaled by 448); V in e4m3 with one scale per (batch, head, channel); fp32 accumulation.
 - ``int8``: Q and K in int8 per tile, K smoothed first (its mean over the sequence subtracted per
   channel: softmax ignores a per-query constant, and the outlier channels that real DiTs have in K
-  go away); Q·K on the INT8 tensor cores (int32 accumulation); P·V as in ``fp8``.
+  go away; any vector would be exact, so the mean is estimated from every 8th token); Q·K on the INT8 tensor cores (int32 accumulation); P·V as in ``fp8``.
 - ``int4``: Q and K in int4 (-7..7) with one scale per row (token), two values a byte along head_dim,
   K smoothed as above and Q smoothed per BLOCK_M block (the block mean subtracted; its product with K
   is added back to the scores exactly, as a per-key bias the kernel computes per tile), and the range
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from .kernels.quantize import FP8_MAX, QMAX, RECIPES, balance_factors, padded_len
+from .kernels.quantize import FP8_MAX, QMAX, RECIPES, SMOOTH_ROW_STEP, balance_factors, padded_len
 
 QUANT_MODES = tuple(RECIPES)
 LOG2E = 1.4426950408889634
@@ -124,7 +124,8 @@ def reference_quant_attention(q, k, v, mode: str, block_mask=None, block_m: int 
     r = RECIPES[mode]
     grain = {"block_m": block_m, "block_n": block_n}
     s_pad = padded_len(s, block_m, block_n)
-    k_mean = k.float().mean(1)  # (B, H, D)
+    step = 1 if r["balance"] else SMOOTH_ROW_STEP  # K smoothing's estimate of the mean (see kernels/quantize.py)
+    k_mean = k.float()[:, ::step].mean(1)  # (B, H, D)
     q_mul = k_mul = None
     if r["balance"]:
         q_mul = balance_factors(q.float().amax(1), q.float().amin(1), k.float().amax(1), k.float().amin(1), k_mean)
