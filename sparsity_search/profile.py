@@ -14,10 +14,19 @@ works one query block at a time (a [H, block, S] score slab, never [S, S]):
 
 Errors are each head's relative L2 error, except for ``skip``, whose error is the head's share of
 the layer's output (:meth:`LayerStats.error`), so that near-silent heads can be skipped.
+
+Token orders (:mod:`vdit_accel.permutation`) make more candidates: with ``orders``, the profiler scores
+every pattern in every static order (``raster``, ``tiled``: the same pass on q, k, v permuted into that
+order, with the patterns' block masks in it) and every dynamic order as one candidate of its own
+(``semantic``, ``segment``: the call's own per-head plan, with its data-chosen block mask). A column is
+then a (pattern, order) pair (:meth:`HeadProfiler.columns`); its block density is recorded per head
+(dynamic masks differ per head and call). Each order group's errors are relative to its own sampled
+rows (they are other tokens in another order), rescaled to the first group's reference.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +35,8 @@ import torch
 from vdit_accel.block_mask import cdiv
 from vdit_accel.grid import VideoGrid
 from vdit_accel.patterns import Pattern, build_block_mask_for_pattern
+from vdit_accel.permutation import (DYNAMIC_KINDS, Order, block_mask_for_order, gather_tokens, plan_call, static_order,
+                                    validate_order)
 
 
 @dataclass
@@ -36,29 +47,44 @@ class LayerStats:
     ref_sq: torch.Tensor  # [H] sum of squared dense output on sampled rows
     recall: torch.Tensor  # [H, C] sum over observations of the recalled mass fraction
     count: torch.Tensor  # [] number of observations
+    density: torch.Tensor | None = None  # [H, C] sum over observations of each column's block density
 
     @classmethod
     def zeros(cls, num_heads: int, num_candidates: int) -> "LayerStats":
         z = torch.zeros
         return cls(z(num_heads, num_candidates, dtype=torch.float64), z(num_heads, dtype=torch.float64),
-                   z(num_heads, num_candidates, dtype=torch.float64), z((), dtype=torch.float64))
+                   z(num_heads, num_candidates, dtype=torch.float64), z((), dtype=torch.float64),
+                   z(num_heads, num_candidates, dtype=torch.float64))
 
     def add(self, other: "LayerStats") -> None:
         for name in ("err_sq", "ref_sq", "recall", "count"):
             getattr(self, name).add_(getattr(other, name))
+        if self.density is not None and other.density is not None:
+            self.density.add_(other.density)
+        else:
+            self.density = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"err_sq": self.err_sq, "ref_sq": self.ref_sq, "recall": self.recall, "count": self.count}
+        out = {"err_sq": self.err_sq, "ref_sq": self.ref_sq, "recall": self.recall, "count": self.count}
+        if self.density is not None:
+            out["density"] = self.density
+        return out
 
-    def error(self, skip_index: int | None = None) -> torch.Tensor:
+    def mean_density(self) -> torch.Tensor | None:
+        """[H, C]: each column's block density per head, averaged over the observations (None if not kept)."""
+        return None if self.density is None else self.density / self.count.clamp_min(1)
+
+    def error(self, skip_index: int | list[int] | None = None) -> torch.Tensor:
         """[H, C]: each head's relative L2 output error against dense, on the sampled rows.
 
         For ``skip`` (column ``skip_index``) the head's own relative error is always 1, so it is
         measured against the layer instead: the head's RMS output over the RMS output of the
         layer's heads. A near-silent head can then be skipped, a loud one cannot."""
         err = (self.err_sq / self.ref_sq.clamp_min(1e-30)[:, None]).sqrt()
-        if skip_index is not None:
-            err[:, skip_index] = (self.ref_sq / self.ref_sq.mean().clamp_min(1e-30)).sqrt()
+        if skip_index is not None:  # (one column per order group scores skip)
+            share = (self.ref_sq / self.ref_sq.mean().clamp_min(1e-30)).sqrt()
+            for i in [skip_index] if isinstance(skip_index, int) else skip_index:
+                err[:, i] = share
         return err
 
     def mean_recall(self) -> torch.Tensor:
@@ -88,9 +114,13 @@ class CandidateMasks:
     on this grid, the most generous one (same cost here, a superset of keys, and at other
     resolutions the parameters that match what the heads do)."""
 
-    def __init__(self, candidates: list[Pattern], grid: VideoGrid, block: int, device):
+    def __init__(self, candidates: list[Pattern], grid: VideoGrid, block: int, device, order: Order | None = None):
         self.grid, self.block = grid, block
-        self.masks = torch.stack([build_block_mask_for_pattern(p, grid, block, block, device) for p in candidates])
+        if order is None:
+            self.masks = torch.stack([build_block_mask_for_pattern(p, grid, block, block, device) for p in candidates])
+        else:  # the patterns' masks in a static token order (exact, O(Mb * S) per pattern)
+            perm = static_order(order, grid, block, device)
+            self.masks = torch.stack([block_mask_for_order(p, grid, perm, block, block) for p in candidates])
         self.density = self.masks.flatten(1).float().mean(1)
         groups: dict[tuple, int] = {}
         self.representative = list(range(len(candidates)))
@@ -112,6 +142,8 @@ class HeadProfiler:
         block_size: block size of the masks the strategy will run with.
         sample_blocks: query blocks per call on which output errors are measured (spread evenly).
         mass_stride: measure the block mass on every ``mass_stride``-th query block (1 = all).
+        orders: token orders to score (see the module docstring); default raster only, where the
+            columns are exactly ``candidates``.
     """
 
     candidates: list[Pattern]
@@ -119,13 +151,48 @@ class HeadProfiler:
     sample_blocks: int = 8
     mass_stride: int = 1
     stats: dict[tuple[int, int], LayerStats] = field(default_factory=dict)  # (layer, step) -> stats
+    orders: list = field(default_factory=lambda: [None])
     _masks: dict = field(default_factory=dict)
 
-    def masks_for(self, grid: VideoGrid, device) -> CandidateMasks:
-        key = (grid, str(device))
+    def __post_init__(self):
+        self.orders = [validate_order(o) for o in self.orders]
+        if not self.orders:
+            raise ValueError("HeadProfiler needs at least one order (None: raster)")
+
+    @property
+    def static_orders(self) -> list[Order | None]:
+        return [o for o in self.orders if o is None or o["kind"] not in DYNAMIC_KINDS]
+
+    @property
+    def dynamic_orders(self) -> list[Order]:
+        return [o for o in self.orders if o is not None and o["kind"] in DYNAMIC_KINDS]
+
+    def columns(self) -> list[tuple[Pattern, Order | None]]:
+        """What each column of the stats is: every candidate pattern in each static order (in the order
+        of ``orders``), then each dynamic order (its pattern ``dense``)."""
+        cols = [(p, o) for o in self.static_orders for p in self.candidates]
+        return cols + [({"kind": "dense"}, o) for o in self.dynamic_orders]
+
+    def masks_for(self, grid: VideoGrid, device, order: Order | None = None) -> CandidateMasks:
+        """The candidates' block masks in a static ``order`` (default raster)."""
+        key = (grid, str(device), json.dumps(order, sort_keys=True))
         if key not in self._masks:
-            self._masks[key] = CandidateMasks(self.candidates, grid, self.block_size, device)
+            self._masks[key] = CandidateMasks(self.candidates, grid, self.block_size, device, order)
         return self._masks[key]
+
+    def column_info(self, grid: VideoGrid, device="cpu") -> tuple[list[int], torch.Tensor]:
+        """Per column: its representative column (:class:`CandidateMasks`, within its order) and its block
+        density on ``grid`` (NaN for dynamic orders: measured per head and call, in the stats)."""
+        rep, dens = [], []
+        for gi, o in enumerate(self.static_orders):
+            cm = self.masks_for(grid, device, o)
+            base = gi * len(self.candidates)
+            rep += [base + r for r in cm.representative]
+            dens.append(cm.density)
+        n = len(rep)
+        rep += list(range(n, n + len(self.dynamic_orders)))
+        dens.append(torch.full((len(self.dynamic_orders),), float("nan")))
+        return rep, torch.cat([d.cpu().float() for d in dens])
 
     @torch.no_grad()
     def observe(self, layer: int, step: int, grid: VideoGrid, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -133,46 +200,88 @@ class HeadProfiler:
         b, s, h, d = q.shape
         if grid.seq_len != s:
             raise ValueError(f"grid {grid} has {grid.seq_len} tokens but the call has {s}")
-        cm = self.masks_for(grid, q.device)
+        n_cols = len(self.columns())
         stats = self.stats.get((layer, step))
         if stats is None:
-            stats = self.stats[(layer, step)] = LayerStats.zeros(h, len(self.candidates))
+            stats = self.stats[(layer, step)] = LayerStats.zeros(h, n_cols)
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         bs = self.block_size
         mb, nb = cdiv(s, bs), cdiv(s, bs)
         sampled = set(torch.linspace(0, mb - 1, min(self.sample_blocks, mb)).round().long().tolist())
         mass_rows = [m for m in range(mb) if m % self.mass_stride == 0 or m in sampled]
-        cmask_f = cm.masks.to(torch.float32)  # [C, Mb, Nb]
+        rows_measured = sum(min(s, (m + 1) * bs) - m * bs for m in mass_rows)
+        nc = len(self.candidates)
         for bi in range(b):
-            kb = k[bi].to(torch.float32).transpose(0, 1)  # [H, S, D]
-            vb = v[bi].to(torch.float32).transpose(0, 1)
-            pad = nb * bs - s
-            if pad:
-                vb = torch.cat([vb, vb.new_zeros(h, pad, d)], 1)
-            mass = torch.zeros(h, len(mass_rows), nb, device=q.device)
-            recall_num = torch.zeros(h, len(self.candidates), dtype=torch.float64, device=q.device)
-            for j, m in enumerate(mass_rows):
-                r0, r1 = m * bs, min(s, (m + 1) * bs)
-                qb = q[bi, r0:r1].to(torch.float32).transpose(0, 1)  # [H, R, D]
-                scores = torch.matmul(qb, kb.transpose(1, 2)) * scale  # [H, R, S]
-                p = torch.exp(scores - scores.amax(-1, keepdim=True))
-                if pad:
-                    p = torch.cat([p, p.new_zeros(h, r1 - r0, pad)], -1)
-                l = p.sum(-1)  # [H, R]
-                pb = p.view(h, r1 - r0, nb, bs).sum(-1)  # [H, R, Nb]
-                mass[:, j] = (pb / l[..., None]).sum(1)
-                recall_num += torch.einsum("hn,cn->hc", mass[:, j], cmask_f[:, m]).double()
-                if m in sampled:
-                    pv = torch.einsum("hrnk,hnkd->hrnd", p.view(h, r1 - r0, nb, bs), vb.view(h, nb, bs, d))
-                    dense = pv.sum(2) / l[..., None]  # [H, R, D]
-                    num = torch.einsum("hrnd,cn->chrd", pv, cmask_f[:, m])
-                    den = torch.einsum("hrn,cn->chr", pb, cmask_f[:, m])
-                    out = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], 0.0)
-                    stats.err_sq += ((out - dense) ** 2).sum((2, 3)).T.double().cpu()
-                    stats.ref_sq += (dense**2).sum((1, 2)).double().cpu()
-            rows_measured = sum(min(s, (m + 1) * bs) - m * bs for m in mass_rows)
-            stats.recall += (recall_num / rows_measured).cpu()
+            ref0 = None
+            col = 0
+            groups = [(o, None) for o in self.static_orders] + [(None, o) for o in self.dynamic_orders]
+            for static, dynamic in groups:
+                qb, kb, vb = q[bi : bi + 1], k[bi : bi + 1], v[bi : bi + 1]
+                if dynamic is None:
+                    cm = self.masks_for(grid, q.device, static)
+                    masks = cm.masks.float()[None]  # [1, C, Mb, Nb]: the same for every head
+                    dens = cm.density.double().cpu()[None].expand(h, -1)
+                    perm = static_order(static, grid, bs, q.device) if static is not None else None
+                    if perm is not None:
+                        qb, kb, vb = (gather_tokens(x, perm) for x in (qb, kb, vb))
+                    width = nc
+                else:
+                    plan = plan_call(qb, kb, grid, [dynamic] * h, None, bs, None, {}, scale)
+                    if plan.q_index is not None:
+                        qb = gather_tokens(qb, plan.q_index)
+                    kb, vb = gather_tokens(kb, plan.k_index), gather_tokens(vb, plan.k_index)
+                    masks = plan.mask[0].float()[:, None]  # [H, 1, Mb, Nb]: each head its own
+                    dens = masks.flatten(1).mean(1).double().cpu()[:, None]
+                    width = 1
+                err, ref, rec = self._accumulate(qb[0], kb[0], vb[0], masks, scale, sampled, mass_rows)
+                if ref0 is None:
+                    ref0 = ref
+                # Relative errors of this group on its own sampled rows, on the first group's reference.
+                err = err * (ref0 / ref.clamp_min(1e-30))[:, None]
+                stats.err_sq[:, col : col + width] += err
+                stats.recall[:, col : col + width] += rec / rows_measured
+                stats.density[:, col : col + width] += dens
+                col += width
+            stats.ref_sq += ref0
             stats.count += 1
+
+    def _accumulate(self, q, k, v, masks, scale, sampled, mass_rows):
+        """One sample's pass over its query blocks. q, k, v [S, H, D] (one order); masks float
+        [1 or H, C, Mb, Nb]. Returns (err_sq [H, C], ref_sq [H], recalled mass summed over rows [H, C])."""
+        s, h, d = q.shape
+        bs = self.block_size
+        nb = cdiv(s, bs)
+        c = masks.shape[1]
+        masks = masks.expand(h, *masks.shape[1:])
+        kb = k.to(torch.float32).transpose(0, 1)  # [H, S, D]
+        vb = v.to(torch.float32).transpose(0, 1)
+        pad = nb * bs - s
+        if pad:
+            vb = torch.cat([vb, vb.new_zeros(h, pad, d)], 1)
+        err_sq = torch.zeros(h, c, dtype=torch.float64)
+        ref_sq = torch.zeros(h, dtype=torch.float64)
+        recall_num = torch.zeros(h, c, dtype=torch.float64, device=q.device)
+        for m in mass_rows:
+            r0, r1 = m * bs, min(s, (m + 1) * bs)
+            qb = q[r0:r1].to(torch.float32).transpose(0, 1)  # [H, R, D]
+            scores = torch.matmul(qb, kb.transpose(1, 2)) * scale  # [H, R, S]
+            p = torch.exp(scores - scores.amax(-1, keepdim=True))
+            if pad:
+                p = torch.cat([p, p.new_zeros(h, r1 - r0, pad)], -1)
+            l = p.sum(-1)  # [H, R]
+            pb = p.view(h, r1 - r0, nb, bs).sum(-1)  # [H, R, Nb]
+            mass = (pb / l[..., None]).sum(1)  # [H, Nb]
+            cmask = masks[:, :, m]  # [H, C, Nb]
+            recall_num += torch.einsum("hn,hcn->hc", mass, cmask).double()
+            if m in sampled:
+                pv = torch.einsum("hrnk,hnkd->hrnd", p.view(h, r1 - r0, nb, bs), vb.view(h, nb, bs, d))
+                dense = pv.sum(2) / l[..., None]  # [H, R, D]
+                num = torch.einsum("hrnd,hcn->chrd", pv, cmask)
+                den = torch.einsum("hrn,hcn->chr", pb, cmask)
+                out = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], 0.0)
+                err_sq += ((out - dense) ** 2).sum((2, 3)).T.double().cpu()
+                ref_sq += (dense**2).sum((1, 2)).double().cpu()
+        return err_sq, ref_sq, recall_num.cpu()
 
     def merged(self) -> dict[int, LayerStats]:
         """Stats per layer, summed over the profiled steps."""

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from vdit_accel.patterns import Pattern
+from vdit_accel.permutation import DYNAMIC_KINDS, format_order, order_key, validate_order
 from vdit_accel.strategy import Strategy
 
 from .candidates import candidate_patterns
@@ -50,6 +51,11 @@ class SearchConfig:
     seed: the generation seed for every calibration prompt.
     target_density: instead of an error budget, the mean block density to reach with the least
         error (Lagrangian on density): for comparing with a uniform pattern at equal cost.
+    orders: token orders the search may give a head (:mod:`vdit_accel.permutation`; short forms):
+        every pattern is scored in each static order (``raster``, ``tiled``), and each dynamic order
+        (``semantic:top_p=0.9``, ``segment``, ...) is one more candidate of its own. Each order costs
+        one more profiling pass. The cost model counts block density only: the reordering itself
+        (measured by ``benchmarks/permutation.py``) is not charged.
     """
 
     budget: float = 0.05
@@ -61,8 +67,13 @@ class SearchConfig:
     mass_stride: int = 1
     seed: int = 0
     target_density: float | None = None
+    orders: tuple[str, ...] = ("raster",)
 
     def __post_init__(self):
+        specs = [validate_order(o) for o in self.orders]
+        if not any(o is None or o["kind"] not in DYNAMIC_KINDS for o in specs):
+            raise ValueError(f"orders {list(self.orders)} need a static order (raster or tiled) for the patterns")
+        self.orders = tuple(format_order(o) for o in specs)
         if not self.budget > 0:
             raise ValueError(f"budget must be > 0, got {self.budget}")
         if self.mode not in MODES:
@@ -117,7 +128,8 @@ class _State:
             layer = int(f.name[6:9])
             tensors = load_file(str(f))
             for step in sorted({int(k.split(".")[0]) for k in tensors}):
-                state.stats[(layer, step)] = LayerStats(**{n: tensors[f"{step}.{n}"] for n in ("err_sq", "ref_sq", "recall", "count")})
+                names = [n for n in ("err_sq", "ref_sq", "recall", "count", "density") if f"{step}.{n}" in tensors]
+                state.stats[(layer, step)] = LayerStats(**{n: tensors[f"{step}.{n}"] for n in names})
         return state
 
 
@@ -188,7 +200,7 @@ def search(
         grid = pstate.call_grid or pstate.grid  # the tokens of this very call (text included)
         if profiler is None:
             profiler = HeadProfiler(candidate_patterns(grid), config.block_size, config.sample_blocks,
-                                    config.mass_stride, stats=state.stats)
+                                    config.mass_stride, stats=state.stats, orders=list(config.orders))
         profiler.observe(layer, step, grid, q, k, v)
 
     pstate.observers.append(observe)
@@ -222,33 +234,47 @@ def search(
         grid_t = [g for g in gathered if g]
     grid = VideoGrid(*grid_t[0])
     candidates = candidate_patterns(grid)
+    profiler = HeadProfiler(candidates, config.block_size, orders=list(config.orders))
+    columns = profiler.columns()  # (pattern, order) per stats column
     stats = state.stats
     if distributed:
-        stats = _allreduce(stats, [(l, s) for l in range(num_layers) for s in steps], (num_heads, len(candidates)))
-    masks = HeadProfiler(candidates, config.block_size).masks_for(grid, "cpu")
-    skip = next(i for i, c in enumerate(candidates) if c["kind"] == "skip")
+        stats = _allreduce(stats, [(l, s) for l in range(num_layers) for s in steps], (num_heads, len(columns)))
+    representative, static_density = profiler.column_info(grid, "cpu")
+    skip = [i for i, (p, _) in enumerate(columns) if p["kind"] == "skip"]
 
-    def layer_error(layer: int, only_step: int | None = None) -> torch.Tensor:
-        total = LayerStats.zeros(num_heads, len(candidates))
+    def layer_total(layer: int, only_step: int | None = None) -> LayerStats:
+        total = LayerStats.zeros(num_heads, len(columns))
         for (l, s), st in stats.items():
             if l == layer and (only_step is None or s == only_step):
                 total.add(st)
-        return total.error(skip)
+        return total
+
+    def layer_error(layer: int, only_step: int | None = None) -> torch.Tensor:
+        return layer_total(layer, only_step).error(skip)
 
     err = torch.stack([layer_error(l) for l in range(num_layers)])  # [L, H, C]
+    # Block density per (layer, head, column): measured per head for data-chosen (dynamic) masks.
+    density = static_density.double().expand(num_layers, num_heads, -1).clone()
+    for l in range(num_layers):
+        measured = layer_total(l).mean_density()
+        if measured is not None:
+            density[l] = torch.where(static_density.isnan(), measured, density[l])
+    if density.isnan().any():
+        raise RuntimeError("the search state has no measured densities for the dynamic orders; rerun without --state-dir")
     head_dim = int(transformer.config.attention_head_dim)
     if cost_model is None:
         device = next(transformer.parameters()).device
         cost_model = (measure_cost_model(1, grid.seq_len, num_heads, head_dim, config.block_size, device)
                       if device.type == "cuda" else flops_cost_model(1, grid.seq_len, num_heads, head_dim))
-    cost = cost_model.head_cost(masks.density.double(), num_heads)  # [C]
+    cost = cost_model.head_cost(density, num_heads)  # [L, H, C]
     if config.target_density is not None:
-        choice = solve_lagrangian(err, masks.density.double(), mean_cost=config.target_density)
+        choice = solve_lagrangian(err, density, mean_cost=config.target_density)
     elif config.mode == "per_head":
         choice = solve_per_head(err, cost, config.budget)
     else:
         choice = solve_lagrangian(err, cost, mean_error=config.budget)
-    choice = torch.tensor(masks.representative)[choice]
+    choice = torch.tensor(representative)[choice]
+    chosen_density = density.gather(-1, choice[..., None])[..., 0]  # [L, H]
 
     # Dense warm-up: leading profiled steps where this choice's error exceeds the budget by half.
     per_step = {}
@@ -264,8 +290,16 @@ def search(
             else:
                 break
 
-    layers: list[list[Pattern]] = [[candidates[int(c)] for c in row] for row in choice]
-    head_stats = [[{"error": round(float(err[l, h, choice[l, h]]), 6), "density": round(float(masks.density[choice[l, h]]), 6)}
+    layers: list[list[Pattern]] = [[columns[int(c)][0] for c in row] for row in choice]
+    orders = [[columns[int(c)][1] for c in row] for row in choice]
+    # The default order: the most common static one (a tiled default is applied once per forward).
+    counts: dict[str, int] = {}
+    for row in orders:
+        for o in row:
+            if o is None or o["kind"] not in DYNAMIC_KINDS:
+                counts[order_key(o)] = counts.get(order_key(o), 0) + 1
+    default_order = next((o for row in orders for o in row if counts and order_key(o) == max(counts, key=counts.get)), None)
+    head_stats = [[{"error": round(float(err[l, h, choice[l, h]]), 6), "density": round(float(chosen_density[l, h]), 6)}
                    for h in range(num_heads)] for l in range(num_layers)]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     import diffusers
@@ -276,10 +310,13 @@ def search(
         "candidates": len(candidates), "cost_model": cost_model.source, "gpu": gpu,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "vdit_accel": vdit_accel.__version__},
         "seconds": round(time.perf_counter() - t0, 2), "error_per_step": per_step,
-        "mean_error": float(err.gather(-1, choice[..., None]).mean()), "mean_density": float(masks.density[choice].mean()),
+        "mean_error": float(err.gather(-1, choice[..., None]).mean()), "mean_density": float(chosen_density.mean()),
+        "orders": list(config.orders),
     }
+    uniform_orders = all(order_key(o) == order_key(default_order) for row in orders for o in row)
     return Strategy(
-        layers=layers, dense_warmup_steps=int(warmup), head_stats=head_stats,
+        layers=layers, dense_warmup_steps=int(warmup), head_stats=head_stats, order=default_order,
+        orders=None if uniform_orders else orders,
         model={"class": type(transformer).__name__, "num_layers": num_layers, "num_heads": num_heads,
                "head_dim": head_dim},
         search=meta,

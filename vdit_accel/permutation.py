@@ -134,10 +134,12 @@ def parse_order(text: str) -> Order | None:
 
 
 def format_order(o: Order | None) -> str:
-    """Inverse of :func:`parse_order` (automatic parameters left out)."""
+    """Inverse of :func:`parse_order` (automatic and default parameters left out)."""
     if o is None:
         return "raster"
-    args = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in o.items() if k != "kind" and v is not None]
+    schema = _ORDER_SCHEMA[o["kind"]]
+    args = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in o.items()
+            if k != "kind" and v is not None and v != schema[k][1]]
     return o["kind"] + (":" + ",".join(args) if args else "")
 
 
@@ -623,10 +625,14 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
         if o is not None and o["kind"] in DYNAMIC_KINDS:
             groups.setdefault(order_key(o), []).append(hi)
     memory = {} if memory is None else memory
+    whole = None  # (q_perm, k_perm, mask) when one dynamic order covers every head: no per-head assembly
     for key, heads in groups.items():
         o = orders[heads[0]]
-        sel = torch.tensor(heads, device=device)
-        qs, ks = q.index_select(2, sel), k.index_select(2, sel)
+        if len(heads) == h:
+            qs, ks = q, k
+        else:
+            sel = torch.tensor(heads, device=device)
+            qs, ks = q.index_select(2, sel), k.index_select(2, sel)
         if o["kind"] == "semantic":
             dq, dk = default_clusters(grid, block)
             nq, nk = o["q_clusters"] or dq, o["k_clusters"] or dk
@@ -641,11 +647,17 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
             size = o["size"] or 8 * block
             kp, rows = segment_plan(qs, ks, grid, size, o["top_p"], block, block, scale)
             qp = None
+        if len(heads) == h:
+            whole = (qp, kp, rows)
+            break
         for j, hi in enumerate(heads):
             dyn_rows[hi] = rows[:, j]
             k_dyn[hi] = kp[:, j]
             if qp is not None:
                 q_dyn[hi] = qp[:, j]
+
+    if whole is not None:
+        return CallPlan(*whole)
 
     def index(rows: list, dyn: dict) -> torch.Tensor | None:
         if not dyn and all(r is None for r in rows):

@@ -1,0 +1,212 @@
+"""Token orders at run time: where the reordering happens, with as little data movement as possible.
+
+Two places, chosen per transformer forward and per layer:
+
+- **Once per forward** (the *frame*): when the strategy's default order is ``tiled`` and the model is Wan
+  (``WanTransformer3DModel``, both transformers of Wan 2.2), the video hidden states are permuted into the
+  tiled order before the first block and back after the last (a forward pre-hook on ``blocks[0]``, a
+  forward hook on ``blocks[-1]``), together with the per-token inputs the blocks read: the rotary tables
+  (a forward hook on ``rope``) and, for Wan 2.2 TI2V's per-token timesteps, the per-token modulation
+  (a forward hook on ``condition_embedder``; ``temb``, used after the last block, stays as it is). Every
+  layer then attends in the tiled order with no gather at all: two row gathers of the hidden states and
+  two of the rotary tables per forward, shared by all layers. Blocks see tokens in another order; all
+  they do per token (norms, MLPs, modulation, RoPE) is order-free, and self-attention is
+  order-equivariant, so the output is the unpermuted one up to rounding (tested). The frame is the same
+  at every step of a grid (dense warm-up included), so diffusers' caches (FirstBlockCache, MagCache, ...),
+  which keep block outputs across steps, stay consistent.
+- **Per call** (:func:`vdit_accel.permutation.plan_call`): heads whose order differs from the frame — a
+  ``tiled`` head on another model, a ``raster`` head in a tiled frame, every ``semantic`` and ``segment``
+  head — gather their q (and k, v) rows into their own order inside the attention call and scatter the
+  output back (``segment``: keys only, no scatter). Semantic heads keep their k-means centroids per layer
+  between calls (warm start).
+
+Not supported (clear errors): orders under context parallelism (the frame would permute a sharded
+sequence), and attention observers (the search) while a frame is active (they expect raster order).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from vdit_accel.grid import VideoGrid
+from vdit_accel.permutation import (DYNAMIC_KINDS, block_mask_for_order, format_order, gather_tokens, inverse, order_key,
+                                    plan_call, scatter_tokens, static_order)
+from vdit_accel.patterns import build_block_mask_for_pattern
+
+from .backend import _warn_once
+from .op import vdit_attention
+
+if TYPE_CHECKING:
+    from .patch import PatchState
+
+FRAME_FAMILIES = ("wan",)  # models whose forward we permute once (hooks below)
+
+
+class OrderRuntime:
+    """The token orders of one patched transformer: its frame hooks and its per-call plans."""
+
+    def __init__(self, transformer: torch.nn.Module, state: "PatchState"):
+        self.state = state
+        self.strategy = state.strategy
+        self.block = state.block_size
+        default = self.strategy.order
+        self.frame_order = default if (default is not None and default["kind"] == "tiled"
+                                       and state.adapter.family in FRAME_FAMILIES) else None
+        self.frame: torch.Tensor | None = None  # this forward's frame permutation, on its device
+        self._frame_inv: torch.Tensor | None = None
+        self._frame_len = 0
+        self.memory: dict[int, dict] = {}  # layer -> warm-start state of its semantic heads
+        self._static: dict[tuple, torch.Tensor] = {}  # (layer, grid, device, heads) -> bool [1, H, Mb, Nb]
+        self.hooks = [transformer.register_forward_pre_hook(self.on_forward, with_kwargs=True)]
+        if self.frame_order is not None:
+            blocks = transformer.blocks
+            self.hooks += [
+                transformer.rope.register_forward_hook(self._on_rope),
+                transformer.condition_embedder.register_forward_hook(self._on_condition),
+                blocks[0].register_forward_pre_hook(self._on_enter, with_kwargs=True),
+                blocks[-1].register_forward_hook(self._on_leave),
+            ]
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    # -- the frame (once per forward) ------------------------------------------------------------
+    @torch.compiler.disable
+    def on_forward(self, module, args, kwargs) -> None:
+        """After the patch state's pre-hook: check what orders cannot do, and set this forward's frame."""
+        state = self.state
+        if getattr(module, "_parallel_config", None) is not None:
+            raise NotImplementedError(
+                "vdit-accel: token orders (strategy 'order') are not supported under context parallelism; "
+                "use a strategy without orders with enable_parallelism()"
+            )
+        self.frame = self._frame_inv = None
+        grid = state.grid
+        if self.frame_order is None or grid is None:
+            return
+        if state.observers:
+            raise NotImplementedError(
+                "vdit-accel: attention observers (e.g. the sparsity search) expect raster order, but this strategy "
+                f"permutes the hidden states ({format_order(self.frame_order)}); patch a strategy without 'order'"
+            )
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.frame = static_order(self.frame_order, grid, self.block, hidden.device)
+        self._frame_inv = inverse(self.frame)
+        self._frame_len = grid.video_len
+
+    def _take(self, x: torch.Tensor, dim: int, index: torch.Tensor, what: str) -> torch.Tensor:
+        if x.shape[dim] != self._frame_len:
+            raise NotImplementedError(
+                f"vdit-accel: {what} has {x.shape[dim]} tokens along dim {dim} where the video has {self._frame_len}; "
+                f"the tiled frame cannot permute it (use order 'tiled' per head, which gathers inside attention)"
+            )
+        return x.index_select(dim, index)
+
+    @torch.compiler.disable
+    def _on_rope(self, module, args, out):
+        if self.frame is None:
+            return out
+        return tuple(self._take(t, 1, self.frame, "the rotary table") for t in out)
+
+    @torch.compiler.disable
+    def _on_condition(self, module, args, out):
+        # (temb, timestep_proj, text, image): per-token timesteps (Wan 2.2 TI2V) make timestep_proj
+        # (B, S, 6 * C); temb stays in raster order (the output norm reads it after the last block).
+        if self.frame is None or out[1].dim() != 3:
+            return out
+        return (out[0], self._take(out[1], 1, self.frame, "the per-token timestep embedding"), *out[2:])
+
+    @torch.compiler.disable
+    def _on_enter(self, module, args, kwargs):
+        if self.frame is None:
+            return None
+        if args:
+            return (self._take(args[0], 1, self.frame, "hidden_states"), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._take(kwargs["hidden_states"], 1, self.frame, "hidden_states")}
+
+    @torch.compiler.disable
+    def _on_leave(self, module, args, out):
+        if self.frame is None:
+            return out
+        return self._take(out, 1, self._frame_inv, "the last block's output")
+
+    # -- masks ------------------------------------------------------------------------------------
+    def layer_mask(self, layer: int, patterns: list, grid: VideoGrid, device, heads: tuple[int, int]):
+        """The layer's block mask: each static head's pattern in its own order, dynamic heads dense
+        (replaced per call); None when every head is dense. Also kept as a bool tensor for the per-call
+        plans."""
+        from vdit_accel.block_mask import BlockMask
+
+        orders = self.strategy.layer_orders(layer, self.state.num_heads)[heads[0]:heads[1]]
+        dynamic = [o is not None and o["kind"] in DYNAMIC_KINDS for o in orders]
+        if not any(dynamic) and all(p["kind"] == "dense" for p in patterns):
+            return None  # dense whatever the order
+        rows = []
+        for p, o in zip(patterns, orders):
+            if o is not None and o["kind"] in DYNAMIC_KINDS:
+                rows.append(build_block_mask_for_pattern({"kind": "dense"}, grid, self.block, self.block, device))
+            elif o is None:
+                rows.append(build_block_mask_for_pattern(p, grid, self.block, self.block, device))
+            else:
+                rows.append(_order_mask(p, o, grid, self.block, device))
+        dense = torch.stack(rows).unsqueeze(0)
+        self._static[(layer, grid, str(device), heads)] = dense
+        return BlockMask.from_dense(dense, grid.seq_len, self.block, self.block)
+
+    # -- one attention call ---------------------------------------------------------------------------
+    @torch.compiler.disable
+    def attend(self, proc, query, key, value, scale, heads, kv_num_blocks, kv_indices, quant) -> torch.Tensor:
+        """Our attention for one call of a layer with orders (the backend calls this)."""
+        state, layer, block = self.state, proc._vdit_layer, self.block
+        if state.step < self.strategy.dense_warmup_steps:  # dense: the order does not matter
+            return vdit_attention(query, key, value, None, None, block, block, scale, quant)
+        grid = state.grid_for(query.shape[1], layer)
+        orders = self.strategy.layer_orders(layer, state.num_heads)[heads[0]:heads[1]]
+        frame = self.frame_order if (self.frame is not None and grid is not None
+                                     and grid.video_len == self._frame_len) else None
+        dynamic = any(o is not None and o["kind"] in DYNAMIC_KINDS for o in orders)
+        if grid is None:
+            if dynamic:
+                _warn_once(f"vdit-accel: {state.adapter.family}: no token grid for this call; semantic/segment heads run dense")
+            return vdit_attention(query, key, value, kv_num_blocks, kv_indices, block, block, scale, quant)
+        if not dynamic and all(order_key(o) == order_key(frame) for o in orders):
+            return vdit_attention(query, key, value, kv_num_blocks, kv_indices, block, block, scale, quant)
+        static = None
+        if dynamic:
+            static = self._static.get((layer, grid, str(query.device), heads))
+            if static is None:
+                self.layer_mask(layer, self.strategy.layer_patterns(layer, state.num_heads)[heads[0]:heads[1]], grid,
+                                query.device, heads)
+                static = self._static[(layer, grid, str(query.device), heads)]
+        plan = plan_call(query, key, grid, orders, frame, block, static, self.memory.setdefault(layer, {}), scale)
+        if plan.q_index is not None:
+            query = gather_tokens(query, plan.q_index)
+        if plan.k_index is not None:
+            key, value = gather_tokens(key, plan.k_index), gather_tokens(value, plan.k_index)
+        if dynamic:
+            from vdit_accel.block_mask import BlockMask
+
+            bm = BlockMask.from_dense(plan.mask, query.shape[1], block, block)
+            kv_num_blocks, kv_indices = bm.kv_num_blocks, bm.kv_indices
+        out = vdit_attention(query, key, value, kv_num_blocks, kv_indices, block, block, scale, quant)
+        return out if plan.q_index is None else scatter_tokens(out, plan.q_index)
+
+
+_ORDER_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _order_mask(p, o, grid: VideoGrid, block: int, device) -> torch.Tensor:
+    """Bool [Mb, Nb]: pattern ``p`` in static order ``o`` (cached per pattern, order, grid, block, device)."""
+    import json
+
+    key = (json.dumps(p, sort_keys=True), order_key(o), grid, block, str(device))
+    hit = _ORDER_MASKS.get(key)
+    if hit is None:
+        if len(_ORDER_MASKS) >= 256:
+            _ORDER_MASKS.pop(next(iter(_ORDER_MASKS)))
+        hit = _ORDER_MASKS[key] = block_mask_for_order(p, grid, static_order(o, grid, block, device), block, block)
+    return hit

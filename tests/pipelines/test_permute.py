@@ -1,0 +1,177 @@
+"""Token orders at run time (pipelines/permute.py): the tiled frame permuted once per Wan forward, per-call
+plans for per-head orders, and exactness against the unpermuted model."""
+
+import pytest
+import torch
+
+import vdit_accel
+from vdit_accel import Strategy
+from vdit_accel.pipelines import build_tiny_pipeline, patch_state
+from vdit_accel.pipelines import permute as permute_mod
+from vdit_accel.permutation import parse_order, tiled_order
+
+CALL = dict(prompt="a red circle moving left", height=128, width=128, num_frames=9, num_inference_steps=2,
+            max_sequence_length=16, output_type="latent")  # a (3, 8, 8) token grid: 192 tokens
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline("wan", seed=0)
+
+
+def _run(pipe, strategy=None, block_size=32, **kw):
+    if strategy is not None:
+        vdit_accel.patch(pipe, strategy, block_size=block_size)
+    try:
+        return pipe(**{**CALL, **kw}, generator=torch.Generator().manual_seed(0)).frames
+    finally:
+        if strategy is not None:
+            vdit_accel.unpatch(pipe)
+
+
+def _no_per_call_plans(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("a per-call plan ran where the frame should have served")
+
+    monkeypatch.setattr(permute_mod, "plan_call", fail)
+
+
+def test_tiled_frame_dense_equals_unpatched_and_permutes_once(pipe, monkeypatch):
+    base = _run(pipe)
+    seen = []
+    tr = pipe.transformer
+    probe = tr.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    _no_per_call_plans(monkeypatch)
+    try:
+        out = _run(pipe, Strategy.uniform("dense", order="tiled"))
+    finally:
+        probe.remove()
+    assert (out - base).abs().max().item() <= 1e-5
+    # Inside the blocks the hidden states are in the tiled order: block 1 saw them permuted.
+    raw = []
+    probe = tr.blocks[1].register_forward_pre_hook(lambda m, args: raw.append(args[0].clone()))
+    try:
+        _run(pipe, num_inference_steps=1)
+    finally:
+        probe.remove()
+    perm = tiled_order(vdit_accel.VideoGrid(3, 8, 8), 32)
+    assert not torch.equal(perm, torch.arange(192))
+    torch.testing.assert_close(seen[0], raw[0][:, perm], rtol=1e-5, atol=1e-5)
+    # unpatch took every hook away: bit for bit the unpatched model again.
+    assert not tr.rope._forward_hooks and not tr.blocks[0]._forward_pre_hooks and not tr.blocks[-1]._forward_hooks
+    assert torch.equal(_run(pipe), base)
+
+
+def test_tiled_sparse_frame_equals_per_call_gathers(pipe, monkeypatch):
+    """The same tiled strategy through the once-per-forward frame and through per-call gathers."""
+    strat = Strategy.uniform("window3d:t=0,h=1,w=1", order="tiled")
+    base = _run(pipe)
+    framed = _run(pipe, strat)
+    monkeypatch.setattr(permute_mod, "FRAME_FAMILIES", ())
+    per_call = _run(pipe, strat)
+    assert (framed - per_call).abs().max().item() <= 1e-5
+    assert (framed - base).abs().max().item() > 1e-2  # sparse: it changed something
+    raster = _run(pipe, Strategy.uniform("window3d:t=0,h=1,w=1"))
+    assert (framed - raster).abs().max().item() > 1e-3  # other blocks than the raster order's
+
+
+def test_per_token_timesteps_wan22_ti2v(pipe):
+    """Wan 2.2 TI2V passes a timestep per video token: its modulation is permuted with the frame."""
+    tr = pipe.transformer
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 16, 3, 16, 16, generator=g)
+    timestep = torch.rand(1, 3 * 8 * 8, generator=g) * 1000
+    text = torch.randn(1, 16, 32, generator=g)
+    base = tr(hidden, timestep, text, return_dict=False)[0]
+    vdit_accel.patch(tr, Strategy.uniform("dense", order="tiled"), block_size=32)
+    try:
+        out = tr(hidden, timestep, text, return_dict=False)[0]
+        assert patch_state(tr).orders.frame is not None
+        with pytest.raises(NotImplementedError, match="per-token timestep embedding has 100 tokens"):
+            tr(hidden, timestep[:, :100], text)
+    finally:
+        vdit_accel.unpatch(tr)
+    assert (out - base).abs().max().item() <= 1e-5
+
+
+def test_dynamic_and_mixed_orders_dense_equal_unpatched(pipe):
+    """Per-head orders (raster, tiled, semantic, segment in one layer), in a tiled frame or not: with
+    top_p = 1 every block is kept, so the output is the unpatched one."""
+    base = _run(pipe)
+    heads = ["raster", "tiled", "semantic:top_p=1,q_clusters=4,k_clusters=6", "segment:top_p=1,size=64"]
+    for default in ("tiled", None):
+        strat = Strategy(layers=[[{"kind": "dense"}] * 4] * 4, order=default, orders=[[parse_order(h) for h in heads]] * 4)
+        out = _run(pipe, strat)
+        assert (out - base).abs().max().item() <= 1e-5, default
+
+
+def test_semantic_heads_run_sparse_and_warm_start(pipe):
+    base = _run(pipe)
+    strat = Strategy.uniform("dense", order="semantic:top_p=0.5,q_clusters=6,k_clusters=8")
+    vdit_accel.patch(pipe, strat, block_size=16)
+    state = patch_state(pipe.transformer)
+    calls = []
+    orig = permute_mod.plan_call
+
+    def spy(q, k, grid, orders, frame, block, static, memory, scale=None):
+        calls.append(len(memory))  # centroids kept from the previous call of the layer
+        return orig(q, k, grid, orders, frame, block, static, memory, scale)
+
+    permute_mod.plan_call = spy
+    try:
+        out = pipe(**CALL, generator=torch.Generator().manual_seed(0)).frames
+        assert state.orders.frame is None  # no frame: the default order is not tiled
+    finally:
+        permute_mod.plan_call = orig
+        vdit_accel.unpatch(pipe)
+    assert calls[:4] == [0, 0, 0, 0] and all(c == 1 for c in calls[4:])  # cold once per layer, then warm
+    assert len(calls) == 4 * 2 * 2  # layers x (cond, uncond) x steps
+    assert (out - base).abs().max().item() > 1e-4 and torch.isfinite(out).all()
+
+
+def test_tiled_frame_with_first_block_cache(pipe):
+    """diffusers' FirstBlockCache keeps block outputs across steps: the frame is the same at every step,
+    so caching composes (same result as the raster dense run with the same cache)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    results = []
+    for order in (None, "tiled"):
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+        try:
+            results.append(_run(pipe, Strategy.uniform("dense", order=order), num_inference_steps=3))
+        finally:
+            pipe.transformer.disable_cache()
+    assert (results[0] - results[1]).abs().max().item() <= 1e-5
+
+
+def test_text_families_per_call_orders():
+    """CogVideoX (text first, batched CFG) has no frame: tiled and semantic heads gather per call, text in place."""
+    cog = build_tiny_pipeline("cogvideox", seed=0)
+    kw = dict(prompt="a red circle", height=64, width=64, num_frames=9, num_inference_steps=2, max_sequence_length=16,
+              output_type="latent")
+    base = cog(**kw, generator=torch.Generator().manual_seed(0)).frames
+    strat = Strategy(layers=[[{"kind": "dense"}] * 2] * 2, order="tiled",
+                     orders=[[parse_order("tiled"), parse_order("semantic:top_p=1,q_clusters=3,k_clusters=5")]] * 2)
+    vdit_accel.patch(cog, strat, block_size=16)
+    try:
+        out = cog(**kw, generator=torch.Generator().manual_seed(0)).frames
+        assert patch_state(cog.transformer).orders.frame_order is None
+    finally:
+        vdit_accel.unpatch(cog)
+    assert (out - base).abs().max().item() <= 1e-5
+
+
+def test_order_errors(pipe):
+    vdit_accel.patch(pipe, Strategy.uniform("dense", order="tiled"), block_size=32)
+    state = patch_state(pipe.transformer)
+    try:
+        state.observers.append(lambda *a: None)
+        with pytest.raises(NotImplementedError, match="observers"):
+            _run(pipe)
+        state.observers.clear()
+        pipe.transformer._parallel_config = object()
+        with pytest.raises(NotImplementedError, match="context parallelism"):
+            _run(pipe)
+    finally:
+        pipe.transformer._parallel_config = None
+        vdit_accel.unpatch(pipe)

@@ -1,0 +1,67 @@
+"""Token orders as a per-head choice of the search: (pattern, order) columns, measured densities, the
+strategy it writes."""
+
+import pytest
+import torch
+
+import vdit_accel
+from vdit_accel import Strategy, VideoGrid
+from vdit_accel.permutation import format_order
+from vdit_accel.sparsity_search import HeadProfiler, SearchConfig, candidate_patterns, search
+from vdit_accel.sparsity_search.solver import solve_per_head
+from vdit_accel.sparsity_search.synthetic import clustered_head, planted_head
+
+
+def test_clustered_heads_get_the_semantic_order_local_heads_do_not():
+    grid, block = VideoGrid(4, 8, 32), 16
+    g = torch.Generator().manual_seed(0)
+    heads = []
+    for n in (8, 16):  # scattered semantic groups: no pattern catches them
+        q, k = clustered_head(grid, n, "scattered", 12.0, 32, g)
+        heads.append((q, k, torch.randn(q.shape, generator=g)))
+    for r in (dict(t=0, h=1, w=2), dict(t=1, h=1, w=1), dict(t=1, h=2, w=4)):
+        heads.append(planted_head("window3d", grid, 32, g, **r))
+    q, k, v = (torch.stack([hd[i] for hd in heads], 1)[None] for i in range(3))
+    prof = HeadProfiler(candidate_patterns(grid), block_size=block, sample_blocks=8, mass_stride=2,
+                        orders=["raster", "tiled", "semantic:top_p=0.95"])
+    prof.observe(0, 0, grid, q, k, v)
+    cols = prof.columns()
+    assert len(cols) == 2 * len(prof.candidates) + 1 and cols[-1][0] == {"kind": "dense"}
+    rep, static_density = prof.column_info(grid)
+    st = prof.merged()[0]
+    measured = st.mean_density()
+    # Static columns: the mask's density, the same for every head; the semantic column: per head.
+    assert torch.allclose(measured[:, :-1], static_density[:-1].double().expand(5, -1))
+    assert static_density[-1].isnan() and (measured[:, -1] < 0.5).all()
+    err = st.error([i for i, (p, _) in enumerate(cols) if p["kind"] == "skip"])
+    density = torch.where(static_density.isnan(), measured, static_density.double())
+    chosen = [cols[rep[c]] for c in solve_per_head(err, density, 0.1).tolist()]
+    kinds = [(p["kind"], format_order(o).split(":")[0]) for p, o in chosen]
+    assert kinds[:2] == [("dense", "semantic")] * 2, kinds
+    assert all(o != "semantic" and p == "window3d" for p, o in kinds[2:]), kinds
+
+
+def test_search_writes_orders_that_patch_applies(tmp_path):
+    from vdit_accel.pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("wan", seed=0)
+    call = dict(height=128, width=128, num_frames=9, num_inference_steps=2, max_sequence_length=16, output_type="latent")
+    cfg = SearchConfig(block_size=32, steps=[1], budget=0.2, sample_blocks=2, mode="per_head",
+                       orders=("raster", "tiled", "semantic:top_p=0.9"))
+    found = search(pipe, ["a red circle moving left"], cfg, call_kwargs=call, progress=lambda m: None)
+    assert found.search["orders"] == ["raster", "tiled", "semantic:top_p=0.9"]
+    path = tmp_path / "s.json"
+    found.save(path)
+    loaded = Strategy.load(path)
+    assert loaded.layer_orders(0, 4) == found.layer_orders(0, 4)
+    for layer in range(4):
+        for p, o in zip(loaded.layer_patterns(layer, 4), loaded.layer_orders(layer, 4)):
+            assert o is None or o["kind"] == "tiled" or p == {"kind": "dense"}
+    vdit_accel.patch(pipe, loaded, block_size=32)
+    try:
+        out = pipe(prompt="a blue square", **call, generator=torch.Generator().manual_seed(0)).frames
+    finally:
+        vdit_accel.unpatch(pipe)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="need a static order"):
+        SearchConfig(orders=("semantic",))
