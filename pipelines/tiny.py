@@ -15,6 +15,9 @@ import torch
 TINY_FAMILIES = (
     "wan", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video_1_5", "cogvideox", "cogvideox_1_5", "ltx", "mochi",
 )
+# Pipelines with trained weights shipped in the package (pipelines/trained.py), also built by
+# build_tiny_pipeline; apart from TINY_FAMILIES because they need their weight files.
+TRAINED_FAMILIES = ("wan-trained",)
 
 
 @dataclass(frozen=True)
@@ -238,9 +241,14 @@ def build_tiny_pipeline(family: str = "wan", seed: int = 0, dtype: torch.dtype =
     it), a 3-stage ``AutoencoderKLWan`` (8x spatial, 4x temporal compression), a 2-layer
     ``UMT5EncoderModel`` and ``FlowMatchEulerDiscreteScheduler``. The others use 2 heads of 16 channels
     and 2-4 layers; at :func:`tiny_defaults` sizes every video token grid is at least 3 x 4 x 4.
+    ``"wan-trained"`` is the trained tiny Wan of :mod:`vdit_accel.pipelines.trained` (weights from the package).
     """
+    if family == "wan-trained":
+        from .trained import build_trained_pipeline
+
+        return build_trained_pipeline(dtype=dtype)  # trained weights: ``seed`` does not apply
     if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny pipeline family {family!r}; available: {', '.join(TINY_FAMILIES)}")
+        raise ValueError(f"unknown tiny pipeline family {family!r}; available: {', '.join(TINY_FAMILIES + TRAINED_FAMILIES)}")
     if family in ("wan", "wan2.2", "skyreels_v2"):
         pipe = _wan(seed, family)
     elif family in ("cogvideox", "cogvideox_1_5"):
@@ -256,7 +264,7 @@ def build_tiny_pipeline(family: str = "wan", seed: int = 0, dtype: torch.dtype =
 
 
 # Tiny families that are a version of another family's architecture (same adapter).
-_ADAPTER_FAMILY = {"wan2.2": "wan", "cogvideox_1_5": "cogvideox"}
+_ADAPTER_FAMILY = {"wan2.2": "wan", "cogvideox_1_5": "cogvideox", "wan-trained": "wan"}
 
 
 def supported_models() -> list[tuple[str, tuple[str, ...]]]:
@@ -264,10 +272,14 @@ def supported_models() -> list[tuple[str, tuple[str, ...]]]:
     from .adapters import ADAPTERS
 
     by_family = {a.family: a.class_names for a in ADAPTERS}
-    return [(f, by_family[_ADAPTER_FAMILY.get(f, f)]) for f in TINY_FAMILIES]
+    return [(f, by_family[_ADAPTER_FAMILY.get(f, f)]) for f in TINY_FAMILIES + TRAINED_FAMILIES]
 
 
 def tiny_defaults(family: str = "wan") -> TinyDefaults:
+    if family == "wan-trained":
+        from .trained import TRAINED_DEFAULTS
+
+        return TRAINED_DEFAULTS
     if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny pipeline family {family!r}; available: {', '.join(TINY_FAMILIES)}")
+        raise ValueError(f"unknown tiny pipeline family {family!r}; available: {', '.join(TINY_FAMILIES + TRAINED_FAMILIES)}")
     return _DEFAULTS[family]

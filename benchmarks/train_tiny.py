@@ -1,0 +1,560 @@
+"""Train the tiny Wan pipeline ``"wan-trained"`` on procedural toy videos (vdit_accel.toyvideo).
+
+Two stages, one checkpoint directory:
+
+1. **VAE** (``AutoencoderKLWan``, pipelines/trained.py): clips rendered on the device each step at a few
+   short sizes (the causal 3D convolutions see every size the same way), loss = L1 + L2 of the pixels,
+   object pixels weighted 5x (they are small and they are what the check reads), plus a small KL term
+   (the latents stay near N(0, 1) and the decoder sees posterior noise). Then the per-channel latent
+   mean and std are measured on training clips of the transformer's sizes.
+2. **Transformer + text encoder**: a pool of training clips is rendered and encoded once per command
+   (normalised posterior means), then rectified flow as diffusers' ``FlowMatchEulerDiscreteScheduler``
+   runs it: ``x_t = (1 - sigma) x_0 + sigma * noise``, target ``noise - x_0``, ``timestep = 1000 sigma``,
+   ``sigma`` uniform then shifted by the scheduler's shift (3.0), so training sees the noise levels
+   inference visits. Sizes are mixed per step (a fixed token budget per batch): 17x256x256 (the CPU
+   default, 1,280 tokens), 17x192x320, 17x128x128, 33x256x256 and 49x320x320 (5,200 tokens); RoPE makes
+   one model serve them all. 10% of captions are dropped (classifier-free guidance); 20% of batches pad
+   the captions to 512 tokens instead of 128 (WanPipeline's default), so either padding works. EMA of
+   the weights (0.999) is what ships. The learning rate follows a cosine over ``--dit-minutes`` of
+   training time (not steps), so it ends annealed however fast the GPU is.
+
+bf16 autocast on CUDA, float32 on the CPU. Everything random is seeded; the clips of a step depend on
+(seed, stage, step) only, so a resumed run sees the clips it would have seen.
+
+Checkpoint (``--out``, flat, every file < 16 MB): ``transformer.safetensors``, ``vae.safetensors``,
+``text_encoder.safetensors`` (fp16, EMA: the shippable weights, loaded by
+``build_trained_pipeline(weights_dir)``), ``resume.safetensors`` (the raw training weights, fp16; AdamW's
+moments are not kept: a resumed run warms its learning rate up again over 100 steps), ``state.json``
+(stage, steps, seconds, loss log, the commands), ``loss.png``. ``--minutes`` bounds the whole command:
+the run stops cleanly and saves before it.
+
+GPU (one H100, two commands of 9 minutes; the second resumes from the first's checkpoint):
+
+    cd /tmp && PYTHONPATH=/tmp/site python REPO/benchmarks/train_tiny.py --out $OUT/ckpt --minutes 9
+    cd /tmp && PYTHONPATH=/tmp/site python REPO/benchmarks/train_tiny.py --resume REPO/.ckpt --out $OUT/ckpt --minutes 9
+
+CPU: ``--smoke`` runs every stage at toy size in seconds and then loads the result through
+``build_trained_pipeline``, generates with ``WanPipeline`` and checks the video (untrained: only that it
+runs); ``--smoke --dit-steps 300`` shows the flow loss falling. ``--plot-only DIR`` redraws DIR/loss.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vdit_accel import toyvideo
+from vdit_accel.pipelines import trained
+
+_T0 = time.monotonic()
+
+
+@dataclass
+class TrainConfig:
+    """One preset. Sizes are (frames, height, width); VAE buckets carry a batch size, transformer buckets a
+    share of the steps (each step fills ``tokens_per_step`` video tokens from one bucket)."""
+
+    vae_buckets: list = field(default_factory=lambda: [(9, 128, 128, 16), (9, 192, 192, 8), (17, 128, 128, 8),
+                                                       (5, 256, 256, 8)])
+    vae_lr: float = 5e-4
+    vae_kl: float = 1e-4
+    vae_object_weight: float = 4.0
+    stats_clips: int = 256
+    check_size: tuple = (17, 256, 256)  # reconstructions of the check scenes are checked at this size
+    check_count: int = 24  # how many of them
+    dit_buckets: list = field(default_factory=lambda: [(17, 256, 256, 0.4), (17, 192, 320, 0.1), (17, 128, 128, 0.1),
+                                                       (33, 256, 256, 0.15), (49, 320, 320, 0.25)])
+    tokens_per_step: int = 65536
+    pool_clips: int = 16000
+    pool_seconds: float = 90.0
+    encode_pixels: int = 1 << 24  # pixels per VAE encode call when building the pool
+    dit_lr: float = 3e-4
+    warmup_steps: int = 300
+    resume_warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    caption_dropout: float = 0.1
+    long_text_prob: float = 0.2
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    log_every: int = 50
+
+
+SMOKE = TrainConfig(
+    vae_buckets=[(5, 32, 32, 1)], stats_clips=2, check_size=(5, 32, 32), check_count=2, dit_buckets=[(5, 32, 32, 0.5), (9, 64, 32, 0.5)],
+    tokens_per_step=64, pool_clips=16, pool_seconds=60.0, warmup_steps=20, resume_warmup_steps=5, log_every=20,
+)
+
+
+def _elapsed() -> float:
+    return time.monotonic() - _T0
+
+
+def _log(msg: str, **kv):
+    extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items())
+    print(f"[{_elapsed():7.1f}s] {msg} {extra}".rstrip(), flush=True)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+def _lr(base: float, step: int, warmup: int, progress: float, final_fraction: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine from ``base`` to ``final_fraction * base`` as
+    ``progress`` (the fraction of the training time spent) goes from 0 to 1."""
+    p = min(max(progress, 0.0), 1.0)
+    cos = final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * p))
+    return base * cos * min(1.0, (step + 1) / max(1, warmup))
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint
+
+
+def _save(out: Path, state: dict, transformer, vae, text_encoder, ema_transformer, ema_text_encoder):
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"steps": {"vae": state["vae"]["steps"], "dit": state["dit"]["steps"]}, "seed": state["seed"]}
+    trained.save_trained_weights(out, ema_transformer, vae, ema_text_encoder, metadata=meta)
+    raw = {}
+    parts = [("transformer.", transformer), ("text_encoder.", text_encoder)]
+    if not state["vae"]["done"]:  # once done, vae.safetensors holds exactly the weights in use
+        parts.append(("vae.", vae))
+    for prefix, module in parts:
+        raw.update({prefix + k: v.detach().to("cpu", torch.float16).contiguous() for k, v in module.state_dict().items()})
+    save_file(raw, str(out / "resume.safetensors"))
+    (out / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    try:
+        plot_losses(state, out / "loss.png")
+    except ImportError as e:  # Pillow missing: the log in state.json is enough to redraw it elsewhere
+        _log(f"loss.png not drawn ({e}); redraw with --plot-only")
+
+
+def _load(src: Path):
+    """(state, modules) from a checkpoint directory; modules = (transformer, vae, text_encoder,
+    ema_transformer, ema_text_encoder), all float32 in training mode."""
+    from safetensors.torch import load_file
+
+    state = json.loads((src / "state.json").read_text())
+    ema_t, vae, ema_te = trained.load_trained_components(src)
+    transformer, _, text_encoder = trained.build_components(state["seed"], vae.config.latents_mean, vae.config.latents_std)
+    raw = load_file(str(src / "resume.safetensors"))
+    for prefix, module in (("transformer.", transformer), ("text_encoder.", text_encoder), ("vae.", vae)):
+        if prefix == "vae." and state["vae"]["done"]:
+            continue  # vae.safetensors is the VAE in use
+        module.load_state_dict({k[len(prefix):]: v.float() for k, v in raw.items() if k.startswith(prefix)}, strict=True)
+    for m in (transformer, vae, text_encoder, ema_t, ema_te):
+        m.train().requires_grad_(True)
+    for m in (ema_t, ema_te):
+        m.requires_grad_(False)
+    return state, (transformer, vae, text_encoder, ema_t, ema_te)
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 1: the VAE
+
+
+def _kl(dist) -> torch.Tensor:
+    return 0.5 * (dist.mean.pow(2) + dist.var - 1.0 - dist.logvar).mean()
+
+
+def train_vae(cfg: TrainConfig, state: dict, vae, device, deadline: float, vae_seconds: float, max_steps: int | None):
+    s = state["vae"]
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    first = s["steps"]
+    window, t_last = [], time.monotonic()
+    vae.train()
+    while True:
+        if s["seconds"] >= vae_seconds or _elapsed() >= deadline or (max_steps is not None and s["steps"] >= max_steps):
+            break
+        t0 = time.monotonic()
+        step = s["steps"]
+        f, h, w, b = cfg.vae_buckets[step % len(cfg.vae_buckets)]
+        scenes = toyvideo.sample_scenes(b, int(_rng(state["seed"], 1, step).integers(2**31)))
+        x, mask = toyvideo.render(scenes, f, h, w, device=device, return_mask=True)
+        weight = 1.0 + cfg.vae_object_weight * mask
+        lr = _lr(cfg.vae_lr, step - first, 50 if first == 0 else cfg.resume_warmup_steps, s["seconds"] / vae_seconds, 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with _autocast(device):
+            dist = vae.encode(x).latent_dist
+            z = dist.sample()
+            y = vae.decode(z).sample
+        d = (y.float() - x)
+        recon = (weight * (d.abs() + d * d)).mean() / weight.mean()
+        kl = _kl(dist)
+        loss = recon + cfg.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
+            s["skipped"] = s.get("skipped", 0) + 1  # a non-finite gradient: no update, counted
+            _log("vae: non-finite gradient, step skipped", step=step, skipped=s["skipped"])
+            s["steps"] += 1
+            continue
+        opt.step()
+        if device.type == "cuda" and step % 10 == 0:
+            torch.cuda.synchronize()
+        s["steps"] += 1
+        s["seconds"] += time.monotonic() - t0
+        window.append((recon.item(), kl.item()))
+        if s["steps"] % cfg.log_every == 0 or s["steps"] == 1:
+            r, k = np.mean(window, axis=0)
+            s["log"].append([s["steps"], round(float(r), 5), round(float(k), 4)])
+            dt = time.monotonic() - t_last
+            _log("vae", step=s["steps"], recon=float(r), kl=float(k), lr=lr, steps_per_s=len(window) / max(dt, 1e-9))
+            window, t_last = [], time.monotonic()
+    return s["seconds"] >= vae_seconds or (max_steps is not None and s["steps"] >= max_steps)
+
+
+@torch.no_grad()
+def _encode(vae, x: torch.Tensor) -> torch.Tensor:
+    return vae.encode(x).latent_dist.mode()
+
+
+@torch.no_grad()
+def latent_stats(cfg: TrainConfig, state: dict, vae, device) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior means over ``stats_clips`` training clips of the
+    transformer's sizes."""
+    vae.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    per = max(1, cfg.stats_clips // len(cfg.dit_buckets))
+    for i, (f, h, w, _) in enumerate(cfg.dit_buckets):
+        chunk = max(1, min(per, cfg.encode_pixels // (f * h * w)))
+        for j in range(0, per, chunk):
+            n = min(chunk, per - j)
+            scenes = toyvideo.sample_scenes(n, int(_rng(state["seed"], 2, i, j).integers(2**31)))
+            with _autocast(device):
+                z = _encode(vae, toyvideo.render(scenes, f, h, w, device=device)).float()
+            total = total + z.sum((0, 2, 3, 4)).double()
+            total_sq = total_sq + z.pow(2).sum((0, 2, 3, 4)).double()
+            count += z.numel() // z.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-8).sqrt()
+    vae.train()
+    return [round(float(v), 5) for v in mean], [round(float(v), 5) for v in std]
+
+
+@torch.no_grad()
+def vae_check(vae, device, size: tuple[int, int, int], count: int = 24) -> dict:
+    """The check of vdit_accel.toyvideo on VAE reconstructions of (the first ``count`` of) the check
+    scenes: what a perfect transformer could score at most; and the reconstructions' PSNR."""
+    vae.eval()
+    singles, twos = toyvideo.check_scenes()
+    singles, twos = singles[:count], twos[:max(0, count - len(singles))]
+    ok, psnr = [], []
+    for scene in singles + twos:
+        x = toyvideo.render([scene], *size, device=device)
+        with _autocast(device):
+            y = vae.decode(_encode(vae, x)).sample.float()
+        frames = ((y[0].permute(1, 2, 3, 0).cpu().numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        ok.append(toyvideo.check_video(frames, scene.caption)["ok"])
+        psnr.append(float(10 * torch.log10(4.0 / (y - x).pow(2).mean())))
+    vae.train()
+    return {"size": list(size), "single_ok": int(sum(ok[:len(singles)])), "single": len(singles),
+            "two_ok": int(sum(ok[len(singles):])), "two": len(twos), "psnr_db": round(float(np.mean(psnr)), 2)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage 2: transformer and text encoder
+
+
+@dataclass
+class _Bucket:
+    frames: int
+    height: int
+    width: int
+    share: float
+    batch: int
+    latents: list = field(default_factory=list)  # tensors [n, C, T, h, w], normalised
+    ids: list = field(default_factory=list)
+    masks: list = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(x.shape[0] for x in self.latents)
+
+
+def _tokens(f: int, h: int, w: int) -> int:
+    return ((f - 1) // 4 + 1) * (h // 16) * (w // 16)
+
+
+@torch.no_grad()
+def build_pool(cfg: TrainConfig, state: dict, vae, device, seconds: float) -> list[_Bucket]:
+    """Render and encode training clips for every bucket, round-robin, until each has its share of
+    ``pool_clips`` (shares = expected clips consumed) or ``seconds`` pass."""
+    vae.eval()
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    buckets = [_Bucket(f, h, w, share, max(1, cfg.tokens_per_step // _tokens(f, h, w))) for f, h, w, share in cfg.dit_buckets]
+    demand = np.array([b.share * b.batch for b in buckets])
+    targets = np.maximum(np.ceil(cfg.pool_clips * demand / demand.sum()).astype(int), [b.batch for b in buckets])
+    t0, chunk_id = time.monotonic(), 0
+    store = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def done() -> bool:
+        if all(b.size >= t for b, t in zip(buckets, targets)):
+            return True
+        return time.monotonic() - t0 > seconds and all(b.size >= b.batch for b in buckets)
+
+    while not done():
+        for i, b in enumerate(buckets):
+            if b.size >= targets[i] or done():
+                continue
+            n = int(min(targets[i] - b.size, max(1, cfg.encode_pixels // (b.frames * b.height * b.width))))
+            scenes = toyvideo.sample_scenes(n, int(_rng(state["seed"], 3, state["run"], i, chunk_id).integers(2**31)))
+            chunk_id += 1
+            with _autocast(device):
+                z = _encode(vae, toyvideo.render(scenes, b.frames, b.height, b.width, device=device)).float()
+            b.latents.append(((z - mean) / std).to(store))
+            ids, mask = trained.tokenize_captions([s.caption for s in scenes], trained.MAX_SEQUENCE_LENGTH)
+            b.ids.append(ids.to(device))
+            b.masks.append(mask.to(device))
+    for b in buckets:
+        b.latents, b.ids, b.masks = torch.cat(b.latents), torch.cat(b.ids), torch.cat(b.masks)
+    vae.train()
+    _log("pool", seconds=time.monotonic() - t0,
+         clips=" ".join(f"{b.frames}x{b.height}x{b.width}:{b.latents.shape[0]}(batch {b.batch})" for b in buckets))
+    return buckets
+
+
+def _ema_update(ema, model, decay: float):
+    with torch.no_grad():
+        e = [p for p in ema.parameters()]
+        m = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def train_dit(cfg: TrainConfig, state: dict, modules, pool: list[_Bucket], device, deadline: float,
+              dit_seconds: float, max_steps: int | None):
+    transformer, vae, text_encoder, ema_t, ema_te = modules
+    s = state["dit"]
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
+    first = s["steps"]
+    warmup = cfg.warmup_steps if first == 0 else cfg.resume_warmup_steps
+    shift = trained.SCHEDULER_SHIFT
+    empty_ids, empty_mask = trained.tokenize_captions([""], trained.MAX_SEQUENCE_LENGTH)
+    empty_ids, empty_mask = empty_ids.to(device), empty_mask.to(device)
+    shares = np.array([b.share for b in pool])
+    shares = shares / shares.sum()
+    window, t_last = [], time.monotonic()
+    transformer.train()
+    text_encoder.train()
+    while True:
+        if s["seconds"] >= dit_seconds or _elapsed() >= deadline or (max_steps is not None and s["steps"] >= max_steps):
+            break
+        t0 = time.monotonic()
+        step = s["steps"]
+        rng = _rng(state["seed"], 4, step)
+        b = pool[int(rng.choice(len(pool), p=shares))]
+        gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+        idx = torch.randint(0, b.latents.shape[0], (b.batch,), device=device, generator=gen)
+        x0 = b.latents[idx].float()
+        ids, mask = b.ids[idx], b.masks[idx]
+        drop = torch.rand(b.batch, device=device, generator=gen) < cfg.caption_dropout
+        ids = torch.where(drop[:, None], empty_ids, ids)
+        mask = torch.where(drop[:, None], empty_mask, mask)
+        if rng.random() < cfg.long_text_prob:  # WanPipeline's default padding: 512 tokens
+            ids, mask = F.pad(ids, (0, 512 - ids.shape[1])), F.pad(mask, (0, 512 - mask.shape[1]))
+        u = torch.rand(b.batch, device=device, generator=gen)
+        sigma = shift * u / (1 + (shift - 1) * u)
+        noise = torch.randn(x0.shape, device=device, generator=gen)
+        sig = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - sig) * x0 + sig * noise
+        lr = _lr(cfg.dit_lr, step - first, warmup, s["seconds"] / dit_seconds, cfg.final_lr_fraction)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with _autocast(device):
+            emb = trained.caption_embeddings(text_encoder, ids, mask)
+            pred = transformer(hidden_states=xt, timestep=sigma * 1000.0, encoder_hidden_states=emb, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)):
+            s["skipped"] = s.get("skipped", 0) + 1  # a non-finite gradient: no update, counted
+            _log("dit: non-finite gradient, step skipped", step=step, skipped=s["skipped"])
+            s["steps"] += 1
+            continue
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_t, transformer, decay)
+        _ema_update(ema_te, text_encoder, decay)
+        if device.type == "cuda" and step % 10 == 0:
+            torch.cuda.synchronize()
+        s["steps"] += 1
+        s["seconds"] += time.monotonic() - t0
+        window.append(loss.detach())
+        if s["steps"] % cfg.log_every == 0 or s["steps"] == 1:
+            mean_loss = torch.stack(window).mean().item()
+            s["log"].append([s["steps"], round(mean_loss, 5)])
+            dt = time.monotonic() - t_last
+            _log("dit", step=s["steps"], loss=mean_loss, lr=lr, steps_per_s=len(window) / max(dt, 1e-9),
+                 train_min=s["seconds"] / 60)
+            window, t_last = [], time.monotonic()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loss curve (Pillow: diffusers depends on it, so it is there wherever diffusers is)
+
+
+def plot_losses(state: dict, path: Path, width: int = 900, height: int = 360):
+    """Two panels, log-scale loss against step: the VAE's reconstruction loss, the transformer's flow loss."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    panels = [("VAE reconstruction (weighted L1+L2)", state["vae"]["log"], (40, 90, 200)),
+              ("transformer flow-matching MSE", state["dit"]["log"], (200, 60, 40))]
+    pw = width // 2
+    for k, (title, log, colour) in enumerate(panels):
+        x0, y0, x1, y1 = k * pw + 60, 30, (k + 1) * pw - 15, height - 40
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text((x0, 8), title, fill="black")
+        pts = [(s, v) for s, v, *_ in log if v > 0]
+        if len(pts) < 2:
+            draw.text((x0 + 10, y0 + 10), "no data yet", fill="gray")
+            continue
+        steps = np.array([p[0] for p in pts], float)
+        vals = np.log10(np.array([p[1] for p in pts], float))
+        lo, hi = math.floor(vals.min() * 4) / 4, math.ceil(vals.max() * 4) / 4
+        hi = hi if hi > lo else lo + 0.25
+        smax = steps.max()
+
+        def xy(s, v):
+            return x0 + (x1 - x0) * s / smax, y1 - (y1 - y0) * (v - lo) / (hi - lo)
+
+        for e in np.arange(lo, hi + 1e-9, 0.25 if hi - lo <= 1.5 else 0.5):
+            _, yy = xy(0, e)
+            draw.line([(x0, yy), (x1, yy)], fill=(225, 225, 225))
+            draw.text((5 + k * pw, yy - 6), f"{10 ** e:.3g}", fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            xx, _ = xy(smax * frac, lo)
+            draw.text((xx - 10, y1 + 5), f"{int(smax * frac)}", fill="black")
+        draw.text(((x0 + x1) // 2 - 15, y1 + 20), "step", fill="black")
+        draw.line([xy(s, v) for s, v in zip(steps, vals)], fill=colour, width=2)
+    img.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _smoke_check(out: Path, device) -> dict:
+    """Load what was saved through the package's loader, generate with WanPipeline, run the check."""
+    pipe = trained.build_trained_pipeline(out).to(device)
+    caption = toyvideo.check_scenes()[0][0].caption
+    video = pipe(prompt=caption, num_frames=5, height=32, width=32, num_inference_steps=2,
+                 max_sequence_length=trained.MAX_SEQUENCE_LENGTH, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0)).frames[0]
+    result = toyvideo.check_video(video, caption)
+    _log("smoke check (untrained: only that it runs)", caption=caption, ok=result["ok"], shape=str(video.shape))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="checkpoint directory to write (resumed from if it has state.json)")
+    ap.add_argument("--resume", type=Path, help="checkpoint directory to resume from (default: --out)")
+    ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this command, saving included")
+    ap.add_argument("--vae-minutes", type=float, default=3.0, help="VAE training time over all commands")
+    ap.add_argument("--dit-minutes", type=float, default=10.0,
+                    help="transformer training time over all commands (the learning-rate cosine spans it)")
+    ap.add_argument("--vae-steps", type=int, help="stop the VAE stage after this many steps (CPU runs)")
+    ap.add_argument("--dit-steps", type=int, help="stop the transformer stage after this many steps (CPU runs)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes and a few steps on the CPU, then load, generate, check")
+    ap.add_argument("--plot-only", type=Path, metavar="DIR", help="redraw DIR/loss.png from DIR/state.json and exit")
+    args = ap.parse_args(argv)
+    global _T0
+    _T0 = time.monotonic()  # the budget runs from here (imports took ~10 s before; the reserve covers them)
+
+    if args.plot_only:
+        plot_losses(json.loads((args.plot_only / "state.json").read_text()), args.plot_only / "loss.png")
+        return {}
+    if args.out is None:
+        ap.error("--out is required")
+    cfg = SMOKE if args.smoke else TrainConfig()
+    if args.smoke:
+        args.vae_steps = 2 if args.vae_steps is None else args.vae_steps
+        args.dit_steps = 3 if args.dit_steps is None else args.dit_steps
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    deadline = args.minutes * 60.0 - (5.0 if args.smoke else 40.0)  # left for imports before main and saving
+    src = args.resume or (args.out if (args.out / "state.json").is_file() else None)
+
+    if src is not None:
+        state, modules = _load(src)
+        state["run"] += 1
+        _log(f"resumed from {src}", vae_steps=state["vae"]["steps"], dit_steps=state["dit"]["steps"])
+    else:
+        transformer, vae, text_encoder = trained.build_components(args.seed)
+        modules = (transformer, vae, text_encoder, copy.deepcopy(transformer).requires_grad_(False),
+                   copy.deepcopy(text_encoder).requires_grad_(False))
+        state = {"version": 1, "seed": args.seed, "run": 0, "config": asdict(cfg), "runs": [],
+                 "vae": {"steps": 0, "seconds": 0.0, "done": False, "log": []},
+                 "dit": {"steps": 0, "seconds": 0.0, "log": []}, "latents_mean": None, "latents_std": None}
+    modules = tuple(m.to(device) for m in modules)
+    transformer, vae, text_encoder, ema_t, ema_te = modules
+    run = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "start_vae_steps": state["vae"]["steps"], "start_dit_steps": state["dit"]["steps"]}
+    n = sum(p.numel() for p in transformer.parameters())
+    _log("model", transformer_params=n, vae_params=sum(p.numel() for p in vae.parameters()),
+         text_encoder_params=sum(p.numel() for p in text_encoder.parameters()), device=str(device))
+
+    if not state["vae"]["done"]:
+        done = train_vae(cfg, state, vae, device, deadline, args.vae_minutes * 60.0, args.vae_steps)
+        if done:
+            # Ship and use the fp16-rounded VAE from here on, so the latents the transformer learns are the
+            # shipped VAE's.
+            with torch.no_grad():
+                for p in vae.parameters():
+                    p.copy_(p.half().float())
+            mean, std = latent_stats(cfg, state, vae, device)
+            vae.register_to_config(latents_mean=mean, latents_std=std)
+            state.update(latents_mean=mean, latents_std=std)
+            state["vae"]["done"] = True
+            _log("latent stats", mean=str(mean), std=str(std))
+            state["vae"]["check"] = vae_check(vae, device, cfg.check_size, cfg.check_count)
+            _log("vae reconstructions checked", **state["vae"]["check"])
+    if state["vae"]["done"] and _elapsed() < deadline:
+        vae.requires_grad_(False)
+        remaining = deadline - _elapsed()
+        pool = build_pool(cfg, state, vae, device, min(cfg.pool_seconds, max(5.0, 0.3 * remaining)))
+        train_dit(cfg, state, modules, pool, device, deadline, args.dit_minutes * 60.0, args.dit_steps)
+        del pool
+    run.update(end_vae_steps=state["vae"]["steps"], end_dit_steps=state["dit"]["steps"], wall_s=round(_elapsed(), 1))
+    state["runs"].append(run)
+    for m in (transformer, vae, text_encoder, ema_t, ema_te):
+        m.to("cpu")
+    _save(args.out, state, transformer, vae, text_encoder, ema_t, ema_te)
+    _log(f"saved {args.out}", vae_steps=state["vae"]["steps"], dit_steps=state["dit"]["steps"])
+    if args.smoke:
+        state["smoke_check"] = _smoke_check(args.out, torch.device("cpu"))
+    return state
+
+
+if __name__ == "__main__":
+    main()

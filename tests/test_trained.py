@@ -1,0 +1,195 @@
+"""The trained tiny Wan ("wan-trained"): the toy-video data and its checker, the training script end to end
+at toy size on the CPU (train -> save -> load through build_tiny_pipeline -> WanPipeline -> check), resume,
+the caption path against WanPipeline's, and the architecture's size contracts."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vdit_accel
+from vdit_accel import toyvideo
+from vdit_accel.pipelines import build_tiny_pipeline, tiny_defaults, trained
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name):
+    if name not in sys.modules:  # registered first: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+# --- data and checker --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(17, 96, 96), (9, 64, 112), (25, 80, 64)])
+def test_checker_agrees_with_ground_truth(size):
+    """Rendered clips of every kind read back as their captions, at square, wide and tall sizes; so do
+    the check scenes at the square one."""
+    singles, twos = toyvideo.check_scenes()
+    scenes = toyvideo.sample_scenes(16, seed=size[1]) + (singles + twos if size[1] == size[2] else [])
+    bad = [s.caption for s in scenes if not toyvideo.check_video(toyvideo.render_frames(s, *size), s.caption)["ok"]]
+    assert not bad, bad
+
+
+def test_checker_rejects_wrong_captions():
+    """The checker can fail: wrong colour, wrong or opposite direction, a missing second object, an
+    object that does not move, an empty video."""
+    scene = toyvideo.ToyScene((toyvideo.ToyObject("red", "circle", "left", "quickly", x0=0.8, y0=0.5),))
+    clip = toyvideo.render_frames(scene, 17, 96, 96)
+    assert toyvideo.check_video(clip, "a red circle moving left")["ok"]
+    assert toyvideo.check_video(clip, "a red square moving left on a blue background")["ok"]  # shape is not read
+    for wrong in ("a blue circle moving left", "a red circle moving right", "a red circle moving up-left",
+                  "a red circle moving left and a green square moving up"):
+        assert not toyvideo.check_video(clip, wrong)["ok"], wrong
+    res = toyvideo.check_video(clip, "a blue circle moving left")["objects"][0]
+    assert res["found_colour"] == "red" and res["found_direction"] == "left"
+    still = np.repeat(clip[:1], 17, axis=0)
+    assert toyvideo.check_video(still, "a red circle moving left")["objects"][0]["found_direction"] is None
+    assert not toyvideo.check_video(np.zeros_like(clip), "a red circle moving left")["ok"]
+    # Fading out half-way: not there at the end, so no direction.
+    fading = clip.copy()
+    fading[9:] = clip[0, 0, 0]
+    assert not toyvideo.check_video(fading, "a red circle moving left")["ok"]
+    with pytest.raises(ValueError, match="not a toy-video caption"):
+        toyvideo.check_video(clip, "a red car driving left")
+
+
+def test_scenes_split_deterministic_and_captioned():
+    """Training scenes never show a held-out combination, held-out ones only those; same seed, same
+    scenes and pixels; captions parse back and fit the text length."""
+    assert len(toyvideo.held_out_combinations()) == 24
+    assert {c for c, _, _ in toyvideo.held_out_combinations()} == set(toyvideo.COLOURS)
+    assert {d for _, _, d in toyvideo.held_out_combinations()} == set(toyvideo.DIRECTIONS)
+    train = toyvideo.sample_scenes(600, seed=3)
+    for split, scenes in (("train", train), ("held_out", toyvideo.sample_scenes(100, seed=4, split="held_out"))):
+        for s in scenes:
+            assert all(toyvideo.is_held_out(o.colour, o.shape, o.direction) == (split == "held_out") for o in s.objects)
+            parsed = toyvideo.parse_caption(s.caption)
+            assert parsed == [(o.colour, o.shape, o.direction) for o in s.objects]
+            assert len(s.caption.encode()) <= toyvideo.MAX_CAPTION_BYTES < trained.MAX_SEQUENCE_LENGTH
+    kinds = {("two" if len(s.objects) == 2 else "bouncing" if s.objects[0].bouncing else "single") for s in train}
+    assert kinds == set(toyvideo.KINDS) and {s.background for s in train} == set(toyvideo.BACKGROUNDS)
+    assert toyvideo.sample_scenes(5, seed=3) == train[:5]
+    assert toyvideo.sample_scenes(5, seed=5) != train[:5]
+    a = toyvideo.render(train[:3], 9, 40, 56)
+    assert torch.equal(a, toyvideo.render(train[:3], 9, 40, 56)) and a.shape == (3, 3, 9, 40, 56)
+    assert a.min() >= -1 and a.max() <= 1
+    singles, twos = toyvideo.check_scenes()
+    caps = [s.caption for s in singles + twos]
+    assert len(singles) == 20 and len(twos) == 4 and len(set(caps)) == 24
+    assert all(toyvideo.is_held_out(o.colour, o.shape, o.direction) for s in singles + twos for o in s.objects)
+    assert {s.objects[0].colour for s in singles} == set(toyvideo.COLOURS)
+
+
+# --- captions, architecture --------------------------------------------------------------------------
+
+
+def test_caption_path_matches_wan_pipeline():
+    """The training's tokenizer and embeddings equal what WanPipeline.encode_prompt computes, at both
+    paddings the training uses."""
+    from transformers import ByT5Tokenizer
+
+    caps = [s.caption for s in toyvideo.sample_scenes(6, seed=1)] + ["", "x" * 300]
+    tok = ByT5Tokenizer()
+    for length in (trained.MAX_SEQUENCE_LENGTH, 512):
+        ids, mask = trained.tokenize_captions(caps, length)
+        ref = tok(caps, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+                  return_attention_mask=True, return_tensors="pt")
+        assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
+    pipe = trained.make_pipeline(*trained.build_components(seed=1))
+    with torch.no_grad():
+        want, _ = pipe.encode_prompt(caps[:6] + [""], do_classifier_free_guidance=False, max_sequence_length=128,
+                                     device=torch.device("cpu"))
+        got = trained.caption_embeddings(pipe.text_encoder, *trained.tokenize_captions(caps[:6] + [""], 128))
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_architecture_contract():
+    """head_dim 64; >= 4,096 video tokens at the large size; fp16 weights <= 20 MB; the CPU default size."""
+    cfg = trained.TRANSFORMER_CONFIG
+    assert cfg["attention_head_dim"] == 64
+    f, h, w = trained.LARGE_SIZE["num_frames"], trained.LARGE_SIZE["height"], trained.LARGE_SIZE["width"]
+    grid = ((f - 1) // 4 + 1, h // 16, w // 16)
+    assert grid == (13, 20, 20) and np.prod(grid) >= 4096
+    modules = trained.build_components(seed=0)
+    assert 2 * sum(p.numel() for m in modules for p in m.state_dict().values()) <= 20e6
+    d = tiny_defaults("wan-trained")
+    assert (d.frames, d.height, d.width, d.max_sequence_length) == (17, 256, 256, trained.MAX_SEQUENCE_LENGTH)
+
+
+def test_missing_weights_say_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_tiny.py"):
+        trained.build_trained_pipeline(tmp_path)
+
+
+# --- the training script, end to end at toy size ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wan-trained")
+    state = _load("train_tiny").main(["--smoke", "--out", str(out)])
+    return out, state
+
+
+def test_smoke_training_writes_a_loadable_pipeline(smoke, monkeypatch):
+    """--smoke: both stages ran, every file is under the device tool's 16 MiB, the loss log and PNG exist,
+    and the result loads through build_tiny_pipeline("wan-trained") into a WanPipeline that patches like
+    every Wan: dense through our backend == unpatched."""
+    out, state = smoke
+    assert state["vae"]["done"] and state["vae"]["steps"] == 2 and state["dit"]["steps"] == 3
+    assert state["dit"]["log"] and state["vae"]["log"] and state["smoke_check"]["objects"]
+    assert state["vae"]["check"]["single"] == 2
+    for f in ("transformer", "vae", "text_encoder", "resume"):
+        assert (out / f"{f}.safetensors").stat().st_size < 16 * 2**20
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(state["latents_mean"]) == 16 and min(state["latents_std"]) > 0
+    monkeypatch.setattr(trained, "WEIGHTS_DIR", out)
+    pipe = build_tiny_pipeline("wan-trained")
+    assert list(pipe.vae.config.latents_mean) == state["latents_mean"]
+    call = dict(prompt="a red circle moving left", num_frames=5, height=32, width=32, num_inference_steps=2,
+                max_sequence_length=128, output_type="np")
+    base = pipe(**call, generator=torch.Generator().manual_seed(0)).frames[0]
+    vdit_accel.patch(pipe, "dense")
+    try:
+        dense = pipe(**call, generator=torch.Generator().manual_seed(0)).frames[0]
+    finally:
+        vdit_accel.unpatch(pipe)
+    assert np.abs(dense - base).max() <= 1e-4
+
+
+def test_smoke_resume_continues(smoke, tmp_path):
+    """A second command resumes from the checkpoint: the VAE is not retrained, the transformer goes on
+    from the saved raw weights, and the log and runs accumulate."""
+    out, first = smoke
+    state = _load("train_tiny").main(["--smoke", "--resume", str(out), "--out", str(tmp_path), "--dit-steps", "5"])
+    assert state["vae"]["steps"] == 2 and state["dit"]["steps"] == 5 and len(state["runs"]) == 2
+    assert state["latents_mean"] == first["latents_mean"]
+    a = trained.load_trained_components(out)[1].state_dict()
+    b = trained.load_trained_components(tmp_path)[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the VAE is the same
+    assert json.loads((tmp_path / "state.json").read_text())["dit"]["steps"] == 5
+
+
+def test_check_script_runs(smoke, tmp_path):
+    """benchmarks/check_trained.py on the smoke weights at toy size: it writes its JSON and contact sheet,
+    scores the ground truth 100%, and --require fails an untrained model."""
+    out, _ = smoke
+    mod = _load("check_trained")
+    argv = ["--weights", str(out), "--frames", "5", "--height", "32", "--width", "32", "--steps", "1", "--limit", "3",
+            "--out-dir", str(tmp_path), "--device", "cpu"]
+    doc = mod.main(argv)
+    res = doc["results"]["default"]
+    assert len(res["rows"]) == 3 and doc["captions"] == 3 and res["ground_truth_agreement"] == 1.0
+    assert len(list(tmp_path.glob("check-trained-cpu-*.png"))) == 1
+    with pytest.raises(SystemExit):
+        mod.main(argv + ["--require", "1.01"])

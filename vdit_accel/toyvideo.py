@@ -1,0 +1,392 @@
+"""Procedural toy videos with captions, and the automatic check of a generated video against its caption.
+
+The data of the trained tiny Wan model (``pipelines/trained.py``, ``benchmarks/train_tiny.py``): one or
+two flat-coloured objects (:data:`SHAPES` in :data:`COLOURS`) moving in one of eight
+:data:`DIRECTIONS` across a dark, a tinted or a drifting striped background, captioned from a small
+vocabulary::
+
+    a red circle moving left
+    a cyan diamond moving up-right quickly on a drifting background
+    a yellow square bouncing right slowly on a blue background
+    a green triangle moving down and a magenta circle moving left
+
+A scene (:class:`ToyScene`) is resolution-free: positions and motion are fractions of the frame's
+width and height over the whole clip (first frame t=0, last frame t=1), object sizes are fractions of
+the shorter side. :func:`render` draws any number of frames at any size, batched, on any torch device
+(the training renders on the GPU). Same seed, same scenes (:func:`sample_scenes`).
+
+:func:`check_video` reads a video back: the colour of an object is the dominant hue among saturated,
+bright pixels (backgrounds are dark or muted by construction), its direction the motion of that
+colour's centroid from the first to the last frames, in frame fractions. On ground-truth clips it
+agrees with the caption for every scene (tested); it is how ``benchmarks/check_trained.py`` scores
+generated videos.
+
+Held out from training (:func:`is_held_out`): 24 of the 192 (colour, shape, direction) combinations,
+at least one per colour and per direction; :func:`check_scenes` builds the check captions from them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# Hue in degrees of each object colour; objects are drawn fully saturated and bright.
+COLOURS: dict[str, float] = {"red": 0.0, "yellow": 60.0, "green": 120.0, "cyan": 180.0, "blue": 240.0,
+                             "magenta": 300.0}
+SHAPES = ("circle", "square", "triangle", "diamond")
+# Unit direction in image coordinates (x to the right, y down), counter-clockwise from "right".
+DIRECTIONS: dict[str, tuple[float, float]] = {
+    name: (round(math.cos(math.radians(a)), 6), round(-math.sin(math.radians(a)), 6))
+    for name, a in (("right", 0), ("up-right", 45), ("up", 90), ("up-left", 135), ("left", 180),
+                    ("down-left", 225), ("down", 270), ("down-right", 315))
+}
+# Distance travelled from the first to the last frame, as a fraction of the frame, per speed word.
+SPEEDS: dict[str, float] = {"slowly": 0.25, "": 0.4, "quickly": 0.55}
+# "dark" has no caption phrase; a colour name is a muted tint of that hue; "drifting" is grey stripes
+# that translate over the clip.
+BACKGROUNDS = ("dark", "drifting", *COLOURS)
+KINDS = ("single", "bouncing", "two")
+# Captions are at most this many bytes (the longest is 104); the byte-level tokenizer adds one end token.
+MAX_CAPTION_BYTES = 127
+
+# Saturation and value of a muted background tint (objects: 1 and 1). The checker's pixel thresholds
+# sit between the two.
+_BG_SATURATION, _BG_VALUE = 0.4, 0.3
+_OBJ_MIN_SATURATION, _OBJ_MIN_VALUE = 0.6, 0.5
+_HUE_TOLERANCE = 30.0  # degrees: half the distance between neighbouring colours
+_MIN_DISPLACEMENT = 0.08  # fraction of the frame: below this a video has no direction
+_BOUNCE_HOPS = 2
+
+
+@dataclass(frozen=True)
+class ToyObject:
+    """One moving object. ``x0, y0``: centre in the first frame (fractions of width and height);
+    ``size``: half-extent as a fraction of the shorter side; ``hop``: bounce height (fraction of the
+    height) when ``bouncing``, the object then hops :data:`_BOUNCE_HOPS` times along its way."""
+
+    colour: str
+    shape: str
+    direction: str
+    speed: str = ""
+    bouncing: bool = False
+    x0: float = 0.5
+    y0: float = 0.5
+    size: float = 0.11
+    hop: float = 0.0
+
+    def phrase(self) -> str:
+        verb = "bouncing" if self.bouncing else "moving"
+        return f"a {self.colour} {self.shape} {verb} {self.direction}" + (f" {self.speed}" if self.speed else "")
+
+    def displacement(self) -> tuple[float, float]:
+        """(dx, dy) from the first to the last frame, in fractions of width and height."""
+        ux, uy = DIRECTIONS[self.direction]
+        return SPEEDS[self.speed] * ux, SPEEDS[self.speed] * uy
+
+
+@dataclass(frozen=True)
+class ToyScene:
+    """Objects over a background. ``bg_level``: grey level of a dark background (0-1);
+    ``bg_angle``, ``bg_period``, ``bg_drift``: stripe normal (radians), period and travel over the clip
+    (fractions of the shorter side) of a drifting one."""
+
+    objects: tuple[ToyObject, ...]
+    background: str = "dark"
+    bg_level: float = 0.1
+    bg_angle: float = 0.0
+    bg_period: float = 0.25
+    bg_drift: float = 0.2
+
+    @property
+    def caption(self) -> str:
+        text = " and ".join(o.phrase() for o in self.objects)
+        if self.background != "dark":
+            text += f" on a {self.background} background"
+        return text
+
+
+def is_held_out(colour: str, shape: str, direction: str) -> bool:
+    """Whether (colour, shape, direction) is one of the 24 combinations never shown in training: for
+    each (colour, shape) exactly one direction, chosen so that every colour and every direction occurs."""
+    c, s, d = list(COLOURS).index(colour), SHAPES.index(shape), list(DIRECTIONS).index(direction)
+    return (c + 2 * s + 3 * d) % 8 == 0
+
+
+def held_out_combinations() -> list[tuple[str, str, str]]:
+    return [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if is_held_out(c, s, d)]
+
+
+def _place(rng: np.random.Generator, size: float, dx: float, dy: float, hop: float) -> tuple[float, float]:
+    """A start point from which the whole path (and its hops) stays inside the frame."""
+    m = size + 0.03
+    x = rng.uniform(m - min(0.0, dx), 1.0 - m - max(0.0, dx))
+    y = rng.uniform(m + hop - min(0.0, dy), 1.0 - m - max(0.0, dy))
+    return float(x), float(y)
+
+
+def _sample_object(rng, colour, shape, direction, speed, bouncing, size) -> ToyObject:
+    hop = float(rng.uniform(0.15, 0.25)) if bouncing else 0.0
+    dx, dy = ToyObject(colour, shape, direction, speed).displacement()
+    x0, y0 = _place(rng, size, dx, dy, hop)
+    return ToyObject(colour, shape, direction, speed, bouncing, x0, y0, size, hop)
+
+
+def _background(rng: np.random.Generator, name: str) -> dict:
+    return dict(background=name, bg_level=float(rng.uniform(0.05, 0.18)), bg_angle=float(rng.uniform(0, 2 * math.pi)),
+                bg_period=float(rng.uniform(0.18, 0.35)), bg_drift=float(rng.uniform(0.15, 0.3) * rng.choice([-1, 1])))
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train", kind: str | None = None) -> ToyScene:
+    """One random scene. ``split``: ``"train"`` never uses a held-out (colour, shape, direction)
+    combination (:func:`is_held_out`), ``"held_out"`` uses only those, ``"any"`` either. ``kind``:
+    ``"single"``, ``"bouncing"`` (left or right, hopping), ``"two"`` (two objects of different colours),
+    or None for a mix (60/15/25%)."""
+    if split not in ("train", "held_out", "any"):
+        raise ValueError(f"split must be 'train', 'held_out' or 'any', got {split!r}")
+    if kind is None:
+        kind = KINDS[int(rng.choice(3, p=[0.6, 0.15, 0.25]))]
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+    directions = ("left", "right") if kind == "bouncing" else tuple(DIRECTIONS)
+    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in directions
+              if split == "any" or is_held_out(c, s, d) == (split == "held_out")]
+    speeds = tuple(SPEEDS)
+    if kind == "two":
+        first = combos[int(rng.integers(len(combos)))]
+        second = [t for t in combos if t[0] != first[0]]
+        second = second[int(rng.integers(len(second)))]
+        objects = tuple(_sample_object(rng, *t, "", False, float(rng.uniform(0.07, 0.1))) for t in (first, second))
+        return ToyScene(objects, **_background(rng, "dark" if rng.random() < 0.6 else "drifting"))
+    colour, shape, direction = combos[int(rng.integers(len(combos)))]
+    obj = _sample_object(rng, colour, shape, direction, speeds[int(rng.integers(3))], kind == "bouncing",
+                         float(rng.uniform(0.09, 0.13)))
+    bgs = [b for b in BACKGROUNDS if b != colour]
+    bg = bgs[int(rng.integers(len(bgs)))] if rng.random() < 0.6 else "dark"
+    return ToyScene((obj,), **_background(rng, bg))
+
+
+def sample_scenes(n: int, seed: int, split: str = "train", kind: str | None = None) -> list[ToyScene]:
+    """``n`` scenes, deterministic in ``seed`` (NumPy's PCG64)."""
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, split, kind) for _ in range(n)]
+
+
+def check_scenes(seed: int = 8) -> tuple[list[ToyScene], list[ToyScene]]:
+    """The check set: 20 single-object scenes, one per held-out combination (the first 20 of 24 in
+    shape-major order, so every colour is there), with
+    speeds, backgrounds and bouncing (for left/right) varied; and 4 two-object scenes, each pairing two
+    held-out combinations of different colours. Their captions are what ``check_trained.py`` prompts."""
+    rng = np.random.default_rng(seed)
+    combos = sorted(held_out_combinations(), key=lambda t: (SHAPES.index(t[1]), list(COLOURS).index(t[0])))
+    singles = []
+    for i, (c, s, d) in enumerate(combos[:20]):
+        bouncing = d in ("left", "right") and i % 2 == 0
+        speed = ("", "slowly", "quickly")[i % 3]
+        obj = _sample_object(rng, c, s, d, speed, bouncing, 0.11)
+        bg = ("dark", "drifting", ("blue" if c != "blue" else "red"))[i % 3]
+        singles.append(ToyScene((obj,), **_background(rng, bg)))
+    twos = []
+    for i in range(4):
+        a = combos[20 + i]
+        b = next(t for t in combos[i * 5:] if t[0] != a[0])
+        objs = tuple(_sample_object(rng, *t, "", False, 0.085) for t in (a, b))
+        twos.append(ToyScene(objs, **_background(rng, "dark")))
+    return singles, twos
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering (torch, batched over scenes)
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
+    k = [(n + h / 60.0) % 6 for n in (5, 3, 1)]
+    return tuple(v - v * s * max(0.0, min(kk, 4 - kk, 1.0)) for kk in k)
+
+
+def _object_sdf(shape: str, px: torch.Tensor, py: torch.Tensor, r: float) -> torch.Tensor:
+    """Signed distance (in the units of ``px``, ``py``: offsets from the centre) to a shape of
+    half-extent ``r``, negative inside; shapes of about equal area."""
+    if shape == "circle":
+        return torch.sqrt(px * px + py * py) - r
+    if shape == "square":
+        return torch.maximum(px.abs(), py.abs()) - 0.886 * r
+    if shape == "diamond":
+        return (px.abs() + py.abs() - 1.253 * r) * (1 / math.sqrt(2))
+    if shape == "triangle":  # equilateral, pointing up, centred on its centroid: max of 3 half-planes
+        a = 0.778 * r  # inradius
+        n = [(0.0, 1.0), (math.sqrt(3) / 2, -0.5), (-math.sqrt(3) / 2, -0.5)]
+        return torch.stack([nx * px + ny * py for nx, ny in n]).amax(0) - a
+    raise ValueError(f"unknown shape {shape!r}; one of {SHAPES}")
+
+
+def render(scenes: Sequence[ToyScene], frames: int, height: int, width: int, device: str | torch.device = "cpu",
+           return_mask: bool = False):
+    """Draw ``scenes`` as videos ``[B, 3, frames, height, width]`` float32 in [-1, 1] (the VAE's
+    range). With ``return_mask`` also the objects' coverage ``[B, 1, frames, height, width]`` in [0, 1].
+
+    Edges are anti-aliased over one pixel. Deterministic: the scenes carry every random choice.
+    """
+    if frames < 1 or height < 8 or width < 8:
+        raise ValueError(f"need frames >= 1 and height, width >= 8, got {frames}x{height}x{width}")
+    unit = min(height, width)
+    t = torch.linspace(0.0, 1.0, frames, device=device) if frames > 1 else torch.zeros(1, device=device)
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5)  # pixels
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5)
+    Y, X = ys.view(1, height, 1), xs.view(1, 1, width)
+    videos, masks = [], []
+    for scene in scenes:
+        if scene.background == "drifting":
+            ca, sa = math.cos(scene.bg_angle), math.sin(scene.bg_angle)
+            u = (X * ca + Y * sa) / unit - scene.bg_drift * t.view(-1, 1, 1)
+            grey = 0.06 + 0.16 * (0.5 + 0.5 * torch.sin(2 * math.pi * u / scene.bg_period))
+            img = grey.unsqueeze(0).expand(3, -1, -1, -1).clone()
+        else:
+            if scene.background == "dark":
+                rgb = (scene.bg_level,) * 3
+            else:
+                rgb = _hsv_to_rgb(COLOURS[scene.background], _BG_SATURATION, _BG_VALUE)
+            shade = 1.0 + 0.25 * (Y / height - 0.5)  # a faint vertical gradient
+            img = torch.stack([c * shade.expand(frames, height, width) for c in rgb])
+        cover = torch.zeros(frames, height, width, device=device)
+        for obj in scene.objects:
+            dx, dy = obj.displacement()
+            cx = (obj.x0 + dx * t) * width
+            cy = (obj.y0 + dy * t) * height
+            if obj.bouncing:
+                cy = cy - obj.hop * height * torch.sin(math.pi * _BOUNCE_HOPS * t).abs()
+            px = X - cx.view(-1, 1, 1)
+            py = Y - cy.view(-1, 1, 1)
+            alpha = (0.5 - _object_sdf(obj.shape, px, py, obj.size * unit)).clamp(0.0, 1.0)
+            colour = torch.tensor(_hsv_to_rgb(COLOURS[obj.colour], 1.0, 1.0), device=device).view(3, 1, 1, 1)
+            img = img * (1 - alpha) + colour * alpha
+            cover = torch.maximum(cover, alpha)
+        videos.append(img)
+        masks.append(cover.unsqueeze(0))
+    video = torch.stack(videos) * 2.0 - 1.0
+    return (video, torch.stack(masks)) if return_mask else video
+
+
+def render_frames(scene: ToyScene, frames: int, height: int, width: int) -> np.ndarray:
+    """One scene as uint8 RGB frames ``[frames, height, width, 3]`` (what a pipeline's ``output_type="np"``
+    gives, scaled to 0-255)."""
+    v = render([scene], frames, height, width)[0]
+    return ((v.permute(1, 2, 3, 0).numpy() + 1.0) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The check
+
+
+_PHRASE = re.compile(r"a (\w+) (\w+) (moving|bouncing) ([\w-]+)(?: (slowly|quickly))?")
+
+
+def parse_caption(caption: str) -> list[tuple[str, str, str]]:
+    """(colour, shape, direction) of each object a caption names, e.g.
+    ``"a red circle moving left quickly on a drifting background"`` -> ``[("red", "circle", "left")]``."""
+    body = re.sub(r" on a \w+ background$", "", caption.strip())
+    out = []
+    for part in body.split(" and "):
+        m = _PHRASE.fullmatch(part)
+        if not m or m[1] not in COLOURS or m[2] not in SHAPES or m[4] not in DIRECTIONS:
+            raise ValueError(f"not a toy-video caption: {caption!r} (expected e.g. 'a red circle moving left'; "
+                             f"colours {list(COLOURS)}, shapes {list(SHAPES)}, directions {list(DIRECTIONS)})")
+        out.append((m[1], m[2], m[4]))
+    return out
+
+
+def _hsv(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees), saturation, value of RGB ``[..., 3]`` in [0, 1]."""
+    r, g, b = frames[..., 0], frames[..., 1], frames[..., 2]
+    v = frames.max(-1)
+    c = v - frames.min(-1)
+    s = np.where(v > 0, c / np.maximum(v, 1e-8), 0.0)
+    cc = np.maximum(c, 1e-8)
+    h = np.where(v == r, ((g - b) / cc) % 6, np.where(v == g, (b - r) / cc + 2, (r - g) / cc + 4)) * 60.0
+    return h, s, v
+
+
+def _hue_distance(h: np.ndarray, target: float) -> np.ndarray:
+    d = np.abs(h - target) % 360.0
+    return np.minimum(d, 360.0 - d)
+
+
+def _nearest_direction(dx: float, dy: float) -> str:
+    angle = math.degrees(math.atan2(-dy, dx)) % 360.0
+    return list(DIRECTIONS)[int(round(angle / 45.0)) % 8]
+
+
+def _track(on: np.ndarray) -> dict:
+    """Centroid motion of a per-frame pixel mask ``[F, H, W]``: mean centroid over the first and over the
+    last eighth of the frames (at least one each) in which the mask has pixels, in frame fractions."""
+    f, h, w = on.shape
+    counts = on.sum((1, 2))
+    min_pixels = max(4, int(2e-4 * h * w))
+    present = counts >= min_pixels
+    k = max(1, f // 8)
+    head = [i for i in range(f) if present[i]][:k]
+    tail = [i for i in range(f) if present[i]][-k:]
+    result = {"present_frames": int(present.sum()), "displacement": None, "direction": None}
+    if not head or head[0] >= f // 4 + 1 or tail[-1] < f - 1 - f // 4:
+        return result  # the object is not there at the start or at the end
+    ys, xs = np.mgrid[0:h, 0:w]
+
+    def centroid(ids):
+        m = on[ids].astype(np.float64)
+        n = m.sum()
+        return (m * xs).sum() / n / w, (m * ys).sum() / n / h
+
+    (x0, y0), (x1, y1) = centroid(head), centroid(tail)
+    dx, dy = x1 - x0, y1 - y0
+    result["displacement"] = (round(float(dx), 4), round(float(dy), 4))
+    if math.hypot(dx, dy) >= _MIN_DISPLACEMENT:
+        result["direction"] = _nearest_direction(dx, dy)
+    return result
+
+
+def check_video(frames: np.ndarray, caption: str) -> dict:
+    """Does a video show what its caption says? ``frames``: RGB ``[F, H, W, 3]``, uint8 or float in [0, 1].
+
+    Object pixels are the saturated, bright ones (saturation >= 0.6, value >= 0.5); backgrounds are
+    muted or dark, so they never count. One object: its colour is the most common of the six
+    :data:`COLOURS` among object pixels (nearest hue), its direction the nearest of the eight
+    :data:`DIRECTIONS` to the centroid motion of the pixels of that colour (within 30 degrees of hue),
+    first frames to last frames, in fractions of the frame; less than 0.08 of motion is no direction.
+    Two objects: each caption colour is tracked on its own hue; it must be present at the start and end.
+
+    Returns ``{"ok": bool, "objects": [{"colour", "found_colour", "direction", "found_direction",
+    "displacement", "present_frames"}, ...]}``; ``ok`` when every object's colour and direction match.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected RGB frames [F, H, W, 3], got shape {frames.shape}")
+    x = frames.astype(np.float32) / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float32)
+    hue, sat, val = _hsv(x)
+    vivid = (sat >= _OBJ_MIN_SATURATION) & (val >= _OBJ_MIN_VALUE)
+    names = list(COLOURS)
+    hues = np.array([COLOURS[c] for c in names])
+    expected = parse_caption(caption)
+    objects = []
+    for colour, _shape, direction in expected:
+        if len(expected) == 1:
+            h = hue[vivid]
+            if h.size == 0:
+                found = None
+            else:
+                nearest = np.argmin(np.stack([_hue_distance(h, c) for c in hues]), axis=0)
+                found = names[int(np.bincount(nearest, minlength=len(names)).argmax())]
+        else:
+            found = colour
+        track = _track(vivid & (_hue_distance(hue, COLOURS[found]) <= _HUE_TOLERANCE)) if found else \
+            {"present_frames": 0, "displacement": None, "direction": None}
+        if len(expected) > 1 and track["displacement"] is None:
+            found = None  # the colour is not there at the start and end
+        objects.append({"colour": colour, "found_colour": found, "direction": direction,
+                        "found_direction": track["direction"], "displacement": track["displacement"],
+                        "present_frames": track["present_frames"]})
+    ok = all(o["found_colour"] == o["colour"] and o["found_direction"] == o["direction"] for o in objects)
+    return {"ok": ok, "objects": objects}
