@@ -235,6 +235,143 @@ def quantize_v(v: torch.Tensor, amax: torch.Tensor, s_pad: int):
 
 
 # ------------------------------------------------------------------------------------------------
+# fp8 / int8: K and V in two launches (statistics, then quantization), no PyTorch glue between
+# ------------------------------------------------------------------------------------------------
+
+_KV_CHUNK = 1024  # rows per statistics program
+_KV_PART_STEP = 16  # partial-statistics rows reduced per step by a quantization program
+
+
+@triton.jit
+def _kv_stats_kernel(K, V, Part, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                     S, H, n_chunks, k_step,
+                     CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Program (chunk, b*h, which): partial per-channel sum / max / min of K's every k_step-th row
+    (which = 0) or of all of V's rows (which = 1), into Part[which, stat, b*h, chunk, :]."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    which = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    if which == 0:
+        base = K + b * stride_kb + h * stride_kh
+        row_stride = stride_ks * k_step
+        n_rows = tl.cdiv(S, k_step)
+    else:
+        base = V + b * stride_vb + h * stride_vh
+        row_stride = stride_vs
+        n_rows = S
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    acc_sum = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_max = tl.full([ROWS, BLOCK_D], float("-inf"), dtype=tl.float32)
+    acc_min = tl.full([ROWS, BLOCK_D], float("inf"), dtype=tl.float32)
+    for r0 in range(0, CHUNK, ROWS):
+        i = (pid_c * CHUNK + r0 + offs_r).to(tl.int64)
+        m = (i < n_rows)[:, None] & d_mask[None, :]
+        x = tl.load(base + i[:, None] * row_stride + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        acc_sum += x
+        acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
+        acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+    n_bh = tl.num_programs(1)
+    out = ((which * 3 * n_bh + pid_bh) * n_chunks + pid_c) * HEAD_DIM + offs_d
+    stat = n_bh * n_chunks * HEAD_DIM
+    tl.store(Part + out, tl.sum(acc_sum, 0), mask=d_mask)
+    tl.store(Part + stat + out, tl.max(acc_max, 0), mask=d_mask)
+    tl.store(Part + 2 * stat + out, tl.min(acc_min, 0), mask=d_mask)
+
+
+@triton.jit
+def _kv_quantize_kernel(K, V, Part, K8, KScale, KMean, V8, VScale,
+                        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                        S, H, S_pad, n_chunks, k_rows,
+                        ROWS: tl.constexpr, MODE: tl.constexpr, PART_STEP: tl.constexpr,
+                        BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """Program (tile, b*h, which): finish the statistics from the partials, then quantize one tile of
+    ROWS rows: K (which = 0) smoothed by its mean, one scale per tile, (B, H, S_pad, D); V (which = 1)
+    to e4m3 by its per-channel absolute max, transposed (B, H, D, S_pad)."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    which = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    offs_c = tl.arange(0, PART_STEP)
+    rows = pid_r.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    valid = rows < S
+    stat = n_bh * n_chunks * HEAD_DIM
+    part = Part + ((which * 3 * n_bh + pid_bh) * n_chunks) * HEAD_DIM
+    if which == 0:
+        acc = tl.zeros([PART_STEP, BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, n_chunks, PART_STEP):
+            cm = ((c0 + offs_c) < n_chunks)[:, None] & d_mask[None, :]
+            acc += tl.load(part + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=cm, other=0.0)
+        mean = tl.sum(acc, 0) / k_rows
+        x = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :],
+                    mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        x = tl.where(valid[:, None], x - mean[None, :], 0.0)
+        if MODE == 1:
+            QMAX: tl.constexpr = 448.0
+        else:
+            QMAX: tl.constexpr = 127.0
+        amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-12)
+        y = x * (QMAX / amax)
+        out_ptrs = K8 + (pid_bh * S_pad + rows)[:, None] * HEAD_DIM + offs_d[None, :]
+        if MODE == 1:
+            tl.store(out_ptrs, _to_e4m3(y, EMULATE_FP8), mask=d_mask[None, :])
+        else:
+            tl.store(out_ptrs, tl.minimum(tl.maximum(tl.floor(y + 0.5), -QMAX), QMAX).to(tl.int8), mask=d_mask[None, :])
+        tl.store(KScale + pid_bh * (S_pad // ROWS) + pid_r, amax / QMAX)
+        if pid_r == 0:
+            tl.store(KMean + pid_bh * HEAD_DIM + offs_d, mean, mask=d_mask)
+    else:
+        vmax = tl.full([PART_STEP, BLOCK_D], float("-inf"), dtype=tl.float32)
+        vmin = tl.full([PART_STEP, BLOCK_D], float("inf"), dtype=tl.float32)
+        for c0 in range(0, n_chunks, PART_STEP):
+            cm = ((c0 + offs_c) < n_chunks)[:, None] & d_mask[None, :]
+            ptrs = part + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :]
+            vmax = tl.maximum(vmax, tl.load(ptrs + stat, mask=cm, other=float("-inf")))
+            vmin = tl.minimum(vmin, tl.load(ptrs + 2 * stat, mask=cm, other=float("inf")))
+        amax = tl.maximum(tl.maximum(tl.max(vmax, 0), -tl.min(vmin, 0)), 1e-12)
+        x = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :],
+                    mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        y = _to_e4m3(x * (448.0 / amax)[None, :], EMULATE_FP8)
+        out_ptrs = V8 + (pid_bh * HEAD_DIM + offs_d[:, None]).to(tl.int64) * S_pad + rows[None, :]
+        tl.store(out_ptrs, tl.trans(y), mask=d_mask[:, None])
+        if pid_r == 0:
+            tl.store(VScale + pid_bh * HEAD_DIM + offs_d, amax / 448.0, mask=d_mask)
+
+
+def _quantize_kv_fused(k, v, mode: str, block_n: int, s_pad: int):
+    """fp8 / int8 K (smoothed, per tile of block_n rows) and V (e4m3, per channel) in two launches."""
+    b, s, h, d = k.shape
+    k_rows = triton.cdiv(s, SMOOTH_ROW_STEP)
+    n_chunks = max(1, triton.cdiv(s, _KV_CHUNK))  # V's; K (subsampled) uses the first ones
+    part = torch.empty(2, 3, b * h, n_chunks, d, dtype=torch.float32, device=k.device)
+    k8 = torch.empty(b, h, s_pad, d, dtype=torch.float8_e4m3fn if mode == "fp8" else torch.int8, device=k.device)
+    v8 = torch.empty(b, h, d, s_pad, dtype=torch.float8_e4m3fn, device=k.device)
+    k_scale = torch.empty(b, h, s_pad // block_n, dtype=torch.float32, device=k.device)
+    k_mean = torch.empty(b, h, d, dtype=torch.float32, device=k.device)
+    v_scale = torch.empty(b, h, d, dtype=torch.float32, device=k.device)
+    block_d = triton.next_power_of_2(d)
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    with _device_ctx(k):
+        _kv_stats_kernel[(n_chunks, b * h, 2)](
+            k, v, part, *strides, s, h, n_chunks, SMOOTH_ROW_STEP,
+            CHUNK=_KV_CHUNK, ROWS=_STAT_ROWS, BLOCK_D=block_d, HEAD_DIM=d,
+        )
+        _kv_quantize_kernel[(s_pad // block_n, b * h, 2)](
+            k, v, part, k8, k_scale, k_mean, v8, v_scale, *strides, s, h, s_pad, n_chunks, k_rows,
+            ROWS=block_n, MODE=_MODE_ID[mode], PART_STEP=_KV_PART_STEP, BLOCK_D=block_d, HEAD_DIM=d,
+            EMULATE_FP8=interpreting(), num_warps=4,
+        )
+    return k8, k_scale, k_mean, v8, v_scale
+
+
+# ------------------------------------------------------------------------------------------------
 # The recipes: which tensor is quantized how, per mode (vdit_accel.quant simulates exactly this)
 # ------------------------------------------------------------------------------------------------
 
@@ -277,6 +414,11 @@ def quantize_qkv(q, k, v, mode: str, block_m: int, block_n: int, qk_scale: float
         raise ValueError(f"unknown quantization mode {mode!r}; use one of {list(RECIPES)}")
     r = RECIPES[mode]
     s_pad = padded_len(q.shape[1], block_m, block_n)
+    # fp8 / int8: Q's tiles are quantized inside the attention kernel; K and V in two fused launches.
+    if r["q_group"] == "block_m" and r["k_group"] == "block_n" and r["smooth_k"] and not r["balance"]:
+        k8, k_scale, k_mean, v8, v_scale = _quantize_kv_fused(k, v, mode, block_n, s_pad)
+        return dict(q=None, k=k8, v=v8, q_scale=None, k_scale=k_scale, v_scale=v_scale, q_mean=None, s_pad=s_pad,
+                    k_mean=k_mean)
     k_mean, k_max, k_min = channel_stats(k, 1 if r["balance"] else SMOOTH_ROW_STEP) if r["smooth_k"] else (None,) * 3
     q_mul = k_mul = None
     if r["balance"]:

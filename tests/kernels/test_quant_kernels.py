@@ -138,3 +138,19 @@ def test_quantized_kernel_writes_into_out_and_refuses_bad_input():
         _fwd.attention_fwd(q.float(), k.float(), v.float(), config=cfg, quant="fp8")
     with pytest.raises(ValueError, match="out must be"):
         _fwd.attention_fwd(q, k, v, config=cfg, out=torch.empty(1, 100, 4, 32, dtype=q.dtype))
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_fused_kv_quantization_matches_reference(mode):
+    """fp8 / int8 K and V in two launches: the same codes and scales as the PyTorch twins, K smoothed
+    by the mean of every 8th token."""
+    _, k, v = dit_like_qkv(2, 301, 3, 96, seed=4, dtype=torch.float16)
+    k8, k_scale, k_mean, v8, v_scale = _qz._quantize_kv_fused(k, v, mode, 64, 320)
+    mean = k.float()[:, :: _qz.SMOOTH_ROW_STEP].mean(1)
+    torch.testing.assert_close(k_mean, mean, rtol=1e-5, atol=1e-5)
+    want_k, want_scale, _ = quantize_rows_reference(k, mode, 64, 320, mean=k_mean)
+    _assert_same_codes(k8, want_k)
+    torch.testing.assert_close(k_scale, want_scale, rtol=1e-6, atol=0)
+    want_v, want_v_scale = quantize_v_reference(v, 320)
+    _assert_same_codes(v8, want_v)
+    torch.testing.assert_close(v_scale, want_v_scale)
