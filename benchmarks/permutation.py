@@ -24,8 +24,9 @@ reordered tensors with those masks. ``overhead_ms``: the reordering alone, per a
 (``overhead_call_ms``: the per-call alternative, gathering q, k, v and scattering the output);
 ``semantic`` / ``segment``: per call, the plan (warm-started k-means with one Lloyd update on 16384
 tokens + assignment of every token, or the pooled-query pass; the block mask) plus gathering q (semantic
-only), k, v and scattering the output. ``ms = attn_ms + overhead_ms``; ``runtime_attn_ms``: the same
-attention with the runtime's own masks.
+only), k, v and scattering the output (``overhead_ms_refresh4``: the same with the plan recomputed every
+4th call and reused in between). ``ms = attn_ms + overhead_ms``; ``runtime_attn_ms``: the same attention
+with the runtime's own masks.
 """
 
 from __future__ import annotations
@@ -193,20 +194,22 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
 
                 row["overhead_call_ms"] = round(_bench(per_call_tiled, device), 4)
             else:
-                spec = P.validate_order(f"{order}:top_p={RECALL}")
                 qf, kf, vf = (P.gather_tokens(x, frame) for x in (q, k, v))
-                memory: dict = {}
-                P.plan_call(qf, kf, grid, [spec] * heads, None, BLOCK, None, memory)  # cold start, outside the timing
 
-                def per_call():
+                def per_call(spec, memory):
                     plan = P.plan_call(qf, kf, grid, [spec] * heads, None, BLOCK, None, memory)
                     qq = qf if plan.q_index is None else P.gather_tokens(qf, plan.q_index)
                     kk, vv = P.gather_tokens(kf, plan.k_index), P.gather_tokens(vf, plan.k_index)
                     # qq stands for the attention output (same shape) that is scattered back
                     return plan, kk, vv, (qq if plan.q_index is None else P.scatter_tokens(qq, plan.q_index))
 
-                overhead = _bench(per_call, device)
-                plan = per_call()[0]
+                for refresh in (4, 1):
+                    spec, memory = P.validate_order(f"{order}:top_p={RECALL},refresh={refresh}"), {}
+                    per_call(spec, memory)  # cold start (k-means from random rows), outside the timing
+                    overhead = _bench(lambda: per_call(spec, memory), device)
+                    if refresh > 1:  # re-planned every 4th call, the last plan reused in between
+                        row[f"overhead_ms_refresh{refresh}"] = round(overhead, 4)
+                plan = per_call(spec, memory)[0]
                 rbm = BlockMask.from_dense(plan.mask, s, BLOCK, BLOCK)
                 qq = qf if plan.q_index is None else P.gather_tokens(qf, plan.q_index)
                 kk, vv = P.gather_tokens(kf, plan.k_index), P.gather_tokens(vf, plan.k_index)

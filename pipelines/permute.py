@@ -57,6 +57,7 @@ class OrderRuntime:
         self.frame: torch.Tensor | None = None  # this forward's frame permutation, on its device
         self._frame_inv: torch.Tensor | None = None
         self._frame_len = 0
+        self._frames: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.memory: dict[int, dict] = {}  # layer -> warm-start state of its semantic heads
         self._static: dict[tuple, torch.Tensor] = {}  # (layer, grid, device, heads) -> bool [1, H, Mb, Nb]
         self.hooks = [transformer.register_forward_pre_hook(self.on_forward, with_kwargs=True)]
@@ -94,8 +95,11 @@ class OrderRuntime:
                 f"permutes the hidden states ({format_order(self.frame_order)}); patch a strategy without 'order'"
             )
         hidden = args[0] if args else kwargs["hidden_states"]
-        self.frame = static_order(self.frame_order, grid, self.block, hidden.device)
-        self._frame_inv = inverse(self.frame)
+        key = (grid, str(hidden.device))
+        if key not in self._frames:
+            perm = static_order(self.frame_order, grid, self.block, hidden.device)
+            self._frames = {key: (perm, inverse(perm))}  # the last grid's only
+        self.frame, self._frame_inv = self._frames[key]
         self._frame_len = grid.video_len
 
     def _take(self, x: torch.Tensor, dim: int, index: torch.Tensor, what: str) -> torch.Tensor:

@@ -27,6 +27,8 @@ Orders (``kind`` of an order spec, :func:`validate_order`):
   (``softmax(scale * c_q . c_k + log |cluster_k|)``) up to ``top_p`` of it; a (query block, key block)
   pair is visited iff some kept (query cluster, key cluster) pair meets in it (:func:`semantic_block_mask`).
   The head's pattern is not used (it must be ``dense``). The output is scattered back to the frame order.
+  ``refresh = n`` re-plans every n-th call of a layer and reuses the last orders and mask in between
+  (the attention stays exact on the blocks it visits; only their choice is older).
 - ``segment`` (keys only, per head, per call; PBS-Attn style): inside fixed segments of ``size`` video
   keys, keys sorted by importance (the attention mass that each query block's mean query gives them),
   so the few heavy keys of a segment share its first blocks; key blocks chosen up to ``top_p`` of the
@@ -65,8 +67,9 @@ _AUTO = None
 _ORDER_SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "raster": {},
     "tiled": {"t": (int, _AUTO), "h": (int, _AUTO)},
-    "semantic": {"q_clusters": (int, _AUTO), "k_clusters": (int, _AUTO), "top_p": (float, 0.95), "iters": (int, 1)},
-    "segment": {"size": (int, _AUTO), "top_p": (float, 0.95)},
+    "semantic": {"q_clusters": (int, _AUTO), "k_clusters": (int, _AUTO), "top_p": (float, 0.95), "iters": (int, 1),
+                 "refresh": (int, 1)},
+    "segment": {"size": (int, _AUTO), "top_p": (float, 0.95), "refresh": (int, 1)},
 }
 ORDER_KINDS = tuple(_ORDER_SCHEMA)
 STATIC_KINDS = ("raster", "tiled")  # orders that depend on the grid only (masks built once per grid)
@@ -633,7 +636,12 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
         else:
             sel = torch.tensor(heads, device=device)
             qs, ks = q.index_select(2, sel), k.index_select(2, sel)
-        if o["kind"] == "semantic":
+        plan_key = ("plan", key, tuple(heads), b, grid)
+        cached = memory.get(plan_key)
+        if cached is not None and cached[3] < o["refresh"] - 1:  # reuse the last plan (refresh > 1)
+            cached[3] += 1
+            qp, kp, rows = cached[:3]
+        elif o["kind"] == "semantic":
             dq, dk = default_clusters(grid, block)
             nq, nk = o["q_clusters"] or dq, o["k_clusters"] or dk
             nq, nk = min(nq, grid.video_len), min(nk, grid.video_len)
@@ -643,10 +651,12 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
             memory[mem_key] = (plan.q_centroids, plan.k_centroids)
             rows = semantic_block_mask(plan, grid, o["top_p"], block, block, scale)
             qp, kp = plan.q_perm, plan.k_perm
+            memory[plan_key] = [qp, kp, rows, 0]
         else:  # segment
             size = o["size"] or 8 * block
             kp, rows = segment_plan(qs, ks, grid, size, o["top_p"], block, block, scale)
             qp = None
+            memory[plan_key] = [qp, kp, rows, 0]
         if len(heads) == h:
             whole = (qp, kp, rows)
             break

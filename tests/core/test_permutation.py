@@ -108,7 +108,7 @@ def test_order_specs():
     assert validate_order(None) is None and validate_order("raster") is None
     assert validate_order("tiled") == {"kind": "tiled", "t": None, "h": None}
     o = parse_order("semantic:top_p=0.9,k_clusters=32")
-    assert o == {"kind": "semantic", "q_clusters": None, "k_clusters": 32, "top_p": 0.9, "iters": 1}
+    assert o == {"kind": "semantic", "q_clusters": None, "k_clusters": 32, "top_p": 0.9, "iters": 1, "refresh": 1}
     assert parse_order(format_order(o)) == o and validate_order(o) == o
     for bad, match in [("spiral", "unknown order kind"), ("tiled:t=0", "int >= 1"), ("semantic:top_p=1.5", r"\(0, 1\]"),
                        ({"kind": "segment", "width": 3}, "unknown"), (3, "a string or a dict")]:
@@ -278,3 +278,16 @@ def test_segment_key_order_needs_no_output_inverse_and_packs_heavy_keys():
     grid = VideoGrid(4, 8, 8)
     plan = plan_call(q, k, grid, [validate_order("segment:size=64,top_p=0.9")], None, block, None, {})
     assert plan.q_index is None and plan.k_index.shape == (1, 1, s)
+
+
+def test_refresh_reuses_the_last_plan():
+    grid = VideoGrid(2, 4, 8)
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, grid.seq_len, 2, 8, generator=g) for _ in range(2))
+    for spec in ("semantic:refresh=3,q_clusters=4,k_clusters=4", "segment:refresh=3,size=32"):
+        o, memory = validate_order(spec), {}
+        plans = [plan_call(q + i, k * (i + 1), grid, [o, o], None, 16, None, memory) for i in range(4)]
+        assert plans[1].k_index is plans[0].k_index and plans[2].k_index is plans[0].k_index  # calls 2, 3 reuse
+        assert plans[3].k_index is not plans[0].k_index  # the 4th plans again
+    with pytest.raises(ValueError, match="'refresh' must be an int >= 1"):
+        validate_order("semantic:refresh=0")
