@@ -305,44 +305,44 @@ def _kv_quantize_kernel(K, V, Part, K8, KScale, KMean, V8, VScale,
     stat = n_bh * n_chunks * HEAD_DIM
     part = Part + ((which * 3 * n_bh + pid_bh) * n_chunks) * HEAD_DIM
     if which == 0:
-        acc = tl.zeros([PART_STEP, BLOCK_D], dtype=tl.float32)
+        k_acc = tl.zeros([PART_STEP, BLOCK_D], dtype=tl.float32)
         for c0 in range(0, n_chunks, PART_STEP):
-            cm = ((c0 + offs_c) < n_chunks)[:, None] & d_mask[None, :]
-            acc += tl.load(part + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=cm, other=0.0)
-        mean = tl.sum(acc, 0) / k_rows
-        x = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :],
+            k_cm = ((c0 + offs_c) < n_chunks)[:, None] & d_mask[None, :]
+            k_acc += tl.load(part + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=k_cm, other=0.0)
+        k_mean = tl.sum(k_acc, 0) / k_rows
+        kx = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :],
                     mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        x = tl.where(valid[:, None], x - mean[None, :], 0.0)
+        kx = tl.where(valid[:, None], kx - k_mean[None, :], 0.0)
         if MODE == 1:
             QMAX: tl.constexpr = 448.0
         else:
             QMAX: tl.constexpr = 127.0
-        amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-12)
-        y = x * (QMAX / amax)
-        out_ptrs = K8 + (pid_bh * S_pad + rows)[:, None] * HEAD_DIM + offs_d[None, :]
+        k_amax = tl.maximum(tl.max(tl.max(tl.abs(kx), 1), 0), 1e-12)
+        ky = kx * (QMAX / k_amax)
+        k_ptrs = K8 + (pid_bh * S_pad + rows)[:, None] * HEAD_DIM + offs_d[None, :]
         if MODE == 1:
-            tl.store(out_ptrs, _to_e4m3(y, EMULATE_FP8), mask=d_mask[None, :])
+            tl.store(k_ptrs, _to_e4m3(ky, EMULATE_FP8), mask=d_mask[None, :])
         else:
-            tl.store(out_ptrs, tl.minimum(tl.maximum(tl.floor(y + 0.5), -QMAX), QMAX).to(tl.int8), mask=d_mask[None, :])
-        tl.store(KScale + pid_bh * (S_pad // ROWS) + pid_r, amax / QMAX)
+            tl.store(k_ptrs, tl.minimum(tl.maximum(tl.floor(ky + 0.5), -QMAX), QMAX).to(tl.int8), mask=d_mask[None, :])
+        tl.store(KScale + pid_bh * (S_pad // ROWS) + pid_r, k_amax / QMAX)
         if pid_r == 0:
-            tl.store(KMean + pid_bh * HEAD_DIM + offs_d, mean, mask=d_mask)
+            tl.store(KMean + pid_bh * HEAD_DIM + offs_d, k_mean, mask=d_mask)
     else:
         vmax = tl.full([PART_STEP, BLOCK_D], float("-inf"), dtype=tl.float32)
         vmin = tl.full([PART_STEP, BLOCK_D], float("inf"), dtype=tl.float32)
         for c0 in range(0, n_chunks, PART_STEP):
-            cm = ((c0 + offs_c) < n_chunks)[:, None] & d_mask[None, :]
-            ptrs = part + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :]
-            vmax = tl.maximum(vmax, tl.load(ptrs + stat, mask=cm, other=float("-inf")))
-            vmin = tl.minimum(vmin, tl.load(ptrs + 2 * stat, mask=cm, other=float("inf")))
-        amax = tl.maximum(tl.maximum(tl.max(vmax, 0), -tl.min(vmin, 0)), 1e-12)
-        x = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :],
+            v_cm = ((c0 + offs_c) < n_chunks)[:, None] & d_mask[None, :]
+            v_part_ptrs = part + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :]
+            vmax = tl.maximum(vmax, tl.load(v_part_ptrs + stat, mask=v_cm, other=float("-inf")))
+            vmin = tl.minimum(vmin, tl.load(v_part_ptrs + 2 * stat, mask=v_cm, other=float("inf")))
+        v_amax = tl.maximum(tl.maximum(tl.max(vmax, 0), -tl.min(vmin, 0)), 1e-12)
+        vx = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :],
                     mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        y = _to_e4m3(x * (448.0 / amax)[None, :], EMULATE_FP8)
-        out_ptrs = V8 + (pid_bh * HEAD_DIM + offs_d[:, None]).to(tl.int64) * S_pad + rows[None, :]
-        tl.store(out_ptrs, tl.trans(y), mask=d_mask[:, None])
+        vy = _to_e4m3(vx * (448.0 / v_amax)[None, :], EMULATE_FP8)
+        v_ptrs = V8 + (pid_bh * HEAD_DIM + offs_d[:, None]).to(tl.int64) * S_pad + rows[None, :]
+        tl.store(v_ptrs, tl.trans(vy), mask=d_mask[:, None])
         if pid_r == 0:
-            tl.store(VScale + pid_bh * HEAD_DIM + offs_d, amax / 448.0, mask=d_mask)
+            tl.store(VScale + pid_bh * HEAD_DIM + offs_d, v_amax / 448.0, mask=d_mask)
 
 
 def _quantize_kv_fused(k, v, mode: str, block_n: int, s_pad: int):
