@@ -234,12 +234,14 @@ def search(
         grid_t = [g for g in gathered if g]
     grid = VideoGrid(*grid_t[0])
     candidates = candidate_patterns(grid)
-    profiler = HeadProfiler(candidates, config.block_size, orders=list(config.orders))
+    device = next(transformer.parameters()).device
+    if profiler is None or profiler.candidates != candidates:  # (resumed, or another rank profiled)
+        profiler = HeadProfiler(candidates, config.block_size, orders=list(config.orders))
     columns = profiler.columns()  # (pattern, order) per stats column
     stats = state.stats
     if distributed:
         stats = _allreduce(stats, [(l, s) for l in range(num_layers) for s in steps], (num_heads, len(columns)))
-    representative, static_density = profiler.column_info(grid, "cpu")
+    representative, static_density = profiler.column_info(grid, device)  # the observer's masks, if cached
     skip = [i for i, (p, _) in enumerate(columns) if p["kind"] == "skip"]
 
     def layer_total(layer: int, only_step: int | None = None) -> LayerStats:
@@ -263,7 +265,6 @@ def search(
         raise RuntimeError("the search state has no measured densities for the dynamic orders; rerun without --state-dir")
     head_dim = int(transformer.config.attention_head_dim)
     if cost_model is None:
-        device = next(transformer.parameters()).device
         cost_model = (measure_cost_model(1, grid.seq_len, num_heads, head_dim, config.block_size, device)
                       if device.type == "cuda" else flops_cost_model(1, grid.seq_len, num_heads, head_dim))
     cost = cost_model.head_cost(density, num_heads)  # [L, H, C]

@@ -15,7 +15,7 @@ Orders (``kind`` of an order spec, :func:`validate_order`):
   and slabs are visited in a serpentine (boustrophedon) order, so consecutive tiles always touch:
   where the grid is not a multiple of the tile (edge strips, the last slab), a block that spans two
   strips spans two touching tiles. No resolution is refused. Default tile (:func:`tile_shape`): for
-  blocks of 128, ``(2, 8, 8)``; measured best of 7 shapes on the ``local3d`` heads (see below).
+  blocks of 128, ``(2, 8, 8)`` (with (2, 16, 4), the best of 7 shapes measured on the ``local3d`` heads).
   On a grid whose ``w`` is a multiple of the tile width (and ``t``, ``h`` multiples of the tile's), every
   block is exactly one tile of a regular lattice, and a ``window3d`` whose radii are whole multiples of
   the tile's sides visits exactly the key tiles within that many tiles of the query tile, each of them
@@ -38,9 +38,15 @@ Block masks of a pattern under any static order are exact (:func:`block_mask_for
 blocks a head needs in an order (:func:`block_density`, :func:`blocks_for_recall`) is what the orders
 are measured by.
 
-Measured (CPU, ``benchmarks/permutation.py --density``, committed in
-``benchmarks/results/permutation-density-cpu-*.json``): see the README's permutation section; the
-numbers live there and in the result file, not here.
+Measured (``python benchmarks/permutation.py --density`` on the CPU, 64 evenly spread query blocks per
+head, blocks of 128, 95% recall; ``benchmarks/results/permutation-density-cpu-20261122.json``): on the
+27 ``local3d`` heads the tiled order needs 0.0508 of the blocks against raster's 0.0813 at 21x30x52
+(1.60x fewer) and 0.0781 against 0.1180 at 13x30x52 (1.51x); per head 0.94x-2.70x (3 of 27 heads, the
+frame-local and wide ones, need slightly more blocks tiled). On the 12 ``clustered`` heads the semantic
+order needs 0.1025 against tiled's 0.5651 (5.5x fewer; per head 1.35x-27x) at 21x30x52, 0.1177 against
+0.5817 (4.9x) at 13x30x52; its own centroid top-p mask keeps 98% of the mass at 0.24 (0.33) of the
+blocks. The key-only segment order does not help these heads (0.65 against tiled's 0.57). GPU timing of
+the reordering: ``benchmarks/permutation.py`` (not run yet).
 """
 
 from __future__ import annotations
@@ -171,8 +177,9 @@ def tile_shape(grid: VideoGrid, block: int = 128, t: int | None = None, h: int |
     (a square or 1:2 spatial face): ``(2, 8, 8)`` for blocks of 128, ``(2, 4, 8)`` for 64, ``(2, 8, 16)``
     for 256. Each is capped by the grid (a 1-frame video gets ``t = 1``). ``w`` is a float when ``t h``
     does not divide the block (a block then ends mid-column). Among (1, 8, 16), (2, 8, 8), (4, 8, 4),
-    (2, 4, 16), (4, 4, 8), (1, 16, 8) and (2, 16, 4) on the ``local3d`` heads at 21x30x52, (2, 8, 8)
-    needed the fewest blocks (``benchmarks/results/permutation-density-cpu-*.json``)."""
+    (2, 4, 16), (4, 4, 8), (1, 16, 8) and (2, 16, 4) on the ``local3d`` heads at 21x30x52 and 13x30x52,
+    (2, 8, 8) and (2, 16, 4) needed the fewest blocks, within 1% of each other (the others 3-34% more;
+    ``benchmarks/results/permutation-density-cpu-20261122.json``); (2, 8, 8) is kept for its square face."""
     if t is None:
         t = 2 if block >= 32 else 1
     if h is None:
