@@ -381,6 +381,8 @@ AUTOTUNE_CANDIDATES: dict[int, list[dict]] = {
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
     128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
           dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True),
+          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, tma=True),
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, tma=True),
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True),
           dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
           dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
