@@ -121,6 +121,12 @@ def save_trained_weights(out_dir: str | Path, transformer, vae, text_encoder, me
     return paths
 
 
+def weights_available(weights_dir: str | Path | None = None) -> bool:
+    """Whether ``weights_dir`` (default: the package's) holds the three weight files."""
+    weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    return all((weights_dir / f"{n}.safetensors").is_file() for n in COMPONENTS)
+
+
 def load_trained_components(weights_dir: str | Path | None = None):
     """``(transformer, vae, text_encoder)`` in float32, eval mode, from the fp16 files in ``weights_dir``
     (default: the weights shipped in the package)."""

@@ -126,6 +126,18 @@ def test_architecture_contract():
     assert (d.frames, d.height, d.width, d.max_sequence_length) == (17, 256, 256, trained.MAX_SEQUENCE_LENGTH)
 
 
+def test_training_decode_is_the_pipeline_decode_before_its_clamp():
+    """The VAE stage's loss reads the decoder's output before diffusers clamps it (no dead gradients at
+    -1); clamped, it is exactly what WanPipeline decodes."""
+    vae = trained.build_components(seed=2)[1].eval()
+    z = torch.randn(1, 16, 3, 4, 6) * 3
+    with torch.no_grad():
+        raw = _load("train_tiny")._decode_unclamped(vae, z)
+        ref = vae.decode(z).sample
+    assert raw.shape == ref.shape == (1, 3, 9, 32, 48)
+    assert raw.abs().max() > 1 and torch.equal(raw.clamp(-1, 1), ref)
+
+
 def test_missing_weights_say_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_tiny.py"):
         trained.build_trained_pipeline(tmp_path)
