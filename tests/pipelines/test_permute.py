@@ -10,13 +10,19 @@ from vdit_accel.pipelines import build_tiny_pipeline, patch_state
 from vdit_accel.pipelines import permute as permute_mod
 from vdit_accel.permutation import parse_order, tiled_order
 
+# A (3, 8, 8) token grid (192 tokens); no classifier-free guidance: one transformer call per step.
 CALL = dict(prompt="a red circle moving left", height=128, width=128, num_frames=9, num_inference_steps=2,
-            max_sequence_length=16, output_type="latent")  # a (3, 8, 8) token grid: 192 tokens
+            max_sequence_length=16, output_type="latent", guidance_scale=1.0)
 
 
 @pytest.fixture(scope="module")
 def pipe():
     return build_tiny_pipeline("wan", seed=0)
+
+
+@pytest.fixture(scope="module")
+def base(pipe):
+    return _run(pipe)
 
 
 def _run(pipe, strategy=None, block_size=32, **kw):
@@ -36,8 +42,7 @@ def _no_per_call_plans(monkeypatch):
     monkeypatch.setattr(permute_mod, "plan_call", fail)
 
 
-def test_tiled_frame_dense_equals_unpatched_and_permutes_once(pipe, monkeypatch):
-    base = _run(pipe)
+def test_tiled_frame_dense_equals_unpatched_and_permutes_once(pipe, base, monkeypatch):
     seen = []
     tr = pipe.transformer
     probe = tr.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
@@ -62,17 +67,14 @@ def test_tiled_frame_dense_equals_unpatched_and_permutes_once(pipe, monkeypatch)
     assert torch.equal(_run(pipe), base)
 
 
-def test_tiled_sparse_frame_equals_per_call_gathers(pipe, monkeypatch):
+def test_tiled_sparse_frame_equals_per_call_gathers(pipe, base, monkeypatch):
     """The same tiled strategy through the once-per-forward frame and through per-call gathers."""
     strat = Strategy.uniform("window3d:t=0,h=1,w=1", order="tiled")
-    base = _run(pipe)
     framed = _run(pipe, strat)
     monkeypatch.setattr(permute_mod, "FRAME_FAMILIES", ())
     per_call = _run(pipe, strat)
     assert (framed - per_call).abs().max().item() <= 1e-5
     assert (framed - base).abs().max().item() > 1e-2  # sparse: it changed something
-    raster = _run(pipe, Strategy.uniform("window3d:t=0,h=1,w=1"))
-    assert (framed - raster).abs().max().item() > 1e-3  # other blocks than the raster order's
 
 
 def test_per_token_timesteps_wan22_ti2v(pipe):
@@ -94,19 +96,16 @@ def test_per_token_timesteps_wan22_ti2v(pipe):
     assert (out - base).abs().max().item() <= 1e-5
 
 
-def test_dynamic_and_mixed_orders_dense_equal_unpatched(pipe):
-    """Per-head orders (raster, tiled, semantic, segment in one layer), in a tiled frame or not: with
-    top_p = 1 every block is kept, so the output is the unpatched one."""
-    base = _run(pipe)
+def test_dynamic_and_mixed_orders_dense_equal_unpatched(pipe, base):
+    """Per-head orders (raster, tiled, semantic, segment in one layer) in a tiled frame: with top_p = 1
+    every block is kept, so the output is the unpatched one. (Without a frame: the CogVideoX test below.)"""
     heads = ["raster", "tiled", "semantic:top_p=1,q_clusters=4,k_clusters=6", "segment:top_p=1,size=64"]
-    for default in ("tiled", None):
-        strat = Strategy(layers=[[{"kind": "dense"}] * 4] * 4, order=default, orders=[[parse_order(h) for h in heads]] * 4)
-        out = _run(pipe, strat)
-        assert (out - base).abs().max().item() <= 1e-5, default
+    strat = Strategy(layers=[[{"kind": "dense"}] * 4] * 4, order="tiled", orders=[[parse_order(h) for h in heads]] * 4)
+    out = _run(pipe, strat, num_inference_steps=1)
+    assert (out - _run(pipe, num_inference_steps=1)).abs().max().item() <= 1e-5
 
 
-def test_semantic_heads_run_sparse_and_warm_start(pipe):
-    base = _run(pipe)
+def test_semantic_heads_run_sparse_and_warm_start(pipe, base):
     strat = Strategy.uniform("dense", order="semantic:top_p=0.5,q_clusters=6,k_clusters=8")
     vdit_accel.patch(pipe, strat, block_size=16)
     state = patch_state(pipe.transformer)
@@ -114,7 +113,7 @@ def test_semantic_heads_run_sparse_and_warm_start(pipe):
     orig = permute_mod.plan_call
 
     def spy(q, k, grid, orders, frame, block, static, memory, scale=None):
-        calls.append(len(memory))  # centroids kept from the previous call of the layer
+        calls.append(sum(key[0] == "semantic" for key in memory))  # centroids kept from the layer's last call
         return orig(q, k, grid, orders, frame, block, static, memory, scale)
 
     permute_mod.plan_call = spy
@@ -124,9 +123,8 @@ def test_semantic_heads_run_sparse_and_warm_start(pipe):
     finally:
         permute_mod.plan_call = orig
         vdit_accel.unpatch(pipe)
-    assert calls[:4] == [0, 0, 0, 0] and all(c == 1 for c in calls[4:])  # cold once per layer, then warm
-    assert len(calls) == 4 * 2 * 2  # layers x (cond, uncond) x steps
-    assert (out - base).abs().max().item() > 1e-4 and torch.isfinite(out).all()
+    assert calls == [0] * 4 + [1] * 4  # layers x steps: cold once per layer, then warm
+    assert torch.isfinite(out).all() and (out - base).abs().max().item() > 1e-3
 
 
 def test_tiled_frame_with_first_block_cache(pipe):
@@ -138,7 +136,7 @@ def test_tiled_frame_with_first_block_cache(pipe):
     for order in (None, "tiled"):
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
         try:
-            results.append(_run(pipe, Strategy.uniform("dense", order=order), num_inference_steps=3))
+            results.append(_run(pipe, Strategy.uniform("dense", order=order)))
         finally:
             pipe.transformer.disable_cache()
     assert (results[0] - results[1]).abs().max().item() <= 1e-5

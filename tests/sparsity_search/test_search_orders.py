@@ -13,7 +13,7 @@ from vdit_accel.sparsity_search.synthetic import clustered_head, planted_head
 
 
 def test_clustered_heads_get_the_semantic_order_local_heads_do_not():
-    grid, block = VideoGrid(4, 8, 32), 16
+    grid, block = VideoGrid(4, 8, 16), 16
     g = torch.Generator().manual_seed(0)
     heads = []
     for n in (8, 16):  # scattered semantic groups: no pattern catches them
@@ -45,7 +45,8 @@ def test_search_writes_orders_that_patch_applies(tmp_path):
     from vdit_accel.pipelines import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("wan", seed=0)
-    call = dict(height=128, width=128, num_frames=9, num_inference_steps=2, max_sequence_length=16, output_type="latent")
+    call = dict(height=128, width=128, num_frames=9, num_inference_steps=2, max_sequence_length=16, output_type="latent",
+                guidance_scale=1.0)
     cfg = SearchConfig(block_size=32, steps=[1], budget=0.2, sample_blocks=2, mode="per_head",
                        orders=("raster", "tiled", "semantic:top_p=0.9"))
     found = search(pipe, ["a red circle moving left"], cfg, call_kwargs=call, progress=lambda m: None)
