@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-sha=${SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+sha=${SHA:-unknown}  # pass SHA=<commit>: the device copy's own git HEAD can be stale
 whats=("$@"); [ ${#whats[@]} -eq 0 ] && whats=(bench sweep generate)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
 for what in "${whats[@]}"; do
