@@ -26,7 +26,8 @@ reordered tensors with those masks. ``overhead_ms``: the reordering alone, per a
 tokens + assignment of every token, or the pooled-query pass; the block mask) plus gathering q (semantic
 only), k, v and scattering the output (``overhead_ms_refresh4``: the same with the plan recomputed every
 4th call and reused in between). ``ms = attn_ms + overhead_ms``; ``runtime_attn_ms``: the same attention
-with the runtime's own masks.
+with the runtime's own masks. ``dense_rel_diff``: dense attention computed through the order's gathers
+and scatter against dense attention in raster order, ||a - b|| / ||b|| (rounding only).
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+try:  # the installed package (pip install -e ., or benchmarks/gpu_run.sh's /tmp/site), not the checkout's folders
+    import vdit_accel.kernels  # noqa: F401
+    import vdit_accel.sparsity_search.synthetic  # noqa: F401
+except ImportError as e:
+    sys.exit(f"benchmarks/permutation.py needs vdit-accel installed (pip install -e .): {e}")
 
+from vdit_accel import permutation as P  # noqa: E402
 from vdit_accel.block_mask import BlockMask  # noqa: E402
 from vdit_accel.grid import VideoGrid  # noqa: E402
-from vdit_accel import permutation as P  # noqa: E402
 from vdit_accel.sparsity_search.synthetic import HEAD_SETS, head_set  # noqa: E402
 
 BLOCK = 128
@@ -215,6 +219,11 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
                 kk, vv = P.gather_tokens(kf, plan.k_index), P.gather_tokens(vf, plan.k_index)
                 row["runtime_attn_ms"] = round(_bench(lambda: attention(qq, kk, vv, rbm), device), 4)
                 row["runtime_density"] = round(rbm.density(), 5)
+            if order != "raster":  # dense attention through this order's gathers equals the unpermuted one
+                dense = attention(q, k, v)
+                back = P.scatter_tokens(attention(*(P.gather_tokens(x, idx[None]) for x, idx in ((q, qp), (k, kp), (v, kp)))),
+                                        qp[None])
+                row["dense_rel_diff"] = float((back.float() - dense.float()).norm() / dense.float().norm())
             row["overhead_ms"] = round(overhead, 4)
             row["ms"] = round(attn_ms + overhead, 4)
             row["overhead_frac"] = round(overhead / attn_ms, 4) if attn_ms else None
