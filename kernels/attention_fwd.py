@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import _to_e4m3
+from .quantize import _quantize_tile, _to_e4m3
 
 LOG2_FP8_MAX: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): e4m3's largest value
 
@@ -230,17 +230,8 @@ def _attn_fwd(
     elif QUANT > 0:  # fp8 / int8: Q's tile quantized here, one scale per tile (no pass over Q before)
         q = tl.load(q_base + offs_mt[:, None] * stride_qs + offs_d[None, :],
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        if QUANT == 1:
-            QMAX: tl.constexpr = 448.0
-        else:
-            QMAX: tl.constexpr = 127.0
-        q_amax = tl.maximum(tl.max(tl.max(tl.abs(q), 1), 0), 1e-12)
-        q = q * (QMAX / q_amax)
-        if QUANT == 1:
-            q = _to_e4m3(q, EMULATE_FP8)
-        else:
-            q = tl.minimum(tl.maximum(tl.floor(q + 0.5), -QMAX), QMAX).to(tl.int8)
-        qk_scale = (q_amax / QMAX) * qk_scale
+        q, q_tile_scale = _quantize_tile(q, QUANT, EMULATE_FP8)
+        qk_scale = q_tile_scale * qk_scale
         KScale_bh = KScale + bh * (S_pad // BLOCK_N)
     else:
         q_ptrs = q_base + offs_mt[:, None] * stride_qs + offs_d[None, :]

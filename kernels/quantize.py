@@ -56,32 +56,68 @@ def _to_e4m3(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _channel_stats_kernel(X, Sum, Max, Min, stride_b, stride_s, stride_h, n_rows, H, n_chunks, row_step,
-                          CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Per-channel partial sum, max and min over rows ``row_step * i`` (i < n_rows) of one chunk.
-    Accumulated element-wise in registers; one cross-thread reduction at the end."""
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+def _quantize_tile(x, MODE: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """A float32 tile with one scale for the whole tile: (codes, scale), MODE 1 e4m3, 2 int8."""
+    if MODE == 1:
+        QMAX: tl.constexpr = 448.0
+    else:
+        QMAX: tl.constexpr = 127.0
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-12)
+    y = x * (QMAX / amax)
+    if MODE == 1:
+        codes = _to_e4m3(y, EMULATE_FP8)
+    else:
+        codes = tl.minimum(tl.maximum(tl.floor(y + 0.5), -QMAX), QMAX).to(tl.int8)
+    return codes, amax / QMAX
+
+
+@triton.jit
+def _stats_chunk(base, row_stride, n_rows, pid_c, CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """Per-channel sum, max and min of rows pid_c * CHUNK .. + CHUNK (those < n_rows) at base + i * row_stride,
+    accumulated element-wise in registers, reduced once."""
     offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     acc_sum = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_max = tl.full([ROWS, BLOCK_D], float("-inf"), dtype=tl.float32)
     acc_min = tl.full([ROWS, BLOCK_D], float("inf"), dtype=tl.float32)
-    base = X + b * stride_b + h * stride_h
     for r0 in range(0, CHUNK, ROWS):
         i = (pid_c * CHUNK + r0 + offs_r).to(tl.int64)
         m = (i < n_rows)[:, None] & d_mask[None, :]
-        x = tl.load(base + (i * row_step)[:, None] * stride_s + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(base + i[:, None] * row_stride + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
         acc_sum += x
         acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
         acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+    return tl.sum(acc_sum, 0), tl.max(acc_max, 0), tl.min(acc_min, 0)
+
+
+@triton.jit
+def _store_v_transposed(Out, pid_bh, x, amax, rows, offs_d, d_mask, S_pad, HEAD_DIM: tl.constexpr,
+                        EMULATE_FP8: tl.constexpr):
+    """V rows (float32 [ROWS, D]) to e4m3 by the per-channel ``amax``, at Out[b, h, d, row]: stored as a
+    [D, ROWS] tile whose rows are contiguous, so the writes coalesce (the transpose goes through
+    shared memory)."""
+    y = _to_e4m3(x * (448.0 / tl.maximum(amax, 1e-12))[None, :], EMULATE_FP8)
+    ptrs = Out + (pid_bh * HEAD_DIM + offs_d[:, None]).to(tl.int64) * S_pad + rows[None, :]
+    tl.store(ptrs, tl.trans(y), mask=d_mask[:, None])
+
+
+@triton.jit
+def _channel_stats_kernel(X, Sum, Max, Min, stride_b, stride_s, stride_h, n_rows, H, n_chunks, row_step,
+                          CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Per-channel partial sum, max and min over rows ``row_step * i`` (i < n_rows) of one chunk."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    total, mx, mn = _stats_chunk(X + b * stride_b + h * stride_h, stride_s * row_step, n_rows, pid_c,
+                                 CHUNK, ROWS, BLOCK_D, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     out = (pid_bh * n_chunks + pid_c) * HEAD_DIM + offs_d
-    tl.store(Sum + out, tl.sum(acc_sum, 0), mask=d_mask)
-    tl.store(Max + out, tl.max(acc_max, 0), mask=d_mask)
-    tl.store(Min + out, tl.min(acc_min, 0), mask=d_mask)
+    tl.store(Sum + out, total, mask=offs_d < HEAD_DIM)
+    tl.store(Max + out, mx, mask=offs_d < HEAD_DIM)
+    tl.store(Min + out, mn, mask=offs_d < HEAD_DIM)
 
 
 def channel_stats(x: torch.Tensor, row_step: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,11 +246,7 @@ def _quantize_v_kernel(V, Scale, Out, stride_vb, stride_vs, stride_vh, S, H, S_p
     x = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :],
                 mask=(rows < S)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     amax = tl.load(Scale + pid_bh * HEAD_DIM + offs_d, mask=d_mask, other=1.0)
-    y = _to_e4m3(x * (448.0 / tl.maximum(amax, 1e-12))[None, :], EMULATE_FP8)
-    # Transposed: element (row, d) goes to Out[b, h, d, row]; stored as a [D, ROWS] tile whose rows
-    # are contiguous in memory, so the writes coalesce (the transpose goes through shared memory).
-    out_ptrs = Out + (pid_bh * HEAD_DIM + offs_d[:, None]).to(tl.int64) * S_pad + rows[None, :]
-    tl.store(out_ptrs, tl.trans(y), mask=d_mask[:, None])
+    _store_v_transposed(Out, pid_bh, x, amax, rows, offs_d, d_mask, S_pad, HEAD_DIM, EMULATE_FP8)
 
 
 def quantize_v(v: torch.Tensor, amax: torch.Tensor, s_pad: int):
@@ -254,32 +286,19 @@ def _kv_stats_kernel(K, V, Part, stride_kb, stride_ks, stride_kh, stride_vb, str
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     if which == 0:
-        base = K + b * stride_kb + h * stride_kh
-        row_stride = stride_ks * k_step
-        n_rows = tl.cdiv(S, k_step)
+        total, mx, mn = _stats_chunk(K + b * stride_kb + h * stride_kh, stride_ks * k_step, tl.cdiv(S, k_step),
+                                     pid_c, CHUNK, ROWS, BLOCK_D, HEAD_DIM)
     else:
-        base = V + b * stride_vb + h * stride_vh
-        row_stride = stride_vs
-        n_rows = S
-    offs_r = tl.arange(0, ROWS)
+        total, mx, mn = _stats_chunk(V + b * stride_vb + h * stride_vh, stride_vs, S, pid_c, CHUNK, ROWS, BLOCK_D,
+                                     HEAD_DIM)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    acc_sum = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    acc_max = tl.full([ROWS, BLOCK_D], float("-inf"), dtype=tl.float32)
-    acc_min = tl.full([ROWS, BLOCK_D], float("inf"), dtype=tl.float32)
-    for r0 in range(0, CHUNK, ROWS):
-        i = (pid_c * CHUNK + r0 + offs_r).to(tl.int64)
-        m = (i < n_rows)[:, None] & d_mask[None, :]
-        x = tl.load(base + i[:, None] * row_stride + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-        acc_sum += x
-        acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
-        acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
     n_bh = tl.num_programs(1)
     out = ((which * 3 * n_bh + pid_bh) * n_chunks + pid_c) * HEAD_DIM + offs_d
     stat = n_bh * n_chunks * HEAD_DIM
-    tl.store(Part + out, tl.sum(acc_sum, 0), mask=d_mask)
-    tl.store(Part + stat + out, tl.max(acc_max, 0), mask=d_mask)
-    tl.store(Part + 2 * stat + out, tl.min(acc_min, 0), mask=d_mask)
+    tl.store(Part + out, total, mask=d_mask)
+    tl.store(Part + stat + out, mx, mask=d_mask)
+    tl.store(Part + 2 * stat + out, mn, mask=d_mask)
 
 
 @triton.jit
@@ -313,18 +332,9 @@ def _kv_quantize_kernel(K, V, Part, K8, KScale, KMean, V8, VScale,
         kx = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :],
                     mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         kx = tl.where(valid[:, None], kx - k_mean[None, :], 0.0)
-        if MODE == 1:
-            QMAX: tl.constexpr = 448.0
-        else:
-            QMAX: tl.constexpr = 127.0
-        k_amax = tl.maximum(tl.max(tl.max(tl.abs(kx), 1), 0), 1e-12)
-        ky = kx * (QMAX / k_amax)
-        k_ptrs = K8 + (pid_bh * S_pad + rows)[:, None] * HEAD_DIM + offs_d[None, :]
-        if MODE == 1:
-            tl.store(k_ptrs, _to_e4m3(ky, EMULATE_FP8), mask=d_mask[None, :])
-        else:
-            tl.store(k_ptrs, tl.minimum(tl.maximum(tl.floor(ky + 0.5), -QMAX), QMAX).to(tl.int8), mask=d_mask[None, :])
-        tl.store(KScale + pid_bh * (S_pad // ROWS) + pid_r, k_amax / QMAX)
+        k_codes, k_scale = _quantize_tile(kx, MODE, EMULATE_FP8)
+        tl.store(K8 + (pid_bh * S_pad + rows)[:, None] * HEAD_DIM + offs_d[None, :], k_codes, mask=d_mask[None, :])
+        tl.store(KScale + pid_bh * (S_pad // ROWS) + pid_r, k_scale)
         if pid_r == 0:
             tl.store(KMean + pid_bh * HEAD_DIM + offs_d, k_mean, mask=d_mask)
     else:
@@ -338,9 +348,7 @@ def _kv_quantize_kernel(K, V, Part, K8, KScale, KMean, V8, VScale,
         v_amax = tl.maximum(tl.maximum(tl.max(vmax, 0), -tl.min(vmin, 0)), 1e-12)
         vx = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :],
                     mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        vy = _to_e4m3(vx * (448.0 / v_amax)[None, :], EMULATE_FP8)
-        v_ptrs = V8 + (pid_bh * HEAD_DIM + offs_d[:, None]).to(tl.int64) * S_pad + rows[None, :]
-        tl.store(v_ptrs, tl.trans(vy), mask=d_mask[:, None])
+        _store_v_transposed(V8, pid_bh, vx, v_amax, rows, offs_d, d_mask, S_pad, HEAD_DIM, EMULATE_FP8)
         if pid_r == 0:
             tl.store(VScale + pid_bh * HEAD_DIM + offs_d, v_amax / 448.0, mask=d_mask)
 
