@@ -232,7 +232,9 @@ def test_models_command_lists_every_family():
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0
     lines = [line.split() for line in result.output.strip().splitlines()]
-    assert [l[0] for l in lines] == list(TINY_FAMILIES)
+    from vdit_accel.pipelines.tiny import TRAINED_FAMILIES
+
+    assert [l[0] for l in lines] == list(TINY_FAMILIES + TRAINED_FAMILIES)
     assert ["hunyuan_video_1_5", "HunyuanVideo15Transformer3DModel"] in lines
 
 
