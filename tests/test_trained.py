@@ -83,6 +83,8 @@ def test_scenes_split_deterministic_and_captioned():
     a = toyvideo.render(train[:3], 9, 40, 56)
     assert torch.equal(a, toyvideo.render(train[:3], 9, 40, 56)) and a.shape == (3, 3, 9, 40, 56)
     assert a.min() >= -1 and a.max() <= 1
+    busy = toyvideo.sample_busy_scenes(300, seed=6)  # the VAE's data: every path fits the frame
+    assert busy[:4] == toyvideo.sample_busy_scenes(4, seed=6) and max(len(s.objects) for s in busy) == 5
     singles, twos = toyvideo.check_scenes()
     caps = [s.caption for s in singles + twos]
     assert len(singles) == 20 and len(twos) == 4 and len(set(caps)) == 24
