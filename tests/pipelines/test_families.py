@@ -250,11 +250,17 @@ def test_set_attention_backend_vdit_runs_dense():
     args, kwargs = calls[0]
     kwargs = {**kwargs, "return_dict": False}
     base = tr(*args, **kwargs)[0]
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # diffusers' set_attention_backend also makes the backend the process-wide default, and
+    # reset_attention_backend does not undo that: restore it, or later tests (training included) run on it.
+    prev = _AttentionBackendRegistry._active_backend
     tr.set_attention_backend("vdit")
     try:
         assert all(p._attention_backend.value == "vdit" for p in tr.attn_processors.values())
         ours = tr(*args, **kwargs)[0]
     finally:
         tr.reset_attention_backend()
+        _AttentionBackendRegistry._active_backend = prev
     assert (ours - base).abs().max().item() <= 1e-5
     assert torch.equal(tr(*args, **kwargs)[0], base)
