@@ -505,10 +505,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="checkpoint directory to write (resumed from if it has state.json)")
     ap.add_argument("--resume", type=Path, help="checkpoint directory to resume from (default: --out)")
     ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this command, saving included")
-    ap.add_argument("--vae-minutes", type=float, default=3.0, help="VAE training time over all commands, at least")
-    ap.add_argument("--vae-max-minutes", type=float, default=5.0,
+    ap.add_argument("--vae-minutes", type=float, default=4.5, help="VAE training time over all commands, at least")
+    ap.add_argument("--vae-max-minutes", type=float, default=6.0,
                     help="... and at most: between the two while its reconstructions fail the check (see vae_check)")
-    ap.add_argument("--dit-minutes", type=float, default=9.0,
+    ap.add_argument("--dit-minutes", type=float, default=7.5,
                     help="transformer training time over all commands (the learning-rate cosine spans it)")
     ap.add_argument("--vae-steps", type=int, help="stop the VAE stage after this many steps (CPU runs)")
     ap.add_argument("--dit-steps", type=int, help="stop the transformer stage after this many steps (CPU runs)")
