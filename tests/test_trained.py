@@ -140,6 +140,18 @@ def test_training_decode_is_the_pipeline_decode_before_its_clamp():
     assert raw.abs().max() > 1 and torch.equal(raw.clamp(-1, 1), ref)
 
 
+@pytest.mark.skipif(not trained.weights_available(), reason="no trained weights shipped yet (benchmarks/train_tiny.py)")
+def test_shipped_weights_load_and_generate():
+    """The weights in the package load through build_tiny_pipeline("wan-trained") (fp16 files, statistics in
+    the VAE's header) and generate a finite video through WanPipeline."""
+    pipe = build_tiny_pipeline("wan-trained")
+    assert len(pipe.vae.config.latents_std) == 16 and min(pipe.vae.config.latents_std) > 0
+    video = pipe(prompt="a red circle moving left", num_frames=5, height=64, width=64, num_inference_steps=2,
+                 max_sequence_length=trained.MAX_SEQUENCE_LENGTH, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).frames[0]
+    assert video.shape == (5, 64, 64, 3) and np.isfinite(video).all()
+
+
 def test_missing_weights_say_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_tiny.py"):
         trained.build_trained_pipeline(tmp_path)
