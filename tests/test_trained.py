@@ -152,6 +152,24 @@ def test_shipped_weights_load_and_generate():
     assert video.shape == (5, 64, 64, 3) and np.isfinite(video).all()
 
 
+def test_per_frame_init_makes_the_vae_an_image_autoencoder_per_frame():
+    """After init_vae_per_frame a static video encodes to the image's latent at every latent frame and
+    decodes to the image's reconstruction at every frame (the causal convolutions see the current frame
+    only; time downsampling keeps a frame, upsampling repeats it); without it, it does not."""
+    tt = _load("train_tiny")
+    img = torch.rand(1, 3, 1, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    vid = img.expand(-1, -1, 9, -1, -1).contiguous()
+    for init in (True, False):
+        vae = trained.build_components(seed=3)[1].eval()
+        if init:
+            tt.init_vae_per_frame(vae)
+        with torch.no_grad():
+            zi, zv = vae.encode(img).latent_dist.mode(), vae.encode(vid).latent_dist.mode()
+            yi, yv = tt._decode_unclamped(vae, zi), tt._decode_unclamped(vae, zv)
+        same = (zv - zi).abs().max() < 1e-5 and (yv - yi).abs().max() < 1e-5
+        assert same == init and zv.shape == (1, 16, 3, 4, 6)
+
+
 def test_missing_weights_say_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_tiny.py"):
         trained.build_trained_pipeline(tmp_path)
