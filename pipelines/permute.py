@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from vdit_accel.grid import VideoGrid
-from vdit_accel.permutation import (DYNAMIC_KINDS, block_mask_for_order, format_order, gather_tokens, inverse, order_key,
-                                    plan_call, scatter_tokens, static_order)
+from vdit_accel.permutation import (DYNAMIC_KINDS, block_mask_for_order, format_order, inverse, order_key, plan_call,
+                                    static_order)
 from vdit_accel.patterns import build_block_mask_for_pattern
 
 from .backend import _warn_once
@@ -187,17 +187,12 @@ class OrderRuntime:
                                 query.device, heads)
                 static = self._static[(layer, grid, str(query.device), heads)]
         plan = plan_call(query, key, grid, orders, frame, block, static, self.memory.setdefault(layer, {}), scale)
-        if plan.q_index is not None:
-            query = gather_tokens(query, plan.q_index)
-        if plan.k_index is not None:
-            key, value = gather_tokens(key, plan.k_index), gather_tokens(value, plan.k_index)
+        query, key, value = plan.gather(query, key, value)
         if dynamic:
-            from vdit_accel.block_mask import BlockMask
-
-            bm = BlockMask.from_dense(plan.mask, query.shape[1], block, block)
+            bm = plan.block_mask(query.shape[1], block)
             kv_num_blocks, kv_indices = bm.kv_num_blocks, bm.kv_indices
         out = vdit_attention(query, key, value, kv_num_blocks, kv_indices, block, block, scale, quant)
-        return out if plan.q_index is None else scatter_tokens(out, plan.q_index)
+        return plan.scatter(out)
 
 
 _ORDER_MASKS: dict[tuple, torch.Tensor] = {}

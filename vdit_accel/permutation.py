@@ -291,17 +291,33 @@ def _flat_index(idx: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``out[b, i, h] = x[b, idx[b, h, i], h]`` for ``x`` (B, S, H, D) and ``idx`` ``[S]`` (every head)
-    or ``[B or 1, H, S]`` (per head): one row gather, contiguous out."""
+    or ``[B or 1, H, S]`` (per head): one row gather (one Triton launch on the GPU), contiguous out."""
     if idx.dim() == 1:
         return x.index_select(1, idx)
-    b, s, h, d = x.shape
-    return x.reshape(b * s * h, d).index_select(0, _flat_index(idx, b, h)).view(b, s, h, d)
+    return gather_tokens_many([x], idx)[0]
 
 
-def scatter_tokens(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`gather_tokens`: ``out[b, idx[b, h, i], h] = y[b, i, h]``."""
+def gather_tokens_many(xs: list[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`gather_tokens` of several tensors of one shape by one index (k and v): one launch on the GPU."""
+    if idx.dim() == 1:
+        return [x.index_select(1, idx) for x in xs]
+    x0 = xs[0]
+    if _fast(x0) and len(xs) <= 3 and x0.stride(3) == 1 and all(x.stride() == x0.stride() for x in xs):
+        from .kernels.permute import gather_rows
+
+        return gather_rows(xs, idx)
+    b, s, h, d = x0.shape
+    flat = _flat_index(idx, b, h)
+    return [x.reshape(b * s * h, d).index_select(0, flat).view(b, s, h, d) for x in xs]
+
+
+def scatter_tokens(y: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of :func:`gather_tokens`: ``out[b, idx[b, h, i], h] = y[b, i, h]``. ``inv``: the
+    inverse permutation of ``idx`` if known; on the GPU the scatter is then a gather by it (one launch)."""
     if idx.dim() == 1:
         return torch.empty_like(y).index_copy_(1, idx, y)
+    if _fast(y) and y.stride(3) == 1:
+        return gather_tokens_many([y], inverse(idx) if inv is None else inv)[0]
     b, s, h, d = y.shape
     out = torch.empty(b * s * h, d, dtype=y.dtype, device=y.device)
     return out.index_copy_(0, _flat_index(idx, b, h), y.reshape(b * s * h, d)).view(b, s, h, d)
@@ -312,21 +328,41 @@ def scatter_tokens(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------------
 
 
-def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid of each row: ``argmax(x . c - |c|^2 / 2)``; x [G, N, D], c [G, K, D] -> [G, N]."""
-    c = c.to(x.dtype)
-    half = 0.5 * (c.float() ** 2).sum(-1)
-    return (torch.bmm(x, c.transpose(1, 2)) - half.to(x.dtype)[:, None, :]).argmax(-1)
+def _fast(x: torch.Tensor) -> bool:
+    """Run the Triton kernels of :mod:`vdit_accel.kernels.permute` (CUDA; on the CPU with
+    ``TRITON_INTERPRET=1 VDIT_CPU_TRITON=1``, as :func:`vdit_accel.attention` does)."""
+    from .attention import _use_triton
+
+    return _use_triton(x)
 
 
-def _update(x: torch.Tensor, labels: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """One Lloyd update: each centroid the mean of its rows (an empty cluster keeps its centroid)."""
-    g, n, d = x.shape
+def _assign_stats(x: torch.Tensor, c: torch.Tensor, with_sums: bool, store_labels: bool = True):
+    """Nearest centroid of each row of ``x`` ``[B, H, N, D]`` among ``c`` ``[B * H, K, D]`` float32
+    (``argmax x . c - |c|^2 / 2``, scores in float32 with c rounded to x's dtype), with each cluster's
+    size (and row sum). Returns ``(labels [B * H, N] or None, counts float32 [B * H, K], sums or None)``.
+    One Triton launch on the GPU (:func:`vdit_accel.kernels.permute.kmeans_assign`); the same in PyTorch
+    on the CPU."""
+    if _fast(x):
+        from .kernels.permute import kmeans_assign
+
+        return kmeans_assign(x, c, with_sums=with_sums, store_labels=store_labels)
+    b, h, n, d = x.shape
+    xg = x.reshape(b * h, n, d)
+    scores = torch.bmm(xg.float(), c.to(x.dtype).float().transpose(1, 2)) - 0.5 * (c.float() ** 2).sum(-1)[:, None, :]
+    labels = scores.argmax(-1)
     k = c.shape[1]
-    flat = (labels + torch.arange(g, device=x.device)[:, None] * k).reshape(-1)
-    sums = torch.zeros(g * k, d, device=x.device, dtype=torch.float32).index_add_(0, flat, x.reshape(-1, d).float())
-    counts = torch.bincount(flat, minlength=g * k).view(g, k, 1)
-    return torch.where(counts > 0, sums.view(g, k, d) / counts.clamp_min(1), c.float())
+    counts = torch.zeros(b * h, k, device=x.device).scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
+    sums = None
+    if with_sums:
+        sums = torch.zeros(b * h, k, d, device=x.device).scatter_add_(1, labels[..., None].expand(-1, -1, d), xg.float())
+    return labels.int() if store_labels else None, counts, sums
+
+
+def _as_4d(x: torch.Tensor) -> torch.Tensor:
+    """``[..., N, D]`` -> ``[B, H, N, D]`` (a view where the leading dims allow)."""
+    if x.dim() == 4:
+        return x
+    return x.reshape(1, -1, *x.shape[-2:])
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, init: torch.Tensor | None = None, sample: int | None = None,
@@ -335,22 +371,32 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, init: torch.Tensor | None =
 
     Returns ``(labels [..., N], centroids [..., k, D] float32)``. ``init``: centroids to start from
     (the previous call's: warm start), else ``k`` rows drawn at random (seeded). The ``iters`` Lloyd
-    updates use at most ``sample`` rows (evenly strided; all when None); the returned labels are the
-    final assignment of every row. Empty clusters keep their centroid."""
+    updates use every ``ceil(N / sample)``-th row (all when ``sample`` is None); the returned labels
+    are the final assignment of every row. Empty clusters keep their centroid. On the GPU each update
+    and the final assignment are one kernel launch each, with no host synchronisation."""
+    labels, cent, _ = _kmeans(x, k, iters, init, sample, seed)
+    return labels.long(), cent
+
+
+def _kmeans(x, k, iters, init, sample, seed=0):
+    """:func:`kmeans` returning ``(labels int32 [..., N], centroids [..., k, D], counts float32 [..., k])``."""
     lead, (n, d) = x.shape[:-2], x.shape[-2:]
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= rows; got k={k} for {n} rows")
-    xg = x.reshape(-1, n, d)
+    x4 = _as_4d(x)
+    g = x4.shape[0] * x4.shape[1]
     if init is None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         rows = torch.randperm(n, generator=gen)[:k].to(x.device)
-        c = xg[:, rows].float()
+        c = x4.index_select(2, rows).reshape(g, k, d).float()
     else:
-        c = init.reshape(-1, k, d).float()
-    xs = xg if sample is None or sample >= n else xg[:, torch.linspace(0, n - 1, sample, device=x.device).long()]
+        c = init.reshape(g, k, d).float()
+    xs = x4 if sample is None or sample >= n else x4[:, :, :: cdiv(n, sample)]  # a strided view: no copy
     for _ in range(iters):
-        c = _update(xs, _assign(xs, c), c)
-    return _assign(xg, c).view(*lead, n), c.view(*lead, k, d)
+        _, counts, sums = _assign_stats(xs, c, with_sums=True, store_labels=False)
+        c = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1.0)[..., None], c)
+    labels, counts, _ = _assign_stats(x4, c, with_sums=False)
+    return labels.view(*lead, n), c.view(*lead, k, d), counts.view(*lead, k)
 
 
 def default_clusters(grid: VideoGrid, block: int) -> tuple[int, int]:
@@ -380,12 +426,14 @@ class SemanticPlan:
 def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, sample):
     """x [B, S, H, D] -> (perm [B, H, S], bounds [B, H, k + 1], centroids [B, H, k, D])."""
     vs, vl = grid.video_start, grid.video_len
-    xv = x[:, vs : vs + vl].transpose(1, 2)  # [B, H, V, D]
-    labels, cent = kmeans(xv, k, iters, init, sample)
-    video = torch.sort(labels, dim=-1, stable=True).indices + vs
-    counts = torch.zeros(*labels.shape[:-1], k, dtype=torch.long, device=x.device)
-    counts.scatter_add_(-1, labels, torch.ones_like(labels))
-    bounds = torch.cat([torch.zeros_like(counts[..., :1]), counts.cumsum(-1)], -1) + vs
+    xv = x[:, vs : vs + vl].transpose(1, 2)  # [B, H, V, D], a view
+    labels, cent, counts = _kmeans(xv, k, iters, init, sample)
+    video = torch.sort(labels, dim=-1, stable=True).indices
+    if vs:
+        video = video + vs
+    bounds = torch.nn.functional.pad(counts.long().cumsum(-1), (1, 0))
+    if vs:
+        bounds = bounds + vs
     return _with_text(video, grid), bounds, cent
 
 
@@ -461,20 +509,17 @@ def segment_key_order(importance: torch.Tensor, segment: int) -> torch.Tensor:
 
 
 def _pooled_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float) -> torch.Tensor:
-    """Float ``[B, H, Mb, S]``: softmax over keys of each query block's mean query (one head at a time)."""
+    """Float ``[B, H, Mb, S]``: softmax over keys of each query block's mean query (all heads at once)."""
     b, s, h, d = q.shape
     mb = cdiv(s, block)
     pad = mb * block - s
-    qf = q.float()
-    if pad:
-        qf = torch.cat([qf, qf.new_zeros(b, pad, h, d)], 1)
-    counts = torch.full((mb,), float(block), device=q.device)
-    counts[-1] = block - pad
-    pooled = qf.view(b, mb, block, h, d).sum(2) / counts.view(1, mb, 1, 1)  # [B, Mb, H, D]
-    out = torch.empty(b, h, mb, s, device=q.device)
-    for hi in range(h):
-        out[:, hi] = torch.softmax(scale * pooled[:, :, hi] @ k[:, :, hi].float().transpose(1, 2), -1)
-    return out
+    qf = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q
+    pooled = qf.view(b, mb, block, h, d).sum(2, dtype=torch.float32)  # [B, Mb, H, D]
+    if pad:  # the last block's mean over its real rows
+        pooled[:, -1] *= block / (block - pad)
+    pooled = pooled.mul_(scale / block).transpose(1, 2)  # [B, H, Mb, D]
+    logits = torch.matmul(pooled.to(k.dtype), k.transpose(1, 2).transpose(2, 3))  # [B, H, Mb, S] in k's dtype
+    return torch.softmax(logits, -1, dtype=torch.float32)
 
 
 def segment_plan(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, size: int, top_p: float, block_m: int = 128,
@@ -596,11 +641,44 @@ class CallPlan:
     ``q_index`` / ``k_index``: ``out[b, i, h] = x[b, index[b, h, i], h]`` (``[B or 1, H, S]``), or ``[S]``
     for every head, or None (the tensors stay as they came); K and V share ``k_index``; the output is
     scattered back through ``q_index``. ``mask``: bool ``[B or 1, H, Mb, Nb]`` in the heads' own orders
-    (None: dense)."""
+    (None: dense). A plan reused across calls (``refresh``) keeps its kernel block mask and the inverse
+    of ``q_index`` (:meth:`block_mask`, :meth:`q_inverse`), computed on first use."""
 
     q_index: torch.Tensor | None
     k_index: torch.Tensor | None
     mask: torch.Tensor | None
+    _bm: Any = None
+    _q_inv: torch.Tensor | None = None
+
+    def block_mask(self, seq_len: int, block: int):
+        """The kernel's :class:`~vdit_accel.block_mask.BlockMask` of ``mask`` (None when dense); cached."""
+        from .block_mask import BlockMask
+
+        if self.mask is None:
+            return None
+        if self._bm is None or self._bm.seq_len != seq_len:
+            self._bm = BlockMask.from_dense(self.mask, seq_len, block, block)
+        return self._bm
+
+    def q_inverse(self) -> torch.Tensor | None:
+        """The inverse of a per-head ``q_index`` (the output goes back by a gather with it); cached."""
+        if self.q_index is None or self.q_index.dim() == 1:
+            return None
+        if self._q_inv is None:
+            self._q_inv = inverse(self.q_index)
+        return self._q_inv
+
+    def gather(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """q, k, v moved into the plan's orders: at most two launches on the GPU (q; k and v together)."""
+        if self.q_index is not None:
+            q = gather_tokens(q, self.q_index)
+        if self.k_index is not None:
+            k, v = gather_tokens_many([k, v], self.k_index)
+        return q, k, v
+
+    def scatter(self, out: torch.Tensor) -> torch.Tensor:
+        """The attention output back in the order q arrived in."""
+        return out if self.q_index is None else scatter_tokens(out, self.q_index, self.q_inverse())
 
 
 def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Order | None], frame: Order | None,
@@ -635,46 +713,45 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
         if o is not None and o["kind"] in DYNAMIC_KINDS:
             groups.setdefault(order_key(o), []).append(hi)
     memory = {} if memory is None else memory
-    whole = None  # (q_perm, k_perm, mask) when one dynamic order covers every head: no per-head assembly
+    replanned = False
     for key, heads in groups.items():
         o = orders[heads[0]]
-        if len(heads) == h:
-            qs, ks = q, k
-        else:
-            sel = torch.tensor(heads, device=device)
-            qs, ks = q.index_select(2, sel), k.index_select(2, sel)
         plan_key = ("plan", key, tuple(heads), b, grid)
         cached = memory.get(plan_key)
         if cached is not None and cached[3] < o["refresh"] - 1:  # reuse the last plan (refresh > 1)
             cached[3] += 1
             qp, kp, rows = cached[:3]
-        elif o["kind"] == "semantic":
-            dq, dk = default_clusters(grid, block)
-            nq, nk = o["q_clusters"] or dq, o["k_clusters"] or dk
-            nq, nk = min(nq, grid.video_len), min(nk, grid.video_len)
-            mem_key = ("semantic", key, tuple(heads), b, grid)
-            init = memory.get(mem_key)
-            plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], init)
-            memory[mem_key] = (plan.q_centroids, plan.k_centroids)
-            rows = semantic_block_mask(plan, grid, o["top_p"], block, block, scale)
-            qp, kp = plan.q_perm, plan.k_perm
+        else:
+            replanned = True
+            if len(heads) == h:
+                qs, ks = q, k
+            else:
+                sel_key = ("heads", tuple(heads), str(device))
+                if sel_key not in memory:  # a host-to-device copy (a stream sync): once per layer
+                    memory[sel_key] = torch.tensor(heads, device=device)
+                qs, ks = q.index_select(2, memory[sel_key]), k.index_select(2, memory[sel_key])
+            if o["kind"] == "semantic":
+                dq, dk = default_clusters(grid, block)
+                nq, nk = o["q_clusters"] or dq, o["k_clusters"] or dk
+                nq, nk = min(nq, grid.video_len), min(nk, grid.video_len)
+                mem_key = ("semantic", key, tuple(heads), b, grid)
+                init = memory.get(mem_key)
+                plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], init)
+                memory[mem_key] = (plan.q_centroids, plan.k_centroids)
+                rows = semantic_block_mask(plan, grid, o["top_p"], block, block, scale)
+                qp, kp = plan.q_perm, plan.k_perm
+            else:  # segment
+                size = o["size"] or 8 * block
+                kp, rows = segment_plan(qs, ks, grid, size, o["top_p"], block, block, scale)
+                qp = None
             memory[plan_key] = [qp, kp, rows, 0]
-        else:  # segment
-            size = o["size"] or 8 * block
-            kp, rows = segment_plan(qs, ks, grid, size, o["top_p"], block, block, scale)
-            qp = None
-            memory[plan_key] = [qp, kp, rows, 0]
-        if len(heads) == h:
-            whole = (qp, kp, rows)
-            break
+        if len(heads) == h:  # one dynamic order covers every head: no per-head assembly
+            return _cached_call(memory, ("call", order_key(frame), b, grid), replanned, lambda: CallPlan(qp, kp, rows))
         for j, hi in enumerate(heads):
             dyn_rows[hi] = rows[:, j]
             k_dyn[hi] = kp[:, j]
             if qp is not None:
                 q_dyn[hi] = qp[:, j]
-
-    if whole is not None:
-        return CallPlan(*whole)
 
     def index(rows: list, dyn: dict) -> torch.Tensor | None:
         if not dyn and all(r is None for r in rows):
@@ -686,16 +763,32 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
             out[:, hi] = dyn[hi] if hi in dyn else (ident if r is None else r)
         return out
 
-    mask = None
-    if dyn_rows or static_mask is not None:
+    def mixed_mask() -> torch.Tensor | None:
+        if not dyn_rows and static_mask is None:
+            return None
         mb, nb = cdiv(s, block), cdiv(s, block)
         base = static_mask if static_mask is not None else torch.ones(1, h, mb, nb, dtype=torch.bool, device=device)
         if dyn_rows:
             base = base.expand(b, h, mb, nb).clone()
             for hi, r in dyn_rows.items():
                 base[:, hi] = r
-        mask = base
-    return CallPlan(index(q_rows, q_dyn), index(k_rows, k_dyn), mask)
+        return base
+
+    def assemble() -> CallPlan:
+        return CallPlan(index(q_rows, q_dyn), index(k_rows, k_dyn), mixed_mask())
+
+    if not groups:
+        return assemble()
+    return _cached_call(memory, ("call", order_key(frame), b, grid), replanned, assemble)
+
+
+def _cached_call(memory: dict, key: tuple, replanned: bool, build) -> CallPlan:
+    """The layer's last :class:`CallPlan` when none of its dynamic plans was recomputed this call (its
+    block mask and inverse index are then reused too), else a new one."""
+    hit = memory.get(key)
+    if replanned or hit is None:
+        hit = memory[key] = build()
+    return hit
 
 
 def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, block: int, attend,
@@ -703,15 +796,7 @@ def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Call
     """Run one call under ``plan``: gather Q by ``q_index`` and K, V by ``k_index``, attend through
     ``attend(q, k, v, kv_num_blocks, kv_indices, block, scale)`` (None, None = dense), scatter the output
     back. The output is in the order q arrived in."""
-    from .block_mask import BlockMask
-
-    if plan.q_index is not None:
-        q = gather_tokens(q, plan.q_index)
-    if plan.k_index is not None:
-        k, v = gather_tokens(k, plan.k_index), gather_tokens(v, plan.k_index)
-    num = idx = None
-    if plan.mask is not None:
-        bm = BlockMask.from_dense(plan.mask, q.shape[1], block, block)
-        num, idx = bm.kv_num_blocks, bm.kv_indices
-    out = attend(q, k, v, num, idx, block, scale)
-    return out if plan.q_index is None else scatter_tokens(out, plan.q_index)
+    q, k, v = plan.gather(q, k, v)
+    bm = plan.block_mask(q.shape[1], block)
+    num, idx = (None, None) if bm is None else (bm.kv_num_blocks, bm.kv_indices)
+    return plan.scatter(attend(q, k, v, num, idx, block, scale))

@@ -1,0 +1,82 @@
+"""The token-order kernels (kernels/permute.py) against PyTorch, on the CPU interpreter at odd sizes,
+and the semantic / segment plans through them (VDIT_CPU_TRITON=1) against the PyTorch path."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from vdit_accel import permutation as P  # noqa: E402
+from vdit_accel.grid import VideoGrid  # noqa: E402
+from vdit_accel.kernels.permute import gather_rows, kmeans_assign  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype,d,k", [(torch.float32, 32, 5), (torch.float16, 24, 17), (torch.float32, 64, 40)])
+def test_kmeans_assign_matches_torch(dtype, d, k):
+    g = torch.Generator().manual_seed(d + k)
+    b, h, n = 2, 3, 203
+    x = torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2)  # strided, as the plan passes it
+    c = torch.randn(b * h, k, d, generator=g)
+    labels, counts, sums = kmeans_assign(x, c, with_sums=True, rows_per_program=64, block_n=16)
+    xf = x.reshape(b * h, n, d).float()
+    scores = xf @ c.to(dtype).float().transpose(1, 2) - 0.5 * (c ** 2).sum(-1)[:, None]
+    ref = scores.argmax(-1)
+    top2 = scores.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-3  # rows without a near tie (fp16 rounding order differs)
+    assert torch.equal(labels.long()[clear], ref[clear]) and clear.float().mean() > 0.95
+    lab = labels.long()
+    cnt = torch.zeros(b * h, k).scatter_add_(1, lab, torch.ones(b * h, n))
+    sm = torch.zeros(b * h, k, d).scatter_add_(1, lab[..., None].expand(-1, -1, d), xf)
+    assert torch.equal(counts, cnt)
+    torch.testing.assert_close(sums, sm, rtol=1e-4, atol=1e-3)
+    only, counts2, none = kmeans_assign(x, c, store_labels=False)
+    assert only is None and none is None and torch.equal(counts2, cnt)
+
+
+@pytest.mark.parametrize("n_tensors", [1, 2, 3])
+def test_gather_rows_matches_index_gather(n_tensors):
+    g = torch.Generator().manual_seed(n_tensors)
+    b, s, h, d = 2, 77, 3, 24
+    xs = [torch.randn(b, s, h, d, generator=g).half() for _ in range(n_tensors)]
+    idx = torch.stack([torch.stack([torch.randperm(s, generator=g) for _ in range(h)]) for _ in range(b)])
+    for index in (idx, idx[:1]):
+        ys = gather_rows(xs, index, block_s=16)
+        for x, y in zip(xs, ys):
+            ref = torch.stack([torch.stack([x[bi, index[min(bi, index.shape[0] - 1), hi], hi] for hi in range(h)], 1)
+                               for bi in range(b)])
+            assert y.is_contiguous() and torch.equal(y, ref)
+    # from a strided view (q of a fused qkv projection)
+    big = torch.randn(b, s, h, 3 * d, generator=g).half()
+    view = big[..., d : 2 * d]
+    assert torch.equal(gather_rows([view], idx)[0], gather_rows([view.contiguous()], idx)[0])
+
+
+def test_plans_through_the_kernels_match_the_torch_path(monkeypatch):
+    """Semantic (warm start included) and segment plans: the kernels give the PyTorch path's orders and masks."""
+    grid = VideoGrid(3, 6, 10, text_len=5, text_at="suffix")
+    g = torch.Generator().manual_seed(0)
+    s, h, d = grid.seq_len, 2, 32
+    centers = torch.randn(6, d, generator=g) * 4
+    pick = torch.randint(0, 6, (1, s, h), generator=g)
+    q = (centers[pick] + 0.3 * torch.randn(1, s, h, d, generator=g))
+    k = (centers[pick.roll(7, 1)] + 0.3 * torch.randn(1, s, h, d, generator=g))
+    v = torch.randn(1, s, h, d, generator=g)
+    results = {}
+    for fast in ("0", "1"):
+        monkeypatch.setenv("VDIT_CPU_TRITON", fast)
+        out = []
+        for spec in ("semantic:q_clusters=6,k_clusters=8", "segment:size=64"):
+            memory = {}
+            for _ in range(2):  # cold, then warm
+                plan = P.plan_call(q, k, grid, [P.validate_order(spec)] * h, None, 16, None, memory)
+                out.append((plan.q_index, plan.k_index, plan.mask))
+            qq, kk, vv = plan.gather(q, k, v)
+            out.append((plan.scatter(qq), kk, vv))
+        results[fast] = out
+    for a, b in zip(results["0"], results["1"]):
+        for x, y in zip(a, b):
+            assert (x is None and y is None) or torch.equal(x, y)
