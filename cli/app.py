@@ -77,7 +77,10 @@ def _load_pipeline(model: Optional[str], device: str, dtype_name: str):
 def generate(
     prompt: str = typer.Option("a red circle moving left on a blue background", help="Text prompt."),
     model: Optional[str] = typer.Option(None, help="diffusers pipeline directory or hub id; default: the built-in tiny Wan pipeline."),
-    strategy: str = typer.Option("window3d:t=1,h=2,w=2", help="Strategy file (.json), 'dense', or a uniform pattern such as 'window3d:t=1,h=2,w=2'."),
+    strategy: Optional[str] = typer.Option(None, help="Strategy file (.json), 'dense', or a uniform pattern such as 'window3d:t=1,h=2,w=2' "
+                                           "(default: that pattern; 'dense' with a semantic or segment --order)."),
+    order: Optional[str] = typer.Option(None, help="Token order for every head, overriding the strategy's: raster, tiled, semantic "
+                                        "or segment, with parameters in short form ('semantic:top_p=0.9,refresh=4')."),
     frames: Optional[int] = typer.Option(None, help="Number of frames (4k+1)."),
     height: Optional[int] = typer.Option(None, help="Height in pixels (multiple of 16)."),
     width: Optional[int] = typer.Option(None, help="Width in pixels (multiple of 16)."),
@@ -108,8 +111,13 @@ def generate(
 
         if quant is not None and quant != "all" and quant not in QUANT_MODES:
             raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)} or all, got {quant!r}")
+        from vdit_accel.permutation import DYNAMIC_KINDS, validate_order
+
+        order_spec = validate_order(order) if order is not None else None
+        if strategy is None:  # semantic and segment choose their own key blocks: their pattern is dense
+            strategy = "dense" if order_spec is not None and order_spec["kind"] in DYNAMIC_KINDS else "window3d:t=1,h=2,w=2"
         strat = vdit_accel.Strategy.from_spec(strategy, dense_warmup_steps,
-                                              quant=quant if quant in QUANT_MODES else None)
+                                              quant=quant if quant in QUANT_MODES else None, order=order)
         if out.suffix != ".mp4":
             raise ValueError(f"--out must end in .mp4, got {str(out)!r}")
         pipe, defaults = _load_pipeline(model, device, dtype)

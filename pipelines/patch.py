@@ -253,7 +253,7 @@ def _transformers_of(obj) -> list[torch.nn.Module]:
 
 
 def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, block_size: int = 128,
-          quant: str | None = None):
+          quant: str | None = None, order: str | dict | None = None):
     """Route the self-attention of a diffusers video pipeline (or transformer) through vdit-accel.
 
     Args:
@@ -265,6 +265,9 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
             on Hopper; smaller blocks follow a pattern more closely at more per-block overhead).
         quant: if given (``"fp8"``, ``"int8"``, ``"int4"``), every head runs in that mode, overriding
             the strategy's own ``quant`` (whose ``quant_bf16_steps`` still apply).
+        order: if given, every head's token order (``"tiled"``, ``"semantic:top_p=0.9,refresh=4"``,
+            ``"segment"``, ``"raster"``; see :mod:`vdit_accel.permutation`), overriding the strategy's.
+            ``semantic`` and ``segment`` choose their own key blocks and need the ``"dense"`` pattern.
 
     Only the video self-attention processors the model's adapter lists are replaced (``attn1``, or
     HunyuanVideo's joint ``attn``); cross-attention, text refiners and pools are left alone. The token
@@ -272,7 +275,7 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
     mask built once per (grid, layer). Text tokens of joint attention are always attended densely. Patching twice raises; :func:`unpatch` restores the originals.
     Returns the object it was given.
     """
-    strategy = Strategy.from_spec(strategy, quant=quant)
+    strategy = Strategy.from_spec(strategy, quant=quant, order=order)
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
     transformers = _transformers_of(pipe_or_transformer)

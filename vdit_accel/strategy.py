@@ -164,11 +164,12 @@ class Strategy:
 
     @classmethod
     def from_spec(cls, spec: "Strategy | str | Path", dense_warmup_steps: int | None = None,
-                  quant: str | None = None) -> "Strategy":
+                  quant: str | None = None, order: Order | str | None = None) -> "Strategy":
         """A Strategy, a path to a strategy file, ``"dense"``, or a pattern in short form.
 
-        ``dense_warmup_steps`` / ``quant`` (given) override the strategy's; ``quant`` then applies to
-        every head (per-head modes are dropped)."""
+        ``dense_warmup_steps`` / ``quant`` / ``order`` (given) override the strategy's; ``quant`` and
+        ``order`` then apply to every head (per-head modes and orders are dropped). ``order``: a spec of
+        :func:`vdit_accel.permutation.validate_order` (``"raster"`` forces diffusers' own order)."""
         if isinstance(spec, Strategy):
             st = spec
         elif isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".json")):
@@ -188,6 +189,8 @@ class Strategy:
                 st, model=dict(st.model),
                 dense_warmup_steps=st.dense_warmup_steps if dense_warmup_steps is None else dense_warmup_steps,
                 quant=st.quant if quant is None else quant, quants=st.quants if quant is None else None)
+        if order is not None:
+            st = dataclasses.replace(st, model=dict(st.model), order=validate_order(order), orders=None)
         return st
 
     # -- queries -------------------------------------------------------------------------------

@@ -39,6 +39,15 @@ def test_generate_reports_each_quantized_mode(tmp_path):
     assert json.loads(res.stdout.strip().splitlines()[-1])["quant_psnr_db"].keys() == {"fp8", "int8", "int4"}
 
 
+def test_generate_with_a_token_order(tmp_path):
+    out = tmp_path / "clip.mp4"
+    res = runner.invoke(app, ["generate", "--frames", "5", "--height", "64", "--width", "96", "--steps", "2",
+                              "--order", "semantic:top_p=0.9,refresh=2", "--block-size", "16", "--no-compare", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert "order=semantic:top_p=0.9,refresh=2" in report["strategy"] and "dense" in report["strategy"]
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -49,6 +58,8 @@ def test_generate_reports_each_quantized_mode(tmp_path):
         (["--strategy", "missing.json"], "does not exist"),
         (["--out", "x.avi"], "must end in .mp4"),
         (["--dtype", "int8"], "--dtype"),
+        (["--order", "spiral"], "unknown order kind"),
+        (["--order", "semantic", "--strategy", "window3d:t=1,h=1,w=1"], "must be 'dense'"),
     ],
 )
 def test_generate_bad_input_is_one_line(args, match):

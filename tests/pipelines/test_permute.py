@@ -173,3 +173,17 @@ def test_order_errors(pipe):
     finally:
         pipe.transformer._parallel_config = None
         vdit_accel.unpatch(pipe)
+
+
+def test_patch_order_shortcut(pipe, base):
+    """``patch(pipe, strategy, order=...)`` sets every head's order, as Strategy.uniform(..., order=...) does."""
+    vdit_accel.patch(pipe, "dense", block_size=32, order="tiled")
+    try:
+        assert patch_state(pipe.transformer).strategy.order == parse_order("tiled")
+        out = pipe(**CALL, generator=torch.Generator().manual_seed(0)).frames
+    finally:
+        vdit_accel.unpatch(pipe)
+    assert (out - base).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="must be 'dense'"):
+        vdit_accel.patch(pipe, "window3d:t=0,h=1,w=1", order="semantic")
+    assert patch_state(pipe.transformer) is None  # refused before anything was patched
