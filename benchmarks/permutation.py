@@ -3,6 +3,7 @@
     python benchmarks/permutation.py                  # GPU: density + timing at the wan shape -> permutation-<gpu>-<date>.json
     python benchmarks/permutation.py --density        # density only, any device (CPU: sampled query blocks)
     python benchmarks/permutation.py --smoke          # tiny grid, CPU is fine: checks the script end to end
+    python benchmarks/permutation.py --overhead       # GPU: semantic/segment overhead in parts -> permutation-overhead-<gpu>-<date>.json
 
 Heads: the ``local3d`` and ``clustered`` sets of ``sparsity_search/synthetic.py`` (defined there, fixed
 before any order was measured). Orders: ``raster`` (diffusers' own), ``tiled`` (default tile, plus other
@@ -28,6 +29,16 @@ only), k, v and scattering the output (``overhead_ms_refresh4``: the same with t
 4th call and reused in between). ``ms = attn_ms + overhead_ms``; ``runtime_attn_ms``: the same attention
 with the runtime's own masks. ``dense_rel_diff``: dense attention computed through the order's gathers
 and scatter against dense attention in raster order, ||a - b|| / ||b|| (rounding only).
+``overhead_ms_refresh<n>``: ``n`` consecutive calls timed together (one re-plan, the plan reused
+n - 1 times), divided by n: the mean cost per call (do_bench's median of single calls would report the
+cheap calls only, as the 2026-11-22 file's ``overhead_ms_refresh4`` did).
+
+``--overhead`` (the 12 clustered heads in the tiled frame, semantic and segment with their defaults):
+``plan_ms`` (warm plan_call alone: k-means step, assignment, sort, block mask), ``moves_ms`` (on a kept
+plan: gathers of q, k, v and the output back; ``moves_gbps`` the bytes read and written per second),
+``plan_launches`` / ``moves_launches`` (CUDA kernels per call, torch.profiler), ``overhead_ms_refresh{1,2,4,8}``
+(the mean per call of everything, plan recomputed every n-th call), ``runtime_attn_ms`` (the attention
+with the plan's own mask) — the 10% target is against the sparse attention time.
 """
 
 from __future__ import annotations
@@ -202,16 +213,16 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
 
                 def per_call(spec, memory):
                     plan = P.plan_call(qf, kf, grid, [spec] * heads, None, BLOCK, None, memory)
-                    qq = qf if plan.q_index is None else P.gather_tokens(qf, plan.q_index)
-                    kk, vv = P.gather_tokens(kf, plan.k_index), P.gather_tokens(vf, plan.k_index)
-                    # qq stands for the attention output (same shape) that is scattered back
-                    return plan, kk, vv, (qq if plan.q_index is None else P.scatter_tokens(qq, plan.q_index))
+                    qq, kk, vv = plan.gather(qf, kf, vf)
+                    plan.block_mask(s, BLOCK)
+                    return plan, kk, vv, plan.scatter(qq)  # qq stands for the attention output (same shape)
 
                 for refresh in (4, 1):
                     spec, memory = P.validate_order(f"{order}:top_p={RECALL},refresh={refresh}"), {}
                     per_call(spec, memory)  # cold start (k-means from random rows), outside the timing
-                    overhead = _bench(lambda: per_call(spec, memory), device)
-                    if refresh > 1:  # re-planned every 4th call, the last plan reused in between
+                    # ``refresh`` calls timed together (one re-plan, the plan reused in between): the mean per call
+                    overhead = _bench(lambda: [per_call(spec, memory) for _ in range(refresh)], device) / refresh
+                    if refresh > 1:
                         row[f"overhead_ms_refresh{refresh}"] = round(overhead, 4)
                 plan = per_call(spec, memory)[0]
                 rbm = BlockMask.from_dense(plan.mask, s, BLOCK, BLOCK)
@@ -232,9 +243,76 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
     return out_rows
 
 
+def _launches(fn, device) -> int | None:
+    """CUDA kernels one call of ``fn`` launches (torch.profiler; Triton kernels included), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) -> list[dict]:
+    """The dynamic orders' cost per attention call at one shape, in parts (see ``--overhead``)."""
+    from vdit_accel.attention import attention
+
+    s = grid.seq_len
+    qa, ka, specs = head_set("clustered", grid, head_dim)
+    pick = torch.linspace(0, len(specs) - 1, heads).round().long()
+    frame = P.tiled_order(grid, BLOCK, device=device)
+    q = qa[pick].transpose(0, 1)[None].to(device=device, dtype=dtype)[:, frame].contiguous()  # the tiled frame
+    k = ka[pick].transpose(0, 1)[None].to(device=device, dtype=dtype)[:, frame].contiguous()
+    v = torch.randn(1, s, heads, head_dim, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    rows = []
+    for order in ("semantic", "segment"):
+        spec = P.validate_order(f"{order}:top_p={RECALL}")
+        memory: dict = {}
+        plan = P.plan_call(q, k, grid, [spec] * heads, None, BLOCK, None, memory)  # cold start, untimed
+        plan = P.plan_call(q, k, grid, [spec] * heads, None, BLOCK, None, memory)
+
+        def plan_only():
+            return P.plan_call(q, k, grid, [spec] * heads, None, BLOCK, None, memory)
+
+        def moves():  # on a kept plan: gathers, the kernel's block mask (cached), the output back
+            qq, kk, vv = plan.gather(q, k, v)
+            plan.block_mask(s, BLOCK)
+            return plan.scatter(qq)
+
+        bm = plan.block_mask(s, BLOCK)
+        qq, kk, vv = plan.gather(q, k, v)
+        row = {"shape": f"{grid.t}x{grid.h}x{grid.w}", "impl": f"ours-perm-{order}", "heads": "clustered",
+               "runtime_density": round(bm.density(), 5),
+               "runtime_attn_ms": round(_bench(lambda: attention(qq, kk, vv, bm), device), 4),
+               "plan_ms": round(_bench(plan_only, device), 4), "moves_ms": round(_bench(moves, device), 4),
+               "plan_launches": _launches(plan_only, device), "moves_launches": _launches(moves, device)}
+        moved = (3 if plan.q_index is not None else 2) * q.numel() * q.element_size() * 2  # read + write
+        row["moves_gbps"] = round(moved / row["moves_ms"] / 1e6, 1)
+        for refresh in (1, 2, 4, 8):
+            spec_r, mem_r = P.validate_order(f"{order}:top_p={RECALL},refresh={refresh}"), {}
+            P.plan_call(q, k, grid, [spec_r] * heads, None, BLOCK, None, mem_r)
+
+            def calls(spec_r=spec_r, mem_r=mem_r, refresh=refresh):
+                for _ in range(refresh):
+                    pl = P.plan_call(q, k, grid, [spec_r] * heads, None, BLOCK, None, mem_r)
+                    a, b, c = pl.gather(q, k, v)
+                    pl.block_mask(s, BLOCK)
+                    pl.scatter(a)
+
+            row[f"overhead_ms_refresh{refresh}"] = round(_bench(calls, device) / refresh, 4)
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--density", action="store_true", help="densities only (any device), with the tile-shape comparison")
+    ap.add_argument("--overhead", action="store_true",
+                    help="only the semantic/segment overhead at the wan shape, in parts: plan, moves, amortised per refresh")
     ap.add_argument("--smoke", action="store_true", help="tiny grid, few rows: an end-to-end check (CPU is fine)")
     ap.add_argument("--sample-rows", type=int, default=None,
                     help="query blocks per head measured, evenly spread (default: all on a GPU, 64 on a CPU)")
@@ -264,11 +342,15 @@ def main(argv=None):
     else:
         grids = GRIDS
         sample = args.sample_rows or (None if device.type == "cuda" else 64)
-    what = "permutation-density" if args.density else "permutation"
+    what = "permutation-density" if args.density else "permutation-overhead" if args.overhead else "permutation"
     path = args.out_dir / f"{what}-{slug}-{today.strftime('%Y%m%d')}{'-smoke' if args.smoke else ''}.json"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.density:
         result["rows"] = density_rows(grids, sample, device, with_tiles=True, log=log)
+    elif args.overhead:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        result["rows"] = overhead_rows(VideoGrid(*grids["smoke" if args.smoke else "wan-81f-480p"]), 4 if args.smoke else 12,
+                                       32 if args.smoke else 128, device, dtype, log)
     else:
         if device.type != "cuda" and not args.smoke:
             sys.exit("timing needs a CUDA GPU (use --density for the CPU measurement, --smoke for a check)")
