@@ -80,3 +80,31 @@ def test_plans_through_the_kernels_match_the_torch_path(monkeypatch):
     for a, b in zip(results["0"], results["1"]):
         for x, y in zip(a, b):
             assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_kernels_compile_for_sm90():
+    """What the GPU runs (bf16, head_dim 128, 64/128 centroids; head_dim 96 padded) compiles for Hopper
+    (a fresh process: under TRITON_INTERPRET=1 kernels cannot be compiled; see test_compile_sm90.py)."""
+    import json
+    import subprocess
+    import sys
+
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_sm90", Path(__file__).with_name("test_compile_sm90.py"))
+    sm90 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm90)
+    _COMPILE = sm90._COMPILE
+
+    mod = "vdit_accel.kernels.permute"
+    km = {"X": "*bf16", "C": "*fp32", "LABELS": "*i32", "SUMS": "*fp32", "COUNTS": "*fp32"}
+    variants = [[mod, "_kmeans_assign_kernel", km, dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_N=64, STORE_LABELS=lab, WITH_SUMS=sums)]
+                for d, kp, dp, lab, sums in ((128, 64, 128, False, True), (128, 128, 128, True, False), (96, 128, 128, True, True))]
+    gr = {n: "*bf16" for n in ("X0", "Y0", "X1", "Y1", "X2", "Y2")} | {"IDX": "*i64"}
+    variants += [[mod, "_gather_rows_kernel", gr, dict(D=128, D_PAD=128, BLOCK_S=64, N_TENSORS=n)] for n in (1, 2)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(variants)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
