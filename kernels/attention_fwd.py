@@ -46,6 +46,15 @@ LOG2_FP8_MAX: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): e4m3'
 #                   contiguous), zero past S; Q/K scales per tile (per row for int4) carry qk_scale,
 #                   P is quantized to e4m3 (times 448) for P @ V, V's per-channel scale is applied at
 #                   the end. See vdit_accel/quant.py for the recipes and their reference.
+#   PIPELINE_QK     software-pipelined Q·K^T (FlashAttention-3's intra-warpgroup overlap): the score tile
+#                   of block t + 1 is issued before the softmax and P·V of block t, so the tensor cores
+#                   work while the softmax runs (one score tile more in registers). Not with int4 or
+#                   WARP_SPECIALIZE. (2026-11-23, triton 3.9 compiling for sm_90 on a CPU: the PTX still
+#                   has wgmma.wait_group 0 right after the next tile's Q·K^T is issued -- Triton leaves a
+#                   dot in flight only when its result feeds a later dot's accumulator -- so within a
+#                   warp nothing overlaps yet; the GPU sweep measures what it does with triton 3.6.)
+#   EXP_POLY        quarters of P's columns whose exp2 runs on the FMA pipe as 2**round(x) * poly(frac)
+#                   (FlashAttention-4's trick; see _exp2_poly): 0 none (all on MUFU), 1, 2 or 4 (all)
 #   m_i, l_i, acc   running row max (log2 domain, scaled), running row sum of exp2, running P @ V
 #   t               index of a kernel key block in this program's visit list (0 .. n_total-1);
 #                   dense: key block t; sparse: sub-block t % SUB of mask key block kv_indices[t // SUB]
@@ -67,6 +76,132 @@ def _unpack_int4(packed, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     return tl.reshape(tl.join(lo, hi), [ROWS, BLOCK_D]).to(tl.int8)
 
 
+# exp2 on the FMA pipe: 2**x = 2**j * 2**f with j = round(x), f = x - j in [-0.5, 0.5]; 2**f by a
+# degree-3 polynomial with p(0) = 1 exactly (max relative error 1.0e-4, against e4m3's 6.25% rounding
+# of P), 2**j added straight into the exponent bits.
+_EXP2_C1: tl.constexpr = tl.constexpr(0.6932829022407532)
+_EXP2_C2: tl.constexpr = tl.constexpr(0.2422109842300415)
+_EXP2_C3: tl.constexpr = tl.constexpr(0.05500892922282219)
+
+
+@triton.jit
+def _exp2_poly(x):
+    """2**x in fp32 without MUFU: FMNMX, 3 FADD, 3 FFMA, SHL, IADD per element. x = -inf (and anything
+    below -127) gives exactly 0: x is clamped to -127, where f = 0, p = 1.0 and the exponent bits cancel."""
+    MAGIC: tl.constexpr = 12582912.0  # 1.5 * 2**23: x + MAGIC rounds x to an integer in the low mantissa bits
+    x = tl.maximum(x, -127.0)
+    t = x + MAGIC
+    f = x - (t - MAGIC)
+    p = 1.0 + f * (_EXP2_C1 + f * (_EXP2_C2 + f * _EXP2_C3))
+    # The low bits of t hold j (two's complement): shifted by 23 they are j * 2**23, the rest shifts out.
+    return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2_mixed(x, EXP_POLY: tl.constexpr):
+    """exp2 of a [ROWS, COLS] tile: EXP_POLY quarters of the columns (every other column for 2, every
+    fourth for 1) through _exp2_poly, the rest through MUFU's ex2. The column pairs a thread holds in
+    the MMA layout split without data movement."""
+    if EXP_POLY == 0:
+        return tl.math.exp2(x)
+    elif EXP_POLY == 4:
+        return _exp2_poly(x)
+    else:
+        ROWS: tl.constexpr = x.shape[0]
+        COLS: tl.constexpr = x.shape[1]
+        even, odd = tl.split(tl.reshape(x, [ROWS, COLS // 2, 2]))
+        even = tl.math.exp2(even)
+        if EXP_POLY == 2:
+            odd = _exp2_poly(odd)
+        else:
+            # The odd columns a thread holds are 8 apart in runs of 4 (c = 8a + 4b + lane % 4 in the
+            # MMA layout): split on b, so that each half stays in its thread's registers.
+            odd = tl.permute(tl.reshape(odd, [ROWS, COLS // 16, 2, 4]), (0, 1, 3, 2))
+            odd_a, odd_b = tl.split(odd)
+            odd = tl.permute(tl.join(tl.math.exp2(odd_a), _exp2_poly(odd_b)), (0, 1, 3, 2))
+            odd = tl.reshape(odd, [ROWS, COLS // 2])
+        return tl.reshape(tl.join(even, odd), [ROWS, COLS])
+
+
+@triton.jit
+def _block_start(t, kv_idx_row, stride_idx_n, BLOCK_N: tl.constexpr, MASK_BLOCK_N: tl.constexpr,
+                 SPARSE: tl.constexpr):
+    """First key position of kernel key block t of the visit list."""
+    SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
+    if SPARSE:
+        kv_block = tl.load(kv_idx_row + (t // SUB) * stride_idx_n)
+        start_n = kv_block * MASK_BLOCK_N + (t % SUB) * BLOCK_N
+    else:
+        start_n = t * BLOCK_N
+    return start_n
+
+
+@triton.jit
+def _load_k(
+    start_n, K_bh, stride_kn, offs_n, offs_d, S,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_TAIL: tl.constexpr,
+    K_desc, b, h, USE_TMA: tl.constexpr, QUANT: tl.constexpr,
+):
+    """The K tile of the key block at start_n (see _load_kv)."""
+    if USE_TMA and QUANT > 0:
+        k = K_desc.load([b, h, start_n.to(tl.int32), 0]).reshape(BLOCK_N, BLOCK_D)
+    elif USE_TMA:
+        k = K_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
+    elif QUANT > 0:
+        rows = start_n.to(tl.int64) + offs_n
+        if QUANT == 3:
+            offs_p = tl.arange(0, BLOCK_D // 2)
+            kp = tl.load(K_bh + rows[:, None] * stride_kn + offs_p[None, :], mask=offs_p[None, :] < HEAD_DIM // 2, other=0)
+            k = _unpack_int4(kp, BLOCK_N, BLOCK_D)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(K_bh + rows[:, None] * stride_kn + offs_d[None, :], mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(K_bh + rows[:, None] * stride_kn + offs_d[None, :])
+    else:
+        k_ptrs = K_bh + start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
+        if MASK_TAIL:
+            kv_mask = (start_n + offs_n)[:, None] < S
+            if BLOCK_D != HEAD_DIM:
+                kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+    return k
+
+
+@triton.jit
+def _load_v(
+    start_n, V_bh, stride_vn, stride_vd, offs_n, offs_d, S,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_TAIL: tl.constexpr,
+    V_desc, b, h, USE_TMA: tl.constexpr, QUANT: tl.constexpr,
+):
+    """The V tile ([BLOCK_N, BLOCK_D]) of the key block at start_n (see _load_kv)."""
+    if USE_TMA and QUANT > 0:
+        v = tl.trans(V_desc.load([b, h, 0, start_n.to(tl.int32)]).reshape(BLOCK_D, BLOCK_N))
+    elif USE_TMA:
+        v = V_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
+    elif QUANT > 0:
+        rows = start_n.to(tl.int64) + offs_n
+        if BLOCK_D != HEAD_DIM:
+            v = tl.load(V_bh + rows[:, None] + offs_d[None, :] * stride_vd, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(V_bh + rows[:, None] + offs_d[None, :] * stride_vd)
+    else:
+        v_ptrs = V_bh + start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+        if MASK_TAIL:
+            kv_mask = (start_n + offs_n)[:, None] < S
+            if BLOCK_D != HEAD_DIM:
+                kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    return v
+
+
 @triton.jit
 def _load_kv(
     t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n, offs_d, S,
@@ -80,56 +215,17 @@ def _load_kv(
     quantized (B, H, S_pad, D) K and (B, H, D, S_pad) V); the copy engine fills rows past S (and
     columns past D) with zeros, so no load mask is needed. QUANT buffers are zero-padded to whole
     tiles, so their rows need no mask either; int4 K comes packed and is unpacked here."""
-    SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
-    if SPARSE:
-        kv_block = tl.load(kv_idx_row + (t // SUB) * stride_idx_n)
-        start_n = kv_block * MASK_BLOCK_N + (t % SUB) * BLOCK_N
-    else:
-        start_n = t * BLOCK_N
-    if USE_TMA and QUANT > 0:
-        k = K_desc.load([b, h, start_n.to(tl.int32), 0]).reshape(BLOCK_N, BLOCK_D)
-        v = tl.trans(V_desc.load([b, h, 0, start_n.to(tl.int32)]).reshape(BLOCK_D, BLOCK_N))
-    elif USE_TMA:
-        k = K_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = V_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
-    elif QUANT > 0:
-        start_64 = start_n.to(tl.int64)
-        rows = start_64 + offs_n
-        d_ok = offs_d[None, :] < HEAD_DIM
-        if QUANT == 3:
-            offs_p = tl.arange(0, BLOCK_D // 2)
-            kp = tl.load(K_bh + rows[:, None] * stride_kn + offs_p[None, :], mask=offs_p[None, :] < HEAD_DIM // 2, other=0)
-            k = _unpack_int4(kp, BLOCK_N, BLOCK_D)
-        elif BLOCK_D != HEAD_DIM:
-            k = tl.load(K_bh + rows[:, None] * stride_kn + offs_d[None, :], mask=d_ok, other=0.0)
-        else:
-            k = tl.load(K_bh + rows[:, None] * stride_kn + offs_d[None, :])
-        if BLOCK_D != HEAD_DIM:
-            v = tl.load(V_bh + rows[:, None] + offs_d[None, :] * stride_vd, mask=d_ok, other=0.0)
-        else:
-            v = tl.load(V_bh + rows[:, None] + offs_d[None, :] * stride_vd)
-    else:
-        start_64 = start_n.to(tl.int64)
-        k_ptrs = K_bh + start_64 * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
-        v_ptrs = V_bh + start_64 * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-        if MASK_TAIL:
-            kv_mask = (start_n + offs_n)[:, None] < S
-            if BLOCK_D != HEAD_DIM:
-                kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+    start_n = _block_start(t, kv_idx_row, stride_idx_n, BLOCK_N, MASK_BLOCK_N, SPARSE)
+    k = _load_k(start_n, K_bh, stride_kn, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_TAIL,
+                K_desc, b, h, USE_TMA, QUANT)
+    v = _load_v(start_n, V_bh, stride_vn, stride_vd, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_TAIL,
+                V_desc, b, h, USE_TMA, QUANT)
     return start_n, k, v
 
 
 @triton.jit
 def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl.constexpr,
-                  P_LOG2_SCALE: tl.constexpr):
+                  P_LOG2_SCALE: tl.constexpr, EXP_POLY: tl.constexpr = 0):
     """Online softmax of one score tile: P (unnormalised, times 2**P_LOG2_SCALE, fp32) and the updated
     running state (l_i in the same units as P)."""
     if MASK_TAIL:
@@ -139,11 +235,49 @@ def _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL: tl
         x = qk * qk_scale - (m_ij - P_LOG2_SCALE)[:, None]
     else:
         x = qk * qk_scale - m_ij[:, None]
-    p = tl.math.exp2(x)
+    p = _exp2_mixed(x, EXP_POLY)
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     return p, acc, l_i, m_ij
+
+
+@triton.jit
+def _scores(q, k, start_n, qk_scale, offs_n, KScale_bh, q_rows, q_mean,
+            BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr):
+    """The score tile Q·K^T of one key block, fp32, and the scale that takes it to the log2 domain."""
+    if QUANT == 0:
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        tile_scale = qk_scale
+    elif QUANT == 3:  # per-row scales, and the smoothed-away q_mean . k_j added back per key
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+        k_rows = tl.load(KScale_bh + start_n + offs_n)
+        bias = tl.sum(q_mean[None, :] * k.to(tl.float32), 1) * k_rows
+        qk = qk * (q_rows[:, None] * k_rows[None, :]) + bias[None, :]
+        tile_scale = 1.0
+    else:  # per-tile scales: one scalar for the whole score tile
+        if QUANT == 1:
+            qk = tl.dot(q, tl.trans(k))
+        else:
+            qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+        tile_scale = qk_scale * tl.load(KScale_bh + start_n // BLOCK_N)
+    return qk, tile_scale
+
+
+@triton.jit
+def _softmax_pv(qk, tile_scale, v, start_n, acc, l_i, m_i, offs_n, S, MASK_TAIL: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr,
+                EXP_POLY: tl.constexpr):
+    """Online softmax of one score tile, then acc += P·V."""
+    if QUANT == 0:
+        p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, tile_scale, MASK_TAIL, 0.0, EXP_POLY)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    else:
+        # P in units of 1/448 (e4m3's range), straight from the exponent: no multiply.
+        p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, tile_scale, MASK_TAIL,
+                                         LOG2_FP8_MAX, EXP_POLY)
+        acc = tl.dot(_to_e4m3(p, EMULATE_FP8), v, acc)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -157,32 +291,61 @@ def _attn_fwd_inner(
     MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
-    QUANT: tl.constexpr, KScale_bh, q_rows, q_mean, EMULATE_FP8: tl.constexpr,
+    QUANT: tl.constexpr, KScale_bh, q_rows, q_mean, EMULATE_FP8: tl.constexpr, EXP_POLY: tl.constexpr,
 ):
     for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
         start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n,
                                  offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
                                  K_desc, V_desc, b, h, USE_TMA, QUANT)
-        if QUANT == 0:
-            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, qk_scale, MASK_TAIL, 0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        else:
-            if QUANT == 1:
-                qk = tl.dot(q, tl.trans(k))
-            else:
-                qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-            if QUANT == 3:  # per-row scales, and the smoothed-away q_mean . k_j added back per key
-                k_rows = tl.load(KScale_bh + start_n + offs_n)
-                bias = tl.sum(q_mean[None, :] * k.to(tl.float32), 1) * k_rows
-                qk = qk * (q_rows[:, None] * k_rows[None, :]) + bias[None, :]
-                tile_scale = 1.0
-            else:  # per-tile scales: one scalar for the whole score tile
-                tile_scale = qk_scale * tl.load(KScale_bh + start_n // BLOCK_N)
-            # P in units of 1/448 (e4m3's range), straight from the exponent: no multiply.
-            p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, tile_scale, MASK_TAIL,
-                                             LOG2_FP8_MAX)
-            acc = tl.dot(_to_e4m3(p, EMULATE_FP8), v, acc)
+        qk, tile_scale = _scores(q, k, start_n, qk_scale, offs_n, KScale_bh, q_rows, q_mean, BLOCK_N,
+                                 INPUT_PRECISION, QUANT)
+        acc, l_i, m_i = _softmax_pv(qk, tile_scale, v, start_n, acc, l_i, m_i, offs_n, S, MASK_TAIL,
+                                    INPUT_PRECISION, QUANT, EMULATE_FP8, EXP_POLY)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_pipelined(
+    acc, l_i, m_i, q,
+    K_bh, V_bh, stride_kn, stride_vn, stride_vd,
+    kv_idx_row, stride_idx_n,
+    offs_n, offs_d, S, qk_scale, n_total,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, EVEN_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
+    QUANT: tl.constexpr, KScale_bh, q_rows, q_mean, EMULATE_FP8: tl.constexpr, EXP_POLY: tl.constexpr,
+):
+    """All n_total key blocks with Q·K^T one block ahead: step t issues the scores of block t + 1, then
+    the softmax and P·V of block t (whose scores the previous step issued). Only the last block can
+    reach past S: it is the one the next-K load may mask (plain loads; TMA and the quantized buffers
+    are zero-filled) and the epilogue's softmax masks."""
+    TAIL: tl.constexpr = not EVEN_N
+    # Prologue: the scores of block 0 (of a valid block even when the visit list is empty: index 0).
+    start_n = _block_start(tl.full([], 0, tl.int32), kv_idx_row, stride_idx_n, BLOCK_N, MASK_BLOCK_N, SPARSE)
+    if SPARSE:
+        start_n = tl.where(n_total > 0, start_n, 0)
+    k = _load_k(start_n, K_bh, stride_kn, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, TAIL,
+                K_desc, b, h, USE_TMA, QUANT)
+    qk, tile_scale = _scores(q, k, start_n, qk_scale, offs_n, KScale_bh, q_rows, q_mean, BLOCK_N, INPUT_PRECISION,
+                             QUANT)
+    for t in range(0, n_total - 1):
+        next_n = _block_start(t + 1, kv_idx_row, stride_idx_n, BLOCK_N, MASK_BLOCK_N, SPARSE)
+        k = _load_k(next_n, K_bh, stride_kn, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, TAIL,
+                    K_desc, b, h, USE_TMA, QUANT)
+        qk_next, scale_next = _scores(q, k, next_n, qk_scale, offs_n, KScale_bh, q_rows, q_mean, BLOCK_N,
+                                      INPUT_PRECISION, QUANT)
+        v = _load_v(start_n, V_bh, stride_vn, stride_vd, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, False,
+                    V_desc, b, h, USE_TMA, QUANT)
+        acc, l_i, m_i = _softmax_pv(qk, tile_scale, v, start_n, acc, l_i, m_i, offs_n, S, False,
+                                    INPUT_PRECISION, QUANT, EMULATE_FP8, EXP_POLY)
+        qk, tile_scale, start_n = qk_next, scale_next, next_n
+    # Epilogue: the last block (skipped when the list is empty: those rows keep l_i = 0).
+    if n_total > 0:
+        v = _load_v(start_n, V_bh, stride_vn, stride_vd, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, TAIL,
+                    V_desc, b, h, USE_TMA, QUANT)
+        acc, l_i, m_i = _softmax_pv(qk, tile_scale, v, start_n, acc, l_i, m_i, offs_n, S, TAIL,
+                                    INPUT_PRECISION, QUANT, EMULATE_FP8, EXP_POLY)
     return acc, l_i, m_i
 
 
@@ -201,6 +364,7 @@ def _attn_fwd(
     SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     USE_TMA: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr,
+    PIPELINE_QK: tl.constexpr = False, EXP_POLY: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -251,26 +415,37 @@ def _attn_fwd(
     else:
         kv_idx_row = KV_idx
         n_total = tl.cdiv(S, BLOCK_N)
-    # The last visited block always runs in a loop of its own: masked when S % BLOCK_N != 0, and
-    # even when it is not, because the main loop then pipelines better under warp specialization
-    # (H100, triton 3.6: 512 -> 580 TFLOP/s at S = 119040, head_dim 128; measured 2026-11-22).
-    n_full = tl.maximum(n_total - 1, 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
-        offs_n, offs_d, S, qk_scale, 0, n_full,
-        BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
-        K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
-    )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
-        offs_n, offs_d, S, qk_scale, n_full, n_total,
-        BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, not EVEN_N, INPUT_PRECISION, False,
-        K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
-    )
+    if PIPELINE_QK:
+        acc, l_i, m_i = _attn_fwd_pipelined(
+            acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
+            offs_n, offs_d, S, qk_scale, n_total,
+            BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, EVEN_N, INPUT_PRECISION,
+            K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
+            EXP_POLY,
+        )
+    else:
+        # The last visited block always runs in a loop of its own: masked when S % BLOCK_N != 0, and
+        # even when it is not, because the main loop then pipelines better under warp specialization
+        # (H100, triton 3.6: 512 -> 580 TFLOP/s at S = 119040, head_dim 128; measured 2026-11-22).
+        n_full = tl.maximum(n_total - 1, 0)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
+            offs_n, offs_d, S, qk_scale, 0, n_full,
+            BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
+            K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
+            EXP_POLY,
+        )
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
+            offs_n, offs_d, S, qk_scale, n_full, n_total,
+            BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, not EVEN_N, INPUT_PRECISION, False,
+            K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
+            EXP_POLY,
+        )
 
     # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
     empty = l_i == 0.0
@@ -324,7 +499,7 @@ DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
 _HEAD_DIM_BUCKETS = (64, 128, 256)
 _QUANT_IDS = {"fp8": 1, "int8": 2, "int4": 3}
 _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "tma": False}
+_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "tma": False, "pipeline_qk": False, "exp_poly": 0}
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -379,7 +554,12 @@ AUTOTUNE_CANDIDATES: dict[int, list[dict]] = {
           dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2),
-          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
+          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+          # Speed variants of the quantized default (not measured yet, 2026-11-23): half of P's exp2 on
+          # the FMA pipe; Q·K^T one block ahead.
+          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, exp_poly=2),
+          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, tma=True, exp_poly=2),
+          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, pipeline_qk=True)],
     256: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
           dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
           dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)],
@@ -481,6 +661,12 @@ def _check_config(config: dict, mask_block_m: int, mask_block_n: int, sparse: bo
     for key in ("BLOCK_M", "BLOCK_N"):
         if not _is_pow2(cfg[key]) or cfg[key] < 16:
             raise ValueError(f"config[{key!r}] must be a power of two >= 16, got {cfg[key]}")
+    if cfg["exp_poly"] not in (0, 1, 2, 4):
+        raise ValueError(f"config['exp_poly'] is the quarters of P's columns whose exp2 is emulated: 0, 1, 2 or 4, "
+                         f"got {cfg['exp_poly']!r}")
+    if cfg["pipeline_qk"] and cfg["warp_specialize"]:
+        raise ValueError("config pipeline_qk=True orders the loop by hand; it does not combine with "
+                         "warp_specialize=True: set one of them to False")
     if sparse:
         if mask_block_m % cfg["BLOCK_M"]:
             raise ValueError(
@@ -609,7 +795,9 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             no tuning cost), ``"autotune"`` (time ``AUTOTUNE_CANDIDATES`` once per GPU, dtype, shape and
             mask blocks, keep the fastest in memory and in ``$VDIT_AUTOTUNE_CACHE`` or
             ``~/.cache/vdit_accel``), or a dict {BLOCK_M, BLOCK_N, num_warps, num_stages, and optionally
-            tma, warp_specialize}; BLOCK_M must divide mask_block_m and BLOCK_N mask_block_n.
+            tma, warp_specialize, pipeline_qk (Q·K^T one block ahead of the softmax), exp_poly (0, 1, 2
+            or 4 quarters of P's exp2 on the FMA pipe)}; BLOCK_M must divide mask_block_m and BLOCK_N
+            mask_block_n.
         quant: None, or ``"fp8"`` / ``"int8"`` / ``"int4"``: quantize q, k, v first
             (``kernels/quantize.py``, recipes in ``vdit_accel/quant.py``) and run the quantized kernel.
         out: optional (B, S, H, D) tensor of q's dtype (any strides, last dim contiguous) to write into,
@@ -650,8 +838,8 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
     if scale is None:
         scale = 1.0 / math.sqrt(d)
 
-    if quant == "int4":  # packed int4 rows are not TMA-loaded
-        cfg["tma"] = cfg["warp_specialize"] = False
+    if quant == "int4":  # packed int4 rows are not TMA-loaded; int4's per-key bias is not pipelined
+        cfg["tma"] = cfg["warp_specialize"] = cfg["pipeline_qk"] = False
     if out is None:
         out = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz, h, s), dtype=torch.float32, device=q.device) if return_lse else None
@@ -714,6 +902,7 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
             WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
             USE_TMA=bool(cfg.get("tma", False)), QUANT=_QUANT_IDS.get(quant, 0), EMULATE_FP8=_interpreting(),
+            PIPELINE_QK=bool(cfg.get("pipeline_qk", False)), EXP_POLY=int(cfg.get("exp_poly", 0)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     if return_lse and quant is not None and qz["k_mean"] is not None:

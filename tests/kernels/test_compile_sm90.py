@@ -33,21 +33,27 @@ print(json.dumps(failed))
 QZ, AT = "vdit_accel.kernels.quantize", "vdit_accel.kernels.attention_fwd"
 
 
-def _attention(quant, sparse):
+def _attention(quant, sparse, tma=False, **flags):
     q = {0: "*bf16", 1: "*bf16", 2: "*bf16", 3: "*u8"}[quant]
     k = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8", 3: "*u8"}[quant]
     v = "*fp8e4nv" if quant else "*bf16"
     types = {"Q": q, "K": k, "V": v, "Out": "*bf16", "Lse": "*fp32", "KV_num": "*i32", "KV_idx": "*i32",
              "K_desc": k, "V_desc": v, "QScale": "*fp32", "KScale": "*fp32", "VScale": "*fp32", "QMean": "*fp32",
              "qk_scale": "fp32"}
-    consts = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=128, HEAD_DIM=96, MASK_BLOCK_M=128, MASK_BLOCK_N=128, SPARSE=sparse,
-                  EVEN_N=False, RETURN_LSE=True, INPUT_PRECISION=None, WARP_SPECIALIZE=False, USE_TMA=False,
-                  QUANT=quant, EMULATE_FP8=False)
+    if tma:  # host-side descriptors, one box per load (the launcher's shapes: quantized (B, H, S_pad, D) K, (B, H, D, S_pad) V)
+        types["K_desc"] = f"tensordesc<{k[1:]}[1,1,128,128]>" if quant else "tensordesc<bf16[1,128,1,128]>"
+        types["V_desc"] = f"tensordesc<{v[1:]}[1,1,128,128]>" if quant else "tensordesc<bf16[1,128,1,128]>"
+    consts = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=128, HEAD_DIM=96 if not tma else 128, MASK_BLOCK_M=128,
+                  MASK_BLOCK_N=128, SPARSE=sparse, EVEN_N=False, RETURN_LSE=True, INPUT_PRECISION=None,
+                  WARP_SPECIALIZE=False, USE_TMA=tma, QUANT=quant, EMULATE_FP8=False, **flags)
     return [AT, "_attn_fwd", types, consts]
 
 
 VARIANTS = [_attention(0, False), _attention(0, True), _attention(1, False), _attention(1, True),
             _attention(2, True), _attention(3, True)]
+# The speed variants (config keys pipeline_qk, exp_poly), as the GPU sweep runs them (benchmarks/quant_sweep.py).
+VARIANTS += [_attention(1, False, tma=True, PIPELINE_QK=True, EXP_POLY=2), _attention(1, True, tma=True, EXP_POLY=1),
+             _attention(2, True, PIPELINE_QK=True, EXP_POLY=4), _attention(0, False, tma=True, PIPELINE_QK=True, EXP_POLY=2)]
 VARIANTS += [
     [QZ, "_kv_stats_kernel", {"K": "*bf16", "V": "*bf16", "Part": "*fp32"}, dict(CHUNK=1024, ROWS=32, BLOCK_D=128, HEAD_DIM=96)],
     *[[QZ, "_kv_quantize_kernel",
