@@ -6,19 +6,21 @@ A real ``WanPipeline`` whose components were trained on the procedural clips of
 
 - ``WanTransformer3DModel``: 6 layers, 4 heads x 64 channels (head_dim 64, as the kernels serve it),
   FFN 1024, patch (1, 2, 2), 16 latent channels — 6.9 M parameters;
-- ``AutoencoderKLWan``: base 16 channels, ``dim_mult`` (1, 2, 2, 2), 8x spatial / 4x temporal
-  compression, z_dim 16 — 0.8 M parameters, trained first; its ``latents_mean`` / ``latents_std`` are
-  measured on training clips and stored with its weights;
+- ``AutoencoderKLWan``: base 32 channels, ``dim_mult`` (1, 2, 2), 4x spatial / 4x temporal
+  compression, z_dim 16 — 2.5 M parameters, trained first; its ``latents_mean`` / ``latents_std`` are
+  measured on training clips and stored with its weights. (An 8x-spatial VAE with base 16 did not learn
+  the small objects: 7/20 captions readable from its reconstructions after 444 steps on an H100, against
+  20/20 for this one after 246; ``benchmarks/train_tiny.py`` says more);
 - ``UMT5EncoderModel``: 2 layers, d_model 64, over ``ByT5Tokenizer()``'s 384 byte tokens, trained with
   the transformer (no dropout, so training and inference embed a caption identically);
 - ``FlowMatchEulerDiscreteScheduler(shift=3.0)``: the transformer predicts ``noise - latents`` at
   ``timestep = 1000 * sigma``, the convention the training follows.
 
 Weights live in ``pipelines/weights/wan-trained/`` as fp16 safetensors (``transformer``, ``vae``,
-``text_encoder``), about 17 MB in all, and are loaded into float32 modules. Sizes: :data:`TRAINED_DEFAULTS`
-(17 frames at 256x256, a 5 x 16 x 16 = 1,280-token grid, quick on a CPU) and :data:`LARGE_SIZE`
-(49 frames at 320x320: 13 x 20 x 20 = 5,200 video tokens, where sparsity matters); the training mixes
-both and sizes between them.
+``text_encoder``), about 19 MB in all, and are loaded into float32 modules. Sizes: :data:`TRAINED_DEFAULTS`
+(17 frames at 128x128, a 5 x 16 x 16 = 1,280-token grid, quick on a CPU) and :data:`LARGE_SIZE`
+(17 frames at 256x256: 5 x 32 x 32 = 5,120 video tokens, where sparsity matters); the training mixes
+both and sizes between them. One video token is 8x8 pixels (VAE 4x, patch 2).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ COMPONENTS = ("transformer", "vae", "text_encoder")
 # Captions are padded to this many byte tokens, in training and at inference (the cross-attention sees
 # the padding, so the length is part of the model). vdit_accel.toyvideo.MAX_CAPTION_BYTES + 1 fits.
 MAX_SEQUENCE_LENGTH = 128
-TRAINED_DEFAULTS = TinyDefaults(height=256, width=256, frames=17, steps=20, max_sequence_length=MAX_SEQUENCE_LENGTH)
-LARGE_SIZE = dict(num_frames=49, height=320, width=320)
+TRAINED_DEFAULTS = TinyDefaults(height=128, width=128, frames=17, steps=20, max_sequence_length=MAX_SEQUENCE_LENGTH)
+LARGE_SIZE = dict(num_frames=17, height=256, width=256)
 SCHEDULER_SHIFT = 3.0
 _FORMAT = "vdit-accel wan-trained 1"
 
@@ -45,7 +47,8 @@ TRANSFORMER_CONFIG = dict(
     text_dim=64, freq_dim=256, ffn_dim=1024, num_layers=6, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     eps=1e-6, rope_max_seq_len=1024,
 )
-VAE_CONFIG = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+VAE_CONFIG = dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+                  scale_factor_spatial=4, scale_factor_temporal=4)
 TEXT_ENCODER_CONFIG = dict(
     vocab_size=384, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
     relative_attention_max_distance=128, dropout_rate=0.0,
