@@ -48,7 +48,7 @@ def contact_sheet(videos: list[np.ndarray], path: Path, thumb: int = 128):
 
 
 def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, limit: int | None = None,
-              max_sequence_length: int = 128) -> dict:
+              max_sequence_length: int = 128, seed_base: int = 1000) -> dict:
     """Generate and score the check captions; returns the rows and the agreement."""
     from vdit_accel import toyvideo
 
@@ -59,7 +59,7 @@ def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, l
     rows, videos = [], []
     for start in range(0, len(scenes), batch):
         chunk = scenes[start:start + batch]
-        gens = [torch.Generator("cpu").manual_seed(1000 + start + j) for j in range(len(chunk))]
+        gens = [torch.Generator("cpu").manual_seed(seed_base + start + j) for j in range(len(chunk))]
         out = pipe(prompt=[s.caption for s, _ in chunk], generator=gens, num_inference_steps=steps,
                    guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, output_type="np",
                    **size).frames
@@ -67,7 +67,7 @@ def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, l
             video = (np.clip(np.asarray(video), 0, 1) * 255 + 0.5).astype(np.uint8)
             truth = toyvideo.render_frames(scene, *video.shape[:3])
             result = toyvideo.check_video(video, scene.caption)
-            rows.append({"caption": scene.caption, "kind": kind, "seed": 1000 + start + j, "ok": result["ok"],
+            rows.append({"caption": scene.caption, "kind": kind, "seed": seed_base + start + j, "ok": result["ok"],
                          "ground_truth_ok": toyvideo.check_video(truth, scene.caption)["ok"],
                          "objects": result["objects"]})
             videos.append(video)
@@ -88,15 +88,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", type=Path, default=None, help="weights directory (default: shipped in the package)")
     ap.add_argument("--size", nargs="+", choices=("default", "large"), default=["default"],
-                    help="default: 17x256x256 (1,280 tokens); large: 49x320x320 (5,200 tokens); both: one file")
+                    help="default: 17x128x128 (1,280 tokens); large: 17x256x256 (5,120 tokens); both: one file")
     ap.add_argument("--frames", type=int, default=None, help="override the default size's frames (with --height, --width)")
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--steps", type=int, default=trained.TRAINED_DEFAULTS.steps)
-    ap.add_argument("--guidance-scale", type=float, default=5.0, help="WanPipeline's default")
+    ap.add_argument("--guidance-scale", type=float, default=trained.GUIDANCE_SCALE)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--batch", type=int, default=None, help="captions per pipeline call (default: 8 on cuda, 1 on cpu)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N captions (quick runs)")
+    ap.add_argument("--seed-base", type=int, default=1000,
+                    help="caption i is generated with seed seed-base + i; 1000 is the check, other bases (other noise, same "
+                         "captions) a validation set for choosing sampling settings")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--require", type=float, default=None,
                     help="exit with status 1 if the agreement (at every size checked) is below this")
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, size in sizes.items():
         t1 = time.perf_counter()
         res = run_check(pipe, size, args.steps, args.guidance_scale, args.batch or (8 if device == "cuda" else 1),
-                        args.limit, d.max_sequence_length)
+                        args.limit, d.max_sequence_length, args.seed_base)
         results[name] = {"size": size, **res["summary"], "seconds": round(time.perf_counter() - t1, 1), "rows": res["rows"]}
         videos += res["videos"]
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {"gpu": gpu, "date": date.isoformat(),
            "command": "python " + " ".join(["benchmarks/check_trained.py"] + (sys.argv[1:] if argv is None else list(argv))),
            "versions": {"torch": torch.__version__, "python": platform.python_version()},
-           "weights": str(args.weights or trained.WEIGHTS_DIR), "steps": args.steps, "guidance_scale": args.guidance_scale,
+           "weights": str(args.weights or trained.WEIGHTS_DIR), "seed_base": args.seed_base, "steps": args.steps, "guidance_scale": args.guidance_scale,
            "agreement": first["agreement"], "captions": first["captions"], "seconds": round(time.perf_counter() - t0, 1),
            "results": results}
     args.out_dir.mkdir(parents=True, exist_ok=True)

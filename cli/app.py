@@ -53,14 +53,32 @@ class _StepTimer:
             h.remove()
 
 
+def _default_model() -> str:
+    """The built-in model a command uses without ``--model``: the trained tiny Wan where its weights are
+    installed, else the random-weight tiny Wan (said on stderr)."""
+    from vdit_accel.pipelines import trained
+
+    if trained.weights_available():
+        return "wan-trained"
+    typer.echo(f"no trained weights in {trained.WEIGHTS_DIR}: using the random-weight tiny Wan", err=True)
+    return "wan"
+
+
+def _builtin(model: Optional[str]) -> bool:
+    from vdit_accel.pipelines.tiny import TINY_FAMILIES, TRAINED_FAMILIES
+
+    return model in TINY_FAMILIES + TRAINED_FAMILIES
+
+
 def _load_pipeline(model: Optional[str], device: str, dtype_name: str):
+    """``(pipe, defaults)`` of a built-in model (a tiny family name) or a diffusers directory / hub id."""
     import torch
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-    if model is None:
+    if _builtin(model):
         from vdit_accel.pipelines import build_tiny_pipeline, tiny_defaults
 
-        return build_tiny_pipeline("wan", dtype=dtype).to(device), tiny_defaults("wan")
+        return build_tiny_pipeline(model, dtype=dtype).to(device), tiny_defaults(model)
     from diffusers import DiffusionPipeline
 
     from vdit_accel.pipelines.tiny import TinyDefaults
@@ -76,7 +94,10 @@ def _load_pipeline(model: Optional[str], device: str, dtype_name: str):
 @app.command()
 def generate(
     prompt: str = typer.Option("a red circle moving left on a blue background", help="Text prompt."),
-    model: Optional[str] = typer.Option(None, help="diffusers pipeline directory or hub id; default: the built-in tiny Wan pipeline."),
+    model: Optional[str] = typer.Option(None, help="A built-in model (see `vdit-accel models`) or a diffusers pipeline directory or "
+                                        "hub id; default: the trained tiny Wan, 'wan-trained'."),
+    large: bool = typer.Option(False, "--large", help="The built-in model's large size (wan-trained: 17x256x256, 5,120 video "
+                               "tokens, where sparsity matters) instead of its quick default."),
     strategy: Optional[str] = typer.Option(None, help="Strategy file (.json), 'dense', or a uniform pattern such as 'window3d:t=1,h=2,w=2' "
                                            "(default: that pattern; 'dense' with a semantic or segment --order)."),
     order: Optional[str] = typer.Option(None, help="Token order for every head, overriding the strategy's: raster, tiled, semantic "
@@ -120,7 +141,16 @@ def generate(
                                               quant=quant if quant in QUANT_MODES else None, order=order)
         if out.suffix != ".mp4":
             raise ValueError(f"--out must end in .mp4, got {str(out)!r}")
+        model = model or _default_model()
         pipe, defaults = _load_pipeline(model, device, dtype)
+        if large:
+            from vdit_accel.pipelines import trained
+
+            if model != "wan-trained":
+                raise ValueError(f"--large is the size of the built-in 'wan-trained' model; with {model!r} give "
+                                 "--frames, --height and --width")
+            frames = frames or trained.LARGE_SIZE["num_frames"]
+            height, width = height or trained.LARGE_SIZE["height"], width or trained.LARGE_SIZE["width"]
         frames = frames or defaults.frames
         height, width, steps = height or defaults.height, width or defaults.width, steps or defaults.steps
         if frames < 1 or (frames - 1) % 4:
@@ -132,8 +162,8 @@ def generate(
 
         transformers = [t for t in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if t is not None]
         call = dict(prompt=prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps, output_type="np")
-        if model is None:
-            call["max_sequence_length"] = defaults.max_sequence_length
+        if _builtin(model):
+            call.update(max_sequence_length=defaults.max_sequence_length, **defaults.call_kwargs)
 
         def run():
             # Untimed one-step warm-up: kernel compilation, library set-up, allocator, first touch.
@@ -147,7 +177,7 @@ def generate(
                 timer.remove()
             return video, {"transformer_s_per_step": timer.seconds / steps, "transformer_calls": timer.calls, "total_s": total}
 
-        report: dict = {"model": model or "tiny-wan (built-in, random weights)", "prompt": prompt, "seed": seed,
+        report: dict = {"model": model, "prompt": prompt, "seed": seed,
                         "frames": frames, "height": height, "width": width, "steps": steps, "device": device, "dtype": dtype}
         dense_video = None
         if compare:
@@ -226,7 +256,7 @@ def inspect(
 @app.command()
 def search(
     prompts: Optional[Path] = typer.Option(None, help="Text file with one calibration prompt per line (default: two built-in prompts)."),
-    model: Optional[str] = typer.Option(None, help="diffusers pipeline directory or hub id; default: the built-in tiny Wan pipeline."),
+    model: Optional[str] = typer.Option(None, help="A built-in model or a diffusers pipeline directory or hub id; default: 'wan-trained'."),
     budget: float = typer.Option(0.05, help="Error budget: relative L2 error of a head's output against dense."),
     mode: str = typer.Option("global", help="global: one budget over all heads (Lagrangian); per_head: every head within budget."),
     target_density: Optional[float] = typer.Option(None, help="Instead of a budget: the mean block density to reach with least error."),
@@ -272,12 +302,13 @@ def search(
         step_list = [int(x) for x in steps.split(",")] if steps else None
         config = SearchConfig(budget=budget, mode=mode, steps=step_list, dense_warmup_steps=dense_warmup_steps,
                               block_size=block_size, sample_blocks=sample_blocks, target_density=target_density)
+        model = model or _default_model()
         pipe, defaults = _load_pipeline(model, device, dtype)
         call = dict(height=height or defaults.height, width=width or defaults.width,
                     num_frames=frames or defaults.frames, num_inference_steps=num_inference_steps or defaults.steps,
                     output_type="latent")
-        if model is None:
-            call["max_sequence_length"] = defaults.max_sequence_length
+        if _builtin(model):
+            call.update(max_sequence_length=defaults.max_sequence_length, **defaults.call_kwargs)
         strategy = run_search(pipe, prompt_list, config, call_kwargs=call, state_dir=state_dir,
                               progress=lambda msg: typer.echo(msg, err=True))
         if rank == 0:

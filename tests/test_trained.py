@@ -120,12 +120,13 @@ def test_architecture_contract():
     cfg = trained.TRANSFORMER_CONFIG
     assert cfg["attention_head_dim"] == 64
     f, h, w = trained.LARGE_SIZE["num_frames"], trained.LARGE_SIZE["height"], trained.LARGE_SIZE["width"]
-    grid = ((f - 1) // 4 + 1, h // 16, w // 16)
-    assert grid == (13, 20, 20) and np.prod(grid) >= 4096
+    px = trained.VAE_CONFIG["scale_factor_spatial"] * cfg["patch_size"][1]
+    grid = ((f - 1) // 4 + 1, h // px, w // px)
+    assert grid == (5, 32, 32) and np.prod(grid) >= 4096
     modules = trained.build_components(seed=0)
     assert 2 * sum(p.numel() for m in modules for p in m.state_dict().values()) <= 20e6
     d = tiny_defaults("wan-trained")
-    assert (d.frames, d.height, d.width, d.max_sequence_length) == (17, 256, 256, trained.MAX_SEQUENCE_LENGTH)
+    assert (d.frames, d.height, d.width, d.max_sequence_length) == (17, 128, 128, trained.MAX_SEQUENCE_LENGTH)
 
 
 def test_training_decode_is_the_pipeline_decode_before_its_clamp():
@@ -136,7 +137,7 @@ def test_training_decode_is_the_pipeline_decode_before_its_clamp():
     with torch.no_grad():
         raw = _load("train_tiny")._decode_unclamped(vae, z)
         ref = vae.decode(z).sample
-    assert raw.shape == ref.shape == (1, 3, 9, 32, 48)
+    assert raw.shape == ref.shape == (1, 3, 9, 16, 24)
     assert raw.abs().max() > 1 and torch.equal(raw.clamp(-1, 1), ref)
 
 
@@ -167,7 +168,7 @@ def test_per_frame_init_makes_the_vae_an_image_autoencoder_per_frame():
             zi, zv = vae.encode(img).latent_dist.mode(), vae.encode(vid).latent_dist.mode()
             yi, yv = tt._decode_unclamped(vae, zi), tt._decode_unclamped(vae, zv)
         same = (zv - zi).abs().max() < 1e-5 and (yv - yi).abs().max() < 1e-5
-        assert same == init and zv.shape == (1, 16, 3, 4, 6)
+        assert same == init and zv.shape == (1, 16, 3, 8, 12)
 
 
 def test_missing_weights_say_how_to_train(tmp_path):
@@ -237,3 +238,19 @@ def test_check_script_runs(smoke, tmp_path):
     assert len(list(tmp_path.glob("check-trained-cpu-*.png"))) == 1
     with pytest.raises(SystemExit):
         mod.main(argv + ["--require", "1.01"])
+
+
+def test_quality_script_runs(smoke, tmp_path, monkeypatch):
+    """benchmarks/quality.py on the smoke weights at a toy size: dense, three window3d densities and the
+    quantized modes, each with PSNR / SSIM against dense and the check's agreement, written as JSON."""
+    out, _ = smoke
+    monkeypatch.setattr(trained, "TRAINED_DEFAULTS", trained.TinyDefaults(height=64, width=64, frames=5, steps=1,
+                                                                          max_sequence_length=128))
+    doc = _load("quality").main(["--weights", str(out), "--size", "default", "--prompts", "1", "--steps", "1",
+                                 "--no-search", "--device", "cpu", "--out-dir", str(tmp_path)])
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert list(rows) == ["dense", "window3d-0.50", "window3d-0.25", "window3d-0.10", "fp8", "int8", "int4"]
+    assert doc["tokens"] == 2 * 8 * 8  # 5x64x64: 2 latent frames of 16x16, patches of 2x2
+    for name in ("fp8", "int8", "int4"):
+        assert rows[name]["quant"] == name and 10 < rows[name]["psnr_db"] < 200 and 0 < rows[name]["ssim"] <= 1
+    assert json.loads((tmp_path / "quality-cpu-" f"{doc['date'].replace('-', '')}.json").read_text())["rows"] == doc["rows"]

@@ -52,3 +52,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of two videos with values in [0, 1] (inf if identical)."""
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03)
+    of two videos ``[F, H, W, 3]`` with values in [0, 1], on their luma (BT.601), averaged over frames."""
+    import cv2
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"ssim needs two videos [F, H, W, 3] of one shape, got {a.shape} and {b.shape}")
+    luma = np.array([0.299, 0.587, 0.114])
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    scores = []
+    for x, y in zip(a @ luma, b @ luma):
+        blur = lambda z: cv2.GaussianBlur(z, (11, 11), 1.5, borderType=cv2.BORDER_REFLECT)  # noqa: E731
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        scores.append(s.mean())
+    return float(np.mean(scores))

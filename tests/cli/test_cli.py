@@ -13,12 +13,13 @@ runner = CliRunner()
 
 def test_generate_end_to_end(tmp_path):
     out = tmp_path / "clip.mp4"
-    res = runner.invoke(app, ["generate", "--frames", "9", "--height", "128", "--width", "160", "--steps", "2",
+    res = runner.invoke(app, ["generate", "--frames", "9", "--height", "64", "--width", "80", "--steps", "2",
                               "--strategy", "window3d:t=0,h=1,w=1", "--block-size", "32", "--out", str(out)])
     assert res.exit_code == 0, res.output
     video = read_mp4(out)
-    assert video.shape == (9, 128, 160, 3)
+    assert video.shape == (9, 64, 80, 3)
     report = json.loads(out.with_suffix(".json").read_text())
+    assert report["model"] == "wan-trained"  # the default: the trained tiny Wan (8x8 pixels a token)
     assert report["grid"] == {"t": 3, "h": 8, "w": 10, "tokens": 240}
     assert 0 < report["density"] < 1
     assert report["psnr_db"] > 0 and report["speedup"] > 0
@@ -60,6 +61,7 @@ def test_generate_with_a_token_order(tmp_path):
         (["--dtype", "int8"], "--dtype"),
         (["--order", "spiral"], "unknown order kind"),
         (["--order", "semantic", "--strategy", "window3d:t=1,h=1,w=1"], "must be 'dense'"),
+        (["--large", "--model", "wan"], "--large is the size of the built-in 'wan-trained'"),
     ],
 )
 def test_generate_bad_input_is_one_line(args, match):

@@ -150,7 +150,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "s.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "vdit_accel.cli.app", "search", "--frames", "9", "--height", "128", "--width", "128",
+           "-m", "vdit_accel.cli.app", "search", "--model", "wan", "--frames", "9", "--height", "128", "--width", "128",
            "--num-inference-steps", "2", "--steps", "0,1", "--block-size", "32", "--budget", "0.2",
            "--sample-blocks", "2", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
