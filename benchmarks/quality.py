@@ -7,6 +7,8 @@ against dense generations of the same prompts and seeds, and the caption check o
 The prompts are the held-out check captions of ``vdit_accel.toyvideo.check_scenes()`` (seeds 1000 + i,
 as ``benchmarks/check_trained.py``). Dense = the unpatched pipeline (diffusers' own attention). Rows:
 
+- ``ours-dense``: our dense kernel: the floor (two correct attentions differ in rounding, and 20
+  guided denoising steps amplify it);
 - ``window3d-0.50`` / ``-0.25`` / ``-0.10``: the uniform ``window3d`` whose block density on the
   size's grid is nearest 50 / 25 / 10 % (``cli.bench.window_near``), every step sparse;
 - ``fp8`` / ``int8`` / ``int4``: dense pattern, every head quantized (no bf16 steps);
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append({"impl": "dense", "density": 1.0, "agreement": dense["summary"]["agreement"], "seconds": round(secs, 1)})
     print(json.dumps(rows[-1]), flush=True)
 
-    variants = []
+    variants = [("ours-dense", "dense", None)]
     vdit_accel.patch(pipe, "window3d:t=1,h=1,w=1")  # only to read the call grid off the patched model
     pipe(prompt="a red circle moving left", num_inference_steps=1, max_sequence_length=d.max_sequence_length,
          output_type="latent", **size)
