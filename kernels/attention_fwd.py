@@ -49,12 +49,15 @@ LOG2_FP8_MAX: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): e4m3'
 #   PIPELINE_QK     software-pipelined Q·K^T (FlashAttention-3's intra-warpgroup overlap): the score tile
 #                   of block t + 1 is issued before the softmax and P·V of block t, so the tensor cores
 #                   work while the softmax runs (one score tile more in registers). Not with int4 or
-#                   WARP_SPECIALIZE. (2026-11-23, triton 3.9 compiling for sm_90 on a CPU: the PTX still
+#                   WARP_SPECIALIZE. (2026-11-22, triton 3.9 compiling for sm_90 on a CPU: the PTX still
 #                   has wgmma.wait_group 0 right after the next tile's Q·K^T is issued -- Triton leaves a
 #                   dot in flight only when its result feeds a later dot's accumulator -- so within a
-#                   warp nothing overlaps yet; the GPU sweep measures what it does with triton 3.6.)
+#                   warp nothing overlaps; on the H100 with triton 3.6 it is 5% faster for int8, its
+#                   default, and 4% slower for fp8: benchmarks/results/quant-sweep-*-20261122.json.)
 #   EXP_POLY        quarters of P's columns whose exp2 runs on the FMA pipe as 2**round(x) * poly(frac)
-#                   (FlashAttention-4's trick; see _exp2_poly): 0 none (all on MUFU), 1, 2 or 4 (all)
+#                   (FlashAttention-4's trick; see _exp2_poly): 0 none (all on MUFU), 1, 2 or 4 (all).
+#                   Measured slower on the H100 in every configuration (fp8 wan 480p: 8.24 ms at 0,
+#                   8.99 at 1, 9.30 at 2, 10.64 at 4): the FMA/issue pipes, not MUFU, are what it loads.
 #   m_i, l_i, acc   running row max (log2 domain, scaled), running row sum of exp2, running P @ V
 #   t               index of a kernel key block in this program's visit list (0 .. n_total-1);
 #                   dense: key block t; sparse: sub-block t % SUB of mask key block kv_indices[t // SUB]
@@ -486,6 +489,9 @@ DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
     # bigger tiles (H100, wan 480p fp8: 8.50 ms at 64x128/4 warps vs 9.47 at 128x128/8 warps + ws).
     ("sm90-q", 64): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True),
     ("sm90-q", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True),
+    # int8 gains from Q·K^T one block ahead (H100, triton 3.6: wan 480p 8.81 -> 8.34 ms, hunyuan 720p
+    # 250.7 -> 241.2 ms); fp8 loses (8.24 -> 8.61 ms). benchmarks/results/quant-sweep-*-20261122.json.
+    ("sm90-int8", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, pipeline_qk=True),
     ("ampere", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     ("ampere", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2),
     ("ampere", 256): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
@@ -520,11 +526,12 @@ def _arch(device: torch.device, dtype: torch.dtype) -> str:
 def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
                    quant: str | None = None) -> dict[str, int]:
     """The launch configuration used when ``config`` is None (before fitting it to the mask blocks).
-    Quantized modes use the ``<arch>-q`` entry where there is one."""
+    Quantized modes use the ``<arch>-<mode>`` entry, else the ``<arch>-q`` one, where there is one."""
     bucket = next(b for b in _HEAD_DIM_BUCKETS if head_dim <= b)
     arch = _arch(device, dtype)
-    if quant is not None and (arch + "-q", bucket) in DEFAULT_CONFIGS:
-        arch += "-q"
+    for key in ((arch + "-" + quant, bucket), (arch + "-q", bucket)) if quant is not None else ():
+        if key in DEFAULT_CONFIGS:
+            return dict(DEFAULT_CONFIGS[key])
     return dict(DEFAULT_CONFIGS[(arch, bucket)])
 
 
@@ -555,10 +562,8 @@ AUTOTUNE_CANDIDATES: dict[int, list[dict]] = {
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True, warp_specialize=True),
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2),
           dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-          # Speed variants of the quantized default (not measured yet, 2026-11-23): half of P's exp2 on
-          # the FMA pipe; Q·K^T one block ahead.
-          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, exp_poly=2),
-          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, tma=True, exp_poly=2),
+          # Q·K^T one block ahead (the int8 default). exp_poly is not a candidate: slower in every
+          # configuration measured (H100, 2026-11-22, quant-sweep-*.json: fp8 8.24 -> 8.99-10.64 ms).
           dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, pipeline_qk=True)],
     256: [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
           dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
