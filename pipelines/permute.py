@@ -3,14 +3,20 @@
 Two places, chosen per transformer forward and per layer:
 
 - **Once per forward** (the *frame*): when the strategy's default order is ``tiled`` and the model is Wan
-  (``WanTransformer3DModel``, both transformers of Wan 2.2), the video hidden states are permuted into the
-  tiled order before the first block and back after the last (a forward pre-hook on ``blocks[0]``, a
-  forward hook on ``blocks[-1]``), together with the per-token inputs the blocks read: the rotary tables
-  (a forward hook on ``rope``) and, for Wan 2.2 TI2V's per-token timesteps, the per-token modulation
-  (a forward hook on ``condition_embedder``; ``temb``, used after the last block, stays as it is). Every
-  layer then attends in the tiled order with no gather at all: two row gathers of the hidden states and
-  two of the rotary tables per forward, shared by all layers. Blocks see tokens in another order; all
-  they do per token (norms, MLPs, modulation, RoPE) is order-free, and self-attention is
+  (``WanTransformer3DModel``, both transformers of Wan 2.2) or CogVideoX (``CogVideoXTransformer3DModel``,
+  1.0 and 1.5), the video hidden states are permuted into the tiled order before the first block and back
+  after the last (a forward pre-hook on the first block, a forward hook on the last), together with the
+  per-token inputs the blocks read: the rotary tables (Wan: a forward hook on ``rope``; CogVideoX: the
+  ``image_rotary_emb`` forward argument, in the transformer's pre-hook) and, for Wan 2.2 TI2V's per-token
+  timesteps, the per-token modulation (a forward hook on ``condition_embedder``; ``temb``, used after the
+  last block, stays as it is). Only video tokens move: CogVideoX's blocks get the video hidden states
+  apart from the text (the model splits them after its patch embedding), and its attention puts the text
+  first, so the attention sequence is the tiled order with the text in place (the order the per-call
+  plans and masks use). What runs before the first block (patch embedding, positional embeddings) and
+  after the last (final norms, projection, unpatchify, CogVideoX 1.5's temporal patches included) sees the
+  raster order. Every layer then attends in the tiled order with no gather at all: two row gathers of the
+  hidden states and two of the rotary tables per forward, shared by all layers. Blocks see tokens in
+  another order; all they do per token (norms, MLPs, modulation, RoPE) is order-free, and self-attention is
   order-equivariant, so the output is the unpermuted one up to rounding (tested). The frame is the same
   at every step of a grid (dense warm-up included), so diffusers' caches (FirstBlockCache, MagCache, ...),
   which keep block outputs across steps, stay consistent.
@@ -41,7 +47,8 @@ from .op import vdit_attention
 if TYPE_CHECKING:
     from .patch import PatchState
 
-FRAME_FAMILIES = ("wan",)  # models whose forward we permute once (hooks below)
+# Models whose forward we permute once (hooks below): family -> the attribute of its block list.
+FRAME_FAMILIES = {"wan": "blocks", "cogvideox": "transformer_blocks"}
 
 
 class OrderRuntime:
@@ -62,10 +69,14 @@ class OrderRuntime:
         self._static: dict[tuple, torch.Tensor] = {}  # (layer, grid, device, heads) -> bool [1, H, Mb, Nb]
         self.hooks = [transformer.register_forward_pre_hook(self.on_forward, with_kwargs=True)]
         if self.frame_order is not None:
-            blocks = transformer.blocks
+            family = state.adapter.family
+            blocks = getattr(transformer, FRAME_FAMILIES[family])
+            if family == "wan":  # CogVideoX: the rotary tables are a forward argument (on_forward)
+                self.hooks += [
+                    transformer.rope.register_forward_hook(self._on_rope),
+                    transformer.condition_embedder.register_forward_hook(self._on_condition),
+                ]
             self.hooks += [
-                transformer.rope.register_forward_hook(self._on_rope),
-                transformer.condition_embedder.register_forward_hook(self._on_condition),
                 blocks[0].register_forward_pre_hook(self._on_enter, with_kwargs=True),
                 blocks[-1].register_forward_hook(self._on_leave),
             ]
@@ -97,10 +108,30 @@ class OrderRuntime:
         hidden = args[0] if args else kwargs["hidden_states"]
         key = (grid, str(hidden.device))
         if key not in self._frames:
+            # The video part of the tiled order (text, if any, keeps its place): the blocks get the video
+            # hidden states alone.
+            start = grid.video_start
             perm = static_order(self.frame_order, grid, self.block, hidden.device)
+            perm = perm[start:start + grid.video_len] - start
             self._frames = {key: (perm, inverse(perm))}  # the last grid's only
         self.frame, self._frame_inv = self._frames[key]
         self._frame_len = grid.video_len
+        return self._forward_rotary(args, kwargs)
+
+    def _forward_rotary(self, args, kwargs):
+        """CogVideoX's rotary tables, ``image_rotary_emb`` (cos, sin), each ``(V, D)``: a forward argument
+        every block gets as it is, so permuted here, once per forward."""
+        if self.state.adapter.family != "cogvideox":
+            return None
+        index = 5  # CogVideoXTransformer3DModel.forward(hidden_states, encoder_hidden_states, timestep,
+        #            timestep_cond, ofs, image_rotary_emb, ...)
+        rope = args[index] if len(args) > index else kwargs.get("image_rotary_emb")
+        if rope is None:  # CogVideoX 2B: sin-cos positions added in the patch embedding, before the frame
+            return None
+        rope = tuple(self._take(t, 0, self.frame, "the rotary table") for t in rope)
+        if len(args) > index:
+            return (*args[:index], rope, *args[index + 1:]), kwargs
+        return args, {**kwargs, "image_rotary_emb": rope}
 
     def _take(self, x: torch.Tensor, dim: int, index: torch.Tensor, what: str) -> torch.Tensor:
         if x.shape[dim] != self._frame_len:
@@ -136,6 +167,8 @@ class OrderRuntime:
     def _on_leave(self, module, args, out):
         if self.frame is None:
             return out
+        if isinstance(out, tuple):  # CogVideoX: (video, text); the text was never permuted
+            return (self._take(out[0], 1, self._frame_inv, "the last block's output"), *out[1:])
         return self._take(out, 1, self._frame_inv, "the last block's output")
 
     # -- masks ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Token orders at run time (pipelines/permute.py): the tiled frame permuted once per Wan forward, per-call
+"""Token orders at run time (pipelines/permute.py): the tiled frame permuted once per Wan / CogVideoX forward, per-call
 plans for per-head orders, and exactness against the unpermuted model."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import vdit_accel
 from vdit_accel import Strategy
-from vdit_accel.pipelines import build_tiny_pipeline, patch_state
+from vdit_accel.pipelines import build_tiny_pipeline, patch_state, tiny_defaults
 from vdit_accel.pipelines import permute as permute_mod
 from vdit_accel.permutation import parse_order, tiled_order
 
@@ -25,11 +25,11 @@ def base(pipe):
     return _run(pipe)
 
 
-def _run(pipe, strategy=None, block_size=32, **kw):
+def _run(pipe, strategy=None, block_size=32, call=CALL, **kw):
     if strategy is not None:
         vdit_accel.patch(pipe, strategy, block_size=block_size)
     try:
-        return pipe(**{**CALL, **kw}, generator=torch.Generator().manual_seed(0)).frames
+        return pipe(**{**call, **kw}, generator=torch.Generator().manual_seed(0)).frames
     finally:
         if strategy is not None:
             vdit_accel.unpatch(pipe)
@@ -98,7 +98,7 @@ def test_per_token_timesteps_wan22_ti2v(pipe):
 
 def test_dynamic_and_mixed_orders_dense_equal_unpatched(pipe, base):
     """Per-head orders (raster, tiled, semantic, segment in one layer) in a tiled frame: with top_p = 1
-    every block is kept, so the output is the unpatched one. (Without a frame: the CogVideoX test below.)"""
+    every block is kept, so the output is the unpatched one. (With text: the CogVideoX test below.)"""
     heads = ["raster", "tiled", "semantic:top_p=1,q_clusters=4,k_clusters=6", "segment:top_p=1,size=64"]
     strat = Strategy(layers=[[{"kind": "dense"}] * 4] * 4, order="tiled", orders=[[parse_order(h) for h in heads]] * 4)
     out = _run(pipe, strat, num_inference_steps=1)
@@ -142,21 +142,85 @@ def test_tiled_frame_with_first_block_cache(pipe):
     assert (results[0] - results[1]).abs().max().item() <= 1e-5
 
 
-def test_text_families_per_call_orders():
-    """CogVideoX (text first, batched CFG) has no frame: tiled and semantic heads gather per call, text in place."""
-    cog = build_tiny_pipeline("cogvideox", seed=0)
-    kw = dict(prompt="a red circle", height=64, width=64, num_frames=9, num_inference_steps=2, max_sequence_length=16,
-              output_type="latent")
-    base = cog(**kw, generator=torch.Generator().manual_seed(0)).frames
+def _cog_call(family: str) -> dict:
+    d = tiny_defaults(family)  # a (3, 4, 4) token grid after 16 text tokens (CogVideoX 1.5: temporal patches of 2)
+    return dict(prompt="a red circle", height=d.height, width=d.width, num_frames=d.frames, num_inference_steps=2,
+                max_sequence_length=16, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def cog():
+    return build_tiny_pipeline("cogvideox", seed=0)
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "cogvideox_1_5"])
+def test_tiled_frame_cogvideox_dense_equals_unpatched_and_permutes_once(family, monkeypatch):
+    """CogVideoX's video hidden states (apart from its text) and its ``image_rotary_emb`` argument are
+    permuted once per forward: no per-call plan, the same output as the unpatched model."""
+    pipe = build_tiny_pipeline(family, seed=0)
+    call, tr = _cog_call(family), pipe.transformer
+    base = _run(pipe, call=call)
+
+    def probe(into):
+        def hook(m, args, kwargs):
+            into.append((kwargs["hidden_states"].clone(), kwargs["encoder_hidden_states"].clone(),
+                         kwargs["image_rotary_emb"]))
+
+        return tr.transformer_blocks[1].register_forward_pre_hook(hook, with_kwargs=True)
+
+    seen, raw = [], []
+    handle = probe(seen)
+    _no_per_call_plans(monkeypatch)
+    try:
+        out = _run(pipe, Strategy.uniform("dense", order="tiled"), block_size=16, call=call)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+    handle = probe(raw)
+    try:
+        _run(pipe, call=call)
+    finally:
+        handle.remove()
+    perm = tiled_order(vdit_accel.VideoGrid(3, 4, 4), 16)  # the video part (text keeps its place)
+    assert not torch.equal(perm, torch.arange(48))
+    hidden, text, rope = seen[0]
+    torch.testing.assert_close(hidden, raw[0][0][:, perm], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text, raw[0][1], rtol=1e-5, atol=1e-5)
+    for t, r in zip(rope, raw[0][2]):
+        assert torch.equal(t, r[perm])
+    assert not tr._forward_pre_hooks and not tr.transformer_blocks[0]._forward_pre_hooks
+    assert not tr.transformer_blocks[-1]._forward_hooks
+    assert torch.equal(_run(pipe, call=call), base)
+
+
+def test_tiled_sparse_frame_equals_per_call_gathers_cogvideox(cog, monkeypatch):
+    """With text first: the frame's attention sequence is the one the per-call plans and masks assume."""
+    call = _cog_call("cogvideox")
+    strat = Strategy.uniform("window3d:t=0,h=1,w=1", order="tiled")
+    framed = _run(cog, strat, block_size=16, call=call)
+    monkeypatch.setattr(permute_mod, "FRAME_FAMILIES", ())
+    per_call = _run(cog, strat, block_size=16, call=call)
+    torch.testing.assert_close(framed, per_call, rtol=1e-5, atol=1e-5)
+    assert (framed - _run(cog, call=call)).abs().max().item() > 1e-2  # sparse: it changed something
+
+
+def test_text_families_per_call_orders(cog, monkeypatch):
+    """CogVideoX (text first, batched CFG): semantic heads gather per call in the tiled frame, and without
+    a frame tiled heads gather per call too, text in place."""
+    call = _cog_call("cogvideox")
+    base = _run(cog, call=call)
     strat = Strategy(layers=[[{"kind": "dense"}] * 2] * 2, order="tiled",
                      orders=[[parse_order("tiled"), parse_order("semantic:top_p=1,q_clusters=3,k_clusters=5")]] * 2)
-    vdit_accel.patch(cog, strat, block_size=16)
-    try:
-        out = cog(**kw, generator=torch.Generator().manual_seed(0)).frames
-        assert patch_state(cog.transformer).orders.frame_order is None
-    finally:
-        vdit_accel.unpatch(cog)
-    assert (out - base).abs().max().item() <= 1e-5
+    for framed in (True, False):
+        if not framed:
+            monkeypatch.setattr(permute_mod, "FRAME_FAMILIES", ())
+        vdit_accel.patch(cog, strat, block_size=16)
+        try:
+            out = cog(**call, generator=torch.Generator().manual_seed(0)).frames
+            assert (patch_state(cog.transformer).orders.frame_order is not None) == framed
+        finally:
+            vdit_accel.unpatch(cog)
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
 
 
 def test_order_errors(pipe):
