@@ -142,13 +142,13 @@ def generate(
         if out.suffix != ".mp4":
             raise ValueError(f"--out must end in .mp4, got {str(out)!r}")
         model = model or _default_model()
+        if large and model != "wan-trained":
+            raise ValueError(f"--large is the size of the built-in 'wan-trained' model; with {model!r} give "
+                             "--frames, --height and --width")
         pipe, defaults = _load_pipeline(model, device, dtype)
         if large:
             from vdit_accel.pipelines import trained
 
-            if model != "wan-trained":
-                raise ValueError(f"--large is the size of the built-in 'wan-trained' model; with {model!r} give "
-                                 "--frames, --height and --width")
             frames = frames or trained.LARGE_SIZE["num_frames"]
             height, width = height or trained.LARGE_SIZE["height"], width or trained.LARGE_SIZE["width"]
         frames = frames or defaults.frames
