@@ -12,6 +12,9 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
   and never writes the ``[G, N, K]`` scores.
 - :func:`gather_rows`: ``out[b, i, h] = x[b, idx[b, h, i], h]`` for up to three tensors sharing one index
   (k and v) in one launch, from any strides into any strides.
+- :func:`semantic_block_mask`: the semantic plan's block mask in one launch — centroid scores, softmax,
+  top-p of the key clusters of every query cluster, and the clusters' overlap with the blocks (the
+  ~40 small ops of the PyTorch path, :func:`vdit_accel.permutation.semantic_block_mask`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+MAX_CLUSTERS = 256  # centroids a problem may have in these kernels (the [K, K] / [N, K] tiles stay in registers)
 
 
 def _pow2(x: int, low: int = 16) -> int:
@@ -76,8 +82,8 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
     g, k = bx * hx, c.shape[1]
     if c.shape != (g, k, d):
         raise ValueError(f"kmeans_assign: centroids {tuple(c.shape)} do not match rows {tuple(x.shape)}")
-    if k > 256:
-        raise ValueError(f"kmeans_assign handles up to 256 centroids, got {k}")
+    if k > MAX_CLUSTERS:
+        raise ValueError(f"kmeans_assign handles up to {MAX_CLUSTERS} centroids, got {k}")
     c = c.float().contiguous()
     counts = torch.zeros(g, k, device=x.device, dtype=torch.float32)
     sums = torch.zeros(g, k, d, device=x.device, dtype=torch.float32) if with_sums else counts
@@ -137,3 +143,75 @@ def gather_rows(xs: list[torch.Tensor], idx: torch.Tensor, block_s: int = 64, nu
                               x0.stride(0), x0.stride(1), x0.stride(2), y0.stride(0), y0.stride(1), y0.stride(2),
                               D=d, D_PAD=_pow2(d, 1), BLOCK_S=block_s, N_TENSORS=len(xs), num_warps=num_warps)
     return ys
+
+
+@triton.jit
+def _semantic_mask_kernel(QC, KC, QB, KB, MASK, KQ, KK, MB, NB, qk_scale, top_p,
+                          TM0, TM1, TN0, TN1,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KQ_PAD: tl.constexpr,
+                          KK_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr):
+    """Program (query block m, problem g): row m of the block mask of problem g. The query clusters that
+    meet block m are the index range [c0, c1) (bounds are sorted); each one's key clusters are kept by
+    decreasing share of ``softmax(qk_scale * q_c . k_c + log |k_c|)`` up to ``top_p`` of it (ties: lower
+    index first, as a stable sort); key block n is set iff some kept key cluster meets it. Rows
+    [TM0, TM1) and columns [TN0, TN1) (text) are set whole."""
+    m, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    start = m * BLOCK_M
+    offs_q = tl.arange(0, KQ_PAD)
+    qlo = tl.load(QB + g * (KQ + 1) + offs_q, mask=offs_q < KQ, other=0)
+    qhi = tl.load(QB + g * (KQ + 1) + offs_q + 1, mask=offs_q < KQ, other=0)
+    c0 = tl.sum(((qhi <= start) & (offs_q < KQ)).to(tl.int32), 0)
+    c1 = tl.sum(((qlo < start + BLOCK_M) & (offs_q < KQ)).to(tl.int32), 0)
+    offs_k = tl.arange(0, KK_PAD)
+    kmask = offs_k < KK
+    klo = tl.load(KB + g * (KK + 1) + offs_k, mask=kmask, other=0)
+    khi = tl.load(KB + g * (KK + 1) + offs_k + 1, mask=kmask, other=0)
+    log_size = tl.where(kmask & (khi > klo), tl.log(tl.maximum(khi - klo, 1).to(tl.float32)), float("-inf"))
+    offs_d = tl.arange(0, BLOCK_D)
+    kept = tl.zeros([KK_PAD], dtype=tl.int32)
+    for cq in range(c0, c1):
+        lo = tl.load(QB + g * (KQ + 1) + cq)
+        hi = tl.load(QB + g * (KQ + 1) + cq + 1)
+        dots = tl.zeros([KK_PAD], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dm = d0 + offs_d < D
+            qc = tl.load(QC + (g * KQ + cq) * D + d0 + offs_d, mask=dm, other=0.0)
+            kc = tl.load(KC + (g * KK + offs_k[:, None]) * D + d0 + offs_d[None, :], mask=kmask[:, None] & dm[None, :],
+                         other=0.0)
+            dots += tl.sum(kc * (qk_scale * qc)[None, :], 1)
+        logits = dots + log_size
+        e = tl.exp(logits - tl.max(logits, 0))
+        share = e / tl.sum(e, 0)  # 0 for empty and padded key clusters
+        # Mass before each entry in decreasing order (ties: the lower index first).
+        first = (share[:, None] > share[None, :]) | ((share[:, None] == share[None, :]) & (offs_k[:, None] < offs_k[None, :]))
+        before = tl.sum(tl.where(first, share[:, None], 0.0), 0)
+        keep = (before < top_p * tl.sum(share, 0)) & (share > 0) & (hi > lo)
+        kept = kept | keep.to(tl.int32)
+    row_all = (m >= TM0) & (m < TM1)
+    live = (kept > 0) & (khi > klo)
+    for n0 in range(0, NB, BLOCK_NB):
+        offs_n = n0 + tl.arange(0, BLOCK_NB)
+        meet = live[None, :] & (klo[None, :] < (offs_n[:, None] + 1) * BLOCK_N) & (khi[None, :] > offs_n[:, None] * BLOCK_N)
+        hit = (tl.max(meet.to(tl.int32), 1) > 0) | ((offs_n >= TN0) & (offs_n < TN1)) | row_all
+        tl.store(MASK + (g * MB + m) * NB + offs_n, hit.to(tl.uint8), mask=offs_n < NB)
+
+
+def semantic_block_mask(q_centroids: torch.Tensor, k_centroids: torch.Tensor, q_bounds: torch.Tensor,
+                        k_bounds: torch.Tensor, seq_len: int, top_p: float, scale: float, block_m: int = 128,
+                        block_n: int = 128, text_rows: tuple[int, int] = (0, 0), text_cols: tuple[int, int] = (0, 0),
+                        num_warps: int = 8) -> torch.Tensor:
+    """Bool ``[..., Mb, Nb]`` block mask of a semantic plan: centroids ``[..., K, D]`` float32, cluster
+    bounds ``[..., K + 1]`` (sorted positions; cluster c spans ``[bounds[c], bounds[c + 1])``), at most
+    ``MAX_CLUSTERS`` a side. ``text_rows`` / ``text_cols``: block ranges set whole. One launch."""
+    lead, (kq, d), kk = q_centroids.shape[:-2], q_centroids.shape[-2:], k_centroids.shape[-2]
+    if max(kq, kk) > MAX_CLUSTERS:
+        raise ValueError(f"semantic_block_mask handles up to {MAX_CLUSTERS} clusters a side, got {kq} and {kk}")
+    g = q_centroids[..., 0, 0].numel()
+    mb, nb = triton.cdiv(seq_len, block_m), triton.cdiv(seq_len, block_n)
+    out = torch.empty(*lead, mb, nb, dtype=torch.uint8, device=q_centroids.device)
+    _semantic_mask_kernel[(mb, g)](q_centroids.float().contiguous(), k_centroids.float().contiguous(),
+                                   q_bounds.contiguous(), k_bounds.contiguous(), out, kq, kk, mb, nb, scale, top_p,
+                                   *text_rows, *text_cols, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                                   KQ_PAD=_pow2(kq), KK_PAD=_pow2(kk), BLOCK_D=min(32, _pow2(d)),
+                                   BLOCK_NB=min(64, _pow2(nb)), num_warps=num_warps)
+    return out.view(torch.bool)

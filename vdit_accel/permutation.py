@@ -268,12 +268,23 @@ def block_mask_for_order(p: Pattern, grid: VideoGrid, perm: torch.Tensor, block_
     return mask
 
 
+def _text_blocks(grid: VideoGrid, block: int) -> tuple[int, int]:
+    """The blocks ``[first, end)`` that hold the text tokens of a sequence where text keeps its place."""
+    if not grid.text_len:
+        return 0, 0
+    return grid.text_start // block, (grid.text_start + grid.text_len - 1) // block + 1
+
+
 def _dense_text(mask: torch.Tensor, grid: VideoGrid, pos: torch.Tensor | None, block_m: int, block_n: int) -> None:
     """Set the text rows and columns of a block mask ``[..., Mb, Nb]`` (text at positions ``pos[text]``)."""
     if not grid.text_len:
         return
-    text = torch.arange(grid.text_start, grid.text_start + grid.text_len, device=mask.device)
-    tp = text if pos is None else pos[text]
+    if pos is None:  # text in place: one range of blocks each way
+        (m0, m1), (n0, n1) = _text_blocks(grid, block_m), _text_blocks(grid, block_n)
+        mask[..., m0:m1, :] = True
+        mask[..., :, n0:n1] = True
+        return
+    tp = pos[torch.arange(grid.text_start, grid.text_start + grid.text_len, device=mask.device)]
     mask[..., tp // block_m, :] = True
     mask[..., :, tp // block_n] = True
 
@@ -464,8 +475,9 @@ def _block_overlap(bounds: torch.Tensor, block: int, n_blocks: int) -> torch.Ten
 
 def top_p_keep(weights: torch.Tensor, top_p: float) -> torch.Tensor:
     """Bool mask of the largest entries of each row of ``weights`` (non-negative, last dim) whose sum
-    first reaches ``top_p`` of the row's sum (at least one entry per non-empty row)."""
-    w, order = weights.sort(-1, descending=True)
+    first reaches ``top_p`` of the row's sum (at least one entry per non-empty row); of equal entries
+    the lower index comes first."""
+    w, order = weights.sort(dim=-1, descending=True, stable=True)
     total = w.sum(-1, keepdim=True)
     before = w.cumsum(-1) - w  # mass already kept before this entry
     keep_sorted = (before < top_p * total) & (w > 0)
@@ -476,9 +488,17 @@ def semantic_block_mask(plan: SemanticPlan, grid: VideoGrid, top_p: float, block
                         scale: float | None = None) -> torch.Tensor:
     """Bool ``[B, H, Mb, Nb]``: the key blocks of each query block under a semantic plan (see the module
     docstring): key clusters by estimated attention share up to ``top_p``, per query cluster; text rows
-    and columns dense. ``scale``: the softmax scale (default ``1 / sqrt(D)``)."""
+    and columns dense. ``scale``: the softmax scale (default ``1 / sqrt(D)``). On the GPU one Triton
+    launch (:func:`vdit_accel.kernels.permute.semantic_block_mask`, up to ``MAX_CLUSTERS`` a side); this
+    PyTorch path (about 40 small ops) is the reference."""
     d = plan.q_centroids.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if _fast(plan.q_centroids):
+        from .kernels.permute import MAX_CLUSTERS, semantic_block_mask as fused
+
+        if max(plan.q_centroids.shape[-2], plan.k_centroids.shape[-2]) <= MAX_CLUSTERS:
+            return fused(plan.q_centroids, plan.k_centroids, plan.q_bounds, plan.k_bounds, grid.seq_len, top_p, scale,
+                         block_m, block_n, _text_blocks(grid, block_m), _text_blocks(grid, block_n))
     sizes = (plan.k_bounds[..., 1:] - plan.k_bounds[..., :-1]).float()  # [B, H, Kk]
     logits = scale * plan.q_centroids @ plan.k_centroids.transpose(-1, -2) + sizes.log()[..., None, :]
     share = torch.softmax(logits, -1).nan_to_num(0.0)  # [B, H, Kq, Kk]

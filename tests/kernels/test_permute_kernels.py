@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from vdit_accel import permutation as P  # noqa: E402
 from vdit_accel.grid import VideoGrid  # noqa: E402
-from vdit_accel.kernels.permute import gather_rows, kmeans_assign  # noqa: E402
+from vdit_accel.kernels.permute import gather_rows, kmeans_assign, semantic_block_mask  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype,d,k", [(torch.float32, 32, 5), (torch.float16, 24, 17), (torch.float32, 64, 40)])
@@ -55,6 +55,36 @@ def test_gather_rows_matches_index_gather(n_tensors):
     assert torch.equal(gather_rows([view], idx)[0], gather_rows([view.contiguous()], idx)[0])
 
 
+def _random_bounds(g, lead, k, grid):
+    """Sorted cluster bounds ``[*lead, k + 1]`` over the video tokens: random sizes, some clusters empty."""
+    w = torch.rand(*lead, k, generator=g) * (torch.rand(*lead, k, generator=g) > 0.2)
+    w[..., 0] += 1e-3
+    edges = (w.cumsum(-1) / w.sum(-1, keepdim=True) * grid.video_len).round().long()
+    edges[..., -1] = grid.video_len
+    return torch.nn.functional.pad(edges, (1, 0)) + grid.video_start
+
+
+@pytest.mark.parametrize("grid,kq,kk,d,bm,bn", [
+    (VideoGrid(3, 7, 11, text_len=9, text_at="prefix"), 13, 29, 24, 16, 32),
+    (VideoGrid(2, 9, 13, text_len=21, text_at="suffix"), 37, 70, 40, 32, 16),
+    (VideoGrid(5, 5, 7), 5, 3, 16, 16, 16),
+])
+def test_semantic_block_mask_kernel_matches_torch(grid, kq, kk, d, bm, bn):
+    """The fused block mask equals the PyTorch path's on fresh random centroids and cluster ranges (odd
+    sizes, empty clusters, text as prefix and suffix, several top_p), from both plan entry points."""
+    g = torch.Generator().manual_seed(kq * kk + d)
+    b, h = 2, 1
+    for top_p in (0.5, 0.95, 1.0):
+        plan = P.SemanticPlan(None, None, _random_bounds(g, (b, h), kq, grid), _random_bounds(g, (b, h), kk, grid),
+                              torch.randn(b, h, kq, d, generator=g) * 2, torch.randn(b, h, kk, d, generator=g) * 2)
+        ref = P.semantic_block_mask(plan, grid, top_p, bm, bn)
+        scale = d ** -0.5
+        got = semantic_block_mask(plan.q_centroids, plan.k_centroids, plan.q_bounds, plan.k_bounds, grid.seq_len,
+                                  top_p, scale, bm, bn, P._text_blocks(grid, bm), P._text_blocks(grid, bn))
+        assert got.dtype == torch.bool and torch.equal(got, ref), (top_p, (got != ref).sum())
+        assert 0 < ref.float().mean() < (1.01 if top_p == 1.0 else 1)
+
+
 def test_plans_through_the_kernels_match_the_torch_path(monkeypatch):
     """Semantic (warm start included) and segment plans: the kernels give the PyTorch path's orders and masks."""
     grid = VideoGrid(3, 6, 10, text_len=5, text_at="suffix")
@@ -83,7 +113,8 @@ def test_plans_through_the_kernels_match_the_torch_path(monkeypatch):
 
 
 def test_kernels_compile_for_sm90():
-    """What the GPU runs (bf16, head_dim 128, 64/128 centroids; head_dim 96 padded) compiles for Hopper
+    """What the GPU runs (bf16, head_dim 128, 64/128 centroids; head_dim 96 padded; the semantic block
+    mask up to 256 clusters a side) compiles for Hopper
     (a fresh process: under TRITON_INTERPRET=1 kernels cannot be compiled; see test_compile_sm90.py)."""
     import json
     import subprocess
@@ -103,6 +134,9 @@ def test_kernels_compile_for_sm90():
                 for d, kp, dp, lab, sums in ((128, 64, 128, False, True), (128, 128, 128, True, False), (96, 128, 128, True, True))]
     gr = {n: "*bf16" for n in ("X0", "Y0", "X1", "Y1", "X2", "Y2")} | {"IDX": "*i64"}
     variants += [[mod, "_gather_rows_kernel", gr, dict(D=128, D_PAD=128, BLOCK_S=64, N_TENSORS=n)] for n in (1, 2)]
+    sm = {"QC": "*fp32", "KC": "*fp32", "QB": "*i64", "KB": "*i64", "MASK": "*u8", "qk_scale": "fp32", "top_p": "fp32"}
+    variants += [[mod, "_semantic_mask_kernel", sm, dict(D=128, BLOCK_M=128, BLOCK_N=128, KQ_PAD=kq, KK_PAD=kk, BLOCK_D=32,
+                                                         BLOCK_NB=64)] for kq, kk in ((64, 128), (256, 256))]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(variants)], capture_output=True, text=True, env=env,
                           timeout=600)
