@@ -33,11 +33,18 @@ moments are not kept: a resumed run warms its learning rate up again over 100 st
 (stage, steps, seconds, loss log, the commands), ``loss.png``. ``--minutes`` bounds the whole command:
 the run stops cleanly and saves before it.
 
-GPU (one H100, two commands; the second resumes from the first's checkpoint, carried back as .ckpt/;
-the install lines of benchmarks/gpu_run.sh first, then from the repository root R):
+GPU (one H100; each command resumes from the previous one's checkpoint, carried back as .ckpt/; the
+install lines of benchmarks/gpu_run.sh first, then from the repository root R). The shipped weights
+(pipelines/weights/wan-trained/) came from these four, 24.2 min of device time in all
+(benchmarks/results/train-tiny-nvidia-h100-80gb-hbm3-20261122.json has their logs):
 
-    cd /tmp && python3 $R/benchmarks/train_tiny.py --out $OUT/ckpt --minutes 9.3
-    cd /tmp && python3 $R/benchmarks/train_tiny.py --resume $R/.ckpt --out $OUT/ckpt --minutes 9.3
+    cd /tmp && python3 $R/benchmarks/train_tiny.py --out $OUT/ckpt --minutes 8.9
+    cd /tmp && python3 $R/benchmarks/train_tiny.py --resume $R/.ckpt --out $OUT/ckpt --minutes 8.4
+    cd /tmp && python3 $R/benchmarks/train_tiny.py --resume $R/.ckpt --out $OUT/ckpt --minutes 7.5 --dit-minutes 18
+    cd /tmp && python3 $R/benchmarks/train_tiny.py --resume $R/.ckpt --out $OUT/ckpt --minutes 2.1 --dit-minutes 20
+
+(the fourth resumed from the third's raw weights with its EMA slots set to them: the third's EMA files
+did not come back from the device, whose tool returns at most 8 files; keep $OUT to the checkpoint).
 
 CPU: ``--smoke`` runs every stage at toy size in seconds and then loads the result through
 ``build_trained_pipeline``, generates with ``WanPipeline`` and checks the video (untrained: only that it
