@@ -77,3 +77,16 @@ def test_inspect_and_console_script():
     assert res.exit_code == 0 and "mean density" in res.output
     proc = subprocess.run([sys.executable, "-m", "vdit_accel.cli.app", "version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("vdit-accel ")
+
+
+def test_generate_large_is_the_trained_models_large_size(tmp_path, monkeypatch):
+    """--large takes frames, height and width from trained.LARGE_SIZE (made small here for speed);
+    explicit sizes still win."""
+    from vdit_accel.pipelines import trained
+
+    monkeypatch.setattr(trained, "LARGE_SIZE", dict(num_frames=5, height=48, width=80))
+    out = tmp_path / "clip.mp4"
+    res = runner.invoke(app, ["generate", "--large", "--height", "64", "--steps", "1", "--no-compare", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert (report["model"], report["frames"], report["height"], report["width"]) == ("wan-trained", 5, 64, 80)
