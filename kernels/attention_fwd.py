@@ -140,6 +140,22 @@ def _block_start(t, kv_idx_row, stride_idx_n, BLOCK_N: tl.constexpr, MASK_BLOCK_
 
 
 @triton.jit
+def _load_rows(ptrs, start_n, offs_n, offs_d, S, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               MASK_TAIL: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] K or V tile by pointers: keys past S (MASK_TAIL) and channels past HEAD_DIM
+    read as zeros, no mask where neither can occur."""
+    if MASK_TAIL:
+        kv_mask = (start_n + offs_n)[:, None] < S
+        if BLOCK_D != HEAD_DIM:
+            kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
+        return tl.load(ptrs, mask=kv_mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _load_k(
     start_n, K_bh, stride_kn, offs_n, offs_d, S,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_TAIL: tl.constexpr,
@@ -162,15 +178,7 @@ def _load_k(
             k = tl.load(K_bh + rows[:, None] * stride_kn + offs_d[None, :])
     else:
         k_ptrs = K_bh + start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
-        if MASK_TAIL:
-            kv_mask = (start_n + offs_n)[:, None] < S
-            if BLOCK_D != HEAD_DIM:
-                kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_rows(k_ptrs, start_n, offs_n, offs_d, S, BLOCK_D, HEAD_DIM, MASK_TAIL)
     return k
 
 
@@ -193,15 +201,7 @@ def _load_v(
             v = tl.load(V_bh + rows[:, None] + offs_d[None, :] * stride_vd)
     else:
         v_ptrs = V_bh + start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-        if MASK_TAIL:
-            kv_mask = (start_n + offs_n)[:, None] < S
-            if BLOCK_D != HEAD_DIM:
-                kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_rows(v_ptrs, start_n, offs_n, offs_d, S, BLOCK_D, HEAD_DIM, MASK_TAIL)
     return v
 
 
