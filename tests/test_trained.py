@@ -92,6 +92,27 @@ def test_scenes_split_deterministic_and_captioned():
     assert {s.objects[0].colour for s in singles} == set(toyvideo.COLOURS)
 
 
+def test_validation_scenes_disjoint_from_the_check():
+    """The validation set (sampling settings are tuned on it) shares no (colour, shape, direction) with the
+    check's single-object scenes, uses only held-out combinations (all 4 left over), is deterministic, has
+    distinct captions, and its ground-truth clips read back as their captions."""
+    singles, _ = toyvideo.check_scenes()
+    val = toyvideo.validation_scenes()
+    combos = lambda scenes: {(o.colour, o.shape, o.direction) for s in scenes for o in s.objects}
+    assert len(val) == 20 and all(len(s.objects) == 1 for s in val)
+    assert not combos(val) & combos(singles)
+    assert combos(val) | combos(singles) == set(toyvideo.held_out_combinations()) and len(combos(val)) == 4
+    assert val == toyvideo.validation_scenes() and toyvideo.validation_scenes(7) == val[:7]
+    assert toyvideo.validation_scenes(seed=10) != val
+    assert len({s.caption for s in val}) == 20
+    assert {s.background for s in val} >= {"dark", "drifting"} and any(s.objects[0].bouncing for s in val)
+    assert len({s.objects[0].speed for s in val}) == 3
+    bad = [s.caption for s in val if not toyvideo.check_video(toyvideo.render_frames(s, 17, 128, 128), s.caption)["ok"]]
+    assert not bad, bad
+    with pytest.raises(ValueError, match="n must be"):
+        toyvideo.validation_scenes(0)
+
+
 # --- captions, architecture --------------------------------------------------------------------------
 
 

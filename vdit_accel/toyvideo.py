@@ -22,7 +22,8 @@ agrees with the caption for every scene (tested); it is how ``benchmarks/check_t
 generated videos.
 
 Held out from training (:func:`is_held_out`): 24 of the 192 (colour, shape, direction) combinations,
-at least one per colour and per direction; :func:`check_scenes` builds the check captions from them.
+at least one per colour and per direction; :func:`check_scenes` builds the check captions from 20 of
+them, :func:`validation_scenes` (for choosing sampling settings) from the other 4.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def check_scenes(seed: int = 8) -> tuple[list[ToyScene], list[ToyScene]]:
     speeds, backgrounds and bouncing (for left/right) varied; and 4 two-object scenes, each pairing two
     held-out combinations of different colours. Their captions are what ``check_trained.py`` prompts."""
     rng = np.random.default_rng(seed)
-    combos = sorted(held_out_combinations(), key=lambda t: (SHAPES.index(t[1]), list(COLOURS).index(t[0])))
+    combos = _held_out_in_check_order()
     singles = []
     for i, (c, s, d) in enumerate(combos[:20]):
         bouncing = d in ("left", "right") and i % 2 == 0
@@ -217,6 +218,39 @@ def check_scenes(seed: int = 8) -> tuple[list[ToyScene], list[ToyScene]]:
         objs = tuple(_sample_object(rng, *t, "", False, 0.085) for t in (a, b))
         twos.append(ToyScene(objs, **_background(rng, "dark")))
     return singles, twos
+
+
+def _held_out_in_check_order() -> list[tuple[str, str, str]]:
+    """The 24 held-out combinations, shape-major then colour: :func:`check_scenes` takes the first 20."""
+    return sorted(held_out_combinations(), key=lambda t: (SHAPES.index(t[1]), list(COLOURS).index(t[0])))
+
+
+def validation_scenes(n: int = 20, seed: int = 9) -> list[ToyScene]:
+    """The validation set: ``n`` single-object scenes from the 4 held-out combinations that
+    :func:`check_scenes`' 20 single-object scenes leave out (green, cyan, blue and magenta diamonds,
+    moving right, down-left, up and down-right), so they share no (colour, shape, direction) with them.
+
+    Sampling settings (guidance scale, steps, scheduler shift) are chosen on this set, never on the
+    check's captions, so the check's agreement stays an unbiased held-out number. Like the check, these
+    combinations never occurred in training. (The check's four two-object scenes, which are reported
+    apart and are not the criterion, do use these combinations.) Scene ``i`` is combination ``i % 4``;
+    over the repeats the speed, the background (dark, drifting, a random tint) and, for "right",
+    bouncing vary, so 20 scenes have 20 different captions. Deterministic in ``seed`` (object
+    placement, tint, background parameters)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    combos = _held_out_in_check_order()[20:]
+    scenes = []
+    for i in range(n):
+        (c, s, d), k = combos[i % len(combos)], i // len(combos)
+        speed = ("", "slowly", "quickly")[(i + k) % 3]
+        bouncing = d in ("left", "right") and k % 2 == 0
+        obj = _sample_object(rng, c, s, d, speed, bouncing, 0.11)
+        tints = [b for b in COLOURS if b != c]
+        bg = ("dark", "drifting", tints[int(rng.integers(len(tints)))])[(k + k // 3) % 3]
+        scenes.append(ToyScene((obj,), **_background(rng, bg)))
+    return scenes
 
 
 # ---------------------------------------------------------------------------------------------------
