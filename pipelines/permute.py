@@ -3,23 +3,30 @@
 Two places, chosen per transformer forward and per layer:
 
 - **Once per forward** (the *frame*): when the strategy's default order is ``tiled`` and the model is Wan
-  (``WanTransformer3DModel``, both transformers of Wan 2.2) or CogVideoX (``CogVideoXTransformer3DModel``,
-  1.0 and 1.5), the video hidden states are permuted into the tiled order before the first block and back
-  after the last (a forward pre-hook on the first block, a forward hook on the last), together with the
-  per-token inputs the blocks read: the rotary tables (Wan: a forward hook on ``rope``; CogVideoX: the
-  ``image_rotary_emb`` forward argument, in the transformer's pre-hook) and, for Wan 2.2 TI2V's per-token
-  timesteps, the per-token modulation (a forward hook on ``condition_embedder``; ``temb``, used after the
-  last block, stays as it is). Only video tokens move: CogVideoX's blocks get the video hidden states
-  apart from the text (the model splits them after its patch embedding), and its attention puts the text
-  first, so the attention sequence is the tiled order with the text in place (the order the per-call
-  plans and masks use). What runs before the first block (patch embedding, positional embeddings) and
-  after the last (final norms, projection, unpatchify, CogVideoX 1.5's temporal patches included) sees the
-  raster order. Every layer then attends in the tiled order with no gather at all: two row gathers of the
-  hidden states and two of the rotary tables per forward, shared by all layers. Blocks see tokens in
-  another order; all they do per token (norms, MLPs, modulation, RoPE) is order-free, and self-attention is
-  order-equivariant, so the output is the unpermuted one up to rounding (tested). The frame is the same
-  at every step of a grid (dense warm-up included), so diffusers' caches (FirstBlockCache, MagCache, ...),
-  which keep block outputs across steps, stay consistent.
+  (``WanTransformer3DModel``, both transformers of Wan 2.2), CogVideoX (``CogVideoXTransformer3DModel``,
+  1.0 and 1.5), HunyuanVideo (``HunyuanVideoTransformer3DModel``), LTX-Video
+  (``LTXVideoTransformer3DModel``) or Mochi (``MochiTransformer3DModel``), the video hidden states are
+  permuted into the tiled order before the first block and back after the last (a forward pre-hook on the
+  first block, a forward hook on the last; HunyuanVideo: its dual-stream blocks then its single-stream
+  ones, one frame for both), together with the per-token inputs the blocks read: the rotary tables (a
+  forward hook on ``rope``; CogVideoX: the ``image_rotary_emb`` forward argument, in the transformer's
+  pre-hook) and per-token timesteps, the per-token modulation (Wan 2.2 TI2V: a forward hook on
+  ``condition_embedder``; LTX image-to-video: on ``time_embed``; what the output norm reads after the
+  last block stays as it is). Only video tokens move: the blocks of the text families get the video
+  hidden states apart from the text (CogVideoX splits them after its patch embedding; HunyuanVideo and
+  Mochi keep two streams; LTX's text enters through cross-attention only), and their attention puts the
+  text first (CogVideoX) or last (HunyuanVideo, Mochi; padded text masked or dropped per sample), so the
+  attention sequence is the tiled order with the text in place (the order the per-call plans and masks
+  use). What runs before the first block (patch embedding, positional embeddings) and after the last
+  (final norms, projection, unpatchify, CogVideoX 1.5's temporal patches included) sees the raster order.
+  Every layer then attends in the tiled order with no gather at all: two row gathers of the hidden states
+  and two of the rotary tables per forward, shared by all layers. Blocks see tokens in another order; all
+  they do per token (norms, MLPs, modulation, RoPE) is order-free, and self-attention is
+  order-equivariant, so the output is the unpermuted one up to rounding (tested). Not framed:
+  HunyuanVideo's ``token_replace`` image conditioning (its blocks modulate the first frame's tokens, the
+  first ``h * w`` of the sequence, apart), SkyReels-V2 and HunyuanVideo 1.5: their tiled heads gather per
+  call. The frame is the same at every step of a grid (dense warm-up included), so diffusers' caches
+  (FirstBlockCache, MagCache, ...), which keep block outputs across steps, stay consistent.
 - **Per call** (:func:`vdit_accel.permutation.plan_call`): heads whose order differs from the frame — a
   ``tiled`` head on another model, a ``raster`` head in a tiled frame, every ``semantic`` and ``segment``
   head — gather their q (and k, v) rows into their own order inside the attention call and scatter the
@@ -32,6 +39,7 @@ sequence), and attention observers (the search) while a frame is active (they ex
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,8 +55,40 @@ from .op import vdit_attention
 if TYPE_CHECKING:
     from .patch import PatchState
 
-# Models whose forward we permute once (hooks below): family -> the attribute of its block list.
-FRAME_FAMILIES = {"wan": "blocks", "cogvideox": "transformer_blocks"}
+
+@dataclass(frozen=True)
+class _Frame:
+    """Where a family's forward is permuted once (the hooks below).
+
+    ``blocks``: its block lists in the order the forward runs them; the frame is entered before the
+    first block of the first non-empty list and left after the last block of the last.
+    ``rope_dim``: the token dim of the (cos, sin) tables its ``rope`` submodule returns, permuted by a
+    forward hook; None where there is no such submodule (CogVideoX gets them as a forward argument).
+    """
+
+    blocks: tuple[str, ...]
+    rope_dim: int | None = None
+
+
+# Models whose forward we permute once: family -> its frame hooks.
+FRAME_FAMILIES = {
+    "wan": _Frame(("blocks",), rope_dim=1),  # rope: (1, S, 1, D) each
+    "cogvideox": _Frame(("transformer_blocks",)),  # image_rotary_emb: (S, D) each, a forward argument
+    "hunyuan_video": _Frame(("transformer_blocks", "single_transformer_blocks"), rope_dim=0),  # (S, D)
+    "ltx": _Frame(("transformer_blocks",), rope_dim=1),  # (B, S, D)
+    "mochi": _Frame(("transformer_blocks",), rope_dim=0),  # (S, H, D / 2)
+}
+
+
+def _frame_of(transformer, family: str) -> _Frame | None:
+    """The family's frame hooks, or None where the forward cannot be permuted once (per-call gathers
+    instead): HunyuanVideo's ``token_replace`` image conditioning modulates the first frame's tokens,
+    the first ``h * w`` of the sequence, apart from the others."""
+    if family not in FRAME_FAMILIES:
+        return None
+    if family == "hunyuan_video" and getattr(transformer.config, "image_condition_type", None) == "token_replace":
+        return None
+    return FRAME_FAMILIES[family]
 
 
 class OrderRuntime:
@@ -59,8 +99,9 @@ class OrderRuntime:
         self.strategy = state.strategy
         self.block = state.block_size
         default = self.strategy.order
-        self.frame_order = default if (default is not None and default["kind"] == "tiled"
-                                       and state.adapter.family in FRAME_FAMILIES) else None
+        family = state.adapter.family
+        frame = _frame_of(transformer, family) if default is not None and default["kind"] == "tiled" else None
+        self.frame_order = default if frame is not None else None
         self.frame: torch.Tensor | None = None  # this forward's frame permutation, on its device
         self._frame_inv: torch.Tensor | None = None
         self._frame_len = 0
@@ -68,14 +109,15 @@ class OrderRuntime:
         self.memory: dict[int, dict] = {}  # layer -> warm-start state of its semantic heads
         self._static: dict[tuple, torch.Tensor] = {}  # (layer, grid, device, heads) -> bool [1, H, Mb, Nb]
         self.hooks = [transformer.register_forward_pre_hook(self.on_forward, with_kwargs=True)]
-        if self.frame_order is not None:
-            family = state.adapter.family
-            blocks = getattr(transformer, FRAME_FAMILIES[family])
-            if family == "wan":  # CogVideoX: the rotary tables are a forward argument (on_forward)
-                self.hooks += [
-                    transformer.rope.register_forward_hook(self._on_rope),
-                    transformer.condition_embedder.register_forward_hook(self._on_condition),
-                ]
+        if frame is not None:
+            blocks = [b for name in frame.blocks for b in getattr(transformer, name)]
+            self._rope_dim = frame.rope_dim
+            if frame.rope_dim is not None:
+                self.hooks.append(transformer.rope.register_forward_hook(self._on_rope))
+            if family == "wan":
+                self.hooks.append(transformer.condition_embedder.register_forward_hook(self._on_condition))
+            elif family == "ltx":
+                self.hooks.append(transformer.time_embed.register_forward_hook(self._on_time_embed, with_kwargs=True))
             self.hooks += [
                 blocks[0].register_forward_pre_hook(self._on_enter, with_kwargs=True),
                 blocks[-1].register_forward_hook(self._on_leave),
@@ -145,7 +187,7 @@ class OrderRuntime:
     def _on_rope(self, module, args, out):
         if self.frame is None:
             return out
-        return tuple(self._take(t, 1, self.frame, "the rotary table") for t in out)
+        return tuple(self._take(t, self._rope_dim, self.frame, "the rotary table") for t in out)
 
     @torch.compiler.disable
     def _on_condition(self, module, args, out):
@@ -154,6 +196,17 @@ class OrderRuntime:
         if self.frame is None or out[1].dim() != 3:
             return out
         return (out[0], self._take(out[1], 1, self.frame, "the per-token timestep embedding"), *out[2:])
+
+    @torch.compiler.disable
+    def _on_time_embed(self, module, args, kwargs, out):
+        # LTX: (temb, embedded_timestep), each (B * N, C) for N timesteps per sample; per-token timesteps
+        # (LTX image-to-video) make N the video length. embedded_timestep stays in raster order (the
+        # output modulation reads it after the last block).
+        batch = kwargs.get("batch_size")
+        if self.frame is None or batch is None or out[0].shape[0] == batch:
+            return out
+        temb = out[0].unflatten(0, (batch, -1))
+        return (self._take(temb, 1, self.frame, "the per-token timestep embedding").flatten(0, 1), *out[1:])
 
     @torch.compiler.disable
     def _on_enter(self, module, args, kwargs):
@@ -167,7 +220,7 @@ class OrderRuntime:
     def _on_leave(self, module, args, out):
         if self.frame is None:
             return out
-        if isinstance(out, tuple):  # CogVideoX: (video, text); the text was never permuted
+        if isinstance(out, tuple):  # CogVideoX, HunyuanVideo, Mochi: (video, text); the text was never permuted
             return (self._take(out[0], 1, self._frame_inv, "the last block's output"), *out[1:])
         return self._take(out, 1, self._frame_inv, "the last block's output")
 
