@@ -3,6 +3,9 @@
     python benchmarks/check_trained.py                                   # shipped weights, default size
     python benchmarks/check_trained.py --weights DIR --size default large --out-dir benchmarks/results
     python benchmarks/check_trained.py --weights DIR --require 0.8      # exit 1 below 80% agreement
+    python benchmarks/check_trained.py --scenes validation --shift 5 --guidance 11 --steps 30
+    python benchmarks/check_trained.py --sweep --guidance 5 8 11 14 --steps 20 30 50 --shift 3 5 7 \
+        --seed-bases 5000 6000                                           # choose sampling settings
 
 The captions are ``vdit_accel.toyvideo.check_scenes()``: 20 single-object captions whose (colour, shape,
 direction) never occurred in training, and 4 two-object captions built from held-out combinations
@@ -11,9 +14,19 @@ direction) never occurred in training, and 4 two-object captions built from held
 (colour from the frames, direction from the centroid's motion). The ground-truth clip of every
 caption is scored too (the checker's own sanity: it must be 100%).
 
+``--scenes validation`` prompts ``vdit_accel.toyvideo.validation_scenes()`` instead: 20 single-object
+captions from the 4 held-out combinations the check's 20 leave out. Sampling settings (guidance scale,
+steps, the scheduler's shift at inference) are chosen there, with other seeds, and only then is the
+check run. ``--sweep`` does the choosing: every combination of the ``--guidance``, ``--steps`` and
+``--shift`` values at one size, each on every ``--seed-bases`` base (the same noise for every
+setting), the validation captions unless ``--scenes check`` is given.
+
 Writes ``check-trained-<device>-<yyyymmdd>.json`` (per size and caption: the checker's reading; the
-top-level ``agreement`` is the first size's) and a contact sheet PNG (first, middle and last frame of
-every video) beside it. GPU or CPU.
+top-level ``agreement`` is the first size's; ``-validation`` added for the validation captions) and a
+contact sheet PNG (first, middle and last frame of every video) beside it; with ``--sweep``
+``sweep-trained-<scenes>-<device>-<yyyymmdd>.json`` only (a row per setting: agreement per seed base,
+mean, seconds, the failures; rewritten after every setting), and a table sorted by mean agreement on
+stdout. GPU or CPU.
 """
 
 from __future__ import annotations
@@ -47,30 +60,62 @@ def contact_sheet(videos: list[np.ndarray], path: Path, thumb: int = 128):
     Image.fromarray(sheet).save(path)
 
 
-def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, limit: int | None = None,
-              max_sequence_length: int = 128, seed_base: int = 1000) -> dict:
-    """Generate and score the check captions; returns the rows and the agreement."""
+def scene_list(scenes: str = "check") -> list[tuple]:
+    """``[(ToyScene, kind)]``: the check's 20 single-object then 4 two-object scenes, or the 20
+    validation scenes (kind ``"single"``)."""
     from vdit_accel import toyvideo
 
-    singles, twos = toyvideo.check_scenes()
-    scenes = [(s, "single") for s in singles] + [(s, "two") for s in twos]
-    if limit is not None:
-        scenes = scenes[:limit]
-    rows, videos = [], []
-    for start in range(0, len(scenes), batch):
-        chunk = scenes[start:start + batch]
-        gens = [torch.Generator("cpu").manual_seed(seed_base + start + j) for j in range(len(chunk))]
-        out = pipe(prompt=[s.caption for s, _ in chunk], generator=gens, num_inference_steps=steps,
+    if scenes == "check":
+        singles, twos = toyvideo.check_scenes()
+        return [(s, "single") for s in singles] + [(s, "two") for s in twos]
+    if scenes == "validation":
+        return [(s, "single") for s in toyvideo.validation_scenes()]
+    raise ValueError(f"scenes must be 'check' or 'validation', got {scenes!r}")
+
+
+def set_shift(pipe, shift: float):
+    """Give ``pipe`` a ``FlowMatchEulerDiscreteScheduler`` like its own but with ``shift``. WanPipeline calls
+    ``scheduler.set_timesteps(steps)`` on every call, which maps the uniform sigmas through
+    ``shift * s / (1 + (shift - 1) * s)`` from the config (no dynamic shifting here), so the new value
+    takes effect on the next call (tested: different shifts, different videos)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) or pipe.scheduler.config.use_dynamic_shifting:
+        raise ValueError(f"--shift needs a FlowMatchEulerDiscreteScheduler without dynamic shifting, "
+                         f"the pipeline has {type(pipe.scheduler).__name__}")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=float(shift))
+
+
+def generate(pipe, jobs: list[tuple[str, int]], size: dict, steps: int, guidance_scale: float, batch: int,
+             max_sequence_length: int = 128) -> list[np.ndarray]:
+    """One video per ``(caption, seed)``, uint8 ``[F, H, W, 3]``, ``batch`` captions per pipeline call (each
+    with its own generator, so a video does not depend on its batch mates beyond rounding)."""
+    videos = []
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        gens = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+        out = pipe(prompt=[c for c, _ in chunk], generator=gens, num_inference_steps=steps,
                    guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, output_type="np",
                    **size).frames
-        for j, ((scene, kind), video) in enumerate(zip(chunk, out)):
-            video = (np.clip(np.asarray(video), 0, 1) * 255 + 0.5).astype(np.uint8)
-            truth = toyvideo.render_frames(scene, *video.shape[:3])
-            result = toyvideo.check_video(video, scene.caption)
-            rows.append({"caption": scene.caption, "kind": kind, "seed": seed_base + start + j, "ok": result["ok"],
-                         "ground_truth_ok": toyvideo.check_video(truth, scene.caption)["ok"],
-                         "objects": result["objects"]})
-            videos.append(video)
+        videos += [(np.clip(np.asarray(v), 0, 1) * 255 + 0.5).astype(np.uint8) for v in out]
+    return videos
+
+
+def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, limit: int | None = None,
+              max_sequence_length: int = 128, seed_base: int = 1000, scenes: str = "check") -> dict:
+    """Generate and score the check (or validation) captions; returns the rows and the agreement."""
+    from vdit_accel import toyvideo
+
+    items = scene_list(scenes)[:limit]
+    videos = generate(pipe, [(s.caption, seed_base + i) for i, (s, _) in enumerate(items)], size, steps,
+                      guidance_scale, batch, max_sequence_length)
+    rows = []
+    for i, ((scene, kind), video) in enumerate(zip(items, videos)):
+        truth = toyvideo.render_frames(scene, *video.shape[:3])
+        result = toyvideo.check_video(video, scene.caption)
+        rows.append({"caption": scene.caption, "kind": kind, "seed": seed_base + i, "ok": result["ok"],
+                     "ground_truth_ok": toyvideo.check_video(truth, scene.caption)["ok"],
+                     "objects": result["objects"]})
 
     def rate(kind, key="ok"):
         sel = [r[key] for r in rows if r["kind"] == kind]
@@ -82,31 +127,99 @@ def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, l
     return {"summary": summary, "rows": rows, "videos": videos}
 
 
+def run_sweep(pipe, size: dict, guidance_scales, steps_list, shifts, seed_bases, batch: int, limit: int | None = None,
+              max_sequence_length: int = 128, scenes: str = "validation", on_row=None) -> list[dict]:
+    """Every (guidance, steps, shift) setting on the single-object captions of ``scenes``, caption ``i``
+    with seed ``base + i`` for each base in ``seed_bases`` (all bases in the same batches). A row per
+    setting: agreement per seed base and their mean, seconds (generation and scoring), the failures
+    (``"seed caption: found colour, direction"``) and a digest of the videos (equal digests: equal
+    videos). ``on_row(rows)`` is called after every setting."""
+    import hashlib
+    import itertools
+
+    from vdit_accel import toyvideo
+
+    items = [s for s, kind in scene_list(scenes) if kind == "single"][:limit]
+    jobs = [(base, i, s) for base in seed_bases for i, s in enumerate(items)]
+    rows = []
+    for guidance_scale, steps, shift in itertools.product(guidance_scales, steps_list, shifts):
+        t0 = time.perf_counter()
+        set_shift(pipe, shift)
+        videos = generate(pipe, [(s.caption, base + i) for base, i, s in jobs], size, steps, guidance_scale, batch,
+                          max_sequence_length)
+        ok = {base: [] for base in seed_bases}
+        bad, digest = [], hashlib.sha1()
+        for (base, i, scene), video in zip(jobs, videos):
+            digest.update(video.tobytes())
+            res = toyvideo.check_video(video, scene.caption)
+            ok[base].append(res["ok"])
+            if not res["ok"]:
+                o = res["objects"][0]
+                bad.append(f"{base + i} {scene.caption}: {o['found_colour']}, {o['found_direction']}")
+        agreement = {str(b): round(sum(v) / len(v), 3) for b, v in ok.items()}
+        rows.append({"guidance_scale": guidance_scale, "steps": steps, "shift": shift, "agreement": agreement,
+                     "mean": round(float(np.mean(list(agreement.values()))), 3),
+                     "seconds": round(time.perf_counter() - t0, 1), "failures": bad, "digest": digest.hexdigest()[:12]})
+        print(f"guidance {guidance_scale:g} steps {steps} shift {shift:g}: mean {rows[-1]['mean']:.3f} "
+              f"{agreement} {rows[-1]['seconds']} s", flush=True)
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     from vdit_accel.pipelines import trained
 
+    d = trained.TRAINED_DEFAULTS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", type=Path, default=None, help="weights directory (default: shipped in the package)")
     ap.add_argument("--size", nargs="+", choices=("default", "large"), default=["default"],
-                    help="default: 17x128x128 (1,280 tokens); large: 17x256x256 (5,120 tokens); both: one file")
+                    help="default: 17x128x128 (1,280 tokens); large: 17x256x256 (5,120 tokens); both: one file "
+                         "(--sweep: one size)")
     ap.add_argument("--frames", type=int, default=None, help="override the default size's frames (with --height, --width)")
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=trained.TRAINED_DEFAULTS.steps)
-    ap.add_argument("--guidance-scale", type=float, default=trained.GUIDANCE_SCALE)
+    ap.add_argument("--scenes", choices=("check", "validation"), default=None,
+                    help="check: toyvideo.check_scenes() (the criterion); validation: toyvideo.validation_scenes(), "
+                         "for choosing settings (default: validation with --sweep, check otherwise)")
+    ap.add_argument("--steps", type=int, nargs="+", default=None,
+                    help=f"denoising steps (default {d.steps}; --sweep: 20 30 50)")
+    ap.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, nargs="+", default=None,
+                    help=f"classifier-free guidance (default {trained.GUIDANCE_SCALE:g}; --sweep: 5 8 11 14)")
+    ap.add_argument("--shift", type=float, nargs="+", default=None,
+                    help=f"the flow-matching scheduler's shift at inference (default: the training's "
+                         f"{trained.SCHEDULER_SHIFT:g}; --sweep: 3 5 7)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="every combination of --guidance, --steps, --shift on every --seed-bases base; one JSON")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--batch", type=int, default=None, help="captions per pipeline call (default: 8 on cuda, 1 on cpu)")
+    ap.add_argument("--batch", type=int, default=None, help="captions per pipeline call (default: 20 on cuda, 1 on cpu)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N captions (quick runs)")
     ap.add_argument("--seed-base", type=int, default=1000,
-                    help="caption i is generated with seed seed-base + i; 1000 is the check, other bases (other noise, same "
-                         "captions) a validation set for choosing sampling settings")
+                    help="caption i is generated with seed seed-base + i; 1000 is the check")
+    ap.add_argument("--seed-bases", type=int, nargs="+", default=[5000, 6000],
+                    help="--sweep: the seed bases every setting is run on")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--require", type=float, default=None,
                     help="exit with status 1 if the agreement (at every size checked) is below this")
     args = ap.parse_args(argv)
+    scenes = args.scenes or ("validation" if args.sweep else "check")
+    if args.sweep:
+        grid = {"guidance_scale": args.guidance_scale or [5.0, 8.0, 11.0, 14.0], "steps": args.steps or [20, 30, 50],
+                "shift": args.shift or [3.0, 5.0, 7.0]}
+        if len(args.size) > 1:
+            ap.error("--sweep runs at one size: give one --size")
+        if args.require is not None:
+            ap.error("--require is for the check, not --sweep")
+    else:
+        for name in ("steps", "guidance_scale", "shift"):
+            if len(getattr(args, name) or [None]) > 1:
+                ap.error(f"several --{name.replace('_', '-')} values need --sweep")
+        steps = args.steps[0] if args.steps else d.steps
+        guidance_scale = args.guidance_scale[0] if args.guidance_scale else trained.GUIDANCE_SCALE
+        shift = args.shift[0] if args.shift else trained.SCHEDULER_SHIFT
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    d = trained.TRAINED_DEFAULTS
+    batch = args.batch or (20 if device == "cuda" else 1)
     sizes = {}
     for name in dict.fromkeys(args.size):
         size = dict(trained.LARGE_SIZE) if name == "large" else dict(num_frames=d.frames, height=d.height, width=d.width)
@@ -117,25 +230,55 @@ def main(argv: list[str] | None = None) -> dict:
         sizes[name] = size
     t0 = time.perf_counter()
     pipe = trained.build_trained_pipeline(args.weights).to(device)
-    results, videos = {}, []
-    for name, size in sizes.items():
-        t1 = time.perf_counter()
-        res = run_check(pipe, size, args.steps, args.guidance_scale, args.batch or (8 if device == "cuda" else 1),
-                        args.limit, d.max_sequence_length, args.seed_base)
-        results[name] = {"size": size, **res["summary"], "seconds": round(time.perf_counter() - t1, 1), "rows": res["rows"]}
-        videos += res["videos"]
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     tag = "cpu" if device == "cpu" else gpu.lower().replace(" ", "-")
     date = datetime.date.today()
-    first = results[next(iter(results))]
     doc = {"gpu": gpu, "date": date.isoformat(),
            "command": "python " + " ".join(["benchmarks/check_trained.py"] + (sys.argv[1:] if argv is None else list(argv))),
            "versions": {"torch": torch.__version__, "python": platform.python_version()},
-           "weights": str(args.weights or trained.WEIGHTS_DIR), "seed_base": args.seed_base, "steps": args.steps, "guidance_scale": args.guidance_scale,
-           "agreement": first["agreement"], "captions": first["captions"], "seconds": round(time.perf_counter() - t0, 1),
-           "results": results}
+           "weights": str(args.weights or trained.WEIGHTS_DIR), "scenes": scenes}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"check-trained-{tag}-{date:%Y%m%d}"
+
+    if args.sweep:
+        from vdit_accel import toyvideo
+
+        (name, size), = sizes.items()
+        items = [s for s, kind in scene_list(scenes) if kind == "single"][:args.limit]
+        truth = [toyvideo.check_video(toyvideo.render_frames(s, size["num_frames"], size["height"], size["width"]),
+                                      s.caption)["ok"] for s in items]
+        doc.update({"size": {"name": name, **size}, "seed_bases": args.seed_bases, "batch": batch, "grid": grid,
+                    "captions": [s.caption for s in items], "ground_truth_agreement": round(float(np.mean(truth)), 3),
+                    "training_shift": trained.SCHEDULER_SHIFT, "rows": []})
+        path = args.out_dir / f"sweep-trained-{scenes}-{tag}-{date:%Y%m%d}.json"
+
+        def write(rows):
+            doc["rows"] = rows
+            doc["seconds"] = round(time.perf_counter() - t0, 1)
+            path.write_text(json.dumps(doc, indent=1) + "\n")
+
+        run_sweep(pipe, size, grid["guidance_scale"], grid["steps"], grid["shift"], args.seed_bases, batch, args.limit,
+                  d.max_sequence_length, scenes, on_row=write)
+        print(f"\n{'mean':>5} " + " ".join(f"{b:>5}" for b in args.seed_bases) + "  guidance steps shift  seconds")
+        for r in sorted(doc["rows"], key=lambda r: (-r["mean"], r["steps"], r["seconds"])):
+            print(f"{r['mean']:5.3f} " + " ".join(f"{a:5.3f}" for a in r["agreement"].values())
+                  + f"  {r['guidance_scale']:8g} {r['steps']:5d} {r['shift']:5g}  {r['seconds']:7.1f}")
+        print(f"ground truth {doc['ground_truth_agreement']}; wrote {path}")
+        return doc
+
+    if shift != trained.SCHEDULER_SHIFT:
+        set_shift(pipe, shift)
+    results, videos = {}, []
+    for name, size in sizes.items():
+        t1 = time.perf_counter()
+        res = run_check(pipe, size, steps, guidance_scale, batch, args.limit, d.max_sequence_length, args.seed_base,
+                        scenes)
+        results[name] = {"size": size, **res["summary"], "seconds": round(time.perf_counter() - t1, 1), "rows": res["rows"]}
+        videos += res["videos"]
+    first = results[next(iter(results))]
+    doc.update({"seed_base": args.seed_base, "steps": steps, "guidance_scale": guidance_scale, "shift": shift,
+                "batch": batch, "agreement": first["agreement"], "captions": first["captions"],
+                "seconds": round(time.perf_counter() - t0, 1), "results": results})
+    stem = f"check-trained-{tag}-{date:%Y%m%d}" + ("-validation" if scenes == "validation" else "")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
     contact_sheet(videos, args.out_dir / f"{stem}.png")
     for name, r in results.items():

@@ -259,6 +259,34 @@ def test_check_script_runs(smoke, tmp_path):
     assert len(list(tmp_path.glob("check-trained-cpu-*.png"))) == 1
     with pytest.raises(SystemExit):
         mod.main(argv + ["--require", "1.01"])
+    doc = mod.main(argv + ["--scenes", "validation", "--shift", "5", "--guidance", "6"])
+    assert (doc["scenes"], doc["shift"], doc["guidance_scale"], doc["steps"]) == ("validation", 5.0, 6.0, 1)
+    assert [r["caption"] for r in doc["results"]["default"]["rows"]] == \
+        [s.caption for s in toyvideo.validation_scenes(3)]
+    assert len(list(tmp_path.glob("check-trained-cpu-*-validation.json"))) == 1
+    with pytest.raises(SystemExit):
+        mod.main(argv + ["--shift", "3", "5"])  # several values need --sweep
+
+
+def test_check_script_sweep(smoke, tmp_path):
+    """--sweep: one JSON (no PNG) with a row per (guidance, steps, shift) setting, the agreement per seed
+    base and their mean, on the validation captions by default; the shift reaches the scheduler (two
+    shifts, different videos; the same shift twice, the same videos)."""
+    out, _ = smoke
+    mod = _load("check_trained")
+    doc = mod.main(["--weights", str(out), "--frames", "5", "--height", "32", "--width", "32", "--limit", "2",
+                    "--sweep", "--steps", "3", "--guidance", "8", "--shift", "3", "7", "3", "--seed-bases", "5000", "6000",
+                    "--out-dir", str(tmp_path), "--device", "cpu"])
+    assert [p.name for p in tmp_path.iterdir()] == [f"sweep-trained-validation-cpu-{doc['date'].replace('-', '')}.json"]
+    assert json.loads(next(tmp_path.iterdir()).read_text()) == doc
+    assert doc["scenes"] == "validation" and doc["captions"] == [s.caption for s in toyvideo.validation_scenes(2)]
+    assert doc["ground_truth_agreement"] == 1.0 and doc["seed_bases"] == [5000, 6000]
+    rows = doc["rows"]
+    assert [(r["guidance_scale"], r["steps"], r["shift"]) for r in rows] == [(8.0, 3, 3.0), (8.0, 3, 7.0), (8.0, 3, 3.0)]
+    for r in rows:
+        assert set(r["agreement"]) == {"5000", "6000"} and r["mean"] == pytest.approx(np.mean(list(r["agreement"].values())), abs=1e-3)
+        assert r["seconds"] > 0 and len(r["failures"]) == round(4 * (1 - r["mean"]))
+    assert rows[0]["digest"] != rows[1]["digest"] and rows[0]["digest"] == rows[2]["digest"]
 
 
 def test_quality_script_runs(smoke, tmp_path, monkeypatch):
