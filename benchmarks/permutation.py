@@ -211,29 +211,36 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
             else:
                 qf, kf, vf = (P.gather_tokens(x, frame) for x in (q, k, v))
 
-                def per_call(spec, memory):
+                def per_call(spec, memory, attend=False):  # Q and the output move inside the kernel (q_index)
                     plan = P.plan_call(qf, kf, grid, [spec] * heads, None, BLOCK, None, memory)
-                    qq, kk, vv = plan.gather(qf, kf, vf)
-                    plan.block_mask(s, BLOCK)
-                    return plan, kk, vv, plan.scatter(qq)  # qq stands for the attention output (same shape)
+                    kk, vv = plan.gather_kv(kf, vf)
+                    bm = plan.block_mask(s, BLOCK)
+                    if attend:
+                        attention(qf, kk, vv, bm, q_index=plan.kernel_q_index(heads))
+                    return plan, kk, vv
 
+                pipelined = {}
                 for refresh in (4, 1):
                     spec, memory = P.validate_order(f"{order}:top_p={RECALL},refresh={refresh}"), {}
                     per_call(spec, memory)  # cold start (k-means from random rows), outside the timing
                     # ``refresh`` calls timed together (one re-plan, the plan reused in between): the mean per call
                     overhead = _bench(lambda: [per_call(spec, memory) for _ in range(refresh)], device) / refresh
+                    pipelined[refresh] = _bench(lambda: [per_call(spec, memory, True) for _ in range(refresh)],
+                                                device) / refresh
                     if refresh > 1:
                         row[f"overhead_ms_refresh{refresh}"] = round(overhead, 4)
                 plan = per_call(spec, memory)[0]
                 rbm = BlockMask.from_dense(plan.mask, s, BLOCK, BLOCK)
                 qq = qf if plan.q_index is None else P.gather_tokens(qf, plan.q_index)
                 kk, vv = P.gather_tokens(kf, plan.k_index), P.gather_tokens(vf, plan.k_index)
-                row["runtime_attn_ms"] = round(_bench(lambda: attention(qq, kk, vv, rbm), device), 4)
+                runtime_ms = _bench(lambda: attention(qq, kk, vv, rbm), device)
+                row["runtime_attn_ms"] = round(runtime_ms, 4)
                 row["runtime_density"] = round(rbm.density(), 5)
+                for refresh, ms in sorted(pipelined.items()):  # whole calls back to back, minus the attention
+                    row[f"overhead_pipelined_ms_refresh{refresh}"] = round(ms - runtime_ms, 4)
             if order != "raster":  # dense attention through this order's gathers equals the unpermuted one
                 dense = attention(q, k, v)
-                back = P.scatter_tokens(attention(*(P.gather_tokens(x, idx[None]) for x, idx in ((q, qp), (k, kp), (v, kp)))),
-                                        qp[None])
+                back = attention(q, P.gather_tokens(k, kp[None]), P.gather_tokens(v, kp[None]), q_index=qp[None])
                 row["dense_rel_diff"] = float((back.float() - dense.float()).norm() / dense.float().norm())
             row["overhead_ms"] = round(overhead, 4)
             row["ms"] = round(attn_ms + overhead, 4)
@@ -254,6 +261,24 @@ def _launches(fn, device) -> int | None:
         fn()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _kernel_ms(fn, device) -> float | None:
+    """GPU time of one call of ``fn``: the summed durations of the CUDA kernels it launches (torch.profiler),
+    i.e. its cost in a stream the CPU keeps ahead of the GPU; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+             for e in prof.key_averages())
+    return us / 5 / 1e3
 
 
 def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) -> list[dict]:
@@ -277,32 +302,44 @@ def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log
         def plan_only():
             return P.plan_call(q, k, grid, [spec] * heads, None, BLOCK, None, memory)
 
-        def moves():  # on a kept plan: gathers, the kernel's block mask (cached), the output back
-            qq, kk, vv = plan.gather(q, k, v)
-            plan.block_mask(s, BLOCK)
-            return plan.scatter(qq)
+        def moves():  # on a kept plan: K and V into the key order (Q and the output move inside the kernel)
+            return plan.gather_kv(k, v)
 
         bm = plan.block_mask(s, BLOCK)
-        qq, kk, vv = plan.gather(q, k, v)
+        qi = plan.kernel_q_index(heads)
+        kk, vv = plan.gather_kv(k, v)
+        qq = q if plan.q_index is None else P.gather_tokens(q, plan.q_index)
+        base_ms = _bench(lambda: attention(qq, kk, vv, bm), device)  # the sparse attention on moved tensors
         row = {"shape": f"{grid.t}x{grid.h}x{grid.w}", "impl": f"ours-perm-{order}", "heads": "clustered",
-               "runtime_density": round(bm.density(), 5),
-               "runtime_attn_ms": round(_bench(lambda: attention(qq, kk, vv, bm), device), 4),
-               "plan_ms": round(_bench(plan_only, device), 4), "moves_ms": round(_bench(moves, device), 4),
+               "runtime_density": round(bm.density(), 5), "runtime_attn_ms": round(base_ms, 4),
+               "attn_q_index_ms": round(_bench(lambda: attention(q, kk, vv, bm, q_index=qi), device), 4),
+               "plan_ms": round(_bench(plan_only, device), 4), "plan_gpu_ms": _kernel_ms(plan_only, device),
+               "moves_ms": round(_bench(moves, device), 4),
                "plan_launches": _launches(plan_only, device), "moves_launches": _launches(moves, device)}
-        moved = (3 if plan.q_index is not None else 2) * q.numel() * q.element_size() * 2  # read + write
+        if row["plan_gpu_ms"] is not None:
+            row["plan_gpu_ms"] = round(row["plan_gpu_ms"], 4)
+        moved = 2 * k.numel() * k.element_size() * 2  # k and v, read + write
         row["moves_gbps"] = round(moved / row["moves_ms"] / 1e6, 1)
         for refresh in (1, 2, 4, 8):
             spec_r, mem_r = P.validate_order(f"{order}:top_p={RECALL},refresh={refresh}"), {}
             P.plan_call(q, k, grid, [spec_r] * heads, None, BLOCK, None, mem_r)
 
-            def calls(spec_r=spec_r, mem_r=mem_r, refresh=refresh):
+            def calls(spec_r=spec_r, mem_r=mem_r, refresh=refresh, attend=True):
                 for _ in range(refresh):
                     pl = P.plan_call(q, k, grid, [spec_r] * heads, None, BLOCK, None, mem_r)
-                    a, b, c = pl.gather(q, k, v)
-                    pl.block_mask(s, BLOCK)
-                    pl.scatter(a)
+                    k2, v2 = pl.gather_kv(k, v)
+                    b2 = pl.block_mask(s, BLOCK)
+                    if attend:
+                        attention(q, k2, v2, b2, q_index=pl.kernel_q_index(heads))
 
-            row[f"overhead_ms_refresh{refresh}"] = round(_bench(calls, device) / refresh, 4)
+            # Whole calls back to back (as in a model: no host syncs, so the plan's launches overlap the GPU's
+            # work) minus the attention alone; and the plan + moves alone (launch-bound: the CPU's cost).
+            step = _bench(calls, device) / refresh
+            row[f"call_ms_refresh{refresh}"] = round(step, 4)
+            row[f"overhead_ms_refresh{refresh}"] = round(step - base_ms, 4)
+            row[f"overhead_frac_refresh{refresh}"] = round((step - base_ms) / base_ms, 4)
+            row[f"overhead_alone_ms_refresh{refresh}"] = round(
+                _bench(lambda: calls(attend=False), device) / refresh, 4)
         rows.append(row)
         log(json.dumps(row))
     return rows
@@ -318,6 +355,7 @@ def main(argv=None):
                     help="query blocks per head measured, evenly spread (default: all on a GPU, 64 on a CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--git-sha", default=None, help="recorded as versions.vdit_accel (default: git rev-parse)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -333,7 +371,7 @@ def main(argv=None):
         triton_version = None
     result = {"gpu": name, "date": today.isoformat(),
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + list(sys.argv[1:] if argv is None else argv)),
-              "versions": {"torch": torch.__version__, "triton": triton_version, "vdit_accel": git_sha()},
+              "versions": {"torch": torch.__version__, "triton": triton_version, "vdit_accel": args.git_sha or git_sha()},
               "block": BLOCK, "recall": RECALL, "rows": []}
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.smoke:

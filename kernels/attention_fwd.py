@@ -354,8 +354,8 @@ def _attn_fwd_pipelined(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Lse, KV_num, KV_idx, K_desc, V_desc, QScale, KScale, VScale, QMean,
-    stride_qb, stride_qs, stride_qh,
+    Q, K, V, Out, Lse, KV_num, KV_idx, K_desc, V_desc, QScale, KScale, VScale, QMean, QIdx,
+    stride_qb, stride_qs, stride_qh, stride_qib, stride_qih,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh,
@@ -367,7 +367,7 @@ def _attn_fwd(
     SPARSE: tl.constexpr, EVEN_N: tl.constexpr, RETURN_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     USE_TMA: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    PIPELINE_QK: tl.constexpr = False, EXP_POLY: tl.constexpr = 0,
+    PIPELINE_QK: tl.constexpr = False, EXP_POLY: tl.constexpr = 0, Q_INDEXED: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -383,6 +383,12 @@ def _attn_fwd(
     d_mask = offs_d < HEAD_DIM
 
     q_base = Q + b * stride_qb + h * stride_qh + start_m * stride_qs
+    if Q_INDEXED:  # tile row i is token QIdx[b, h, start_m + i]: its Q row is read and its output row written there
+        tok = tl.load(QIdx + b * stride_qib + h * stride_qih + offs_m, mask=row_mask, other=0).to(tl.int64)
+        q_rows_off = ((tok - start_m) * stride_qs)[:, None]
+    else:
+        tok = offs_m.to(tl.int64)
+        q_rows_off = offs_mt[:, None] * stride_qs
     bh = b * H + h
     q_rows = qk_scale  # QUANT: the per-row (int4) or per-tile Q scales; else unused
     q_mean = qk_scale
@@ -395,13 +401,13 @@ def _attn_fwd(
         q_mean = tl.load(QMean + (bh * (S_pad // BLOCK_M) + pid_m) * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
         KScale_bh = KScale + bh * S_pad
     elif QUANT > 0:  # fp8 / int8: Q's tile quantized here, one scale per tile (no pass over Q before)
-        q = tl.load(q_base + offs_mt[:, None] * stride_qs + offs_d[None, :],
+        q = tl.load(q_base + q_rows_off + offs_d[None, :],
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         q, q_tile_scale = _quantize_tile(q, QUANT, EMULATE_FP8)
         qk_scale = q_tile_scale * qk_scale
         KScale_bh = KScale + bh * (S_pad // BLOCK_N)
     else:
-        q_ptrs = q_base + offs_mt[:, None] * stride_qs + offs_d[None, :]
+        q_ptrs = q_base + q_rows_off + offs_d[None, :]
         q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     K_bh = K + b * stride_kb + h * stride_kh
     V_bh = V + b * stride_vb + h * stride_vh
@@ -458,8 +464,11 @@ def _attn_fwd(
         out = acc * v_scale[None, :] / l_safe[:, None]
     else:
         out = acc / l_safe[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + start_m * stride_os
-    o_ptrs += offs_mt[:, None] * stride_os + offs_d[None, :]
+    if Q_INDEXED:
+        o_ptrs = Out + b * stride_ob + h * stride_oh + tok[:, None] * stride_os + offs_d[None, :]
+    else:
+        o_ptrs = Out + b * stride_ob + h * stride_oh + start_m * stride_os
+        o_ptrs += offs_mt[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     if RETURN_LSE:
         LN2: tl.constexpr = 0.6931471805599453
@@ -467,7 +476,7 @@ def _attn_fwd(
             lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe) - LOG2_FP8_MAX) * LN2)
         else:
             lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-        tl.store(Lse + (b * H + h) * S + offs_m, lse, mask=row_mask)
+        tl.store(Lse + (b * H + h) * S + tok, lse, mask=row_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -783,7 +792,7 @@ def _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n
 
 
 def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128, mask_block_n=128,
-                  scale=None, return_lse=False, config=None, quant=None, out=None):
+                  scale=None, return_lse=False, config=None, quant=None, out=None, q_index=None):
     """q, k, v: (B, S, H, D) read through strides (no transposed/contiguous copies; last dim must have stride 1).
     Returns out (B, S, H, D) same dtype as q (contiguous), and lse float32 (B, H, S) natural-log log-sum-exp if return_lse.
 
@@ -807,6 +816,13 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             (``kernels/quantize.py``, recipes in ``vdit_accel/quant.py``) and run the quantized kernel.
         out: optional (B, S, H, D) tensor of q's dtype (any strides, last dim contiguous) to write into,
             e.g. a head slice of a bigger output.
+        q_index: optional int ``[Bi, H, S]`` (Bi 1 or B; int32 or int64, last dim contiguous), a
+            permutation of ``range(S)`` per (batch, head) (not checked: it would need a device sync):
+            query position ``i`` of the kernel is token ``q_index[b, h, i]`` — its Q row is read from
+            there and its output (and LSE) row written there. The block mask's query blocks are
+            positions in that order, and k, v must already be in the key order; the output stays in
+            q's own order. This replaces gathering Q into the order and scattering the output back
+            (two passes over (B, S, H, D)). With int4, Q is gathered first (its scales are per tile).
     """
     _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n)
     if quant is not None and quant not in _QUANT_IDS:
@@ -817,6 +833,16 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last dim")
     sparse = kv_num_blocks is not None
     bsz, s, h, d = q.shape
+    if q_index is not None:
+        if (not isinstance(q_index, torch.Tensor) or q_index.dim() != 3 or q_index.shape[0] not in (1, bsz)
+                or tuple(q_index.shape[1:]) != (h, s) or q_index.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"q_index must be an int32/int64 tensor [1 or {bsz}, {h}, {s}], got "
+                             f"{tuple(q_index.shape) if isinstance(q_index, torch.Tensor) else type(q_index).__name__}"
+                             f"{' ' + str(q_index.dtype) if isinstance(q_index, torch.Tensor) else ''}")
+        if q_index.device != q.device:
+            raise ValueError(f"q_index is on {q_index.device} but q is on {q.device}")
+        if q_index.stride(2) != 1:
+            q_index = q_index.contiguous()
     if config is None:
         cfg = default_config(d, q.device, q.dtype, quant)
         if sparse:
@@ -869,6 +895,10 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
     q_scale = k_scale = v_scale = q_mean = out  # unused pointers unless quant
     s_pad, stride_vd = s, 1
     q_orig = q
+    if quant == "int4" and q_index is not None:  # Q's per-tile scales need Q in the kernel's order first
+        rows = (torch.arange(bsz, device=q.device).view(bsz, 1, 1) * s + q_index.long()) * h \
+            + torch.arange(h, device=q.device).view(1, h, 1)
+        q = q.reshape(bsz * s * h, d).index_select(0, rows.transpose(1, 2).reshape(-1)).view(bsz, s, h, d)
     if quant is not None:
         from .quantize import quantize_qkv
 
@@ -894,8 +924,9 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _attn_fwd[grid](
             q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
-            q_scale, k_scale, v_scale, q_mean,
+            q_scale, k_scale, v_scale, q_mean, out if q_index is None else q_index,
             q.stride(0), q.stride(1), q.stride(2),
+            *((0, 0) if q_index is None else (0 if q_index.shape[0] == 1 else q_index.stride(0), q_index.stride(1))),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), stride_vd,
             out.stride(0), out.stride(1), out.stride(2),
@@ -908,6 +939,7 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
             USE_TMA=bool(cfg.get("tma", False)), QUANT=_QUANT_IDS.get(quant, 0), EMULATE_FP8=_interpreting(),
             PIPELINE_QK=bool(cfg.get("pipeline_qk", False)), EXP_POLY=int(cfg.get("exp_poly", 0)),
+            Q_INDEXED=q_index is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     if return_lse and quant is not None and qz["k_mean"] is not None:

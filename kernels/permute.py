@@ -32,20 +32,32 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 @triton.jit
-def _kmeans_assign_kernel(X, C, LABELS, SUMS, COUNTS, N, K, ROWS, H,
+def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K, ROWS, H,
                           sx_b, sx_h, sx_n, sx_d, sc_g, sc_k,
                           D: tl.constexpr, K_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          STORE_LABELS: tl.constexpr, WITH_SUMS: tl.constexpr):
+                          STORE_LABELS: tl.constexpr, WITH_SUMS: tl.constexpr, FROM_SUMS: tl.constexpr = False,
+                          CHUNK_COUNTS: tl.constexpr = False):
     """Program (row chunk, problem g = b * H + h): labels of rows [chunk * ROWS, ...), and its clusters' counts
-    (and row sums) added atomically into COUNTS [G, K] (SUMS [G, K, D]) float32."""
+    (and row sums) added atomically into COUNTS [G, K] (SUMS [G, K, D]) float32.
+
+    FROM_SUMS: the centroids are first one Lloyd update of C from the previous pass's PSUMS [G, K, D] /
+    PCOUNTS [G, K] (``sums / counts``; empty clusters keep C's), written to COUT [G, K, D] by chunk 0.
+    CHUNK_COUNTS: each chunk's counts go to COUNTS [G, chunks, K] (no atomics; what the placement reads)."""
     pid, g = tl.program_id(0), tl.program_id(1)
     xg = (g // H).to(tl.int64) * sx_b + (g % H).to(tl.int64) * sx_h
     offs_k = tl.arange(0, K_PAD)
     offs_d = tl.arange(0, D_PAD)
     kmask = offs_k < K
     dmask = offs_d < D
-    c = tl.load(C + g * sc_g + offs_k[:, None] * sc_k + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+    kd_mask = kmask[:, None] & dmask[None, :]
+    c = tl.load(C + g * sc_g + offs_k[:, None] * sc_k + offs_d[None, :], mask=kd_mask, other=0.0)
     c = c.to(tl.float32)
+    if FROM_SUMS:
+        ps = tl.load(PSUMS + (g * K + offs_k[:, None]) * D + offs_d[None, :], mask=kd_mask, other=0.0)
+        pc = tl.load(PCOUNTS + g * K + offs_k, mask=kmask, other=0.0)
+        c = tl.where(pc[:, None] > 0, tl.math.div_rn(ps, tl.maximum(pc, 1.0)[:, None]), c)
+        if pid == 0:
+            tl.store(COUT + (g * K + offs_k[:, None]) * D + offs_d[None, :], c, mask=kd_mask)
     bias = tl.where(kmask, -0.5 * tl.sum(c * c, 1), float("-inf"))  # -|c|^2 / 2; padded centroids never win
     c_lp = c.to(X.dtype.element_ty)
     cnt = tl.zeros([K_PAD], dtype=tl.float32)
@@ -65,7 +77,10 @@ def _kmeans_assign_kernel(X, C, LABELS, SUMS, COUNTS, N, K, ROWS, H,
         cnt += tl.sum(onehot.to(tl.float32), 0)
         if WITH_SUMS:
             acc += tl.dot(tl.trans(onehot.to(x.dtype)), x)
-    tl.atomic_add(COUNTS + g * K + offs_k, cnt, mask=kmask)
+    if CHUNK_COUNTS:
+        tl.store(COUNTS + (g * tl.num_programs(0) + pid) * K + offs_k, cnt, mask=kmask)
+    else:
+        tl.atomic_add(COUNTS + g * K + offs_k, cnt, mask=kmask)
     if WITH_SUMS:
         tl.atomic_add(SUMS + g * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=kmask[:, None] & dmask[None, :])
 
@@ -90,11 +105,101 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
     labels = torch.empty(g, n, device=x.device, dtype=torch.int32) if store_labels else counts
     rows_per_program = max(block_n, rows_per_program // block_n * block_n)
     grid = (triton.cdiv(n, rows_per_program), g)
-    _kmeans_assign_kernel[grid](x, c, labels, sums, counts, n, k, rows_per_program, hx,
+    _kmeans_assign_kernel[grid](x, c, c, c, c, labels, sums, counts, n, k, rows_per_program, hx,
                                 x.stride(0), x.stride(1), x.stride(2), x.stride(3), c.stride(0), c.stride(1),
                                 D=d, K_PAD=_pow2(k), D_PAD=_pow2(d), BLOCK_N=block_n,
                                 STORE_LABELS=store_labels, WITH_SUMS=with_sums, num_warps=num_warps)
     return (labels if store_labels else None), counts, (sums if with_sums else None)
+
+
+@triton.jit
+def _cluster_place_kernel(LABELS, CCOUNTS, PERM, BOUNDS, N, K, ROWS, VS, S, CHUNKS,
+                          K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, TEXT_BLOCK: tl.constexpr):
+    """Program (row chunk, problem g): the positions of rows [chunk * ROWS, ...) when the N video rows are
+    sorted by label, stably (a counting sort: cluster c starts after the rows of clusters < c; a row
+    after the rows of its cluster in earlier chunks and earlier in its own chunk). PERM [G, S] int64
+    gets ``VS + row`` at ``VS + position``; text positions [0, VS) and [VS + N, S) keep their token.
+    Chunk 0 writes BOUNDS [G, K + 1] (``VS +`` each cluster's start, then ``VS + N``)."""
+    pid, g = tl.program_id(0), tl.program_id(1)
+    offs_k = tl.arange(0, K_PAD)
+    kmask = offs_k < K
+    total = tl.zeros([K_PAD], dtype=tl.float32)
+    before = tl.zeros([K_PAD], dtype=tl.float32)
+    for ch in range(0, CHUNKS):
+        cnt = tl.load(CCOUNTS + (g * CHUNKS + ch) * K + offs_k, mask=kmask, other=0.0)
+        total += cnt
+        before += tl.where(ch < pid, cnt, 0.0)
+    total_i = total.to(tl.int32)
+    start = tl.cumsum(total_i, 0) - total_i
+    perm_g = PERM + g.to(tl.int64) * S
+    if pid == 0:
+        tl.store(BOUNDS + g * (K + 1) + offs_k, (VS + start).to(tl.int64), mask=kmask)
+        tl.store(BOUNDS + g * (K + 1) + K, (VS + N).to(tl.int64))
+        for t0 in range(0, VS, TEXT_BLOCK):
+            t = t0 + tl.arange(0, TEXT_BLOCK)
+            tl.store(perm_g + t, t.to(tl.int64), mask=t < VS)
+        for t0 in range(VS + N, S, TEXT_BLOCK):
+            t = t0 + tl.arange(0, TEXT_BLOCK)
+            tl.store(perm_g + t, t.to(tl.int64), mask=t < S)
+    offset = VS + start + before.to(tl.int32)  # where this chunk's next row of each cluster goes
+    row0 = pid * ROWS
+    row1 = tl.minimum(row0 + ROWS, N)
+    for r0 in range(row0, row1, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        rmask = rows < row1
+        lab = tl.load(LABELS + g * N + rows, mask=rmask, other=-1)
+        onehot = (lab[:, None] == offs_k[None, :]).to(tl.int32)
+        rank = tl.sum((tl.cumsum(onehot, 0) - onehot) * onehot, 1)  # earlier rows of its cluster in this tile
+        pos = tl.sum(onehot * offset[None, :], 1) + rank
+        tl.store(perm_g + pos, (rows + VS).to(tl.int64), mask=rmask)
+        offset += tl.sum(onehot, 0)
+
+
+def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_step: int, video_start: int,
+                         seq_len: int, rows_per_program: int = 1024, block_n: int = 64, num_warps: int = 8):
+    """The semantic order of every problem in ``2 + 2 * iters`` launches: ``iters`` Lloyd updates of the
+    centroids ``c`` ``[G, K, D]`` (float32) on every ``sample_step``-th row of ``x`` ``[B, H, N, D]`` (the
+    video rows, any strides), then every row assigned to the updated centroids, then the rows placed in
+    cluster order (stable). Returns ``(perm int64 [G, seq_len], bounds int64 [G, K + 1], centroids float32
+    [G, K, D])``: position ``i`` holds token ``perm[g, i]`` (video tokens are ``video_start + row``; the
+    other positions hold their own token), cluster ``c`` spans ``[bounds[c], bounds[c + 1])``. The same
+    as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`) up to the float32 summation order
+    of the centroid updates."""
+    bx, hx, n, d = x.shape
+    g, k = bx * hx, c.shape[1]
+    if c.shape != (g, k, d):
+        raise ValueError(f"kmeans_cluster_order: centroids {tuple(c.shape)} do not match rows {tuple(x.shape)}")
+    if k > MAX_CLUSTERS:
+        raise ValueError(f"kmeans_cluster_order handles up to {MAX_CLUSTERS} centroids, got {k}")
+    dev = x.device
+    c = c.float().contiguous()
+    kw = dict(D=d, K_PAD=_pow2(k), D_PAD=_pow2(d), BLOCK_N=block_n, num_warps=num_warps)
+    rows_per_program = max(block_n, rows_per_program // block_n * block_n)
+    xs = x[:, :, ::sample_step] if sample_step > 1 else x
+    prev = None  # (sums, counts) of the last pass: the next pass's centroids are their update of c
+    for _ in range(iters):
+        buf = torch.zeros(g * k * (d + 1), device=dev, dtype=torch.float32)
+        sums, counts = buf[: g * k * d].view(g, k, d), buf[g * k * d:].view(g, k)
+        cout = c if prev is None else torch.empty_like(c)
+        ns = xs.shape[2]
+        _kmeans_assign_kernel[(triton.cdiv(ns, rows_per_program), g)](
+            xs, c, *(prev or (c, c)), cout, counts, sums, counts, ns, k, rows_per_program, hx,
+            xs.stride(0), xs.stride(1), xs.stride(2), xs.stride(3), c.stride(0), c.stride(1),
+            STORE_LABELS=False, WITH_SUMS=True, FROM_SUMS=prev is not None, **kw)
+        c, prev = cout, (sums, counts)
+    chunks = triton.cdiv(n, rows_per_program)
+    labels = torch.empty(g, n, device=dev, dtype=torch.int32)
+    ccounts = torch.empty(g, chunks, k, device=dev, dtype=torch.float32)
+    cout = c if prev is None else torch.empty_like(c)
+    _kmeans_assign_kernel[(chunks, g)](
+        x, c, *(prev or (c, c)), cout, labels, ccounts, ccounts, n, k, rows_per_program, hx,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3), c.stride(0), c.stride(1),
+        STORE_LABELS=True, WITH_SUMS=False, FROM_SUMS=prev is not None, CHUNK_COUNTS=True, **kw)
+    perm = torch.empty(g, seq_len, device=dev, dtype=torch.int64)
+    bounds = torch.empty(g, k + 1, device=dev, dtype=torch.int64)
+    _cluster_place_kernel[(chunks, g)](labels, ccounts, perm, bounds, n, k, rows_per_program, video_start, seq_len,
+                                       chunks, K_PAD=_pow2(k), BLOCK_N=block_n, TEXT_BLOCK=256, num_warps=4)
+    return perm, bounds, cout
 
 
 @triton.jit
@@ -146,15 +251,18 @@ def gather_rows(xs: list[torch.Tensor], idx: torch.Tensor, block_s: int = 64, nu
 
 
 @triton.jit
-def _semantic_mask_kernel(QC, KC, QB, KB, MASK, KQ, KK, MB, NB, qk_scale, top_p,
+def _semantic_mask_kernel(QC, KC, QB, KB, MASK, NUM, IDX, KQ, KK, MB, NB, qk_scale, top_p,
                           TM0, TM1, TN0, TN1,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KQ_PAD: tl.constexpr,
-                          KK_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr):
+                          KK_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr,
+                          WRITE_CSR: tl.constexpr = False):
     """Program (query block m, problem g): row m of the block mask of problem g. The query clusters that
     meet block m are the index range [c0, c1) (bounds are sorted); each one's key clusters are kept by
     decreasing share of ``softmax(qk_scale * q_c . k_c + log |k_c|)`` up to ``top_p`` of it (ties: lower
     index first, as a stable sort); key block n is set iff some kept key cluster meets it. Rows
-    [TM0, TM1) and columns [TN0, TN1) (text) are set whole."""
+    [TM0, TM1) and columns [TN0, TN1) (text) are set whole. WRITE_CSR: also the kernel's block lists,
+    NUM [G, MB] int32 (blocks set) and IDX [G, MB, NB] int32 (the set blocks ascending, then the others
+    ascending: ``BlockMask.from_dense``'s layout)."""
     m, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     start = m * BLOCK_M
     offs_q = tl.arange(0, KQ_PAD)
@@ -189,29 +297,53 @@ def _semantic_mask_kernel(QC, KC, QB, KB, MASK, KQ, KK, MB, NB, qk_scale, top_p,
         kept = kept | keep.to(tl.int32)
     row_all = (m >= TM0) & (m < TM1)
     live = (kept > 0) & (khi > klo)
+    n_hit = tl.full([], 0, tl.int32)
     for n0 in range(0, NB, BLOCK_NB):
         offs_n = n0 + tl.arange(0, BLOCK_NB)
-        meet = live[None, :] & (klo[None, :] < (offs_n[:, None] + 1) * BLOCK_N) & (khi[None, :] > offs_n[:, None] * BLOCK_N)
-        hit = (tl.max(meet.to(tl.int32), 1) > 0) | ((offs_n >= TN0) & (offs_n < TN1)) | row_all
+        hit = _semantic_hits(offs_n, live, klo, khi, BLOCK_N, TN0, TN1, row_all)
         tl.store(MASK + (g * MB + m) * NB + offs_n, hit.to(tl.uint8), mask=offs_n < NB)
+        n_hit += tl.sum((hit & (offs_n < NB)).to(tl.int32), 0)
+    if WRITE_CSR:
+        tl.store(NUM + g * MB + m, n_hit)
+        hits_before = tl.full([], 0, tl.int32)
+        for n0 in range(0, NB, BLOCK_NB):
+            offs_n = n0 + tl.arange(0, BLOCK_NB)
+            inside = offs_n < NB
+            hit = (_semantic_hits(offs_n, live, klo, khi, BLOCK_N, TN0, TN1, row_all) & inside).to(tl.int32)
+            first = hits_before + tl.cumsum(hit, 0) - hit  # among the set blocks
+            rest = n_hit + (n0 - hits_before) + tl.cumsum(1 - hit, 0) - (1 - hit)  # after them
+            tl.store(IDX + (g * MB + m) * NB + tl.where(hit > 0, first, rest), offs_n, mask=inside)
+            hits_before += tl.sum(hit, 0)
+
+
+@triton.jit
+def _semantic_hits(offs_n, live, klo, khi, BLOCK_N: tl.constexpr, TN0, TN1, row_all):
+    """Key blocks ``offs_n`` that some kept key cluster meets, text columns, or all (a text row)."""
+    meet = live[None, :] & (klo[None, :] < (offs_n[:, None] + 1) * BLOCK_N) & (khi[None, :] > offs_n[:, None] * BLOCK_N)
+    return (tl.max(meet.to(tl.int32), 1) > 0) | ((offs_n >= TN0) & (offs_n < TN1)) | row_all
 
 
 def semantic_block_mask(q_centroids: torch.Tensor, k_centroids: torch.Tensor, q_bounds: torch.Tensor,
                         k_bounds: torch.Tensor, seq_len: int, top_p: float, scale: float, block_m: int = 128,
                         block_n: int = 128, text_rows: tuple[int, int] = (0, 0), text_cols: tuple[int, int] = (0, 0),
-                        num_warps: int = 8) -> torch.Tensor:
+                        num_warps: int = 8, csr: bool = False):
     """Bool ``[..., Mb, Nb]`` block mask of a semantic plan: centroids ``[..., K, D]`` float32, cluster
     bounds ``[..., K + 1]`` (sorted positions; cluster c spans ``[bounds[c], bounds[c + 1])``), at most
-    ``MAX_CLUSTERS`` a side. ``text_rows`` / ``text_cols``: block ranges set whole. One launch."""
+    ``MAX_CLUSTERS`` a side. ``text_rows`` / ``text_cols``: block ranges set whole. One launch.
+    ``csr``: return ``(mask, kv_num_blocks int32 [..., Mb], kv_indices int32 [..., Mb, Nb])``, the
+    attention kernel's block lists written by the same launch (``BlockMask.from_dense``'s layout)."""
     lead, (kq, d), kk = q_centroids.shape[:-2], q_centroids.shape[-2:], k_centroids.shape[-2]
     if max(kq, kk) > MAX_CLUSTERS:
         raise ValueError(f"semantic_block_mask handles up to {MAX_CLUSTERS} clusters a side, got {kq} and {kk}")
     g = q_centroids[..., 0, 0].numel()
     mb, nb = triton.cdiv(seq_len, block_m), triton.cdiv(seq_len, block_n)
-    out = torch.empty(*lead, mb, nb, dtype=torch.uint8, device=q_centroids.device)
+    dev = q_centroids.device
+    out = torch.empty(*lead, mb, nb, dtype=torch.uint8, device=dev)
+    num = torch.empty(*lead, mb, dtype=torch.int32, device=dev) if csr else out
+    idx = torch.empty(*lead, mb, nb, dtype=torch.int32, device=dev) if csr else out
     _semantic_mask_kernel[(mb, g)](q_centroids.float().contiguous(), k_centroids.float().contiguous(),
-                                   q_bounds.contiguous(), k_bounds.contiguous(), out, kq, kk, mb, nb, scale, top_p,
-                                   *text_rows, *text_cols, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                                   q_bounds.contiguous(), k_bounds.contiguous(), out, num, idx, kq, kk, mb, nb, scale,
+                                   top_p, *text_rows, *text_cols, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
                                    KQ_PAD=_pow2(kq), KK_PAD=_pow2(kk), BLOCK_D=min(32, _pow2(d)),
-                                   BLOCK_NB=min(64, _pow2(nb)), num_warps=num_warps)
-    return out.view(torch.bool)
+                                   BLOCK_NB=min(64, _pow2(nb)), WRITE_CSR=csr, num_warps=num_warps)
+    return (out.view(torch.bool), num, idx) if csr else out.view(torch.bool)

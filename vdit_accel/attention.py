@@ -30,6 +30,7 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     quant=None,
+    q_index: torch.Tensor | None = None,
 ):
     """Non-causal softmax attention, dense or block-sparse, optionally quantized.
 
@@ -42,6 +43,11 @@ def attention(
         quant: ``None`` (fp16/bf16 throughout), a mode of :data:`vdit_accel.quant.QUANT_MODES`
             (``"fp8"``, ``"int8"``, ``"int4"``) for every head, or a sequence of H modes (``None``
             entries unquantized): runs of heads with one mode each go to one kernel launch.
+        q_index: int ``[B or 1, H, S]``, a permutation of the tokens per (batch, head): the kernel's
+            query position ``i`` is token ``q_index[b, h, i]`` (the block mask's query blocks are
+            positions in that order; k and v must already be in the key order). The output stays in
+            q's order: on CUDA the kernel reads Q rows and writes output rows through the index, so
+            neither moves (a token order's query gather and output scatter, for free).
 
     Returns:
         ``out`` ``(B, S, H, D)`` in q's dtype; plus ``lse`` when asked.
@@ -60,9 +66,23 @@ def attention(
         )
     if block_mask is not None and block_mask.device != q.device:
         block_mask = block_mask.to(q.device)
+    if q_index is not None and (q_index.dim() != 3 or q_index.shape[0] not in (1, q.shape[0])
+                                or tuple(q_index.shape[1:]) != (q.shape[2], q.shape[1]) or q_index.is_floating_point()):
+        raise ValueError(f"q_index must be an int tensor [1 or B, H, S] = [.., {q.shape[2]}, {q.shape[1]}], "
+                         f"got {tuple(q_index.shape)} {q_index.dtype}")
     runs = head_runs(quant, q.shape[2])
+    if q_index is not None and not _use_triton(q):  # the PyTorch paths: gather Q, scatter the output
+        rows = _flat_rows(q_index, q.shape)
+        b, s, h, d = q.shape
+        qg = q.reshape(b * s * h, d).index_select(0, rows).view(b, s, h, d)
+        res = attention(qg, k, v, block_mask, scale=scale, return_lse=return_lse, quant=quant)
+        o, lse = res if return_lse else (res, None)
+        out = torch.empty_like(o).view(b * s * h, d).index_copy_(0, rows, o.reshape(b * s * h, d)).view(b, s, h, d)
+        if return_lse:
+            lse = torch.empty_like(lse).scatter_(2, q_index.long().expand(b, h, s), lse)
+        return (out, lse) if return_lse else out
     if len(runs) > 1 or runs[0][2] is not None:
-        return _attention_runs(q, k, v, block_mask, scale, return_lse, runs)
+        return _attention_runs(q, k, v, block_mask, scale, return_lse, runs, q_index)
     if _use_triton(q):
         from .kernels import attention_fwd
 
@@ -75,7 +95,7 @@ def attention(
                 mask_block_n=block_mask.block_n,
             )
         config = "autotune" if os.environ.get("VDIT_AUTOTUNE") == "1" else None
-        return attention_fwd(q, k, v, scale=scale, return_lse=return_lse, config=config, **kw)
+        return attention_fwd(q, k, v, scale=scale, return_lse=return_lse, config=config, q_index=q_index, **kw)
     if return_lse:
         return reference_attention(q, k, v, block_mask, scale=scale, return_lse=True, compute_dtype=torch.float32)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -107,7 +127,15 @@ def head_runs(quant, num_heads: int) -> list[tuple[int, int, str | None]]:
     return runs
 
 
-def _attention_runs(q, k, v, block_mask, scale, return_lse, runs):
+def _flat_rows(q_index: torch.Tensor, shape) -> torch.Tensor:
+    """Rows of ``x.reshape(B * S * H, D)`` that ``x`` in the ``q_index`` order reads, position-major."""
+    b, s, h, _ = shape
+    idx = q_index.long().expand(b, h, s)
+    rows = (torch.arange(b, device=idx.device).view(b, 1, 1) * s + idx) * h + torch.arange(h, device=idx.device).view(1, h, 1)
+    return rows.transpose(1, 2).reshape(-1)
+
+
+def _attention_runs(q, k, v, block_mask, scale, return_lse, runs, q_index=None):
     """Each run of heads with its own mode, written into one output."""
     b, s, h, d = q.shape
     out = torch.empty((b, s, h, d), dtype=q.dtype, device=q.device)
@@ -115,8 +143,9 @@ def _attention_runs(q, k, v, block_mask, scale, return_lse, runs):
     for h0, h1, mode in runs:
         sub = None if block_mask is None else block_mask.head_slice(h0, h1)
         qs, ks, vs = q[:, :, h0:h1], k[:, :, h0:h1], v[:, :, h0:h1]
+        qi = None if q_index is None else q_index[:, h0:h1]
         if mode is None:
-            res = attention(qs, ks, vs, sub, scale=scale, return_lse=return_lse)
+            res = attention(qs, ks, vs, sub, scale=scale, return_lse=return_lse, q_index=qi)
         elif _use_triton(q):
             from .kernels import attention_fwd
 
@@ -126,7 +155,7 @@ def _attention_runs(q, k, v, block_mask, scale, return_lse, runs):
                           mask_block_m=sub.block_m, mask_block_n=sub.block_n)
             config = "autotune" if os.environ.get("VDIT_AUTOTUNE") == "1" else None
             res = attention_fwd(qs, ks, vs, scale=scale, return_lse=return_lse, config=config, quant=mode,
-                                out=None if return_lse else out[:, :, h0:h1], **kw)
+                                out=None if return_lse else out[:, :, h0:h1], q_index=qi, **kw)
         else:
             res = _simulated(qs, ks, vs, sub, scale, mode, return_lse)
         if return_lse:

@@ -399,18 +399,20 @@ def _kmeans(x, k, iters, init, sample, seed=0):
         raise ValueError(f"k-means needs 1 <= k <= rows; got k={k} for {n} rows")
     x4 = _as_4d(x)
     g = x4.shape[0] * x4.shape[1]
-    if init is None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        rows = torch.randperm(n, generator=gen)[:k].to(x.device)
-        c = x4.index_select(2, rows).reshape(g, k, d).float()
-    else:
-        c = init.reshape(g, k, d).float()
+    c = _init_centroids(x4, k, seed) if init is None else init.reshape(g, k, d).float()
     xs = x4 if sample is None or sample >= n else x4[:, :, :: cdiv(n, sample)]  # a strided view: no copy
     for _ in range(iters):
         _, counts, sums = _assign_stats(xs, c, with_sums=True, store_labels=False)
         c = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1.0)[..., None], c)
     labels, counts, _ = _assign_stats(x4, c, with_sums=False)
     return labels.view(*lead, n), c.view(*lead, k, d), counts.view(*lead, k)
+
+
+def _init_centroids(x4: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """Cold start: ``k`` rows of ``x4`` ``[B, H, N, D]`` drawn at random (seeded), float32 ``[B * H, k, D]``."""
+    b, h, n, d = x4.shape
+    rows = torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed))[:k].to(x4.device)
+    return x4.index_select(2, rows).reshape(b * h, k, d).float()
 
 
 def default_clusters(grid: VideoGrid, block: int) -> tuple[int, int]:
@@ -438,9 +440,21 @@ class SemanticPlan:
 
 
 def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, sample):
-    """x [B, S, H, D] -> (perm [B, H, S], bounds [B, H, k + 1], centroids [B, H, k, D])."""
+    """x [B, S, H, D] -> (perm [B, H, S], bounds [B, H, k + 1], centroids [B, H, k, D]).
+
+    On the GPU: :func:`vdit_accel.kernels.permute.kmeans_cluster_order` (the
+    updates, the assignment and a stable counting sort in ``2 + 2 iters`` launches); else this path."""
     vs, vl = grid.video_start, grid.video_len
     xv = x[:, vs : vs + vl].transpose(1, 2)  # [B, H, V, D], a view
+    if _fast(x):
+        from .kernels.permute import MAX_CLUSTERS, kmeans_cluster_order
+
+        if 1 <= k <= min(MAX_CLUSTERS, vl):
+            b, h = xv.shape[:2]
+            c = _init_centroids(xv, k) if init is None else init.reshape(b * h, k, -1)
+            step = cdiv(vl, sample) if sample is not None and sample < vl else 1
+            perm, bounds, cent = kmeans_cluster_order(xv, c, iters, step, vs, grid.seq_len)
+            return perm.view(b, h, -1), bounds.view(b, h, -1), cent.view(b, h, k, -1)
     labels, cent, counts = _kmeans(xv, k, iters, init, sample)
     video = torch.sort(labels, dim=-1, stable=True).indices
     if vs:
@@ -485,20 +499,27 @@ def top_p_keep(weights: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def semantic_block_mask(plan: SemanticPlan, grid: VideoGrid, top_p: float, block_m: int = 128, block_n: int = 128,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, lists: bool = False):
     """Bool ``[B, H, Mb, Nb]``: the key blocks of each query block under a semantic plan (see the module
     docstring): key clusters by estimated attention share up to ``top_p``, per query cluster; text rows
     and columns dense. ``scale``: the softmax scale (default ``1 / sqrt(D)``). On the GPU one Triton
     launch (:func:`vdit_accel.kernels.permute.semantic_block_mask`, up to ``MAX_CLUSTERS`` a side); this
-    PyTorch path (about 40 small ops) is the reference."""
+    PyTorch path (about 40 small ops) is the reference. ``lists``: return ``(mask, block_mask)``, the
+    kernel's :class:`~vdit_accel.block_mask.BlockMask` written by the same launch on the GPU (None here)."""
     d = plan.q_centroids.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if _fast(plan.q_centroids):
         from .kernels.permute import MAX_CLUSTERS, semantic_block_mask as fused
 
         if max(plan.q_centroids.shape[-2], plan.k_centroids.shape[-2]) <= MAX_CLUSTERS:
-            return fused(plan.q_centroids, plan.k_centroids, plan.q_bounds, plan.k_bounds, grid.seq_len, top_p, scale,
-                         block_m, block_n, _text_blocks(grid, block_m), _text_blocks(grid, block_n))
+            out = fused(plan.q_centroids, plan.k_centroids, plan.q_bounds, plan.k_bounds, grid.seq_len, top_p, scale,
+                        block_m, block_n, _text_blocks(grid, block_m), _text_blocks(grid, block_n), csr=lists)
+            if not lists:
+                return out
+            from .block_mask import BlockMask
+
+            mask, num, idx = out
+            return mask, BlockMask(num, idx, grid.seq_len, block_m, block_n)
     sizes = (plan.k_bounds[..., 1:] - plan.k_bounds[..., :-1]).float()  # [B, H, Kk]
     logits = scale * plan.q_centroids @ plan.k_centroids.transpose(-1, -2) + sizes.log()[..., None, :]
     share = torch.softmax(logits, -1).nan_to_num(0.0)  # [B, H, Kq, Kk]
@@ -508,7 +529,7 @@ def semantic_block_mask(plan: SemanticPlan, grid: VideoGrid, top_p: float, block
     b = _block_overlap(plan.k_bounds, block_n, cdiv(s, block_n))  # [B, H, Nb, Kk]
     mask = (a @ keep @ b.transpose(-1, -2)) > 0
     _dense_text(mask, grid, None, block_m, block_n)
-    return mask
+    return (mask, None) if lists else mask
 
 
 # -------------------------------------------------------------------------------------------------
@@ -674,14 +695,28 @@ class CallPlan:
     _q_inv: torch.Tensor | None = None
 
     def block_mask(self, seq_len: int, block: int):
-        """The kernel's :class:`~vdit_accel.block_mask.BlockMask` of ``mask`` (None when dense); cached."""
+        """The kernel's :class:`~vdit_accel.block_mask.BlockMask` of ``mask`` (None when dense); cached
+        (or given: the semantic plan's kernel writes it with the mask)."""
         from .block_mask import BlockMask
 
         if self.mask is None:
             return None
-        if self._bm is None or self._bm.seq_len != seq_len:
+        if self._bm is None or self._bm.seq_len != seq_len or self._bm.block_m != block:
             self._bm = BlockMask.from_dense(self.mask, seq_len, block, block)
         return self._bm
+
+    def kernel_q_index(self, heads: int) -> torch.Tensor | None:
+        """``q_index`` as :func:`vdit_accel.attention` takes it (``[B or 1, H, S]``; a shared ``[S]`` order
+        as a broadcast view): the kernel reads Q and writes the output through it, so neither moves."""
+        if self.q_index is None or self.q_index.dim() == 3:
+            return self.q_index
+        return self.q_index.view(1, 1, -1).expand(1, heads, -1)
+
+    def gather_kv(self, k: torch.Tensor, v: torch.Tensor):
+        """k and v moved into the key order (one launch on the GPU)."""
+        if self.k_index is None:
+            return k, v
+        return tuple(gather_tokens_many([k, v], self.k_index))
 
     def q_inverse(self) -> torch.Tensor | None:
         """The inverse of a per-head ``q_index`` (the output goes back by a gather with it); cached."""
@@ -695,8 +730,7 @@ class CallPlan:
         """q, k, v moved into the plan's orders: at most two launches on the GPU (q; k and v together)."""
         if self.q_index is not None:
             q = gather_tokens(q, self.q_index)
-        if self.k_index is not None:
-            k, v = gather_tokens_many([k, v], self.k_index)
+        k, v = self.gather_kv(k, v)
         return q, k, v
 
     def scatter(self, out: torch.Tensor) -> torch.Tensor:
@@ -741,9 +775,9 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
         o = orders[heads[0]]
         plan_key = ("plan", key, tuple(heads), b, grid)
         cached = memory.get(plan_key)
-        if cached is not None and cached[3] < o["refresh"] - 1:  # reuse the last plan (refresh > 1)
-            cached[3] += 1
-            qp, kp, rows = cached[:3]
+        if cached is not None and cached[4] < o["refresh"] - 1:  # reuse the last plan (refresh > 1)
+            cached[4] += 1
+            qp, kp, rows, lists = cached[:4]
         else:
             replanned = True
             if len(heads) == h:
@@ -761,15 +795,15 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
                 init = memory.get(mem_key)
                 plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], init)
                 memory[mem_key] = (plan.q_centroids, plan.k_centroids)
-                rows = semantic_block_mask(plan, grid, o["top_p"], block, block, scale)
+                rows, lists = semantic_block_mask(plan, grid, o["top_p"], block, block, scale, lists=True)
                 qp, kp = plan.q_perm, plan.k_perm
             else:  # segment
                 size = o["size"] or 8 * block
                 kp, rows = segment_plan(qs, ks, grid, size, o["top_p"], block, block, scale)
-                qp = None
-            memory[plan_key] = [qp, kp, rows, 0]
+                qp, lists = None, None
+            memory[plan_key] = [qp, kp, rows, lists, 0]
         if len(heads) == h:  # one dynamic order covers every head: no per-head assembly
-            return _cached_call(memory, ("call", order_key(frame), b, grid), replanned, lambda: CallPlan(qp, kp, rows))
+            return _cached_call(memory, ("call", order_key(frame), b, grid), replanned, lambda: CallPlan(qp, kp, rows, lists))
         for j, hi in enumerate(heads):
             dyn_rows[hi] = rows[:, j]
             k_dyn[hi] = kp[:, j]
@@ -816,10 +850,10 @@ def _cached_call(memory: dict, key: tuple, replanned: bool, build) -> CallPlan:
 
 def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, block: int, attend,
                    scale: float | None = None) -> torch.Tensor:
-    """Run one call under ``plan``: gather Q by ``q_index`` and K, V by ``k_index``, attend through
-    ``attend(q, k, v, kv_num_blocks, kv_indices, block, scale)`` (None, None = dense), scatter the output
-    back. The output is in the order q arrived in."""
-    q, k, v = plan.gather(q, k, v)
+    """Run one call under ``plan``: K, V gathered by ``k_index``, then ``attend(q, k, v, kv_num_blocks,
+    kv_indices, block, scale, q_index)`` (None, None = dense), which reads Q and writes the output
+    through ``q_index`` (:func:`vdit_accel.attention`'s ``q_index``). The output is in the order q arrived in."""
+    k, v = plan.gather_kv(k, v)
     bm = plan.block_mask(q.shape[1], block)
     num, idx = (None, None) if bm is None else (bm.kv_num_blocks, bm.kv_indices)
-    return plan.scatter(attend(q, k, v, num, idx, block, scale))
+    return attend(q, k, v, num, idx, block, scale, plan.kernel_q_index(q.shape[2]))

@@ -15,9 +15,16 @@ def _coords(perm, grid):
     return v // (grid.h * grid.w), (v // grid.w) % grid.h, v % grid.w
 
 
-def _attend(q, k, v, num, idx, block, scale):
+def _attend(q, k, v, num, idx, block, scale, q_index=None):
+    """The reference in float64, with ``vdit_accel.attention``'s ``q_index`` contract: query position i
+    is token q_index[b, h, i]; the output comes back in q's own order."""
     mask = None if num is None else BlockMask(num, idx, q.shape[1], block, block)
-    return reference_attention(q, k, v, mask, scale)
+    if q_index is None:
+        return reference_attention(q, k, v, mask, scale)
+    b, s, h, _ = q.shape
+    idx_q = q_index.expand(b, h, s).transpose(1, 2)[..., None].expand(b, s, h, q.shape[-1])  # [B, S, H, D]
+    out = reference_attention(q.gather(1, idx_q), k, v, mask, scale)
+    return torch.empty_like(out).scatter_(1, idx_q, out)
 
 
 @pytest.mark.parametrize("grid", [VideoGrid(3, 5, 7), VideoGrid(4, 6, 10, text_len=9, text_at="prefix"),

@@ -39,13 +39,14 @@ def _attention(quant, sparse, tma=False, **flags):
     v = "*fp8e4nv" if quant else "*bf16"
     types = {"Q": q, "K": k, "V": v, "Out": "*bf16", "Lse": "*fp32", "KV_num": "*i32", "KV_idx": "*i32",
              "K_desc": k, "V_desc": v, "QScale": "*fp32", "KScale": "*fp32", "VScale": "*fp32", "QMean": "*fp32",
-             "qk_scale": "fp32"}
+             "QIdx": "*i32", "qk_scale": "fp32"}
     if tma:  # host-side descriptors, one box per load (the launcher's shapes: quantized (B, H, S_pad, D) K, (B, H, D, S_pad) V)
         types["K_desc"] = f"tensordesc<{k[1:]}[1,1,128,128]>" if quant else "tensordesc<bf16[1,128,1,128]>"
         types["V_desc"] = f"tensordesc<{v[1:]}[1,1,128,128]>" if quant else "tensordesc<bf16[1,128,1,128]>"
     consts = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=128, HEAD_DIM=96 if not tma else 128, MASK_BLOCK_M=128,
                   MASK_BLOCK_N=128, SPARSE=sparse, EVEN_N=False, RETURN_LSE=True, INPUT_PRECISION=None,
-                  WARP_SPECIALIZE=False, USE_TMA=tma, QUANT=quant, EMULATE_FP8=False, **flags)
+                  WARP_SPECIALIZE=False, USE_TMA=tma, QUANT=quant, EMULATE_FP8=False)
+    consts.update(dict(PIPELINE_QK=False, EXP_POLY=0, Q_INDEXED=False), **flags)  # defaults too: else a runtime i32
     return [AT, "_attn_fwd", types, consts]
 
 
@@ -54,6 +55,9 @@ VARIANTS = [_attention(0, False), _attention(0, True), _attention(1, False), _at
 # The speed variants (config keys pipeline_qk, exp_poly), as the GPU sweep runs them (benchmarks/quant_sweep.py).
 VARIANTS += [_attention(1, False, tma=True, PIPELINE_QK=True, EXP_POLY=2), _attention(1, True, tma=True, EXP_POLY=1),
              _attention(2, True, PIPELINE_QK=True, EXP_POLY=4), _attention(0, False, tma=True, PIPELINE_QK=True, EXP_POLY=2)]
+# Queries read and outputs written through a token index (q_index), as the semantic order runs it.
+VARIANTS += [_attention(0, True, tma=True, Q_INDEXED=True), _attention(1, True, tma=True, Q_INDEXED=True),
+             _attention(3, True, Q_INDEXED=True)]
 VARIANTS += [
     [QZ, "_kv_stats_kernel", {"K": "*bf16", "V": "*bf16", "Part": "*fp32"}, dict(CHUNK=1024, ROWS=32, BLOCK_D=128, HEAD_DIM=96)],
     *[[QZ, "_kv_quantize_kernel",

@@ -12,7 +12,8 @@ pytest.importorskip("triton")
 
 from vdit_accel import permutation as P  # noqa: E402
 from vdit_accel.grid import VideoGrid  # noqa: E402
-from vdit_accel.kernels.permute import gather_rows, kmeans_assign, semantic_block_mask  # noqa: E402
+from vdit_accel.block_mask import BlockMask  # noqa: E402
+from vdit_accel.kernels.permute import gather_rows, kmeans_assign, kmeans_cluster_order, semantic_block_mask  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype,d,k", [(torch.float32, 32, 5), (torch.float16, 24, 17), (torch.float32, 64, 40)])
@@ -83,6 +84,36 @@ def test_semantic_block_mask_kernel_matches_torch(grid, kq, kk, d, bm, bn):
                                   top_p, scale, bm, bn, P._text_blocks(grid, bm), P._text_blocks(grid, bn))
         assert got.dtype == torch.bool and torch.equal(got, ref), (top_p, (got != ref).sum())
         assert 0 < ref.float().mean() < (1.01 if top_p == 1.0 else 1)
+        # the kernel's block lists, written by the same launch, are BlockMask.from_dense's
+        got2, num, idx = semantic_block_mask(plan.q_centroids, plan.k_centroids, plan.q_bounds, plan.k_bounds,
+                                             grid.seq_len, top_p, scale, bm, bn, P._text_blocks(grid, bm),
+                                             P._text_blocks(grid, bn), csr=True)
+        want = BlockMask.from_dense(ref, grid.seq_len, bm, bn)
+        assert torch.equal(got2, ref) and torch.equal(num, want.kv_num_blocks) and torch.equal(idx, want.kv_indices)
+
+
+@pytest.mark.parametrize("grid,k,iters,step", [
+    (VideoGrid(3, 7, 11, text_len=9, text_at="prefix"), 13, 1, 2),
+    (VideoGrid(2, 9, 13, text_len=21, text_at="suffix"), 40, 2, 1),
+    (VideoGrid(5, 5, 7), 5, 0, 1),
+])
+def test_kmeans_cluster_order_matches_torch(grid, k, iters, step):
+    """Updates, assignment and the stable counting sort across several row chunks equal the PyTorch
+    path (torch.sort by label, stable; bounds from the counts; text in place) on clustered rows."""
+    g = torch.Generator().manual_seed(k + iters)
+    b, h, d = 2, 2, 32
+    s, vs, vl = grid.seq_len, grid.video_start, grid.video_len
+    centers = torch.randn(k, d, generator=g) * 4
+    x = centers[torch.randint(0, k, (b, s, h), generator=g)] + 0.3 * torch.randn(b, s, h, d, generator=g)
+    xv = x[:, vs : vs + vl].transpose(1, 2)
+    c0 = x[:, vs : vs + k].transpose(1, 2).reshape(b * h, k, d) + 0.1
+    perm, bounds, cent = kmeans_cluster_order(xv, c0, iters, step, vs, s, rows_per_program=64, block_n=16)
+    labels, ref_c, counts = P._kmeans(xv, k, iters, c0.view(b, h, k, d), -(-vl // step) if step > 1 else None)
+    ref_perm = P._with_text(torch.sort(labels, dim=-1, stable=True).indices.reshape(b * h, vl) + vs, grid)
+    ref_bounds = torch.nn.functional.pad(counts.reshape(b * h, k).long().cumsum(-1), (1, 0)) + vs
+    torch.testing.assert_close(cent, ref_c.reshape(b * h, k, d), rtol=1e-5, atol=1e-5)
+    assert torch.equal(bounds, ref_bounds) and torch.equal(perm, ref_perm)
+    assert torch.equal(perm.sort(-1).values, torch.arange(s).expand(b * h, s))  # a permutation
 
 
 def test_plans_through_the_kernels_match_the_torch_path(monkeypatch):
@@ -129,14 +160,24 @@ def test_kernels_compile_for_sm90():
     _COMPILE = sm90._COMPILE
 
     mod = "vdit_accel.kernels.permute"
-    km = {"X": "*bf16", "C": "*fp32", "LABELS": "*i32", "SUMS": "*fp32", "COUNTS": "*fp32"}
-    variants = [[mod, "_kmeans_assign_kernel", km, dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_N=64, STORE_LABELS=lab, WITH_SUMS=sums)]
-                for d, kp, dp, lab, sums in ((128, 64, 128, False, True), (128, 128, 128, True, False), (96, 128, 128, True, True))]
+    km = {"X": "*bf16", "C": "*fp32", "PSUMS": "*fp32", "PCOUNTS": "*fp32", "COUT": "*fp32", "LABELS": "*i32",
+          "SUMS": "*fp32", "COUNTS": "*fp32"}
+    variants = [[mod, "_kmeans_assign_kernel", km, dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_N=64, STORE_LABELS=lab, WITH_SUMS=sums,
+                                                        FROM_SUMS=upd, CHUNK_COUNTS=chunk)]
+                for d, kp, dp, lab, sums, upd, chunk in ((128, 64, 128, False, True, False, False),
+                                                         (128, 128, 128, True, False, False, False),
+                                                         (96, 128, 128, True, True, False, False),
+                                                         (128, 128, 128, False, True, True, False),
+                                                         (128, 256, 128, True, False, True, True))]
+    variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "CCOUNTS": "*fp32", "PERM": "*i64", "BOUNDS": "*i64"},
+                  dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256)] for kp in (64, 256)]
     gr = {n: "*bf16" for n in ("X0", "Y0", "X1", "Y1", "X2", "Y2")} | {"IDX": "*i64"}
     variants += [[mod, "_gather_rows_kernel", gr, dict(D=128, D_PAD=128, BLOCK_S=64, N_TENSORS=n)] for n in (1, 2)]
-    sm = {"QC": "*fp32", "KC": "*fp32", "QB": "*i64", "KB": "*i64", "MASK": "*u8", "qk_scale": "fp32", "top_p": "fp32"}
+    sm = {"QC": "*fp32", "KC": "*fp32", "QB": "*i64", "KB": "*i64", "MASK": "*u8", "NUM": "*i32", "IDX": "*i32",
+          "qk_scale": "fp32", "top_p": "fp32"}
     variants += [[mod, "_semantic_mask_kernel", sm, dict(D=128, BLOCK_M=128, BLOCK_N=128, KQ_PAD=kq, KK_PAD=kk, BLOCK_D=32,
-                                                         BLOCK_NB=64)] for kq, kk in ((64, 128), (256, 256))]
+                                                         BLOCK_NB=64, WRITE_CSR=csr)]
+                 for kq, kk, csr in ((64, 128, True), (256, 256, False))]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(variants)], capture_output=True, text=True, env=env,
                           timeout=600)
