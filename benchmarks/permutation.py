@@ -276,9 +276,11 @@ def _kernel_ms(fn, device) -> float | None:
         for _ in range(5):
             fn()
         torch.cuda.synchronize()
-    us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-             for e in prof.key_averages())
-    return us / 5 / 1e3
+    per = {e.key: (e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total) / 5 / 1e3
+           for e in prof.key_averages()}
+    per = {k: v for k, v in per.items() if v > 0}
+    _kernel_ms.last = {k[:60]: round(v, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:8]}
+    return sum(per.values())
 
 
 def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) -> list[dict]:
@@ -318,6 +320,7 @@ def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log
                "plan_launches": _launches(plan_only, device), "moves_launches": _launches(moves, device)}
         if row["plan_gpu_ms"] is not None:
             row["plan_gpu_ms"] = round(row["plan_gpu_ms"], 4)
+            row["plan_kernels_ms"] = _kernel_ms.last  # the plan's GPU time by kernel (the 8 largest)
         moved = 2 * k.numel() * k.element_size() * 2  # k and v, read + write
         row["moves_gbps"] = round(moved / row["moves_ms"] / 1e6, 1)
         for refresh in (1, 2, 4, 8):

@@ -12,9 +12,13 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
   and never writes the ``[G, N, K]`` scores.
 - :func:`gather_rows`: ``out[b, i, h] = x[b, idx[b, h, i], h]`` for up to three tensors sharing one index
   (k and v) in one launch, from any strides into any strides.
-- :func:`semantic_block_mask`: the semantic plan's block mask in one launch — centroid scores, softmax,
-  top-p of the key clusters of every query cluster, and the clusters' overlap with the blocks (the
-  ~40 small ops of the PyTorch path, :func:`vdit_accel.permutation.semantic_block_mask`).
+- :func:`kmeans_cluster_order`: the warm semantic order of every problem — Lloyd updates on a sample
+  of rows, the assignment of every row, and a stable counting sort of the rows by cluster — in
+  ``2 + 2 iters`` launches (the update of the centroids is folded into the next pass's kernel).
+- :func:`semantic_block_mask`: the semantic plan's block mask in two launches — centroid scores, softmax
+  and top-p of the key clusters of every query cluster (once per query cluster), then the clusters'
+  overlap with the blocks and (``csr``) the attention kernel's block lists (the ~40 small ops of the
+  PyTorch path, :func:`vdit_accel.permutation.semantic_block_mask`).
 """
 
 from __future__ import annotations
@@ -156,7 +160,8 @@ def _cluster_place_kernel(LABELS, CCOUNTS, PERM, BOUNDS, N, K, ROWS, VS, S, CHUN
 
 
 def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_step: int, video_start: int,
-                         seq_len: int, rows_per_program: int = 1024, block_n: int = 64, num_warps: int = 8):
+                         seq_len: int, rows_per_program: int = 1024, block_n: int = 64, num_warps: int = 8,
+                         update_rows: int | None = None):
     """The semantic order of every problem in ``2 + 2 * iters`` launches: ``iters`` Lloyd updates of the
     centroids ``c`` ``[G, K, D]`` (float32) on every ``sample_step``-th row of ``x`` ``[B, H, N, D]`` (the
     video rows, any strides), then every row assigned to the updated centroids, then the rows placed in
@@ -164,7 +169,8 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     [G, K, D])``: position ``i`` holds token ``perm[g, i]`` (video tokens are ``video_start + row``; the
     other positions hold their own token), cluster ``c`` spans ``[bounds[c], bounds[c + 1])``. The same
     as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`) up to the float32 summation order
-    of the centroid updates."""
+    of the centroid updates. ``rows_per_program`` / ``update_rows``: rows per program of the assignment
+    (and placement) / of the update passes (default the same)."""
     bx, hx, n, d = x.shape
     g, k = bx * hx, c.shape[1]
     if c.shape != (g, k, d):
@@ -182,8 +188,9 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
         sums, counts = buf[: g * k * d].view(g, k, d), buf[g * k * d:].view(g, k)
         cout = c if prev is None else torch.empty_like(c)
         ns = xs.shape[2]
-        _kmeans_assign_kernel[(triton.cdiv(ns, rows_per_program), g)](
-            xs, c, *(prev or (c, c)), cout, counts, sums, counts, ns, k, rows_per_program, hx,
+        urows = max(block_n, (update_rows or rows_per_program) // block_n * block_n)
+        _kmeans_assign_kernel[(triton.cdiv(ns, urows), g)](
+            xs, c, *(prev or (c, c)), cout, counts, sums, counts, ns, k, urows, hx,
             xs.stride(0), xs.stride(1), xs.stride(2), xs.stride(3), c.stride(0), c.stride(1),
             STORE_LABELS=False, WITH_SUMS=True, FROM_SUMS=prev is not None, **kw)
         c, prev = cout, (sums, counts)
@@ -251,18 +258,48 @@ def gather_rows(xs: list[torch.Tensor], idx: torch.Tensor, block_s: int = 64, nu
 
 
 @triton.jit
-def _semantic_mask_kernel(QC, KC, QB, KB, MASK, NUM, IDX, KQ, KK, MB, NB, qk_scale, top_p,
+def _semantic_keep_kernel(QC, KC, QB, KB, KEEP, KQ, KK, qk_scale, top_p,
+                          D: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (query cluster cq, problem g): KEEP[g, cq, :] (uint8 [G, KQ, KK]) = the key clusters kept
+    for it: by decreasing share of ``softmax(qk_scale * q_c . k_c + log |k_c|)`` up to ``top_p`` of it
+    (ties: lower index first, as a stable sort); nothing for an empty query cluster."""
+    cq, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_k = tl.arange(0, KK_PAD)
+    kmask = offs_k < KK
+    klo = tl.load(KB + g * (KK + 1) + offs_k, mask=kmask, other=0)
+    khi = tl.load(KB + g * (KK + 1) + offs_k + 1, mask=kmask, other=0)
+    log_size = tl.where(kmask & (khi > klo), tl.log(tl.maximum(khi - klo, 1).to(tl.float32)), float("-inf"))
+    lo = tl.load(QB + g * (KQ + 1) + cq)
+    hi = tl.load(QB + g * (KQ + 1) + cq + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    dots = tl.zeros([KK_PAD], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dm = d0 + offs_d < D
+        qc = tl.load(QC + (g * KQ + cq) * D + d0 + offs_d, mask=dm, other=0.0)
+        kc = tl.load(KC + (g * KK + offs_k[:, None]) * D + d0 + offs_d[None, :], mask=kmask[:, None] & dm[None, :],
+                     other=0.0)
+        dots += tl.sum(kc * (qk_scale * qc)[None, :], 1)
+    logits = dots + log_size
+    e = tl.exp(logits - tl.max(logits, 0))
+    share = e / tl.sum(e, 0)  # 0 for empty and padded key clusters
+    # Mass before each entry in decreasing order (ties: the lower index first).
+    first = (share[:, None] > share[None, :]) | ((share[:, None] == share[None, :]) & (offs_k[:, None] < offs_k[None, :]))
+    before = tl.sum(tl.where(first, share[:, None], 0.0), 0)
+    keep = (before < top_p * tl.sum(share, 0)) & (share > 0) & (hi > lo)
+    tl.store(KEEP + (g * KQ + cq) * KK + offs_k, keep.to(tl.uint8), mask=kmask)
+
+
+@triton.jit
+def _semantic_mask_kernel(KEEP, QB, KB, MASK, NUM, IDX, KQ, KK, MB, NB,
                           TM0, TM1, TN0, TN1,
-                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KQ_PAD: tl.constexpr,
-                          KK_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr,
-                          WRITE_CSR: tl.constexpr = False):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KQ_PAD: tl.constexpr,
+                          KK_PAD: tl.constexpr, BLOCK_NB: tl.constexpr, WRITE_CSR: tl.constexpr = False):
     """Program (query block m, problem g): row m of the block mask of problem g. The query clusters that
-    meet block m are the index range [c0, c1) (bounds are sorted); each one's key clusters are kept by
-    decreasing share of ``softmax(qk_scale * q_c . k_c + log |k_c|)`` up to ``top_p`` of it (ties: lower
-    index first, as a stable sort); key block n is set iff some kept key cluster meets it. Rows
-    [TM0, TM1) and columns [TN0, TN1) (text) are set whole. WRITE_CSR: also the kernel's block lists,
-    NUM [G, MB] int32 (blocks set) and IDX [G, MB, NB] int32 (the set blocks ascending, then the others
-    ascending: ``BlockMask.from_dense``'s layout)."""
+    meet block m are the index range [c0, c1) (bounds are sorted); key block n is set iff some key cluster
+    kept for one of them (KEEP, :func:`_semantic_keep_kernel`) meets it. Rows [TM0, TM1) and columns
+    [TN0, TN1) (text) are set whole. WRITE_CSR: also the kernel's block lists, NUM [G, MB] int32 (blocks
+    set) and IDX [G, MB, NB] int32 (the set blocks ascending, then the others ascending:
+    ``BlockMask.from_dense``'s layout)."""
     m, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     start = m * BLOCK_M
     offs_q = tl.arange(0, KQ_PAD)
@@ -274,27 +311,9 @@ def _semantic_mask_kernel(QC, KC, QB, KB, MASK, NUM, IDX, KQ, KK, MB, NB, qk_sca
     kmask = offs_k < KK
     klo = tl.load(KB + g * (KK + 1) + offs_k, mask=kmask, other=0)
     khi = tl.load(KB + g * (KK + 1) + offs_k + 1, mask=kmask, other=0)
-    log_size = tl.where(kmask & (khi > klo), tl.log(tl.maximum(khi - klo, 1).to(tl.float32)), float("-inf"))
-    offs_d = tl.arange(0, BLOCK_D)
     kept = tl.zeros([KK_PAD], dtype=tl.int32)
     for cq in range(c0, c1):
-        lo = tl.load(QB + g * (KQ + 1) + cq)
-        hi = tl.load(QB + g * (KQ + 1) + cq + 1)
-        dots = tl.zeros([KK_PAD], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dm = d0 + offs_d < D
-            qc = tl.load(QC + (g * KQ + cq) * D + d0 + offs_d, mask=dm, other=0.0)
-            kc = tl.load(KC + (g * KK + offs_k[:, None]) * D + d0 + offs_d[None, :], mask=kmask[:, None] & dm[None, :],
-                         other=0.0)
-            dots += tl.sum(kc * (qk_scale * qc)[None, :], 1)
-        logits = dots + log_size
-        e = tl.exp(logits - tl.max(logits, 0))
-        share = e / tl.sum(e, 0)  # 0 for empty and padded key clusters
-        # Mass before each entry in decreasing order (ties: the lower index first).
-        first = (share[:, None] > share[None, :]) | ((share[:, None] == share[None, :]) & (offs_k[:, None] < offs_k[None, :]))
-        before = tl.sum(tl.where(first, share[:, None], 0.0), 0)
-        keep = (before < top_p * tl.sum(share, 0)) & (share > 0) & (hi > lo)
-        kept = kept | keep.to(tl.int32)
+        kept = kept | tl.load(KEEP + (g * KQ + cq) * KK + offs_k, mask=kmask, other=0).to(tl.int32)
     row_all = (m >= TM0) & (m < TM1)
     live = (kept > 0) & (khi > klo)
     n_hit = tl.full([], 0, tl.int32)
@@ -329,7 +348,8 @@ def semantic_block_mask(q_centroids: torch.Tensor, k_centroids: torch.Tensor, q_
                         num_warps: int = 8, csr: bool = False):
     """Bool ``[..., Mb, Nb]`` block mask of a semantic plan: centroids ``[..., K, D]`` float32, cluster
     bounds ``[..., K + 1]`` (sorted positions; cluster c spans ``[bounds[c], bounds[c + 1])``), at most
-    ``MAX_CLUSTERS`` a side. ``text_rows`` / ``text_cols``: block ranges set whole. One launch.
+    ``MAX_CLUSTERS`` a side. ``text_rows`` / ``text_cols``: block ranges set whole. Two launches: the key
+    clusters kept per query cluster (once each), then the rows of the mask.
     ``csr``: return ``(mask, kv_num_blocks int32 [..., Mb], kv_indices int32 [..., Mb, Nb])``, the
     attention kernel's block lists written by the same launch (``BlockMask.from_dense``'s layout)."""
     lead, (kq, d), kk = q_centroids.shape[:-2], q_centroids.shape[-2:], k_centroids.shape[-2]
@@ -338,12 +358,15 @@ def semantic_block_mask(q_centroids: torch.Tensor, k_centroids: torch.Tensor, q_
     g = q_centroids[..., 0, 0].numel()
     mb, nb = triton.cdiv(seq_len, block_m), triton.cdiv(seq_len, block_n)
     dev = q_centroids.device
+    qb, kb = q_bounds.contiguous(), k_bounds.contiguous()
+    keep = torch.empty(g, kq, kk, dtype=torch.uint8, device=dev)
+    _semantic_keep_kernel[(kq, g)](q_centroids.float().contiguous(), k_centroids.float().contiguous(), qb, kb, keep,
+                                   kq, kk, scale, top_p, D=d, KK_PAD=_pow2(kk), BLOCK_D=min(32, _pow2(d)),
+                                   num_warps=num_warps)
     out = torch.empty(*lead, mb, nb, dtype=torch.uint8, device=dev)
     num = torch.empty(*lead, mb, dtype=torch.int32, device=dev) if csr else out
     idx = torch.empty(*lead, mb, nb, dtype=torch.int32, device=dev) if csr else out
-    _semantic_mask_kernel[(mb, g)](q_centroids.float().contiguous(), k_centroids.float().contiguous(),
-                                   q_bounds.contiguous(), k_bounds.contiguous(), out, num, idx, kq, kk, mb, nb, scale,
-                                   top_p, *text_rows, *text_cols, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                                   KQ_PAD=_pow2(kq), KK_PAD=_pow2(kk), BLOCK_D=min(32, _pow2(d)),
-                                   BLOCK_NB=min(64, _pow2(nb)), WRITE_CSR=csr, num_warps=num_warps)
+    _semantic_mask_kernel[(mb, g)](keep, qb, kb, out, num, idx, kq, kk, mb, nb, *text_rows, *text_cols,
+                                   BLOCK_M=block_m, BLOCK_N=block_n, KQ_PAD=_pow2(kq), KK_PAD=_pow2(kk),
+                                   BLOCK_NB=min(64, _pow2(nb)), WRITE_CSR=csr, num_warps=4)
     return (out.view(torch.bool), num, idx) if csr else out.view(torch.bool)

@@ -27,6 +27,7 @@ def vdit_attention(
     block_n: int,
     scale: float | None,
     quant: str = "",
+    q_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Non-causal attention over ``(B, S, H, D)`` q, k, v; a contiguous ``(B, S, H, D)`` out in q's dtype.
 
@@ -35,11 +36,13 @@ def vdit_attention(
     ``(block_m, block_n)``; pass both as ``None`` for dense attention (block sizes then unused).
     ``quant``: ``""`` (unquantized), one mode for every head, or one per head joined by commas (an
     empty entry: that head unquantized) — a string, so a compiled graph specialises per mode pattern.
+    ``q_index``: int ``[B or 1, H, S]``, the queries' token order (see :func:`vdit_accel.attention`); the
+    output stays in q's order.
     """
     if (kv_num_blocks is None) != (kv_indices is None):
         raise ValueError("vdit::attention takes kv_num_blocks and kv_indices together (both None = dense)")
     mask = None if kv_num_blocks is None else BlockMask(kv_num_blocks, kv_indices, q.shape[1], block_m, block_n)
-    return attention(q, k, v, mask, scale=scale, quant=decode_quant(quant)).contiguous()
+    return attention(q, k, v, mask, scale=scale, quant=decode_quant(quant), q_index=q_index).contiguous()
 
 
 def encode_quant(modes) -> str:
@@ -59,5 +62,5 @@ def decode_quant(quant: str):
 
 
 @vdit_attention.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale, quant=""):
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale, quant="", q_index=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)

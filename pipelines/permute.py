@@ -29,9 +29,10 @@ Two places, chosen per transformer forward and per layer:
   (FirstBlockCache, MagCache, ...), which keep block outputs across steps, stay consistent.
 - **Per call** (:func:`vdit_accel.permutation.plan_call`): heads whose order differs from the frame — a
   ``tiled`` head on another model, a ``raster`` head in a tiled frame, every ``semantic`` and ``segment``
-  head — gather their q (and k, v) rows into their own order inside the attention call and scatter the
-  output back (``segment``: keys only, no scatter). Semantic heads keep their k-means centroids per layer
-  between calls (warm start).
+  head — gather their k and v rows into their own key order (one launch) inside the attention call; their
+  queries never move: the kernel reads each Q row and writes its output row through the query order
+  (``q_index`` of :func:`vdit_accel.attention`; ``segment`` has no query order). Semantic heads keep their
+  k-means centroids per layer between calls (warm start).
 
 Not supported (clear errors): orders under context parallelism (the frame would permute a sharded
 sequence), and attention observers (the search) while a frame is active (they expect raster order).
@@ -273,12 +274,12 @@ class OrderRuntime:
                                 query.device, heads)
                 static = self._static[(layer, grid, str(query.device), heads)]
         plan = plan_call(query, key, grid, orders, frame, block, static, self.memory.setdefault(layer, {}), scale)
-        query, key, value = plan.gather(query, key, value)
+        key, value = plan.gather_kv(key, value)  # Q is read and the output written through q_index in the kernel
         if dynamic:
             bm = plan.block_mask(query.shape[1], block)
             kv_num_blocks, kv_indices = bm.kv_num_blocks, bm.kv_indices
-        out = vdit_attention(query, key, value, kv_num_blocks, kv_indices, block, block, scale, quant)
-        return plan.scatter(out)
+        return vdit_attention(query, key, value, kv_num_blocks, kv_indices, block, block, scale, quant,
+                              plan.kernel_q_index(query.shape[2]))
 
 
 _ORDER_MASKS: dict[tuple, torch.Tensor] = {}

@@ -502,10 +502,10 @@ def semantic_block_mask(plan: SemanticPlan, grid: VideoGrid, top_p: float, block
                         scale: float | None = None, lists: bool = False):
     """Bool ``[B, H, Mb, Nb]``: the key blocks of each query block under a semantic plan (see the module
     docstring): key clusters by estimated attention share up to ``top_p``, per query cluster; text rows
-    and columns dense. ``scale``: the softmax scale (default ``1 / sqrt(D)``). On the GPU one Triton
-    launch (:func:`vdit_accel.kernels.permute.semantic_block_mask`, up to ``MAX_CLUSTERS`` a side); this
+    and columns dense. ``scale``: the softmax scale (default ``1 / sqrt(D)``). On the GPU two Triton
+    launches (:func:`vdit_accel.kernels.permute.semantic_block_mask`, up to ``MAX_CLUSTERS`` a side); this
     PyTorch path (about 40 small ops) is the reference. ``lists``: return ``(mask, block_mask)``, the
-    kernel's :class:`~vdit_accel.block_mask.BlockMask` written by the same launch on the GPU (None here)."""
+    kernel's :class:`~vdit_accel.block_mask.BlockMask`, written by the same kernels on the GPU (None here)."""
     d = plan.q_centroids.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if _fast(plan.q_centroids):
