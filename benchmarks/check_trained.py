@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       s.caption)["ok"] for s in items]
         doc.update({"size": {"name": name, **size}, "seed_bases": args.seed_bases, "batch": batch, "grid": grid,
                     "captions": [s.caption for s in items], "ground_truth_agreement": round(float(np.mean(truth)), 3),
-                    "training_shift": trained.SCHEDULER_SHIFT, "rows": []})
+                    "training_shift": trained.TRAINING_SHIFT, "rows": []})
         path = args.out_dir / f"sweep-trained-{scenes}-{tag}-{date:%Y%m%d}.json"
 
         def write(rows):

@@ -416,7 +416,7 @@ def train_dit(cfg: TrainConfig, state: dict, modules, pool: list[_Bucket], devic
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
     first = s["steps"]
     warmup = cfg.warmup_steps if first == 0 else cfg.resume_warmup_steps
-    shift = trained.SCHEDULER_SHIFT
+    shift = trained.TRAINING_SHIFT
     empty_ids, empty_mask = trained.tokenize_captions([""], trained.MAX_SEQUENCE_LENGTH)
     empty_ids, empty_mask = empty_ids.to(device), empty_mask.to(device)
     shares = np.array([b.share for b in pool])
