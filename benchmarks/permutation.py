@@ -24,21 +24,29 @@ reordered tensors with those masks. ``overhead_ms``: the reordering alone, per a
 (Wan: in before block 0, out after the last) — that cost over the 30 layers of Wan2.1-1.3B
 (``overhead_call_ms``: the per-call alternative, gathering q, k, v and scattering the output);
 ``semantic`` / ``segment``: per call, the plan (warm-started k-means with one Lloyd update on 16384
-tokens + assignment of every token, or the pooled-query pass; the block mask) plus gathering q (semantic
-only), k, v and scattering the output (``overhead_ms_refresh4``: the same with the plan recomputed every
-4th call and reused in between). ``ms = attn_ms + overhead_ms``; ``runtime_attn_ms``: the same attention
-with the runtime's own masks. ``dense_rel_diff``: dense attention computed through the order's gathers
-and scatter against dense attention in raster order, ||a - b|| / ||b|| (rounding only).
+tokens + assignment of every token, or the pooled-query pass; the block mask) plus gathering k and v (the
+kernel reads Q and writes the output through the query order, ``q_index``), timed alone
+(``overhead_ms_refresh4``: the same with the plan recomputed every 4th call and reused in between);
+``overhead_pipelined_ms_refresh{1,4}``: whole calls (plan, k/v gather, attention through ``q_index``) back
+to back minus ``runtime_attn_ms``. ``ms = attn_ms + overhead_ms``; ``runtime_attn_ms``: the same attention
+with the runtime's own masks, on tensors already moved. ``dense_rel_diff``: dense attention computed
+through the order (k, v gathered, Q through ``q_index``) against dense attention in raster order,
+||a - b|| / ||b|| (rounding only).
 ``overhead_ms_refresh<n>``: ``n`` consecutive calls timed together (one re-plan, the plan reused
 n - 1 times), divided by n: the mean cost per call (do_bench's median of single calls would report the
 cheap calls only, as the 2026-11-22 file's ``overhead_ms_refresh4`` did).
 
 ``--overhead`` (the 12 clustered heads in the tiled frame, semantic and segment with their defaults):
-``plan_ms`` (warm plan_call alone: k-means step, assignment, sort, block mask), ``moves_ms`` (on a kept
-plan: gathers of q, k, v and the output back; ``moves_gbps`` the bytes read and written per second),
-``plan_launches`` / ``moves_launches`` (CUDA kernels per call, torch.profiler), ``overhead_ms_refresh{1,2,4,8}``
-(the mean per call of everything, plan recomputed every n-th call), ``runtime_attn_ms`` (the attention
-with the plan's own mask) — the 10% target is against the sparse attention time.
+``plan_ms`` (warm plan_call alone: k-means step, assignment, sort, block mask), ``plan_gpu_ms`` /
+``plan_kernels_ms`` (its CUDA kernels' summed time, and by kernel), ``moves_ms`` (on a kept plan: the
+gather of k and v; ``moves_gbps`` the bytes read and written per second), ``plan_launches`` /
+``moves_launches`` (CUDA kernels per call, torch.profiler), ``runtime_attn_ms`` (the attention with the
+plan's own mask on moved tensors) and ``attn_q_index_ms`` (the same reading Q and writing the output
+through the query order); for a plan recomputed every n-th call (n = 1, 2, 4, 8): ``call_ms_refresh<n>``
+(whole calls back to back, mean per call: as in a model, where nothing syncs and the CPU's launches
+overlap the GPU's work), ``overhead_ms_refresh<n>`` = that minus ``runtime_attn_ms`` and
+``overhead_frac_refresh<n>`` its fraction (the 10% target is against the sparse attention time), and
+``overhead_alone_ms_refresh<n>`` (plan + moves with no attention: launch-bound, the CPU's cost).
 """
 
 from __future__ import annotations
