@@ -210,7 +210,7 @@ def window_near(grid, target: float = TARGET_DENSITY, block_size: int = 128, dev
 # -- attention swaps -----------------------------------------------------------------------------
 
 
-def _noop_attention(q, k, v, block_mask=None, *, scale=None, return_lse=False, quant=None):
+def _noop_attention(q, k, v, block_mask=None, *, scale=None, return_lse=False, quant=None, q_index=None):
     return v.clone()  # a copy: a custom op's output may not alias its input
 
 
@@ -248,11 +248,11 @@ class _FlexAttention:
             self._masks[key] = (bm.kv_indices, bm.kv_num_blocks, flex)  # keep the tensors alive with it
         return self._masks[key][2]
 
-    def __call__(self, q, k, v, block_mask=None, *, scale=None, return_lse=False, quant=None):
+    def __call__(self, q, k, v, block_mask=None, *, scale=None, return_lse=False, quant=None, q_index=None):
         from vdit_accel.attention import attention
 
-        if block_mask is None or return_lse or quant is not None:
-            raise RuntimeError("flex-window3d-0.15 takes unquantized block-sparse calls without LSE only")
+        if block_mask is None or return_lse or quant is not None or q_index is not None:
+            raise RuntimeError("flex-window3d-0.15 takes unquantized block-sparse calls without LSE or query order only")
         out = self._fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=self._flex_mask(block_mask),
                        scale=scale).transpose(1, 2)
         if self.rel_err is None:

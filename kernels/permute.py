@@ -14,7 +14,7 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
   (k and v) in one launch, from any strides into any strides.
 - :func:`kmeans_cluster_order`: the warm semantic order of every problem — Lloyd updates on a sample
   of rows, the assignment of every row, and a stable counting sort of the rows by cluster — in
-  ``2 + 2 iters`` launches (the update of the centroids is folded into the next pass's kernel).
+  ``3 + 2 iters`` launches (the update of the centroids is folded into the next pass's kernel).
 - :func:`semantic_block_mask`: the semantic plan's block mask in two launches — centroid scores, softmax
   and top-p of the key clusters of every query cluster (once per query cluster), then the clusters'
   overlap with the blocks and (``csr``) the attention kernel's block lists (the ~40 small ops of the
@@ -117,22 +117,20 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
 
 
 @triton.jit
-def _cluster_place_kernel(LABELS, CCOUNTS, PERM, BOUNDS, N, K, ROWS, VS, S, CHUNKS,
+def _cluster_place_kernel(LABELS, CCOUNTS, CINCL, PERM, BOUNDS, N, K, ROWS, VS, S, CHUNKS,
                           K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, TEXT_BLOCK: tl.constexpr):
     """Program (row chunk, problem g): the positions of rows [chunk * ROWS, ...) when the N video rows are
     sorted by label, stably (a counting sort: cluster c starts after the rows of clusters < c; a row
-    after the rows of its cluster in earlier chunks and earlier in its own chunk). PERM [G, S] int64
+    after the rows of its cluster in earlier chunks and earlier in its own chunk). CCOUNTS [G, CHUNKS, K]:
+    each chunk's cluster sizes, CINCL their inclusive sum over chunks (float32, exact). PERM [G, S] int64
     gets ``VS + row`` at ``VS + position``; text positions [0, VS) and [VS + N, S) keep their token.
     Chunk 0 writes BOUNDS [G, K + 1] (``VS +`` each cluster's start, then ``VS + N``)."""
     pid, g = tl.program_id(0), tl.program_id(1)
     offs_k = tl.arange(0, K_PAD)
     kmask = offs_k < K
-    total = tl.zeros([K_PAD], dtype=tl.float32)
-    before = tl.zeros([K_PAD], dtype=tl.float32)
-    for ch in range(0, CHUNKS):
-        cnt = tl.load(CCOUNTS + (g * CHUNKS + ch) * K + offs_k, mask=kmask, other=0.0)
-        total += cnt
-        before += tl.where(ch < pid, cnt, 0.0)
+    incl = tl.load(CINCL + (g * CHUNKS + pid) * K + offs_k, mask=kmask, other=0.0)
+    before = incl - tl.load(CCOUNTS + (g * CHUNKS + pid) * K + offs_k, mask=kmask, other=0.0)
+    total = tl.load(CINCL + (g * CHUNKS + CHUNKS - 1) * K + offs_k, mask=kmask, other=0.0)
     total_i = total.to(tl.int32)
     start = tl.cumsum(total_i, 0) - total_i
     perm_g = PERM + g.to(tl.int64) * S
@@ -160,9 +158,9 @@ def _cluster_place_kernel(LABELS, CCOUNTS, PERM, BOUNDS, N, K, ROWS, VS, S, CHUN
 
 
 def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_step: int, video_start: int,
-                         seq_len: int, rows_per_program: int | None = None, block_n: int = 64, num_warps: int = 4,
-                         update_rows: int = 1024):
-    """The semantic order of every problem in ``2 + 2 * iters`` launches: ``iters`` Lloyd updates of the
+                         seq_len: int, rows_per_program: int = 1024, block_n: int | None = None, num_warps: int = 4,
+                         update_rows: int = 1024, place_block: int = 32, num_stages: int | None = None):
+    """The semantic order of every problem in ``3 + 2 * iters`` launches: ``iters`` Lloyd updates of the
     centroids ``c`` ``[G, K, D]`` (float32) on every ``sample_step``-th row of ``x`` ``[B, H, N, D]`` (the
     video rows, any strides), then every row assigned to the updated centroids, then the rows placed in
     cluster order (stable). Returns ``(perm int64 [G, seq_len], bounds int64 [G, K + 1], centroids float32
@@ -170,11 +168,13 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     other positions hold their own token), cluster ``c`` spans ``[bounds[c], bounds[c + 1])``. The same
     as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`) up to the float32 summation order
     of the centroid updates. ``rows_per_program`` / ``update_rows``: rows per program of the assignment
-    (and placement) / of the update passes. Defaults: the fastest of 18 settings on an H100 at the wan
-    480p shape (12 x 32760 rows of 128, bf16): 256 / 1024 rows, 4 warps for 64 centroids (0.225 ms for the
-    whole order, against 0.300 ms at 1024 / 1024 / 8); 1024 / 1024 / 4 for 128 (0.306 against 0.332)."""
-    if rows_per_program is None:
-        rows_per_program = 256 if c.shape[1] <= 64 else 1024
+    (and placement) / of the update passes; ``block_n`` / ``place_block``: rows per step of the assignment /
+    placement. Defaults: the fastest of 36 settings on an H100 at the wan 480p shape (12 x 32760 rows of
+    128, bf16, one update on every 2nd row; CUDA-graph timing, ``benchmarks/results/permutation-overhead-*``
+    says more): 64 centroids 0.174 ms for the whole order (block_n 64; 0.300 ms at the first defaults),
+    128 centroids 0.31 ms (block_n 32)."""
+    if block_n is None:
+        block_n = 64 if c.shape[1] <= 64 else 32
     bx, hx, n, d = x.shape
     g, k = bx * hx, c.shape[1]
     if c.shape != (g, k, d):
@@ -184,6 +184,8 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     dev = x.device
     c = c.float().contiguous()
     kw = dict(D=d, K_PAD=_pow2(k), D_PAD=_pow2(d), BLOCK_N=block_n, num_warps=num_warps)
+    if num_stages is not None:
+        kw["num_stages"] = num_stages
     rows_per_program = max(block_n, rows_per_program // block_n * block_n)
     xs = x[:, :, ::sample_step] if sample_step > 1 else x
     prev = None  # (sums, counts) of the last pass: the next pass's centroids are their update of c
@@ -208,8 +210,10 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
         STORE_LABELS=True, WITH_SUMS=False, FROM_SUMS=prev is not None, CHUNK_COUNTS=True, **kw)
     perm = torch.empty(g, seq_len, device=dev, dtype=torch.int64)
     bounds = torch.empty(g, k + 1, device=dev, dtype=torch.int64)
-    _cluster_place_kernel[(chunks, g)](labels, ccounts, perm, bounds, n, k, rows_per_program, video_start, seq_len,
-                                       chunks, K_PAD=_pow2(k), BLOCK_N=block_n, TEXT_BLOCK=256, num_warps=4)
+    cincl = ccounts.cumsum(1)  # each chunk's clusters start after the earlier chunks' rows of them
+    _cluster_place_kernel[(chunks, g)](labels, ccounts, cincl, perm, bounds, n, k, rows_per_program, video_start,
+                                       seq_len, chunks, K_PAD=_pow2(k), BLOCK_N=place_block, TEXT_BLOCK=256,
+                                       num_warps=4)
     return perm, bounds, cout
 
 

@@ -169,7 +169,8 @@ def test_kernels_compile_for_sm90():
                                                          (96, 128, 128, True, True, False, False),
                                                          (128, 128, 128, False, True, True, False),
                                                          (128, 256, 128, True, False, True, True))]
-    variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "CCOUNTS": "*fp32", "PERM": "*i64", "BOUNDS": "*i64"},
+    variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "CCOUNTS": "*fp32", "CINCL": "*fp32", "PERM": "*i64",
+                                                 "BOUNDS": "*i64"},
                   dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256)] for kp in (64, 256)]
     gr = {n: "*bf16" for n in ("X0", "Y0", "X1", "Y1", "X2", "Y2")} | {"IDX": "*i64"}
     variants += [[mod, "_gather_rows_kernel", gr, dict(D=128, D_PAD=128, BLOCK_S=64, N_TENSORS=n)] for n in (1, 2)]
