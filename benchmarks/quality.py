@@ -12,6 +12,10 @@ as ``benchmarks/check_trained.py``). Dense = the unpatched pipeline (diffusers' 
 - ``window3d-0.50`` / ``-0.25`` / ``-0.10``: the uniform ``window3d`` whose block density on the
   size's grid is nearest 50 / 25 / 10 % (``cli.bench.window_near``), every step sparse;
 - ``fp8`` / ``int8`` / ``int4``: dense pattern, every head quantized (no bf16 steps);
+- ``semantic`` / ``semantic-refresh8``: every head in the semantic token order (k-means of Q and K per
+  head and call, key blocks up to 95% of the centroid-estimated mass; ``refresh=8``: the plan recomputed
+  every 8th call of a layer and reused in between), dense pattern; ``density`` is then the mean block
+  density of the plans the run made (``runtime_density``);
 - ``searched``: ``vdit-accel search``'s strategy (global budget 0.05) found on 4 training captions
   (never the check captions) at the same size (``--no-search`` skips it).
 
@@ -74,16 +78,17 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append({"impl": "dense", "density": 1.0, "agreement": dense["summary"]["agreement"], "seconds": round(secs, 1)})
     print(json.dumps(rows[-1]), flush=True)
 
-    variants = [("ours-dense", "dense", None)]
+    variants = [("ours-dense", "dense", None, None)]
     vdit_accel.patch(pipe, "window3d:t=1,h=1,w=1")  # only to read the call grid off the patched model
     pipe(prompt="a red circle moving left", num_inference_steps=1, max_sequence_length=d.max_sequence_length,
          output_type="latent", **size)
     grid = patch_state(pipe.transformer).grid
     vdit_accel.unpatch(pipe)
     for target in (0.5, 0.25, 0.1):
-        variants.append((f"window3d-{target:.2f}", window_near(grid, target), None))
+        variants.append((f"window3d-{target:.2f}", window_near(grid, target), None, None))
     for mode in QUANT_MODES:
-        variants.append((mode, "dense", mode))
+        variants.append((mode, "dense", mode, None))
+    variants += [("semantic", "dense", None, "semantic"), ("semantic-refresh8", "dense", None, "semantic:refresh=8")]
     if not args.no_search:
         from vdit_accel.sparsity_search import SearchConfig, search
 
@@ -98,16 +103,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(rows[-1]), flush=True)
         else:
             print(f"search: {strategy.describe()} in {time.perf_counter() - t0:.0f} s", flush=True)
-            variants.append(("searched", strategy, None))
-    for name, strategy, quant in variants:
-        vdit_accel.patch(pipe, strategy, quant=quant)
+            variants.append(("searched", strategy, None, None))
+    for name, strategy, quant, order in variants:
+        vdit_accel.patch(pipe, strategy, quant=quant, order=order)
         res, secs = generate()
-        density = patch_state(pipe.transformer).mean_density(grid)
+        state = patch_state(pipe.transformer)
+        density = _plans_density(state) if order else state.mean_density(grid)
         vdit_accel.unpatch(pipe)
         p = [psnr(a / 255.0, b / 255.0) for a, b in zip(res["videos"], dense["videos"])]
         s = [ssim(a / 255.0, b / 255.0) for a, b in zip(res["videos"], dense["videos"])]
         rows.append({"impl": name, "strategy": strategy if isinstance(strategy, str) else strategy.describe(),
-                     "quant": quant, "density": round(density, 4), "psnr_db": round(float(np.mean(p)), 2),
+                     "quant": quant, **({"order": order} if order else {}), "density": round(density, 4), "psnr_db": round(float(np.mean(p)), 2),
                      "psnr_db_min": round(float(np.min(p)), 2), "ssim": round(float(np.mean(s)), 4),
                      "agreement": res["summary"]["agreement"], "seconds": round(secs, 1)})
         print(json.dumps(rows[-1]), flush=True)
@@ -126,6 +132,15 @@ def main(argv: list[str] | None = None) -> dict:
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {path}")
     return doc
+
+
+def _plans_density(state) -> float:
+    """Mean block density of the last per-call plans (semantic / segment) of every layer of a patched run."""
+    dens = [float(entry[2].float().mean()) for mem in state.orders.memory.values() for key, entry in mem.items()
+            if isinstance(key, tuple) and key[0] == "plan"]
+    if not dens:
+        raise RuntimeError("the run made no per-call plan: nothing to measure the density of")
+    return sum(dens) / len(dens)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def quality_table(results: Path = RESULTS) -> str:
             lines.append(f"| dense | diffusers' attention | 1.000 | — | — | {r['agreement']:.2f} |")
         else:
             strat = r["strategy"] + (f", {r['quant']}" if r.get("quant") else "")
+            strat += f", order {r['order']}" if r.get("order") else ""
             lines.append(f"| {r['impl']} | {strat} | {r['density']:.3f} | {r['psnr_db']:.1f} ({r['psnr_db_min']:.1f}) | "
                          f"{r['ssim']:.3f} | {r['agreement']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -298,7 +298,10 @@ def test_quality_script_runs(smoke, tmp_path, monkeypatch):
     doc = _load("quality").main(["--weights", str(out), "--size", "default", "--prompts", "1", "--steps", "1",
                                  "--no-search", "--device", "cpu", "--out-dir", str(tmp_path)])
     rows = {r["impl"]: r for r in doc["rows"]}
-    assert list(rows) == ["dense", "ours-dense", "window3d-0.50", "window3d-0.25", "window3d-0.10", "fp8", "int8", "int4"]
+    assert list(rows) == ["dense", "ours-dense", "window3d-0.50", "window3d-0.25", "window3d-0.10", "fp8", "int8", "int4",
+                          "semantic", "semantic-refresh8"]
+    for name in ("semantic", "semantic-refresh8"):  # the plans' own density, measured from the run
+        assert rows[name]["order"].startswith("semantic") and 0 < rows[name]["density"] <= 1
     assert doc["tokens"] == 2 * 8 * 8  # 5x64x64: 2 latent frames of 16x16, patches of 2x2
     for name in ("fp8", "int8", "int4"):
         assert rows[name]["quant"] == name and 10 < rows[name]["psnr_db"] < 200 and 0 < rows[name]["ssim"] <= 1
