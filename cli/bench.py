@@ -19,6 +19,9 @@ shape is one way of running that forward (``impl``):
 - ``ours-window3d-0.15-fp8``: the same window with ``quant="fp8"``; skipped, with the reason, while
   :meth:`Strategy.uniform` does not accept ``quant`` or while the patched step does not apply it
   (its output equals the unquantized ``ours-window3d-0.15`` step's);
+- ``ours-window3d-0.15-tiled`` / ``-tiled-fp8``: the same window with the tokens in the ``tiled`` order
+  (permuted once per forward where the model allows, else per call): the same attended neighbourhood
+  in fewer blocks (``density`` counts them in that order);
 - ``ours-searched``: a strategy file from the offline search (``searched_strategy``), if it validates
   against the model; skipped otherwise. With random weights this row measures speed only.
 
@@ -55,6 +58,8 @@ VARIANTS = (
     "ours-window3d-0.15",
     "flex-window3d-0.15",
     "ours-window3d-0.15-fp8",
+    "ours-window3d-0.15-tiled",
+    "ours-window3d-0.15-tiled-fp8",
     "ours-searched",
 )
 TARGET_DENSITY = 0.15
@@ -407,13 +412,25 @@ def _searched_strategy(path: Path | None, model):
 
 
 def _density(strategy, num_layers: int, num_heads: int, grid, block_size: int, device) -> float:
+    """Mean block density over layers; heads in a static order (tiled) count their blocks in that order."""
     from vdit_accel.patterns import build_block_mask
+    from vdit_accel.permutation import block_mask_for_order, order_key, static_order
 
-    total = 0.0
+    total, cache = 0.0, {}
     for layer in range(num_layers):
         pats = strategy.layer_patterns(layer, num_heads)
-        dense = all(p["kind"] == "dense" for p in pats)
-        total += 1.0 if dense else build_block_mask(pats, grid, block_size, block_size, device).density()
+        orders = strategy.layer_orders(layer, num_heads)
+        if all(p["kind"] == "dense" for p in pats):
+            total += 1.0
+        elif all(o is None for o in orders):
+            total += build_block_mask(pats, grid, block_size, block_size, device).density()
+        else:
+            for p, o in zip(pats, orders):
+                key = (json.dumps(p, sort_keys=True), order_key(o))
+                if key not in cache:
+                    perm = static_order(o, grid, block_size, device)
+                    cache[key] = float(block_mask_for_order(p, grid, perm, block_size, block_size).float().mean())
+                total += cache[key] / num_heads
     return total / num_layers
 
 
@@ -500,6 +517,10 @@ def run_shape(shape: str, variants=VARIANTS, reps: int | None = None, device: st
                 attention_fn = _FlexAttention(compiled=cuda) if name.startswith("flex") else None
             elif name == "ours-window3d-0.15-fp8":
                 (strategy, skip), label = _fp8_strategy(window), f"{window} quant=fp8"
+            elif name.startswith("ours-window3d-0.15-tiled"):  # the same window, tokens in the tiled order
+                quant = "fp8" if name.endswith("-fp8") else None
+                strategy = Strategy.from_spec(window, quant=quant, order="tiled")
+                label = f"{window} order=tiled" + (" quant=fp8" if quant else "")
             elif name == "ours-searched":
                 strategy, skip = _searched_strategy(searched_strategy, model)
                 label = f"{Path(searched_strategy).name}: {strategy.describe()}" if strategy is not None else None
