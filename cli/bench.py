@@ -635,12 +635,13 @@ def run_pipeline_bench(shapes, variants=VARIANTS, reps: int | None = None, out_d
 def speedups(rows: list[dict]) -> list[tuple[float | None, float | None]]:
     """Per row: (dense-cudnn ms / ms, flex-window3d-0.15 ms / ms) of its shape. The flex ratio is given
     only for the rows that run the same block masks as the flex row (``ours-window3d-0.15`` and its
-    ``-fp8``); None where a time is missing."""
+    ``-fp8``; the tiled rows visit other blocks); None where a time is missing."""
     by = {(r["shape"], r["impl"]): r.get("ms") for r in rows}
     out = []
     for r in rows:
         ms, dense = r.get("ms"), by.get((r["shape"], "dense-cudnn"))
-        flex = by.get((r["shape"], "flex-window3d-0.15")) if r["impl"].startswith("ours-window3d-0.15") else None
+        same_masks = r["impl"] in ("ours-window3d-0.15", "ours-window3d-0.15-fp8")  # not the tiled rows
+        flex = by.get((r["shape"], "flex-window3d-0.15")) if same_masks else None
         out.append((dense / ms if ms and dense else None, flex / ms if ms and flex else None))
     return out
 
