@@ -335,6 +335,7 @@ def unpatch(pipe_or_transformer):
         state.hook.remove()
         if state.orders is not None:
             state.orders.remove()
+        state._masks.clear()  # the block masks, freed now rather than at the next garbage collection
         delattr(tr, _STATE_ATTR)
     return pipe_or_transformer
 
