@@ -473,12 +473,40 @@ def semantic_orders(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, q_cluster
 
     Cold (``init`` None): ``init_iters`` Lloyd updates from random rows; warm (``init`` = the previous
     plan's centroids, same shapes): ``iters`` updates (0: only re-assign). Updates use ``sample``
-    video tokens (evenly strided); every token is then assigned. Text tokens keep their place."""
+    video tokens (evenly strided); every token is then assigned. Text tokens keep their place.
+
+    On CUDA the K side runs on a second stream while the Q side runs on the current one: their kernels
+    are small, latency-bound grids that leave SMs idle alone (the current stream waits for both before
+    returning; nothing syncs with the host)."""
     n_iter = init_iters if init is None else iters
     qi, ki = (None, None) if init is None else init
+    if not q.is_cuda:
+        qp, qb, qc = _cluster_order(q, grid, q_clusters, n_iter, qi, sample)
+        kp, kb, kc = _cluster_order(k, grid, k_clusters, n_iter, ki, sample)
+        return SemanticPlan(qp, kp, qb, kb, qc, kc)
+    main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+    side.wait_stream(main)  # q, k (and the centroids) are written on the current stream
+    with torch.cuda.stream(side):
+        kp, kb, kc = _cluster_order(k, grid, k_clusters, n_iter, ki, sample)
     qp, qb, qc = _cluster_order(q, grid, q_clusters, n_iter, qi, sample)
-    kp, kb, kc = _cluster_order(k, grid, k_clusters, n_iter, ki, sample)
+    main.wait_stream(side)
+    for t in (kp, kb, kc):  # made on the side stream, used (and freed) on the current one
+        t.record_stream(main)
+    for t in (k, ki):  # read on the side stream: not reused before that work is done
+        if t is not None:
+            t.record_stream(side)
     return SemanticPlan(qp, kp, qb, kb, qc, kc)
+
+
+_SIDE_STREAMS: dict[int, Any] = {}
+
+
+def _side_stream(device: torch.device):
+    """One extra CUDA stream per device for the plans' independent halves."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _SIDE_STREAMS[idx]
 
 
 def _block_overlap(bounds: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
