@@ -89,6 +89,17 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
         tl.atomic_add(SUMS + g * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=kmask[:, None] & dmask[None, :])
 
 
+def _checked_centroids(x: torch.Tensor, c: torch.Tensor, name: str) -> torch.Tensor:
+    """``c`` as float32 contiguous, after checking it is ``[B * H, K <= MAX_CLUSTERS, D]`` for rows ``x`` ``[B, H, N, D]``."""
+    bx, hx, _, d = x.shape
+    k = c.shape[1]
+    if c.shape != (bx * hx, k, d):
+        raise ValueError(f"{name}: centroids {tuple(c.shape)} do not match rows {tuple(x.shape)}")
+    if k > MAX_CLUSTERS:
+        raise ValueError(f"{name} handles up to {MAX_CLUSTERS} centroids, got {k}")
+    return c.float().contiguous()
+
+
 def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, store_labels: bool = True,
                   rows_per_program: int = 1024, block_n: int = 64, num_warps: int = 8):
     """Nearest centroids of the rows of ``x`` ``[B, H, N, D]`` (any strides; fp16/bf16/fp32) among ``c``
@@ -99,11 +110,7 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
     (c in float32); ties go to the lower index."""
     bx, hx, n, d = x.shape
     g, k = bx * hx, c.shape[1]
-    if c.shape != (g, k, d):
-        raise ValueError(f"kmeans_assign: centroids {tuple(c.shape)} do not match rows {tuple(x.shape)}")
-    if k > MAX_CLUSTERS:
-        raise ValueError(f"kmeans_assign handles up to {MAX_CLUSTERS} centroids, got {k}")
-    c = c.float().contiguous()
+    c = _checked_centroids(x, c, "kmeans_assign")
     counts = torch.zeros(g, k, device=x.device, dtype=torch.float32)
     sums = torch.zeros(g, k, d, device=x.device, dtype=torch.float32) if with_sums else counts
     labels = torch.empty(g, n, device=x.device, dtype=torch.int32) if store_labels else counts
@@ -177,12 +184,8 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
         block_n = 64 if c.shape[1] <= 64 else 32
     bx, hx, n, d = x.shape
     g, k = bx * hx, c.shape[1]
-    if c.shape != (g, k, d):
-        raise ValueError(f"kmeans_cluster_order: centroids {tuple(c.shape)} do not match rows {tuple(x.shape)}")
-    if k > MAX_CLUSTERS:
-        raise ValueError(f"kmeans_cluster_order handles up to {MAX_CLUSTERS} centroids, got {k}")
+    c = _checked_centroids(x, c, "kmeans_cluster_order")
     dev = x.device
-    c = c.float().contiguous()
     kw = dict(D=d, K_PAD=_pow2(k), D_PAD=_pow2(d), BLOCK_N=block_n, num_warps=num_warps)
     if num_stages is not None:
         kw["num_stages"] = num_stages
