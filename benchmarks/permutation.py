@@ -220,7 +220,7 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
                 qf, kf, vf = (P.gather_tokens(x, frame) for x in (q, k, v))
 
                 def per_call(spec, memory, attend=False):  # Q and the output move inside the kernel (q_index)
-                    plan = P.plan_call(qf, kf, grid, [spec] * heads, None, BLOCK, None, memory, v=vf)
+                    plan = P.plan_call(qf, kf, grid, [spec] * heads, None, BLOCK, None, memory)
                     kk, vv = plan.gather_kv(kf, vf)
                     bm = plan.block_mask(s, BLOCK)
                     if attend:
@@ -337,8 +337,8 @@ def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log
 
             def calls(spec_r=spec_r, mem_r=mem_r, refresh=refresh, attend=True):
                 for _ in range(refresh):
-                    pl = P.plan_call(q, k, grid, [spec_r] * heads, None, BLOCK, None, mem_r, v=v)
-                    k2, v2 = pl.gather_kv(k, v)  # moved with the plan when it was made
+                    pl = P.plan_call(q, k, grid, [spec_r] * heads, None, BLOCK, None, mem_r)
+                    k2, v2 = pl.gather_kv(k, v)
                     b2 = pl.block_mask(s, BLOCK)
                     if attend:
                         attention(q, k2, v2, b2, q_index=pl.kernel_q_index(heads))

@@ -286,8 +286,7 @@ class OrderRuntime:
                 self.layer_mask(layer, self.strategy.layer_patterns(layer, state.num_heads)[heads[0]:heads[1]], grid,
                                 query.device, heads)
                 static = self._static[(layer, grid, str(query.device), heads)]
-        plan = plan_call(query, key, grid, orders, frame, block, static, self.memory.setdefault(layer, {}), scale,
-                         v=value)
+        plan = plan_call(query, key, grid, orders, frame, block, static, self.memory.setdefault(layer, {}), scale)
         key, value = plan.gather_kv(key, value)  # Q is read and the output written through q_index in the kernel
         if dynamic:
             bm = plan.block_mask(query.shape[1], block)

@@ -439,7 +439,6 @@ class SemanticPlan:
     k_bounds: torch.Tensor
     q_centroids: torch.Tensor
     k_centroids: torch.Tensor
-    kv: tuple[torch.Tensor, torch.Tensor] | None = None  # k and v already in the key order (``v`` given)
 
 
 def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, sample):
@@ -470,7 +469,7 @@ def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, s
 
 def semantic_orders(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, q_clusters: int, k_clusters: int,
                     iters: int = 1, init: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    init_iters: int = 8, sample: int | None = 16384, v: torch.Tensor | None = None) -> SemanticPlan:
+                    init_iters: int = 8, sample: int | None = 16384) -> SemanticPlan:
     """The semantic orders of every head of one call: k-means of Q and of K (``(B, S, H, D)``) apart.
 
     Cold (``init`` None): ``init_iters`` Lloyd updates from random rows; warm (``init`` = the previous
@@ -479,27 +478,25 @@ def semantic_orders(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, q_cluster
 
     On CUDA the K side runs on a second stream while the Q side runs on the current one: their kernels
     are small, latency-bound grids that leave SMs idle alone (the current stream waits for both before
-    returning; nothing syncs with the host). ``v`` given: k and v are also moved into the key order there,
-    beside the Q side's work (``kv`` of the plan)."""
+    returning; nothing syncs with the host)."""
     n_iter = init_iters if init is None else iters
     qi, ki = (None, None) if init is None else init
     if not q.is_cuda:
         qp, qb, qc = _cluster_order(q, grid, q_clusters, n_iter, qi, sample)
         kp, kb, kc = _cluster_order(k, grid, k_clusters, n_iter, ki, sample)
-        return SemanticPlan(qp, kp, qb, kb, qc, kc, None if v is None else tuple(gather_tokens_many([k, v], kp)))
+        return SemanticPlan(qp, kp, qb, kb, qc, kc)
     main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
     side.wait_stream(main)  # q, k (and the centroids) are written on the current stream
     with torch.cuda.stream(side):
         kp, kb, kc = _cluster_order(k, grid, k_clusters, n_iter, ki, sample)
-        kv = None if v is None else tuple(gather_tokens_many([k, v], kp))
     qp, qb, qc = _cluster_order(q, grid, q_clusters, n_iter, qi, sample)
     main.wait_stream(side)
-    for t in (kp, kb, kc, *(kv or ())):  # made on the side stream, used (and freed) on the current one
+    for t in (kp, kb, kc):  # made on the side stream, used (and freed) on the current one
         t.record_stream(main)
-    for t in (k, v, ki):  # read on the side stream: not reused before that work is done
+    for t in (k, ki):  # read on the side stream: not reused before that work is done
         if t is not None:
             t.record_stream(side)
-    return SemanticPlan(qp, kp, qb, kb, qc, kc, kv)
+    return SemanticPlan(qp, kp, qb, kb, qc, kc)
 
 
 _SIDE_STREAMS: dict[int, Any] = {}
@@ -726,7 +723,6 @@ class CallPlan:
     mask: torch.Tensor | None
     _bm: Any = None
     _q_inv: torch.Tensor | None = None
-    _kv: Any = None  # (key of the k, v they came from, k, v in the key order): made with the plan, used once
 
     def block_mask(self, seq_len: int, block: int):
         """The kernel's :class:`~vdit_accel.block_mask.BlockMask` of ``mask`` (None when dense); cached
@@ -747,13 +743,9 @@ class CallPlan:
         return self.q_index.view(1, 1, -1).expand(1, heads, -1)
 
     def gather_kv(self, k: torch.Tensor, v: torch.Tensor):
-        """k and v moved into the key order (one launch on the GPU; none when the plan already moved
-        these very tensors: ``plan_call(..., v=)``)."""
+        """k and v moved into the key order (one launch on the GPU)."""
         if self.k_index is None:
             return k, v
-        made, self._kv = self._kv, None
-        if made is not None and made[0] == _tensor_key(k, v):
-            return made[1], made[2]
         return tuple(gather_tokens_many([k, v], self.k_index))
 
     def q_inverse(self) -> torch.Tensor | None:
@@ -778,7 +770,7 @@ class CallPlan:
 
 def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Order | None], frame: Order | None,
               block: int, static_mask: torch.Tensor | None, memory: dict | None = None,
-              scale: float | None = None, v: torch.Tensor | None = None) -> CallPlan:
+              scale: float | None = None) -> CallPlan:
     """Plan one attention call whose heads have ``orders`` (one per head; q, k ``(B, S, H, D)`` arrive in
     the ``frame`` order, e.g. tiled when the transformer permuted its hidden states once per forward).
 
@@ -812,7 +804,7 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
     for key, heads in groups.items():
         o = orders[heads[0]]
         plan_key = ("plan", key, tuple(heads), b, grid)
-        cached, made = memory.get(plan_key), None
+        cached = memory.get(plan_key)
         if cached is not None and cached[4] < o["refresh"] - 1:  # reuse the last plan (refresh > 1)
             cached[4] += 1
             qp, kp, rows, lists = cached[:4]
@@ -831,20 +823,17 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
                 nq, nk = min(nq, grid.video_len), min(nk, grid.video_len)
                 mem_key = ("semantic", key, tuple(heads), b, grid)
                 init = memory.get(mem_key)
-                whole = v if len(heads) == h else None  # one order for every head: move k, v with the plan
-                plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], init, v=whole)
-                made = None if plan.kv is None else (_tensor_key(k, v), *plan.kv)
+                plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], init)
                 memory[mem_key] = (plan.q_centroids, plan.k_centroids)
                 rows, lists = semantic_block_mask(plan, grid, o["top_p"], block, block, scale, lists=True)
                 qp, kp = plan.q_perm, plan.k_perm
             else:  # segment
                 size = o["size"] or 8 * block
                 kp, rows = segment_plan(qs, ks, grid, size, o["top_p"], block, block, scale)
-                qp, lists, made = None, None, None
+                qp, lists = None, None
             memory[plan_key] = [qp, kp, rows, lists, 0]
         if len(heads) == h:  # one dynamic order covers every head: no per-head assembly
-            return _cached_call(memory, ("call", order_key(frame), b, grid), replanned,
-                                lambda: CallPlan(qp, kp, rows, lists, _kv=made))
+            return _cached_call(memory, ("call", order_key(frame), b, grid), replanned, lambda: CallPlan(qp, kp, rows, lists))
         for j, hi in enumerate(heads):
             dyn_rows[hi] = rows[:, j]
             k_dyn[hi] = kp[:, j]
@@ -878,11 +867,6 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
     if not groups:
         return assemble()
     return _cached_call(memory, ("call", order_key(frame), b, grid), replanned, assemble)
-
-
-def _tensor_key(*xs: torch.Tensor) -> tuple:
-    """Identifies tensors' current contents: storage, offset, shape, strides and in-place version."""
-    return tuple((x.data_ptr(), x.shape, x.stride(), x._version) for x in xs)
 
 
 def _cached_call(memory: dict, key: tuple, replanned: bool, build) -> CallPlan:

@@ -298,24 +298,3 @@ def test_refresh_reuses_the_last_plan():
         assert plans[3].k_index is not plans[0].k_index  # the 4th plans again
     with pytest.raises(ValueError, match="'refresh' must be an int >= 1"):
         validate_order("semantic:refresh=0")
-
-
-def test_plan_moves_k_and_v_with_the_plan_once():
-    """plan_call(..., v=) moves k and v into the key order with the plan (on CUDA beside the Q half);
-    gather_kv hands them out once, for exactly those tensors, and gathers otherwise."""
-    grid = VideoGrid(3, 6, 10, text_len=5, text_at="prefix")
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, grid.seq_len, 2, 16, generator=g) for _ in range(3))
-    spec = [validate_order("semantic:q_clusters=4,k_clusters=6,refresh=2")] * 2
-    memory = {}
-    plan = plan_call(q, k, grid, spec, None, 16, None, memory, v=v)
-    assert plan._kv is not None
-    want = [gather_tokens(x, plan.k_index) for x in (k, v)]
-    got = plan.gather_kv(k, v)
-    assert plan._kv is None and all(torch.equal(a, b) for a, b in zip(got, want))
-    assert all(torch.equal(a, b) for a, b in zip(plan.gather_kv(k, v), want))  # gathered again
-    plan = plan_call(q, k, grid, spec, None, 16, None, memory, v=v)  # reused (refresh=2): nothing moved
-    assert plan._kv is None
-    plan = plan_call(q, k, grid, spec, None, 16, None, memory, v=v)  # re-planned
-    v2 = v + 1
-    assert all(torch.equal(a, gather_tokens(b, plan.k_index)) for a, b in zip(plan.gather_kv(k, v2), (k, v2)))
