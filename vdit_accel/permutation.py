@@ -50,8 +50,8 @@ the reordering (H100, wan 480p shape, ``benchmarks/permutation.py --overhead``,
 ``permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json``): semantic plan 0.55 ms of GPU kernels (13
 launches; the K half on a second stream) + 0.15 ms moving K and V (Q and the output move inside the
 attention kernel: +0.12 ms); whole calls back to back minus the attention alone (3.81 ms at density
-0.27): 19% at refresh=1, 12% at 2, 9.5% at 4, 7.9% at 8; segment 28% of 9.7 ms at 1. The tiled order:
-0.006 ms (0.8%).
+0.27): 19% at refresh=1, 12% at 2, 9.5% at 4, 7.9% at 8 (another run: 21 / 13 / 11.5 / 9.5%, its
+attention-alone base 2% faster); segment 28% of 9.7 ms at 1. The tiled order: 0.006 ms (0.8%).
 """
 
 from __future__ import annotations
