@@ -355,7 +355,7 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("pipeline")
 def bench_pipeline(
     shape: list[str] = typer.Option(..., "--shape", help="Shape to run (repeat for several): wan2.1-1.3b-480p, wan2.1-1.3b-720p, wan2.1-14b-720p, hunyuan-720p; tiny-wan, tiny-hunyuan on the CPU."),
-    variants: list[str] = typer.Option(None, "--variants", help="Rows to run, comma-separated or repeated (default: all): noop-attention, dense-cudnn, ours-dense, ours-window3d-0.15, flex-window3d-0.15, ours-window3d-0.15-fp8, ours-window3d-0.15-tiled, ours-window3d-0.15-tiled-fp8, ours-searched."),
+    variants: list[str] = typer.Option(None, "--variants", help="Rows to run, comma-separated or repeated (default: all): noop-attention, dense-cudnn, ours-dense, ours-window3d-0.15, flex-window3d-0.15, ours-window3d-0.15-fp8, ours-window3d-0.15-tiled, flex-window3d-0.15-tiled, ours-window3d-0.15-tiled-fp8, ours-searched."),
     reps: Optional[int] = typer.Option(None, help="Timed forwards per row (default: per shape, 1 to 3)."),
     searched_strategy: Optional[Path] = typer.Option(None, help="Strategy file from `vdit-accel search` for the ours-searched row (skipped when it does not fit the model)."),
     block_size: int = typer.Option(128, help="Tokens per block of the sparse masks."),

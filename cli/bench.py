@@ -21,7 +21,8 @@ shape is one way of running that forward (``impl``):
   (its output equals the unquantized ``ours-window3d-0.15`` step's);
 - ``ours-window3d-0.15-tiled`` / ``-tiled-fp8``: the same window with the tokens in the ``tiled`` order
   (permuted once per forward where the model allows, else per call): the same attended neighbourhood
-  in fewer blocks (``density`` counts them in that order);
+  in fewer blocks (``density`` counts them in that order); ``flex-window3d-0.15-tiled``: FlexAttention
+  on those masks (the tiled rows' flex ratio);
 - ``ours-searched``: a strategy file from the offline search (``searched_strategy``), if it validates
   against the model; skipped otherwise. With random weights this row measures speed only.
 
@@ -59,6 +60,7 @@ VARIANTS = (
     "flex-window3d-0.15",
     "ours-window3d-0.15-fp8",
     "ours-window3d-0.15-tiled",
+    "flex-window3d-0.15-tiled",
     "ours-window3d-0.15-tiled-fp8",
     "ours-searched",
 )
@@ -257,7 +259,7 @@ class _FlexAttention:
         from vdit_accel.attention import attention
 
         if block_mask is None or return_lse or quant is not None or q_index is not None:
-            raise RuntimeError("flex-window3d-0.15 takes unquantized block-sparse calls without LSE or query order only")
+            raise RuntimeError("the flex rows take unquantized block-sparse calls without LSE or query order only")
         out = self._fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=self._flex_mask(block_mask),
                        scale=scale).transpose(1, 2)
         if self.rel_err is None:
@@ -517,10 +519,11 @@ def run_shape(shape: str, variants=VARIANTS, reps: int | None = None, device: st
                 attention_fn = _FlexAttention(compiled=cuda) if name.startswith("flex") else None
             elif name == "ours-window3d-0.15-fp8":
                 (strategy, skip), label = _fp8_strategy(window), f"{window} quant=fp8"
-            elif name.startswith("ours-window3d-0.15-tiled"):  # the same window, tokens in the tiled order
+            elif "-window3d-0.15-tiled" in name:  # the same window, tokens in the tiled order
                 quant = "fp8" if name.endswith("-fp8") else None
                 strategy = Strategy.from_spec(window, quant=quant, order="tiled")
                 label = f"{window} order=tiled" + (" quant=fp8" if quant else "")
+                attention_fn = _FlexAttention(compiled=cuda) if name.startswith("flex") else None
             elif name == "ours-searched":
                 strategy, skip = _searched_strategy(searched_strategy, model)
                 label = f"{Path(searched_strategy).name}: {strategy.describe()}" if strategy is not None else None
@@ -632,16 +635,21 @@ def run_pipeline_bench(shapes, variants=VARIANTS, reps: int | None = None, out_d
 # -- the table -----------------------------------------------------------------------------------
 
 
+# The flex row on the same block masks as each of our sparse rows (their "vs flex" ratio).
+_FLEX_ROW = {"ours-window3d-0.15": "flex-window3d-0.15", "ours-window3d-0.15-fp8": "flex-window3d-0.15",
+             "ours-window3d-0.15-tiled": "flex-window3d-0.15-tiled",
+             "ours-window3d-0.15-tiled-fp8": "flex-window3d-0.15-tiled"}
+
+
 def speedups(rows: list[dict]) -> list[tuple[float | None, float | None]]:
-    """Per row: (dense-cudnn ms / ms, flex-window3d-0.15 ms / ms) of its shape. The flex ratio is given
-    only for the rows that run the same block masks as the flex row (``ours-window3d-0.15`` and its
-    ``-fp8``; the tiled rows visit other blocks); None where a time is missing."""
+    """Per row: (dense-cudnn ms / ms, flex ms / ms) of its shape, the flex row being the one on the same
+    block masks: ``flex-window3d-0.15`` for ``ours-window3d-0.15`` and its ``-fp8``,
+    ``flex-window3d-0.15-tiled`` for the tiled rows; None where a time is missing."""
     by = {(r["shape"], r["impl"]): r.get("ms") for r in rows}
     out = []
     for r in rows:
         ms, dense = r.get("ms"), by.get((r["shape"], "dense-cudnn"))
-        same_masks = r["impl"] in ("ours-window3d-0.15", "ours-window3d-0.15-fp8")  # not the tiled rows
-        flex = by.get((r["shape"], "flex-window3d-0.15")) if same_masks else None
+        flex = by.get((r["shape"], _FLEX_ROW.get(r["impl"])))
         out.append((dense / ms if ms and dense else None, flex / ms if ms and flex else None))
     return out
 
