@@ -26,7 +26,9 @@ Orders (``kind`` of an order spec, :func:`validate_order`):
   centroids: for each query cluster, key clusters by decreasing estimated attention share
   (``softmax(scale * c_q . c_k + log |cluster_k|)``) up to ``top_p`` of it; a (query block, key block)
   pair is visited iff some kept (query cluster, key cluster) pair meets in it (:func:`semantic_block_mask`).
-  The head's pattern is not used (it must be ``dense``). The output is scattered back to the frame order.
+  The head's pattern is not used (it must be ``dense``). The queries never move: the attention kernel
+  reads each Q row and writes its output row through the query order (``vdit_accel.attention``'s
+  ``q_index``), so the output is in the frame order; K and V are gathered into the key order.
   ``refresh = n`` re-plans every n-th call of a layer and reuses the last orders and mask in between
   (the attention stays exact on the blocks it visits; only their choice is older).
 - ``segment`` (keys only, per head, per call; PBS-Attn style): inside fixed segments of ``size`` video
@@ -714,8 +716,9 @@ class CallPlan:
 
     ``q_index`` / ``k_index``: ``out[b, i, h] = x[b, index[b, h, i], h]`` (``[B or 1, H, S]``), or ``[S]``
     for every head, or None (the tensors stay as they came); K and V share ``k_index``; the output is
-    scattered back through ``q_index``. ``mask``: bool ``[B or 1, H, Mb, Nb]`` in the heads' own orders
-    (None: dense). A plan reused across calls (``refresh``) keeps its kernel block mask and the inverse
+    written back through ``q_index`` (by the kernel, :meth:`kernel_q_index`; or :meth:`gather` /
+    :meth:`scatter` for callers that move tensors themselves). ``mask``: bool ``[B or 1, H, Mb, Nb]``
+    in the heads' own orders (None: dense). A plan reused across calls (``refresh``) keeps its kernel block mask and the inverse
     of ``q_index`` (:meth:`block_mask`, :meth:`q_inverse`), computed on first use."""
 
     q_index: torch.Tensor | None
