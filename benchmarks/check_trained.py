@@ -101,6 +101,18 @@ def generate(pipe, jobs: list[tuple[str, int]], size: dict, steps: int, guidance
     return videos
 
 
+def run_header(script: str, argv: list[str] | None, device: str) -> tuple[str, datetime.date, dict]:
+    """``(file tag of the device, today, the result document's head: gpu, date, command, versions)`` of a
+    run of ``benchmarks/<script>``."""
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    tag = "cpu" if device == "cpu" else gpu.lower().replace(" ", "-")
+    date = datetime.date.today()
+    doc = {"gpu": gpu, "date": date.isoformat(),
+           "command": "python " + " ".join([f"benchmarks/{script}"] + (sys.argv[1:] if argv is None else list(argv))),
+           "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+    return tag, date, doc
+
+
 def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, limit: int | None = None,
               max_sequence_length: int = 128, seed_base: int = 1000, scenes: str = "check") -> dict:
     """Generate and score the check (or validation) captions; returns the rows and the agreement."""
@@ -230,13 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         sizes[name] = size
     t0 = time.perf_counter()
     pipe = trained.build_trained_pipeline(args.weights).to(device)
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    tag = "cpu" if device == "cpu" else gpu.lower().replace(" ", "-")
-    date = datetime.date.today()
-    doc = {"gpu": gpu, "date": date.isoformat(),
-           "command": "python " + " ".join(["benchmarks/check_trained.py"] + (sys.argv[1:] if argv is None else list(argv))),
-           "versions": {"torch": torch.__version__, "python": platform.python_version()},
-           "weights": str(args.weights or trained.WEIGHTS_DIR), "scenes": scenes}
+    tag, date, doc = run_header("check_trained.py", argv, device)
+    doc.update({"weights": str(args.weights or trained.WEIGHTS_DIR), "scenes": scenes})
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     if args.sweep:

@@ -27,9 +27,7 @@ modes run their float64 simulation of the GPU arithmetic. Writes ``quality-<devi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_trained import run_check  # noqa: E402
+from check_trained import run_check, run_header  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,20 +111,16 @@ def main(argv: list[str] | None = None) -> dict:
         p = [psnr(a / 255.0, b / 255.0) for a, b in zip(res["videos"], dense["videos"])]
         s = [ssim(a / 255.0, b / 255.0) for a, b in zip(res["videos"], dense["videos"])]
         rows.append({"impl": name, "strategy": strategy if isinstance(strategy, str) else strategy.describe(),
-                     "quant": quant, **({"order": order} if order else {}), "density": round(density, 4), "psnr_db": round(float(np.mean(p)), 2),
+                     "quant": quant, **({"order": order} if order else {}), "density": round(density, 4),
+                     "psnr_db": round(float(np.mean(p)), 2),
                      "psnr_db_min": round(float(np.min(p)), 2), "ssim": round(float(np.mean(s)), 4),
                      "agreement": res["summary"]["agreement"], "seconds": round(secs, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    tag = "cpu" if device == "cpu" else gpu.lower().replace(" ", "-")
-    date = datetime.date.today()
-    doc = {"gpu": gpu, "date": date.isoformat(),
-           "command": "python " + " ".join(["benchmarks/quality.py"] + (sys.argv[1:] if argv is None else list(argv))),
-           "versions": {"torch": torch.__version__, "python": platform.python_version()},
-           "model": "wan-trained", "weights": str(args.weights or trained.WEIGHTS_DIR), "size": size,
-           "tokens": grid.seq_len, "steps": args.steps, "guidance_scale": args.guidance_scale, "prompts": args.prompts,
-           "dtype": str(dtype).replace("torch.", ""), "rows": rows}
+    tag, date, doc = run_header("quality.py", argv, device)
+    doc.update({"model": "wan-trained", "weights": str(args.weights or trained.WEIGHTS_DIR), "size": size,
+                "tokens": grid.seq_len, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                "prompts": args.prompts, "dtype": str(dtype).replace("torch.", ""), "rows": rows})
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"quality-{tag}-{date:%Y%m%d}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -896,9 +896,9 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
     s_pad, stride_vd = s, 1
     q_orig = q
     if quant == "int4" and q_index is not None:  # Q's per-tile scales need Q in the kernel's order first
-        rows = (torch.arange(bsz, device=q.device).view(bsz, 1, 1) * s + q_index.long()) * h \
-            + torch.arange(h, device=q.device).view(1, h, 1)
-        q = q.reshape(bsz * s * h, d).index_select(0, rows.transpose(1, 2).reshape(-1)).view(bsz, s, h, d)
+        from .permute import gather_rows
+
+        q = gather_rows([q], q_index)[0]
     if quant is not None:
         from .quantize import quantize_qkv
 

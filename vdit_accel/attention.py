@@ -72,14 +72,14 @@ def attention(
                          f"got {tuple(q_index.shape)} {q_index.dtype}")
     runs = head_runs(quant, q.shape[2])
     if q_index is not None and not _use_triton(q):  # the PyTorch paths: gather Q, scatter the output
-        rows = _flat_rows(q_index, q.shape)
-        b, s, h, d = q.shape
-        qg = q.reshape(b * s * h, d).index_select(0, rows).view(b, s, h, d)
-        res = attention(qg, k, v, block_mask, scale=scale, return_lse=return_lse, quant=quant)
+        from .permutation import gather_tokens, scatter_tokens
+
+        idx = q_index.long()
+        res = attention(gather_tokens(q, idx), k, v, block_mask, scale=scale, return_lse=return_lse, quant=quant)
         o, lse = res if return_lse else (res, None)
-        out = torch.empty_like(o).view(b * s * h, d).index_copy_(0, rows, o.reshape(b * s * h, d)).view(b, s, h, d)
+        out = scatter_tokens(o, idx)
         if return_lse:
-            lse = torch.empty_like(lse).scatter_(2, q_index.long().expand(b, h, s), lse)
+            lse = torch.empty_like(lse).scatter_(2, idx.expand_as(lse), lse)
         return (out, lse) if return_lse else out
     if len(runs) > 1 or runs[0][2] is not None:
         return _attention_runs(q, k, v, block_mask, scale, return_lse, runs, q_index)
@@ -125,14 +125,6 @@ def head_runs(quant, num_heads: int) -> list[tuple[int, int, str | None]]:
             runs.append((start, h, modes[start]))
             start = h
     return runs
-
-
-def _flat_rows(q_index: torch.Tensor, shape) -> torch.Tensor:
-    """Rows of ``x.reshape(B * S * H, D)`` that ``x`` in the ``q_index`` order reads, position-major."""
-    b, s, h, _ = shape
-    idx = q_index.long().expand(b, h, s)
-    rows = (torch.arange(b, device=idx.device).view(b, 1, 1) * s + idx) * h + torch.arange(h, device=idx.device).view(1, h, 1)
-    return rows.transpose(1, 2).reshape(-1)
 
 
 def _attention_runs(q, k, v, block_mask, scale, return_lse, runs, q_index=None):
