@@ -64,3 +64,29 @@ def decode_quant(quant: str):
 @vdit_attention.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale, quant="", q_index=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("vdit::qk_norm_rope", mutates_args=())
+def vdit_qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    num_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    weight_q: torch.Tensor | None,
+    weight_k: torch.Tensor | None,
+    eps_q: float,
+    eps_k: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`vdit_accel.kernels.rope.qk_norm_rope` as one opaque call for ``torch.compile``: ``(B, S, H * D)``
+    q and k in, contiguous ``(B, S, H, D)`` q and k out."""
+    from vdit_accel.kernels.rope import qk_norm_rope
+
+    qo, ko = qk_norm_rope(q, k, num_heads, cos, sin, weight_q, weight_k, eps_q, eps_k)
+    return qo, ko
+
+
+@vdit_qk_norm_rope.register_fake
+def _(q, k, num_heads, cos, sin, weight_q, weight_k, eps_q, eps_k):
+    shape = (*q.shape[:2], num_heads, q.shape[2] // num_heads)
+    return (torch.empty(shape, dtype=q.dtype, device=q.device), torch.empty(shape, dtype=k.dtype, device=k.device))

@@ -16,6 +16,7 @@ from vdit_accel.strategy import Strategy
 from .adapters import Adapter, adapter_for
 from .backend import _SDPAToBackend, _active, _warn_once, local_heads, register_backend
 from .op import encode_quant
+from .prologue import fused_body
 
 logger = logging.getLogger("vdit_accel")
 
@@ -26,6 +27,9 @@ _processor_classes: dict[type, type] = {}
 def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
     """The model's own processor class, with our backend and the processor published per call.
 
+    Wan-style processors run their self-attention calls with the fused Q/K norm + RoPE prologue
+    (:mod:`.prologue`) where the processor's ``_vdit_fused_prologue`` is set.
+
     ``functools.wraps`` keeps the base ``__call__`` signature visible to ``inspect.signature``:
     diffusers' ``Attention.forward`` drops keyword arguments the processor does not name. With
     ``route_sdpa`` (processors that call ``F.scaled_dot_product_attention`` themselves) the call runs
@@ -34,11 +38,16 @@ def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
     cls = _processor_classes.get((base, route_sdpa))
     if cls is not None:
         return cls
+    fused = None if route_sdpa else fused_body(base)
 
     @functools.wraps(base.__call__)
     def __call__(self, *args, **kwargs):
         prev, _active.proc = _active.proc, self
         try:
+            if fused is not None and self._vdit_fused_prologue:
+                out = fused(self, *args, **kwargs)
+                if out is not None:
+                    return out
             if route_sdpa:
                 with _SDPAToBackend():
                     return base.__call__(self, *args, **kwargs)
@@ -253,7 +262,7 @@ def _transformers_of(obj) -> list[torch.nn.Module]:
 
 
 def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, block_size: int = 128,
-          quant: str | None = None, order: str | dict | None = None):
+          quant: str | None = None, order: str | dict | None = None, fused_prologue: bool = True):
     """Route the self-attention of a diffusers video pipeline (or transformer) through vdit-accel.
 
     Args:
@@ -268,6 +277,10 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
         order: if given, every head's token order (``"tiled"``, ``"semantic:top_p=0.9,refresh=4"``,
             ``"segment"``, ``"raster"``; see :mod:`vdit_accel.permutation`), overriding the strategy's.
             ``semantic`` and ``segment`` choose their own key blocks and need the ``"dense"`` pattern.
+        fused_prologue: Wan 2.1/2.2 and SkyReels-V2 self-attention normalise and rotate Q and K in one
+            Triton pass instead of the processor's ~20 eager kernels (:mod:`vdit_accel.pipelines.prologue`;
+            on CUDA; equal to the eager result up to the norm's summation order). ``False`` keeps the
+            processor's own prologue.
 
     Only the video self-attention processors the model's adapter lists are replaced (``attn1``, or
     HunyuanVideo's joint ``attn``); cross-attention, text refiners and pools are left alone. The token
@@ -302,6 +315,7 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
             proc._vdit_state, proc._vdit_layer = state, i
             proc._vdit_seq_len, proc._vdit_kv_num_blocks, proc._vdit_kv_indices = -1, None, None
             proc._vdit_quant = ""
+            proc._vdit_fused_prologue = bool(fused_prologue)
             proc._vdit_heads = (0, state.num_heads)
             state.originals[name] = orig
             state.processors.append(proc)

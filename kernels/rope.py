@@ -1,0 +1,173 @@
+"""The self-attention prologue of Wan-style processors in one pass: RMSNorm across heads, then RoPE.
+
+diffusers' ``WanAttnProcessor`` normalises the projected queries and keys with ``torch.nn.RMSNorm``
+over all heads (``qk_norm="rms_norm_across_heads"``), then rotates channel pairs ``(2i, 2i + 1)`` of each
+head with its float32 ``(cos, sin)`` tables. In eager PyTorch that is about 20 elementwise kernels per
+layer, most of them over float32 intermediates twice the size of Q: on an H100 at Wan 480p a large part
+of what a sparse attention step costs (``benchmarks/results/prologue-*``). Here one launch reads Q and K once and writes them once, normalised and rotated.
+
+Rounding follows the eager path: the norm in float32, times the weight, rounded once to the input dtype
+(as torch's fused ``rms_norm`` does), then the rotation in the tables' precision (float32 for Wan; float64 tables rotate in float64)
+rounded to the input dtype through float32 (as PyTorch's double -> bfloat16 cast does). The sum of squares is a
+different summation order, so an element can differ from eager PyTorch by one unit in the last place.
+
+This module imports only torch and triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quantize import _device_ctx
+
+
+@triton.jit
+def _norm_rope_head(X_rows, W, Cos_rows, Sin_rows, h, rstd, row_mask,
+                    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                    NORM: tl.constexpr, F64: tl.constexpr):
+    """Head h of a [BLOCK_T] row block: normalised, times the weight, rotated; fp32 [BLOCK_T, BLOCK_D]."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    mask = row_mask[:, None] & d_mask[None, :]
+    x = tl.load(X_rows[:, None] + (h * HEAD_DIM + offs_d)[None, :], mask=mask, other=0.0)
+    dt = x.dtype
+    if NORM:
+        w = tl.load(W + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        y = (x.to(tl.float32) * rstd[:, None] * w.to(tl.float32)[None, :]).to(dt)
+    else:
+        y = x
+    # Channel pairs (2i, 2i + 1): x1 = even channels, x2 = odd; cos of the even, sin of the odd channels.
+    HALF: tl.constexpr = BLOCK_D // 2
+    x1, x2 = tl.split(tl.reshape(y, [BLOCK_T, HALF, 2]))
+    offs_i = tl.arange(0, HALF)
+    pmask = row_mask[:, None] & (offs_i < HEAD_DIM // 2)[None, :]
+    c = tl.load(Cos_rows[:, None] + 2 * offs_i[None, :], mask=pmask, other=0.0)
+    s = tl.load(Sin_rows[:, None] + 2 * offs_i[None, :] + 1, mask=pmask, other=0.0)
+    if F64:
+        x1 = x1.to(tl.float64)
+        x2 = x2.to(tl.float64)
+        c = c.to(tl.float64)
+        s = s.to(tl.float64)
+    else:
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        c = c.to(tl.float32)
+        s = s.to(tl.float32)
+    even = (x1 * c - x2 * s).to(tl.float32)
+    odd = (x1 * s + x2 * c).to(tl.float32)
+    return tl.reshape(tl.join(even, odd), [BLOCK_T, BLOCK_D])
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    Q, K, QO, KO, WQ, WK, Cos, Sin,
+    n_rows, S, H,
+    stride_qb, stride_qs, stride_kb, stride_ks, stride_ob, stride_os,
+    stride_cb, stride_cs, stride_sb, stride_ss,
+    eps_q, eps_k,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORM: tl.constexpr, F64: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < n_rows
+    b = (rows // S).to(tl.int64)
+    s = (rows % S).to(tl.int64)
+    q_rows = Q + b * stride_qb + s * stride_qs
+    k_rows = K + b * stride_kb + s * stride_ks
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rstd_q = tl.zeros([BLOCK_T], dtype=tl.float32)
+    rstd_k = tl.zeros([BLOCK_T], dtype=tl.float32)
+    if NORM:  # sum of squares over every head of the row
+        for h in range(H):
+            xq = tl.load(q_rows[:, None] + (h * HEAD_DIM + offs_d)[None, :], mask=mask, other=0.0).to(tl.float32)
+            xk = tl.load(k_rows[:, None] + (h * HEAD_DIM + offs_d)[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd_q += tl.sum(xq * xq, 1)
+            rstd_k += tl.sum(xk * xk, 1)
+        n = (H * HEAD_DIM).to(tl.float32)
+        rstd_q = 1.0 / tl.sqrt_rn(rstd_q / n + eps_q)
+        rstd_k = 1.0 / tl.sqrt_rn(rstd_k / n + eps_k)
+    cos_rows = Cos + b * stride_cb + s * stride_cs
+    sin_rows = Sin + b * stride_sb + s * stride_ss
+    o_off = (b * stride_ob + s * stride_os)[:, None] + offs_d[None, :]
+    for h in range(H):
+        yq = _norm_rope_head(q_rows, WQ, cos_rows, sin_rows, h, rstd_q, row_mask, HEAD_DIM, BLOCK_T, BLOCK_D, NORM, F64)
+        tl.store(QO + o_off + h * HEAD_DIM, yq.to(QO.dtype.element_ty), mask=mask)
+        yk = _norm_rope_head(k_rows, WK, cos_rows, sin_rows, h, rstd_k, row_mask, HEAD_DIM, BLOCK_T, BLOCK_D, NORM, F64)
+        tl.store(KO + o_off + h * HEAD_DIM, yk.to(KO.dtype.element_ty), mask=mask)
+
+
+def _table(t: torch.Tensor, batch: int, seq: int, head_dim: int, name: str) -> torch.Tensor:
+    """A rotary table broadcastable to (B, S, 1, D) or (B, S, D), as a (B or 1, S, D) view with unit
+    channel stride."""
+    if t.dim() == 4:
+        if t.shape[2] != 1:
+            raise ValueError(f"qk_norm_rope: {name} must be shared by the heads (B, S, 1, D); got {tuple(t.shape)}")
+        t = t[:, :, 0]
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() != 3 or t.shape[0] not in (1, batch) or t.shape[1] != seq or t.shape[2] != head_dim:
+        raise ValueError(f"qk_norm_rope: {name} of shape {tuple(t.shape)} does not fit (B={batch}, S={seq}, "
+                         f"D={head_dim})")
+    if t.stride(2) != 1:
+        t = t.contiguous()
+    return t
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                 weight_q: torch.Tensor | None = None, weight_k: torch.Tensor | None = None,
+                 eps_q: float = 1e-6, eps_k: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of each token's whole ``(H * D)`` row (weights ``weight_q`` / ``weight_k``; both None: no
+    norm), then RoPE on channel pairs of each head; returns ``(B, S, H, D)`` contiguous q and k.
+
+    ``q``, ``k``: ``(B, S, H * D)`` with unit channel stride (any token / batch strides: fused QKV
+    projections are read in place), fp16 / bf16 / fp32, on CUDA (or the CPU under TRITON_INTERPRET=1).
+    ``cos``, ``sin``: ``(1 or B, S, 1, D)``, ``(1 or B, S, D)`` or ``(S, D)``, float32 or float64 (the
+    rotation then runs in float64); channel ``2i`` uses ``cos[..., 2i]``, ``2i + 1`` uses
+    ``sin[..., 2i + 1]``, as diffusers' Wan processor does.
+    """
+    if q.shape != k.shape or q.dim() != 3:
+        raise ValueError(f"qk_norm_rope: q and k must be (B, S, H*D) of one shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"qk_norm_rope: q and k must share a float16/bfloat16/float32 dtype; got {q.dtype}, {k.dtype}")
+    B, S, C = q.shape
+    if C % num_heads:
+        raise ValueError(f"qk_norm_rope: {C} channels do not split into {num_heads} heads")
+    D = C // num_heads
+    if D % 2:
+        raise ValueError(f"qk_norm_rope: head_dim {D} is odd; RoPE rotates channel pairs")
+    if q.stride(2) != 1 or k.stride(2) != 1:
+        raise ValueError("qk_norm_rope: q and k need unit channel stride")
+    norm = weight_q is not None
+    if norm != (weight_k is not None):
+        raise ValueError("qk_norm_rope: pass both norm weights or neither")
+    if norm and (weight_q.shape != (C,) or weight_k.shape != (C,)):
+        raise ValueError(f"qk_norm_rope: norm weights must be ({C},) (the norm spans all heads); got "
+                         f"{tuple(weight_q.shape)}, {tuple(weight_k.shape)}")
+    cos = _table(cos, B, S, D, "cos")
+    sin = _table(sin, B, S, D, "sin")
+    if cos.dtype != sin.dtype or cos.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"qk_norm_rope: cos / sin must both be float32 or float64; got {cos.dtype}, {sin.dtype}")
+    qo = torch.empty((B, S, C), dtype=q.dtype, device=q.device)
+    ko = torch.empty_like(qo)
+    if B * S == 0:
+        return qo.unflatten(2, (num_heads, D)), ko.unflatten(2, (num_heads, D))
+    w_q = weight_q.contiguous() if norm else q  # unused when not norm
+    w_k = weight_k.contiguous() if norm else k
+    block_t = 16 if q.device.type == "cpu" else 32
+    grid = (triton.cdiv(B * S, block_t),)
+    with _device_ctx(q):
+        _qk_norm_rope_kernel[grid](
+            q, k, qo, ko, w_q, w_k, cos, sin,
+            B * S, S, num_heads,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1),
+            cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
+            sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
+            float(eps_q), float(eps_k),
+            HEAD_DIM=D, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(D),
+            NORM=norm, F64=cos.dtype == torch.float64, num_warps=4,
+        )
+    return qo.unflatten(2, (num_heads, D)), ko.unflatten(2, (num_heads, D))
