@@ -24,40 +24,35 @@ from .quantize import _device_ctx
 
 
 @triton.jit
-def _norm_rope_head(X_rows, W, Cos_rows, Sin_rows, h, rstd, row_mask,
-                    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+def _norm_rope_rows(X, W, c, s, rows_off, row_mask, H, eps,
+                    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                     NORM: tl.constexpr, F64: tl.constexpr):
-    """Head h of a [BLOCK_T] row block: normalised, times the weight, rotated; fp32 [BLOCK_T, BLOCK_D]."""
+    """BLOCK_T whole rows (every head) of X: normalised, times the weight, rotated with the rows' tables
+    c, s ([BLOCK_T, 1, BLOCK_D // 2]: cos of the even channels, sin of the odd); fp32 [BLOCK_T, BLOCK_H, BLOCK_D]."""
+    offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    mask = row_mask[:, None] & d_mask[None, :]
-    x = tl.load(X_rows[:, None] + (h * HEAD_DIM + offs_d)[None, :], mask=mask, other=0.0)
+    cols = offs_h[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_H, BLOCK_D]
+    col_mask = (offs_h < H)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask = row_mask[:, None, None] & col_mask[None, :, :]
+    x = tl.load(X + rows_off[:, None, None] + cols[None, :, :], mask=mask, other=0.0)
     dt = x.dtype
     if NORM:
-        w = tl.load(W + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-        y = (x.to(tl.float32) * rstd[:, None] * w.to(tl.float32)[None, :]).to(dt)
-    else:
-        y = x
-    # Channel pairs (2i, 2i + 1): x1 = even channels, x2 = odd; cos of the even, sin of the odd channels.
-    HALF: tl.constexpr = BLOCK_D // 2
-    x1, x2 = tl.split(tl.reshape(y, [BLOCK_T, HALF, 2]))
-    offs_i = tl.arange(0, HALF)
-    pmask = row_mask[:, None] & (offs_i < HEAD_DIM // 2)[None, :]
-    c = tl.load(Cos_rows[:, None] + 2 * offs_i[None, :], mask=pmask, other=0.0)
-    s = tl.load(Sin_rows[:, None] + 2 * offs_i[None, :] + 1, mask=pmask, other=0.0)
+        xf = x.to(tl.float32)
+        ms = tl.sum(tl.sum(xf * xf, 2), 1) / (H * HEAD_DIM).to(tl.float32)
+        rstd = 1.0 / tl.sqrt_rn(ms + eps)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        x = (xf * rstd[:, None, None] * w[None, :, :]).to(dt)
+    # Channel pairs (2i, 2i + 1): x1 = even channels, x2 = odd.
+    x1, x2 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_H, BLOCK_D // 2, 2]))
     if F64:
         x1 = x1.to(tl.float64)
         x2 = x2.to(tl.float64)
-        c = c.to(tl.float64)
-        s = s.to(tl.float64)
     else:
         x1 = x1.to(tl.float32)
         x2 = x2.to(tl.float32)
-        c = c.to(tl.float32)
-        s = s.to(tl.float32)
     even = (x1 * c - x2 * s).to(tl.float32)
     odd = (x1 * s + x2 * c).to(tl.float32)
-    return tl.reshape(tl.join(even, odd), [BLOCK_T, BLOCK_D])
+    return tl.reshape(tl.join(even, odd), [BLOCK_T, BLOCK_H, BLOCK_D]), mask, cols
 
 
 @triton.jit
@@ -67,36 +62,32 @@ def _qk_norm_rope_kernel(
     stride_qb, stride_qs, stride_kb, stride_ks, stride_ob, stride_os,
     stride_cb, stride_cs, stride_sb, stride_ss,
     eps_q, eps_k,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     NORM: tl.constexpr, F64: tl.constexpr,
 ):
+    """One pass: each program reads BLOCK_T whole rows of q and of k once and writes them once."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < n_rows
     b = (rows // S).to(tl.int64)
     s = (rows % S).to(tl.int64)
-    q_rows = Q + b * stride_qb + s * stride_qs
-    k_rows = K + b * stride_kb + s * stride_ks
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rstd_q = tl.zeros([BLOCK_T], dtype=tl.float32)
-    rstd_k = tl.zeros([BLOCK_T], dtype=tl.float32)
-    if NORM:  # sum of squares over every head of the row
-        for h in range(H):
-            xq = tl.load(q_rows[:, None] + (h * HEAD_DIM + offs_d)[None, :], mask=mask, other=0.0).to(tl.float32)
-            xk = tl.load(k_rows[:, None] + (h * HEAD_DIM + offs_d)[None, :], mask=mask, other=0.0).to(tl.float32)
-            rstd_q += tl.sum(xq * xq, 1)
-            rstd_k += tl.sum(xk * xk, 1)
-        n = (H * HEAD_DIM).to(tl.float32)
-        rstd_q = 1.0 / tl.sqrt_rn(rstd_q / n + eps_q)
-        rstd_k = 1.0 / tl.sqrt_rn(rstd_k / n + eps_k)
-    cos_rows = Cos + b * stride_cb + s * stride_cs
-    sin_rows = Sin + b * stride_sb + s * stride_ss
-    o_off = (b * stride_ob + s * stride_os)[:, None] + offs_d[None, :]
-    for h in range(H):
-        yq = _norm_rope_head(q_rows, WQ, cos_rows, sin_rows, h, rstd_q, row_mask, HEAD_DIM, BLOCK_T, BLOCK_D, NORM, F64)
-        tl.store(QO + o_off + h * HEAD_DIM, yq.to(QO.dtype.element_ty), mask=mask)
-        yk = _norm_rope_head(k_rows, WK, cos_rows, sin_rows, h, rstd_k, row_mask, HEAD_DIM, BLOCK_T, BLOCK_D, NORM, F64)
-        tl.store(KO + o_off + h * HEAD_DIM, yk.to(KO.dtype.element_ty), mask=mask)
+    HALF: tl.constexpr = BLOCK_D // 2
+    offs_i = tl.arange(0, HALF)
+    pmask = row_mask[:, None] & (offs_i < HEAD_DIM // 2)[None, :]
+    c = tl.load(Cos + (b * stride_cb + s * stride_cs)[:, None] + 2 * offs_i[None, :], mask=pmask, other=0.0)
+    sn = tl.load(Sin + (b * stride_sb + s * stride_ss)[:, None] + 2 * offs_i[None, :] + 1, mask=pmask, other=0.0)
+    if F64:
+        c = c.to(tl.float64)[:, None, :]
+        sn = sn.to(tl.float64)[:, None, :]
+    else:
+        c = c.to(tl.float32)[:, None, :]
+        sn = sn.to(tl.float32)[:, None, :]
+    o_off = b * stride_ob + s * stride_os
+    yq, mask, cols = _norm_rope_rows(Q, WQ, c, sn, b * stride_qb + s * stride_qs, row_mask, H, eps_q,
+                                     HEAD_DIM, BLOCK_T, BLOCK_H, BLOCK_D, NORM, F64)
+    tl.store(QO + o_off[:, None, None] + cols[None, :, :], yq.to(QO.dtype.element_ty), mask=mask)
+    yk, mask, cols = _norm_rope_rows(K, WK, c, sn, b * stride_kb + s * stride_ks, row_mask, H, eps_k,
+                                     HEAD_DIM, BLOCK_T, BLOCK_H, BLOCK_D, NORM, F64)
+    tl.store(KO + o_off[:, None, None] + cols[None, :, :], yk.to(KO.dtype.element_ty), mask=mask)
 
 
 def _table(t: torch.Tensor, batch: int, seq: int, head_dim: int, name: str) -> torch.Tensor:
@@ -157,7 +148,9 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, num_heads: int, cos: torch.Te
         return qo.unflatten(2, (num_heads, D)), ko.unflatten(2, (num_heads, D))
     w_q = weight_q.contiguous() if norm else q  # unused when not norm
     w_k = weight_k.contiguous() if norm else k
-    block_t = 16 if q.device.type == "cpu" else 32
+    block_h, block_d = triton.next_power_of_2(num_heads), triton.next_power_of_2(D)
+    # ~8192 elements of a tensor per program (one row of Wan 14B's 40 x 128 is 8192 once padded)
+    block_t = max(1, min(16, 8192 // (block_h * block_d)))
     grid = (triton.cdiv(B * S, block_t),)
     with _device_ctx(q):
         _qk_norm_rope_kernel[grid](
@@ -167,7 +160,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, num_heads: int, cos: torch.Te
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
             sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
             float(eps_q), float(eps_k),
-            HEAD_DIM=D, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(D),
-            NORM=norm, F64=cos.dtype == torch.float64, num_warps=4,
+            HEAD_DIM=D, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+            NORM=norm, F64=cos.dtype == torch.float64, num_warps=8 if block_t * block_h * block_d >= 4096 else 4,
         )
     return qo.unflatten(2, (num_heads, D)), ko.unflatten(2, (num_heads, D))
