@@ -295,11 +295,25 @@ def _attn_fwd_inner(
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     K_desc, V_desc, b, h, USE_TMA: tl.constexpr,
     QUANT: tl.constexpr, KScale_bh, q_rows, q_mean, EMULATE_FP8: tl.constexpr, EXP_POLY: tl.constexpr,
+    PREFETCH_IDX: tl.constexpr = False,
 ):
+    SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
+    if PREFETCH_IDX:
+        nxt = tl.load(kv_idx_row + (lo // SUB) * stride_idx_n, mask=lo < hi, other=0)
+    else:
+        nxt = 0
     for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
-        start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n,
-                                 offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
-                                 K_desc, V_desc, b, h, USE_TMA, QUANT)
+        if PREFETCH_IDX:  # the next block's index loads during this block (its latency off the loop's path)
+            start_n = nxt * MASK_BLOCK_N + (t % SUB) * BLOCK_N
+            nxt = tl.load(kv_idx_row + ((t + 1) // SUB) * stride_idx_n, mask=t + 1 < hi, other=0)
+            k = _load_k(start_n, K_bh, stride_kn, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_TAIL,
+                        K_desc, b, h, USE_TMA, QUANT)
+            v = _load_v(start_n, V_bh, stride_vn, stride_vd, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_TAIL,
+                        V_desc, b, h, USE_TMA, QUANT)
+        else:
+            start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n,
+                                     offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
+                                     K_desc, V_desc, b, h, USE_TMA, QUANT)
         qk, tile_scale = _scores(q, k, start_n, qk_scale, offs_n, KScale_bh, q_rows, q_mean, BLOCK_N,
                                  INPUT_PRECISION, QUANT)
         acc, l_i, m_i = _softmax_pv(qk, tile_scale, v, start_n, acc, l_i, m_i, offs_n, S, MASK_TAIL,
@@ -368,6 +382,7 @@ def _attn_fwd(
     INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     USE_TMA: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr,
     PIPELINE_QK: tl.constexpr = False, EXP_POLY: tl.constexpr = 0, Q_INDEXED: tl.constexpr = False,
+    PREFETCH_IDX: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -446,7 +461,7 @@ def _attn_fwd(
             offs_n, offs_d, S, qk_scale, 0, n_full,
             BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, False, INPUT_PRECISION, WARP_SPECIALIZE,
             K_desc, V_desc, b.to(tl.int32), h.to(tl.int32), USE_TMA, QUANT, KScale_bh, q_rows, q_mean, EMULATE_FP8,
-            EXP_POLY,
+            EXP_POLY, PREFETCH_IDX and SPARSE,
         )
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_bh, V_bh, stride_ks, stride_vs, stride_vd, kv_idx_row, stride_idxn,
@@ -514,7 +529,8 @@ DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
 _HEAD_DIM_BUCKETS = (64, 128, 256)
 _QUANT_IDS = {"fp8": 1, "int8": 2, "int4": 3}
 _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "tma": False, "pipeline_qk": False, "exp_poly": 0}
+_OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "tma": False, "pipeline_qk": False, "exp_poly": 0,
+                         "prefetch_idx": False}
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -939,7 +955,7 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
             USE_TMA=bool(cfg.get("tma", False)), QUANT=_QUANT_IDS.get(quant, 0), EMULATE_FP8=_interpreting(),
             PIPELINE_QK=bool(cfg.get("pipeline_qk", False)), EXP_POLY=int(cfg.get("exp_poly", 0)),
-            Q_INDEXED=q_index is not None,
+            Q_INDEXED=q_index is not None, PREFETCH_IDX=bool(cfg.get("prefetch_idx", False)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     if return_lse and quant is not None and qz["k_mean"] is not None:

@@ -46,7 +46,7 @@ def _attention(quant, sparse, tma=False, **flags):
     consts = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=128, HEAD_DIM=96 if not tma else 128, MASK_BLOCK_M=128,
                   MASK_BLOCK_N=128, SPARSE=sparse, EVEN_N=False, RETURN_LSE=True, INPUT_PRECISION=None,
                   WARP_SPECIALIZE=False, USE_TMA=tma, QUANT=quant, EMULATE_FP8=False)
-    consts.update(dict(PIPELINE_QK=False, EXP_POLY=0, Q_INDEXED=False), **flags)  # defaults too: else a runtime i32
+    consts.update(dict(PIPELINE_QK=False, EXP_POLY=0, Q_INDEXED=False, PREFETCH_IDX=False), **flags)  # defaults too: else a runtime i32
     return [AT, "_attn_fwd", types, consts]
 
 
@@ -58,6 +58,14 @@ VARIANTS += [_attention(1, False, tma=True, PIPELINE_QK=True, EXP_POLY=2), _atte
 # Queries read and outputs written through a token index (q_index), as the semantic order runs it.
 VARIANTS += [_attention(0, True, tma=True, Q_INDEXED=True), _attention(1, True, tma=True, Q_INDEXED=True),
              _attention(3, True, Q_INDEXED=True)]
+# Sparse with the next block index loaded one block ahead (config prefetch_idx).
+VARIANTS += [_attention(0, True, tma=True, PREFETCH_IDX=True), _attention(1, True, tma=True, PREFETCH_IDX=True)]
+VARIANTS += [
+    ["vdit_accel.kernels.rope", "_qk_norm_rope_kernel",
+     {"Q": "*bf16", "K": "*bf16", "QO": "*bf16", "KO": "*bf16", "WQ": "*bf16", "WK": "*bf16", "Cos": "*fp32",
+      "Sin": "*fp32", "eps_q": "fp32", "eps_k": "fp32"},
+     dict(HEAD_DIM=128, BLOCK_T=4, BLOCK_H=16, BLOCK_D=128, NORM=True, F64=False)],
+]
 VARIANTS += [
     [QZ, "_kv_stats_kernel", {"K": "*bf16", "V": "*bf16", "Part": "*fp32"}, dict(CHUNK=1024, ROWS=32, BLOCK_D=128, HEAD_DIM=96)],
     *[[QZ, "_kv_quantize_kernel",
