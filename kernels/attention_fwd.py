@@ -58,6 +58,10 @@ LOG2_FP8_MAX: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): e4m3'
 #                   (FlashAttention-4's trick; see _exp2_poly): 0 none (all on MUFU), 1, 2 or 4 (all).
 #                   Measured slower on the H100 in every configuration (fp8 wan 480p: 8.24 ms at 0,
 #                   8.99 at 1, 9.30 at 2, 10.64 at 4): the FMA/issue pipes, not MUFU, are what it loads.
+#   PREFETCH_IDX    sparse: the index of key block t + 1 is loaded while block t is processed (a loop-carried
+#                   scalar), so the TMA / pointer loads of the next block wait on no index load. On the
+#                   H100 this removes the sparse loop's whole overhead over dense (every block listed:
+#                   14.54 -> 11.67 ms, dense 11.65).
 #   m_i, l_i, acc   running row max (log2 domain, scaled), running row sum of exp2, running P @ V
 #   t               index of a kernel key block in this program's visit list (0 .. n_total-1);
 #                   dense: key block t; sparse: sub-block t % SUB of mask key block kv_indices[t // SUB]
@@ -507,12 +511,19 @@ def _attn_fwd(
 # "interpret" is for TRITON_INTERPRET=1 on a CPU, where small tiles keep tests quick.
 DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
     ("sm90", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=True),
-    ("sm90", 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
+    # prefetch_idx (sparse only): the next key block's index loads one block ahead. H100, triton 3.6, the
+    # e2e's tiled window3d masks: wan 480p 1.516 -> 1.372 ms, 720p 5.686 -> 4.858 ms; every block listed:
+    # 14.54 -> 11.67 ms = the dense kernel's 11.65 (bit-equal outputs; benchmarks/results/
+    # attention-sweep-prefetch-*-20261122.json).
+    ("sm90", 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True,
+                        prefetch_idx=True),
     ("sm90", 256): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     # Quantized (fp8 / int8 Q·K, fp8 P·V): half the tensor work per tile, so more CTAs per SM beat
     # bigger tiles (H100, wan 480p fp8: 8.50 ms at 64x128/4 warps vs 9.47 at 128x128/8 warps + ws).
     ("sm90-q", 64): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True),
     ("sm90-q", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True),
+    # fp8 sparse with the index prefetch: wan 480p 1.279 -> 1.191 ms, 720p 4.445 -> 4.132 ms (same file).
+    ("sm90-fp8", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, prefetch_idx=True),
     # int8 gains from Q·K^T one block ahead (H100, triton 3.6: wan 480p 8.81 -> 8.34 ms, hunyuan 720p
     # 250.7 -> 241.2 ms); fp8 loses (8.24 -> 8.61 ms). benchmarks/results/quant-sweep-*-20261122.json.
     ("sm90-int8", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, pipeline_qk=True),
@@ -577,7 +588,10 @@ AUTOTUNE_CANDIDATES: dict[int, list[dict]] = {
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
-    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
+    128: [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True, prefetch_idx=True),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, prefetch_idx=True),
+          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True, prefetch_idx=True),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, warp_specialize=True),
           dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, tma=True),
           dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, tma=True),
           dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, tma=True),
@@ -663,6 +677,17 @@ def _supports_warp_specialize() -> bool:
     import inspect
 
     return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+def _ws_prefetch_ok() -> bool:
+    """Warp specialization of the prefetching sparse loop compiles (and was measured) with triton 3.4-3.6;
+    triton 3.9's pass pipeline fails on it (sm_90 compile, 2026-11-22). Elsewhere the default drops
+    warp specialization there (the prefetch is the larger gain: 480p 1.385 vs 1.372 ms with it)."""
+    try:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (3, 4) <= (major, minor) <= (3, 6)
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -826,7 +851,8 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             mask blocks, keep the fastest in memory and in ``$VDIT_AUTOTUNE_CACHE`` or
             ``~/.cache/vdit_accel``), or a dict {BLOCK_M, BLOCK_N, num_warps, num_stages, and optionally
             tma, warp_specialize, pipeline_qk (Q·K^T one block ahead of the softmax), exp_poly (0, 1, 2
-            or 4 quarters of P's exp2 on the FMA pipe)}; BLOCK_M must divide mask_block_m and BLOCK_N
+            or 4 quarters of P's exp2 on the FMA pipe), prefetch_idx (sparse: the next key block's index
+            loaded a block ahead; with warp_specialize it compiles on triton 3.4-3.6 only)}; BLOCK_M must divide mask_block_m and BLOCK_N
             mask_block_n.
         quant: None, or ``"fp8"`` / ``"int8"`` / ``"int4"``: quantize q, k, v first
             (``kernels/quantize.py``, recipes in ``vdit_accel/quant.py``) and run the quantized kernel.
@@ -866,6 +892,8 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
         if cfg.get("tma") and not (_tma_ok(k) and _tma_ok(v)):
             cfg["tma"] = False
         if cfg.get("warp_specialize") and not (cfg.get("tma") and _supports_warp_specialize()):
+            cfg["warp_specialize"] = False
+        if sparse and cfg.get("warp_specialize") and cfg.get("prefetch_idx") and not _ws_prefetch_ok():
             cfg["warp_specialize"] = False
     elif config == "autotune":
         mask_args = (kv_num_blocks, kv_indices) if sparse else ()

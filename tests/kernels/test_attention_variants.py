@@ -137,14 +137,33 @@ def test_variant_config_validation():
 
 
 def test_quantized_defaults_per_mode(monkeypatch):
-    """On an H100 int8 runs Q·K^T one block ahead (measured faster), fp8 and int4 the shared -q entry,
-    head_dim 64 has no int8 entry of its own."""
+    """On an H100 int8 runs Q·K^T one block ahead (measured faster), fp8 the -q tiles with the sparse index
+    prefetch, int4 the shared -q entry, head_dim 64 has no int8 entry of its own."""
     af = _fwd
     monkeypatch.setattr(af, "_arch", lambda device, dtype: "sm90")
     cuda = torch.device("cuda")
     assert af.default_config(128, cuda, quant="int8") == dict(af.DEFAULT_CONFIGS[("sm90-q", 128)], pipeline_qk=True)
-    for mode in ("fp8", "int4"):
-        assert af.default_config(128, cuda, quant=mode) == af.DEFAULT_CONFIGS[("sm90-q", 128)]
+    assert af.default_config(128, cuda, quant="fp8") == dict(af.DEFAULT_CONFIGS[("sm90-q", 128)], prefetch_idx=True)
+    assert af.default_config(128, cuda, quant="int4") == af.DEFAULT_CONFIGS[("sm90-q", 128)]
     assert af.default_config(64, cuda, quant="int8") == af.DEFAULT_CONFIGS[("sm90-q", 64)]
     assert af.default_config(128, cuda) == af.DEFAULT_CONFIGS[("sm90", 128)]
     assert af.gpu_tiles(128, "int8") == af.gpu_tiles(128, "fp8") == (64, 128)
+
+
+@pytest.mark.parametrize("quant", [None, "fp8", "int4"])
+@pytest.mark.parametrize("s,d,mask_block,block_n", [(150, 96, 32, 32), (203, 64, 64, 32)])
+def test_prefetch_idx_is_bit_equal(quant, s, d, mask_block, block_n):
+    """prefetch_idx (the next key block's index loaded one block ahead) changes no bit: sparse at odd
+    sizes, empty / single-block / full query blocks, a masked tail, and mask key blocks visited as
+    SUB = 2 kernel blocks (mask block 64, BLOCK_N 32); dense ignores the flag."""
+    g = torch.Generator().manual_seed(s)
+    q, k, v = (torch.randn(2, s, 3, d, generator=g).half() for _ in range(3))
+    bm = _mask(3, s, mask_block, seed=s)
+    cfg = dict(BLOCK_M=32, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    for mask in (bm, None):
+        args = () if mask is None else (mask.kv_num_blocks, mask.kv_indices, mask_block, mask_block)
+        a = _fwd.attention_fwd(q, k, v, *args, config=cfg, quant=quant, return_lse=True)
+        b = _fwd.attention_fwd(q, k, v, *args, config={**cfg, "prefetch_idx": True}, quant=quant, return_lse=True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        if mask is not None and quant is None:  # and both are right
+            assert _rel(b[0], reference_attention(q.double(), k.double(), v.double(), mask)) < 2e-3
