@@ -40,13 +40,14 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
                           sx_b, sx_h, sx_n, sx_d, sc_g, sc_k,
                           D: tl.constexpr, K_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                           STORE_LABELS: tl.constexpr, WITH_SUMS: tl.constexpr, FROM_SUMS: tl.constexpr = False,
-                          CHUNK_COUNTS: tl.constexpr = False):
+                          TILE_COUNTS: tl.constexpr = False):
     """Program (row chunk, problem g = b * H + h): labels of rows [chunk * ROWS, ...), and its clusters' counts
     (and row sums) added atomically into COUNTS [G, K] (SUMS [G, K, D]) float32.
 
     FROM_SUMS: the centroids are first one Lloyd update of C from the previous pass's PSUMS [G, K, D] /
     PCOUNTS [G, K] (``sums / counts``; empty clusters keep C's), written to COUT [G, K, D] by chunk 0.
-    CHUNK_COUNTS: each chunk's counts go to COUNTS [G, chunks, K] (no atomics; what the placement reads)."""
+    TILE_COUNTS: the counts of each tile of BLOCK_N rows go to COUNTS [G, cdiv(N, BLOCK_N), K] (no atomics;
+    what the placement reads, one program per tile)."""
     pid, g = tl.program_id(0), tl.program_id(1)
     xg = (g // H).to(tl.int64) * sx_b + (g % H).to(tl.int64) * sx_h
     offs_k = tl.arange(0, K_PAD)
@@ -78,12 +79,14 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
         if STORE_LABELS:
             tl.store(LABELS + g * N + rows, lab.to(tl.int32), mask=rmask)
         onehot = (lab[:, None] == offs_k[None, :]) & rmask[:, None]
-        cnt += tl.sum(onehot.to(tl.float32), 0)
+        if TILE_COUNTS:
+            tl.store(COUNTS + (g * tl.cdiv(N, BLOCK_N) + start // BLOCK_N) * K + offs_k,
+                     tl.sum(onehot.to(tl.float32), 0), mask=kmask)
+        else:
+            cnt += tl.sum(onehot.to(tl.float32), 0)
         if WITH_SUMS:
             acc += tl.dot(tl.trans(onehot.to(x.dtype)), x)
-    if CHUNK_COUNTS:
-        tl.store(COUNTS + (g * tl.num_programs(0) + pid) * K + offs_k, cnt, mask=kmask)
-    else:
+    if not TILE_COUNTS:
         tl.atomic_add(COUNTS + g * K + offs_k, cnt, mask=kmask)
     if WITH_SUMS:
         tl.atomic_add(SUMS + g * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=kmask[:, None] & dmask[None, :])
@@ -129,7 +132,9 @@ def _cluster_place_kernel(LABELS, CCOUNTS, CINCL, PERM, BOUNDS, N, K, ROWS, VS, 
     """Program (row chunk, problem g): the positions of rows [chunk * ROWS, ...) when the N video rows are
     sorted by label, stably (a counting sort: cluster c starts after the rows of clusters < c; a row
     after the rows of its cluster in earlier chunks and earlier in its own chunk). CCOUNTS [G, CHUNKS, K]:
-    each chunk's cluster sizes, CINCL their inclusive sum over chunks (float32, exact). PERM [G, S] int64
+    each chunk's cluster sizes, CINCL their inclusive sum over chunks (float32, exact). The order uses
+    one tile of BLOCK_N rows per chunk (ROWS = BLOCK_N): thousands of short programs, not a few hundred
+    long loops of dependent prefix sums. PERM [G, S] int64
     gets ``VS + row`` at ``VS + position``; text positions [0, VS) and [VS + N, S) keep their token.
     Chunk 0 writes BOUNDS [G, K + 1] (``VS +`` each cluster's start, then ``VS + N``)."""
     pid, g = tl.program_id(0), tl.program_id(1)
@@ -166,7 +171,7 @@ def _cluster_place_kernel(LABELS, CCOUNTS, CINCL, PERM, BOUNDS, N, K, ROWS, VS, 
 
 def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_step: int, video_start: int,
                          seq_len: int, rows_per_program: int = 1024, block_n: int | None = None, num_warps: int = 4,
-                         update_rows: int = 1024, place_block: int = 32, num_stages: int | None = None):
+                         update_rows: int = 1024, place_warps: int = 4, num_stages: int | None = None):
     """The semantic order of every problem in ``3 + 2 * iters`` launches: ``iters`` Lloyd updates of the
     centroids ``c`` ``[G, K, D]`` (float32) on every ``sample_step``-th row of ``x`` ``[B, H, N, D]`` (the
     video rows, any strides), then every row assigned to the updated centroids, then the rows placed in
@@ -174,9 +179,9 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     [G, K, D])``: position ``i`` holds token ``perm[g, i]`` (video tokens are ``video_start + row``; the
     other positions hold their own token), cluster ``c`` spans ``[bounds[c], bounds[c + 1])``. The same
     as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`) up to the float32 summation order
-    of the centroid updates. ``rows_per_program`` / ``update_rows``: rows per program of the assignment
-    (and placement) / of the update passes; ``block_n`` / ``place_block``: rows per step of the assignment /
-    placement. Defaults: the fastest of 36 settings on an H100 at the wan 480p shape (12 x 32760 rows of
+    of the centroid updates. ``rows_per_program`` / ``update_rows``: rows per program of the assignment /
+    of the update passes; ``block_n``: rows per step of the assignment, and per program of the
+    placement (the assignment counts each such tile's clusters). Defaults: the fastest of 36 settings on an H100 at the wan 480p shape (12 x 32760 rows of
     128, bf16, one update on every 2nd row; CUDA-graph timing, ``benchmarks/results/permutation-overhead-*``
     says more): 64 centroids 0.174 ms for the whole order (block_n 64; 0.300 ms at the first defaults),
     128 centroids 0.31 ms (block_n 32)."""
@@ -203,20 +208,20 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
             xs.stride(0), xs.stride(1), xs.stride(2), xs.stride(3), c.stride(0), c.stride(1),
             STORE_LABELS=False, WITH_SUMS=True, FROM_SUMS=prev is not None, **kw)
         c, prev = cout, (sums, counts)
-    chunks = triton.cdiv(n, rows_per_program)
+    tiles = triton.cdiv(n, block_n)
     labels = torch.empty(g, n, device=dev, dtype=torch.int32)
-    ccounts = torch.empty(g, chunks, k, device=dev, dtype=torch.float32)
+    tcounts = torch.empty(g, tiles, k, device=dev, dtype=torch.float32)
     cout = c if prev is None else torch.empty_like(c)
-    _kmeans_assign_kernel[(chunks, g)](
-        x, c, *(prev or (c, c)), cout, labels, ccounts, ccounts, n, k, rows_per_program, hx,
+    _kmeans_assign_kernel[(triton.cdiv(n, rows_per_program), g)](
+        x, c, *(prev or (c, c)), cout, labels, tcounts, tcounts, n, k, rows_per_program, hx,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), c.stride(0), c.stride(1),
-        STORE_LABELS=True, WITH_SUMS=False, FROM_SUMS=prev is not None, CHUNK_COUNTS=True, **kw)
+        STORE_LABELS=True, WITH_SUMS=False, FROM_SUMS=prev is not None, TILE_COUNTS=True, **kw)
     perm = torch.empty(g, seq_len, device=dev, dtype=torch.int64)
     bounds = torch.empty(g, k + 1, device=dev, dtype=torch.int64)
-    cincl = ccounts.cumsum(1)  # each chunk's clusters start after the earlier chunks' rows of them
-    _cluster_place_kernel[(chunks, g)](labels, ccounts, cincl, perm, bounds, n, k, rows_per_program, video_start,
-                                       seq_len, chunks, K_PAD=_pow2(k), BLOCK_N=place_block, TEXT_BLOCK=256,
-                                       num_warps=4)
+    cincl = tcounts.cumsum(1)  # each tile's clusters start after the earlier tiles' rows of them
+    _cluster_place_kernel[(tiles, g)](labels, tcounts, cincl, perm, bounds, n, k, block_n, video_start,
+                                      seq_len, tiles, K_PAD=_pow2(k), BLOCK_N=block_n, TEXT_BLOCK=256,
+                                      num_warps=place_warps)
     return perm, bounds, cout
 
 

@@ -163,7 +163,7 @@ def test_kernels_compile_for_sm90():
     km = {"X": "*bf16", "C": "*fp32", "PSUMS": "*fp32", "PCOUNTS": "*fp32", "COUT": "*fp32", "LABELS": "*i32",
           "SUMS": "*fp32", "COUNTS": "*fp32"}
     variants = [[mod, "_kmeans_assign_kernel", km, dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_N=64, STORE_LABELS=lab, WITH_SUMS=sums,
-                                                        FROM_SUMS=upd, CHUNK_COUNTS=chunk)]
+                                                        FROM_SUMS=upd, TILE_COUNTS=chunk)]
                 for d, kp, dp, lab, sums, upd, chunk in ((128, 64, 128, False, True, False, False),
                                                          (128, 128, 128, True, False, False, False),
                                                          (96, 128, 128, True, True, False, False),
