@@ -46,8 +46,8 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
 
     FROM_SUMS: the centroids are first one Lloyd update of C from the previous pass's PSUMS [G, K, D] /
     PCOUNTS [G, K] (``sums / counts``; empty clusters keep C's), written to COUT [G, K, D] by chunk 0.
-    TILE_COUNTS: the counts of each tile of BLOCK_N rows go to COUNTS [G, cdiv(N, BLOCK_N), K] (no atomics;
-    what the placement reads, one program per tile)."""
+    TILE_COUNTS: the counts of each tile of BLOCK_N rows go to COUNTS [G, K, cdiv(N, BLOCK_N)] int32 (no
+    atomics; what the placement reads, one program per tile)."""
     pid, g = tl.program_id(0), tl.program_id(1)
     xg = (g // H).to(tl.int64) * sx_b + (g % H).to(tl.int64) * sx_h
     offs_k = tl.arange(0, K_PAD)
@@ -79,9 +79,10 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
         if STORE_LABELS:
             tl.store(LABELS + g * N + rows, lab.to(tl.int32), mask=rmask)
         onehot = (lab[:, None] == offs_k[None, :]) & rmask[:, None]
-        if TILE_COUNTS:
-            tl.store(COUNTS + (g * tl.cdiv(N, BLOCK_N) + start // BLOCK_N) * K + offs_k,
-                     tl.sum(onehot.to(tl.float32), 0), mask=kmask)
+        if TILE_COUNTS:  # [G, K, tiles]: the prefix over tiles is then an innermost-dim scan
+            tiles = tl.cdiv(N, BLOCK_N)
+            tl.store(COUNTS + (g * K + offs_k).to(tl.int64) * tiles + start // BLOCK_N,
+                     tl.sum(onehot.to(tl.int32), 0), mask=kmask)
         else:
             cnt += tl.sum(onehot.to(tl.float32), 0)
         if WITH_SUMS:
@@ -127,26 +128,21 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
 
 
 @triton.jit
-def _cluster_place_kernel(LABELS, CCOUNTS, CINCL, PERM, BOUNDS, N, K, ROWS, VS, S, CHUNKS,
+def _cluster_place_kernel(LABELS, BEFORE, START, PERM, BOUNDS, N, K, VS, S, TILES,
                           K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, TEXT_BLOCK: tl.constexpr):
-    """Program (row chunk, problem g): the positions of rows [chunk * ROWS, ...) when the N video rows are
-    sorted by label, stably (a counting sort: cluster c starts after the rows of clusters < c; a row
-    after the rows of its cluster in earlier chunks and earlier in its own chunk). CCOUNTS [G, CHUNKS, K]:
-    each chunk's cluster sizes, CINCL their inclusive sum over chunks (float32, exact). The order uses
-    one tile of BLOCK_N rows per chunk (ROWS = BLOCK_N): thousands of short programs, not a few hundred
-    long loops of dependent prefix sums. PERM [G, S] int64
-    gets ``VS + row`` at ``VS + position``; text positions [0, VS) and [VS + N, S) keep their token.
-    Chunk 0 writes BOUNDS [G, K + 1] (``VS +`` each cluster's start, then ``VS + N``)."""
+    """Program (tile of BLOCK_N rows, problem g): the positions of the tile's rows when the N video rows
+    are sorted by label, stably (a counting sort): a row goes after the clusters before its own
+    (START [G, K] int32, exclusive prefix of the cluster sizes), after its cluster's rows in earlier tiles
+    (BEFORE [G, K, TILES] int32, exclusive prefix over tiles) and after its cluster's earlier rows in the
+    tile (counted by comparing the tile's labels pairwise: no scan). PERM [G, S] int64 gets ``VS + row`` at
+    ``VS + position``; text positions [0, VS) and [VS + N, S) keep their token. Tile 0 writes BOUNDS
+    [G, K + 1] (``VS +`` each cluster's start, then ``VS + N``)."""
     pid, g = tl.program_id(0), tl.program_id(1)
-    offs_k = tl.arange(0, K_PAD)
-    kmask = offs_k < K
-    incl = tl.load(CINCL + (g * CHUNKS + pid) * K + offs_k, mask=kmask, other=0.0)
-    before = incl - tl.load(CCOUNTS + (g * CHUNKS + pid) * K + offs_k, mask=kmask, other=0.0)
-    total = tl.load(CINCL + (g * CHUNKS + CHUNKS - 1) * K + offs_k, mask=kmask, other=0.0)
-    total_i = total.to(tl.int32)
-    start = tl.cumsum(total_i, 0) - total_i
     perm_g = PERM + g.to(tl.int64) * S
     if pid == 0:
+        offs_k = tl.arange(0, K_PAD)
+        kmask = offs_k < K
+        start = tl.load(START + g * K + offs_k, mask=kmask, other=0)
         tl.store(BOUNDS + g * (K + 1) + offs_k, (VS + start).to(tl.int64), mask=kmask)
         tl.store(BOUNDS + g * (K + 1) + K, (VS + N).to(tl.int64))
         for t0 in range(0, VS, TEXT_BLOCK):
@@ -155,23 +151,20 @@ def _cluster_place_kernel(LABELS, CCOUNTS, CINCL, PERM, BOUNDS, N, K, ROWS, VS, 
         for t0 in range(VS + N, S, TEXT_BLOCK):
             t = t0 + tl.arange(0, TEXT_BLOCK)
             tl.store(perm_g + t, t.to(tl.int64), mask=t < S)
-    offset = VS + start + before.to(tl.int32)  # where this chunk's next row of each cluster goes
-    row0 = pid * ROWS
-    row1 = tl.minimum(row0 + ROWS, N)
-    for r0 in range(row0, row1, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        rmask = rows < row1
-        lab = tl.load(LABELS + g * N + rows, mask=rmask, other=-1)
-        onehot = (lab[:, None] == offs_k[None, :]).to(tl.int32)
-        rank = tl.sum((tl.cumsum(onehot, 0) - onehot) * onehot, 1)  # earlier rows of its cluster in this tile
-        pos = tl.sum(onehot * offset[None, :], 1) + rank
-        tl.store(perm_g + pos, (rows + VS).to(tl.int64), mask=rmask)
-        offset += tl.sum(onehot, 0)
+    offs = tl.arange(0, BLOCK_N)
+    rows = pid * BLOCK_N + offs
+    rmask = rows < N
+    lab = tl.load(LABELS + g * N + rows, mask=rmask, other=0)
+    same_before = (lab[:, None] == lab[None, :]) & (offs[None, :] < offs[:, None]) & rmask[None, :]
+    rank = tl.sum(same_before.to(tl.int32), 1)
+    base = (tl.load(START + g * K + lab, mask=rmask, other=0)
+            + tl.load(BEFORE + (g * K + lab).to(tl.int64) * TILES + pid, mask=rmask, other=0))
+    tl.store(perm_g + VS + base + rank, (rows + VS).to(tl.int64), mask=rmask)
 
 
 def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_step: int, video_start: int,
                          seq_len: int, rows_per_program: int = 1024, block_n: int | None = None, num_warps: int = 4,
-                         update_rows: int = 1024, place_warps: int = 4, num_stages: int | None = None):
+                         update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None):
     """The semantic order of every problem in ``3 + 2 * iters`` launches: ``iters`` Lloyd updates of the
     centroids ``c`` ``[G, K, D]`` (float32) on every ``sample_step``-th row of ``x`` ``[B, H, N, D]`` (the
     video rows, any strides), then every row assigned to the updated centroids, then the rows placed in
@@ -210,7 +203,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
         c, prev = cout, (sums, counts)
     tiles = triton.cdiv(n, block_n)
     labels = torch.empty(g, n, device=dev, dtype=torch.int32)
-    tcounts = torch.empty(g, tiles, k, device=dev, dtype=torch.float32)
+    tcounts = torch.empty(g, k, tiles, device=dev, dtype=torch.int32)
     cout = c if prev is None else torch.empty_like(c)
     _kmeans_assign_kernel[(triton.cdiv(n, rows_per_program), g)](
         x, c, *(prev or (c, c)), cout, labels, tcounts, tcounts, n, k, rows_per_program, hx,
@@ -218,8 +211,10 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
         STORE_LABELS=True, WITH_SUMS=False, FROM_SUMS=prev is not None, TILE_COUNTS=True, **kw)
     perm = torch.empty(g, seq_len, device=dev, dtype=torch.int64)
     bounds = torch.empty(g, k + 1, device=dev, dtype=torch.int64)
-    cincl = tcounts.cumsum(1)  # each tile's clusters start after the earlier tiles' rows of them
-    _cluster_place_kernel[(tiles, g)](labels, tcounts, cincl, perm, bounds, n, k, block_n, video_start,
+    incl = tcounts.cumsum(-1, dtype=torch.int32)  # a cluster's rows up to each tile (innermost scan)
+    sizes = incl[:, :, -1]
+    start = sizes.cumsum(-1, dtype=torch.int32) - sizes  # where each cluster starts
+    _cluster_place_kernel[(tiles, g)](labels, incl - tcounts, start, perm, bounds, n, k, video_start,
                                       seq_len, tiles, K_PAD=_pow2(k), BLOCK_N=block_n, TEXT_BLOCK=256,
                                       num_warps=place_warps)
     return perm, bounds, cout
