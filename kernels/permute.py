@@ -174,10 +174,10 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`) up to the float32 summation order
     of the centroid updates. ``rows_per_program`` / ``update_rows``: rows per program of the assignment /
     of the update passes; ``block_n``: rows per step of the assignment, and per program of the
-    placement (the assignment counts each such tile's clusters). Defaults: the fastest of 36 settings on an H100 at the wan 480p shape (12 x 32760 rows of
-    128, bf16, one update on every 2nd row; CUDA-graph timing, ``benchmarks/results/permutation-overhead-*``
-    says more): 64 centroids 0.174 ms for the whole order (block_n 64; 0.300 ms at the first defaults),
-    128 centroids 0.31 ms (block_n 32)."""
+    placement (the assignment counts each such tile's clusters). Defaults: the fastest of 32 settings on
+    an H100 at the wan 480p shape (12 x 32760 rows of 128, bf16, one update on every 2nd row; CUDA-graph
+    timing; 2026-11-22, with the per-tile placement): 64 centroids 0.141 ms for the whole order (0.174
+    with the per-chunk placement), 128 centroids 0.307 ms (block_n 32; the sweep's best 0.294)."""
     if block_n is None:
         block_n = 64 if c.shape[1] <= 64 else 32
     bx, hx, n, d = x.shape
