@@ -6,7 +6,9 @@ register :func:`_vdit_backend` under it. A patched processor is the model's own 
 its backend set to ``"vdit"``; around each call it publishes itself in :data:`_active`, and the backend
 reads that processor's block mask (prepared by the transformer's forward pre-hook for the forward's
 grid and step) and calls the ``vdit::attention`` custom op. So the processor's own code (projections,
-norms, RoPE, output) runs unchanged, and a diffusers update to a processor body needs no change here.
+norms, RoPE, output) runs unchanged, and a diffusers update to a processor body needs no change here --
+except that Wan-style self-attention runs its Q/K norm and RoPE fused (:mod:`.prologue`, opt-out
+``patch(..., fused_prologue=False)``), through the same ``dispatch_attention_fn`` call.
 
 Context parallelism: the backend is registered with ``supports_context_parallel``; under Ulysses it
 runs diffusers' own templated path (all-to-all around :func:`_ulysses_forward_op`), and the mask of each
