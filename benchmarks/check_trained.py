@@ -113,6 +113,15 @@ def run_header(script: str, argv: list[str] | None, device: str) -> tuple[str, d
     return tag, date, doc
 
 
+def write_result(out_dir: Path, what: str, tag: str, date: datetime.date, doc: dict) -> Path:
+    """``doc`` as ``<out_dir>/<what>-<tag>-<yyyymmdd>.json`` (the results/ naming); prints and returns the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{what}-{tag}-{date.strftime('%Y%m%d')}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print("wrote", path)
+    return path
+
+
 def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, limit: int | None = None,
               max_sequence_length: int = 128, seed_base: int = 1000, scenes: str = "check") -> dict:
     """Generate and score the check (or validation) captions; returns the rows and the agreement."""

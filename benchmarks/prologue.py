@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_trained import run_header  # noqa: E402
+from check_trained import run_header, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,10 +117,7 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
     if not args.smoke:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        path = args.out_dir / f"prologue-{tag}-{date.strftime('%Y%m%d')}.json"
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        print("wrote", path)
+        write_result(args.out_dir, "prologue", tag, date, doc)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_trained import run_check, run_header  # noqa: E402
+from check_trained import run_check, run_header, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc.update({"model": "wan-trained", "weights": str(args.weights or trained.WEIGHTS_DIR), "size": size,
                 "tokens": grid.seq_len, "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "prompts": args.prompts, "dtype": str(dtype).replace("torch.", ""), "rows": rows})
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"quality-{tag}-{date:%Y%m%d}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out_dir, "quality", tag, date, doc)
     return doc
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_trained import run_header  # noqa: E402
+from check_trained import run_header, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _B = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True)
@@ -93,10 +93,7 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"attention-sweep-prefetch-{tag}-{date.strftime('%Y%m%d')}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print("wrote", path)
+    write_result(args.out_dir, "attention-sweep-prefetch", tag, date, doc)
 
 
 if __name__ == "__main__":
