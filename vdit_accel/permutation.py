@@ -49,11 +49,10 @@ order needs 0.1025 against tiled's 0.5651 (5.5x fewer; per head 1.35x-27x) at 21
 0.5817 (4.9x) at 13x30x52; its own centroid top-p mask keeps 98% of the mass at 0.24 (0.33) of the
 blocks. The key-only segment order does not help these heads (0.65 against tiled's 0.57). GPU timing of
 the reordering (H100, wan 480p shape, ``benchmarks/permutation.py --overhead``,
-``permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json``, at 2643286): semantic plan 0.51 ms of GPU
+``permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json``, at 795c548): semantic plan 0.51 ms of GPU
 kernels (the K half on a second stream) + 0.15 ms moving K and V (Q and the output move inside the
-attention kernel: +0.14 ms); whole calls back to back minus the attention alone (3.13 ms at density
-0.27): 19% at refresh=1, 14% at 2, 10.4% at 4, 10.2% at 8 (the moves alone are 9.3%); segment 29% of
-8.3 ms at 1. The tiled order: 0.006 ms (0.8%).
+attention kernel: +0.05 ms); whole calls back to back minus the attention alone (3.21 ms at density
+0.27): 18.5% at refresh=1, 12.6% at 2, 9.6% at 4, 8.2% at 8; segment 29% of 8.3 ms at 1. The tiled order: 0.006 ms (0.8%).
 """
 
 from __future__ import annotations
