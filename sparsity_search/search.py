@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from vdit_accel.patterns import Pattern
-from vdit_accel.permutation import DYNAMIC_KINDS, format_order, order_key, validate_order
+from vdit_accel.permutation import DYNAMIC_KINDS, format_order, order_key, order_overhead, validate_order
 from vdit_accel.strategy import Strategy
 
 from .candidates import candidate_patterns
@@ -54,8 +54,9 @@ class SearchConfig:
     orders: token orders the search may give a head (:mod:`vdit_accel.permutation`; short forms):
         every pattern is scored in each static order (``raster``, ``tiled``), and each dynamic order
         (``semantic:top_p=0.9``, ``segment``, ...) is one more candidate of its own. Each order costs
-        one more profiling pass. The cost model counts block density only: the reordering itself
-        (measured by ``benchmarks/permutation.py``) is not charged.
+        one more profiling pass. A dynamic order's cost is its block density plus its per-call plan and
+        moves (:func:`vdit_accel.permutation.order_overhead`, from ``benchmarks/permutation.py --overhead``,
+        in the same units); static orders cost their density.
     """
 
     budget: float = 0.05
@@ -267,7 +268,9 @@ def search(
     if cost_model is None:
         cost_model = (measure_cost_model(1, grid.seq_len, num_heads, head_dim, config.block_size, device)
                       if device.type == "cuda" else flops_cost_model(1, grid.seq_len, num_heads, head_dim))
-    cost = cost_model.head_cost(density, num_heads)  # [L, H, C]
+    # Dynamic orders also pay their plan and moves per call (in density units; 0 for static orders).
+    overhead = torch.tensor([order_overhead(o, grid.seq_len) for _, o in columns], dtype=density.dtype)
+    cost = cost_model.head_cost(density + overhead, num_heads)  # [L, H, C]
     if config.target_density is not None:
         choice = solve_lagrangian(err, density, mean_cost=config.target_density)
     elif config.mode == "per_head":

@@ -87,6 +87,26 @@ ORDER_KINDS = tuple(_ORDER_SCHEMA)
 STATIC_KINDS = ("raster", "tiled")  # orders that depend on the grid only (masks built once per grid)
 DYNAMIC_KINDS = ("semantic", "segment")  # orders computed from each call's Q/K (masks too)
 
+# What a dynamic order costs per attention call beyond the attention itself, in units of the dense
+# attention of the same heads, measured at the wan 480p shape (32760 tokens, 12 heads of 128; H100,
+# ``benchmarks/results/permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json`` at 795c548, dense
+# attention of those heads 11.3 ms): (moving K and V + reading Q through the order, the plan). Both
+# grow with S where the attention grows with S^2: :func:`order_overhead` scales them by 32760 / S.
+_OVERHEAD_REF_TOKENS = 32760
+_ORDER_OVERHEAD = {"semantic": (0.20 / 11.3, 0.51 / 11.3), "segment": (0.20 / 11.3, 2.53 / 11.3)}
+
+
+def order_overhead(o: "Order | None", seq_len: int) -> float:
+    """The per-call cost of order ``o`` beyond its attention, as a fraction of dense attention (the unit
+    of block density): 0 for static orders (the tiled frame moves once per forward: 0.8% of one sparse
+    call at wan 480p), the moves plus the plan over its ``refresh`` for dynamic ones (semantic at
+    ``seq_len`` 32760: 0.063 at refresh 1, 0.022 at 8)."""
+    o = validate_order(o)
+    if o is None or o["kind"] not in DYNAMIC_KINDS:
+        return 0.0
+    moves, plan = _ORDER_OVERHEAD[o["kind"]]
+    return (moves + plan / o["refresh"]) * _OVERHEAD_REF_TOKENS / max(seq_len, 1)
+
 
 def validate_order(o: Any) -> Order | None:
     """Check an order spec and return it normalised: ``None`` for raster, else a dict with every

@@ -66,3 +66,15 @@ def test_search_writes_orders_that_patch_applies(tmp_path):
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="need a static order"):
         SearchConfig(orders=("semantic",))
+
+
+def test_order_overhead_is_charged_in_density_units():
+    """Dynamic orders pay their plan and moves: more at refresh 1 than at 8, less at longer sequences
+    (O(S) against attention's O(S^2)), nothing for static orders."""
+    from vdit_accel.permutation import order_overhead
+
+    assert order_overhead(None, 32760) == order_overhead("tiled", 32760) == 0.0
+    one, eight = order_overhead("semantic", 32760), order_overhead("semantic:refresh=8", 32760)
+    assert 0.05 < one < 0.08 and 0.015 < eight < 0.03 and eight < one
+    assert order_overhead("semantic", 75600) == pytest.approx(one * 32760 / 75600)
+    assert order_overhead("segment", 32760) > one
