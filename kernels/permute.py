@@ -46,8 +46,9 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
 
     FROM_SUMS: the centroids are first one Lloyd update of C from the previous pass's PSUMS [G, K, D] /
     PCOUNTS [G, K] (``sums / counts``; empty clusters keep C's), written to COUT [G, K, D] by chunk 0.
-    TILE_COUNTS: the counts of each tile of BLOCK_N rows go to COUNTS [G, K, cdiv(N, BLOCK_N)] int32 (no
-    atomics; what the placement reads, one program per tile)."""
+    TILE_COUNTS (what the placement reads, one program per tile; int32, no atomics): COUNTS [G, K, tiles]
+    gets, for each tile of BLOCK_N rows, each cluster's rows in the chunk's earlier tiles, and SUMS
+    [G, K, chunks] each chunk's cluster sizes (a prefix over the chunks then places the chunks)."""
     pid, g = tl.program_id(0), tl.program_id(1)
     xg = (g // H).to(tl.int64) * sx_b + (g % H).to(tl.int64) * sx_h
     offs_k = tl.arange(0, K_PAD)
@@ -66,6 +67,7 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
     bias = tl.where(kmask, -0.5 * tl.sum(c * c, 1), float("-inf"))  # -|c|^2 / 2; padded centroids never win
     c_lp = c.to(X.dtype.element_ty)
     cnt = tl.zeros([K_PAD], dtype=tl.float32)
+    icnt = tl.zeros([K_PAD], dtype=tl.int32)  # TILE_COUNTS: this chunk's rows per cluster so far
     acc = tl.zeros([K_PAD, D_PAD], dtype=tl.float32)
     row0 = pid * ROWS
     row1 = tl.minimum(row0 + ROWS, N)
@@ -79,15 +81,17 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
         if STORE_LABELS:
             tl.store(LABELS + g * N + rows, lab.to(tl.int32), mask=rmask)
         onehot = (lab[:, None] == offs_k[None, :]) & rmask[:, None]
-        if TILE_COUNTS:  # [G, K, tiles]: the prefix over tiles is then an innermost-dim scan
-            tiles = tl.cdiv(N, BLOCK_N)
-            tl.store(COUNTS + (g * K + offs_k).to(tl.int64) * tiles + start // BLOCK_N,
-                     tl.sum(onehot.to(tl.int32), 0), mask=kmask)
+        if TILE_COUNTS:
+            tl.store(COUNTS + (g * K + offs_k).to(tl.int64) * tl.cdiv(N, BLOCK_N) + start // BLOCK_N, icnt,
+                     mask=kmask)
+            icnt += tl.sum(onehot.to(tl.int32), 0)
         else:
             cnt += tl.sum(onehot.to(tl.float32), 0)
         if WITH_SUMS:
             acc += tl.dot(tl.trans(onehot.to(x.dtype)), x)
-    if not TILE_COUNTS:
+    if TILE_COUNTS:
+        tl.store(SUMS + (g * K + offs_k).to(tl.int64) * tl.num_programs(0) + pid, icnt, mask=kmask)
+    else:
         tl.atomic_add(COUNTS + g * K + offs_k, cnt, mask=kmask)
     if WITH_SUMS:
         tl.atomic_add(SUMS + g * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=kmask[:, None] & dmask[None, :])
@@ -128,13 +132,14 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
 
 
 @triton.jit
-def _cluster_place_kernel(LABELS, BEFORE, START, PERM, BOUNDS, N, K, VS, S, TILES,
+def _cluster_place_kernel(LABELS, TBEFORE, CBEFORE, START, PERM, BOUNDS, N, K, VS, S, TILES, CHUNKS, TILES_PER_CHUNK,
                           K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, TEXT_BLOCK: tl.constexpr):
     """Program (tile of BLOCK_N rows, problem g): the positions of the tile's rows when the N video rows
     are sorted by label, stably (a counting sort): a row goes after the clusters before its own
-    (START [G, K] int32, exclusive prefix of the cluster sizes), after its cluster's rows in earlier tiles
-    (BEFORE [G, K, TILES] int32, exclusive prefix over tiles) and after its cluster's earlier rows in the
-    tile (counted by comparing the tile's labels pairwise: no scan). PERM [G, S] int64 gets ``VS + row`` at
+    (START [G, K] int32, exclusive prefix of the cluster sizes), after its cluster's rows in earlier
+    chunks (CBEFORE [G, K, CHUNKS]) and in its chunk's earlier tiles (TBEFORE [G, K, TILES], from the
+    assignment), and after its cluster's earlier rows in the tile (counted by comparing the tile's labels
+    pairwise: no scan). PERM [G, S] int64 gets ``VS + row`` at
     ``VS + position``; text positions [0, VS) and [VS + N, S) keep their token. Tile 0 writes BOUNDS
     [G, K + 1] (``VS +`` each cluster's start, then ``VS + N``)."""
     pid, g = tl.program_id(0), tl.program_id(1)
@@ -157,8 +162,10 @@ def _cluster_place_kernel(LABELS, BEFORE, START, PERM, BOUNDS, N, K, VS, S, TILE
     lab = tl.load(LABELS + g * N + rows, mask=rmask, other=0)
     same_before = (lab[:, None] == lab[None, :]) & (offs[None, :] < offs[:, None]) & rmask[None, :]
     rank = tl.sum(same_before.to(tl.int32), 1)
+    gk = (g * K + lab).to(tl.int64)
     base = (tl.load(START + g * K + lab, mask=rmask, other=0)
-            + tl.load(BEFORE + (g * K + lab).to(tl.int64) * TILES + pid, mask=rmask, other=0))
+            + tl.load(CBEFORE + gk * CHUNKS + pid // TILES_PER_CHUNK, mask=rmask, other=0)
+            + tl.load(TBEFORE + gk * TILES + pid, mask=rmask, other=0))
     tl.store(perm_g + VS + base + rank, (rows + VS).to(tl.int64), mask=rmask)
 
 
@@ -201,22 +208,23 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
             xs.stride(0), xs.stride(1), xs.stride(2), xs.stride(3), c.stride(0), c.stride(1),
             STORE_LABELS=False, WITH_SUMS=True, FROM_SUMS=prev is not None, **kw)
         c, prev = cout, (sums, counts)
-    tiles = triton.cdiv(n, block_n)
+    tiles, chunks = triton.cdiv(n, block_n), triton.cdiv(n, rows_per_program)
     labels = torch.empty(g, n, device=dev, dtype=torch.int32)
-    tcounts = torch.empty(g, k, tiles, device=dev, dtype=torch.int32)
+    tbefore = torch.empty(g, k, tiles, device=dev, dtype=torch.int32)  # per tile: the chunk's earlier rows
+    csizes = torch.empty(g, k, chunks, device=dev, dtype=torch.int32)
     cout = c if prev is None else torch.empty_like(c)
-    _kmeans_assign_kernel[(triton.cdiv(n, rows_per_program), g)](
-        x, c, *(prev or (c, c)), cout, labels, tcounts, tcounts, n, k, rows_per_program, hx,
+    _kmeans_assign_kernel[(chunks, g)](
+        x, c, *(prev or (c, c)), cout, labels, csizes, tbefore, n, k, rows_per_program, hx,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), c.stride(0), c.stride(1),
         STORE_LABELS=True, WITH_SUMS=False, FROM_SUMS=prev is not None, TILE_COUNTS=True, **kw)
     perm = torch.empty(g, seq_len, device=dev, dtype=torch.int64)
     bounds = torch.empty(g, k + 1, device=dev, dtype=torch.int64)
-    incl = tcounts.cumsum(-1, dtype=torch.int32)  # a cluster's rows up to each tile (innermost scan)
-    sizes = incl[:, :, -1]
+    cincl = csizes.cumsum(-1, dtype=torch.int32)  # a cluster's rows up to each chunk
+    sizes = cincl[:, :, -1]
     start = sizes.cumsum(-1, dtype=torch.int32) - sizes  # where each cluster starts
-    _cluster_place_kernel[(tiles, g)](labels, incl - tcounts, start, perm, bounds, n, k, video_start,
-                                      seq_len, tiles, K_PAD=_pow2(k), BLOCK_N=block_n, TEXT_BLOCK=256,
-                                      num_warps=place_warps)
+    _cluster_place_kernel[(tiles, g)](labels, tbefore, cincl - csizes, start, perm, bounds, n, k, video_start,
+                                      seq_len, tiles, chunks, rows_per_program // block_n, K_PAD=_pow2(k),
+                                      BLOCK_N=block_n, TEXT_BLOCK=256, num_warps=place_warps)
     return perm, bounds, cout
 
 

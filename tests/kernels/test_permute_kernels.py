@@ -162,14 +162,14 @@ def test_kernels_compile_for_sm90():
     mod = "vdit_accel.kernels.permute"
     km = {"X": "*bf16", "C": "*fp32", "PSUMS": "*fp32", "PCOUNTS": "*fp32", "COUT": "*fp32", "LABELS": "*i32",
           "SUMS": "*fp32", "COUNTS": "*fp32"}
-    variants = [[mod, "_kmeans_assign_kernel", km | ({"COUNTS": "*i32"} if chunk else {}), dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_N=64, STORE_LABELS=lab, WITH_SUMS=sums,
+    variants = [[mod, "_kmeans_assign_kernel", km | ({"COUNTS": "*i32", "SUMS": "*i32"} if chunk else {}), dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_N=64, STORE_LABELS=lab, WITH_SUMS=sums,
                                                         FROM_SUMS=upd, TILE_COUNTS=chunk)]
                 for d, kp, dp, lab, sums, upd, chunk in ((128, 64, 128, False, True, False, False),
                                                          (128, 128, 128, True, False, False, False),
                                                          (96, 128, 128, True, True, False, False),
                                                          (128, 128, 128, False, True, True, False),
                                                          (128, 256, 128, True, False, True, True))]
-    variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "BEFORE": "*i32", "START": "*i32", "PERM": "*i64",
+    variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "TBEFORE": "*i32", "CBEFORE": "*i32", "START": "*i32", "PERM": "*i64",
                                                  "BOUNDS": "*i64"},
                   dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256)] for kp in (64, 256)]
     gr = {n: "*bf16" for n in ("X0", "Y0", "X1", "Y1", "X2", "Y2")} | {"IDX": "*i64"}
