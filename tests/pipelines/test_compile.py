@@ -129,3 +129,19 @@ def test_attention_op_checks(sparse):
     assert torch.equal(vdit_attention(*args), vdit_accel.attention(q, k, v, mask, scale=0.3))
     with pytest.raises(ValueError, match="together"):
         vdit_attention(q, k, v, None, torch.zeros(1, 2, 3, 3, dtype=torch.int32), 16, 16, None)
+
+
+def test_fused_prologue_compiles_into_one_graph(wan, monkeypatch):
+    """With the fused Wan prologue (kernels through the interpreter: VDIT_CPU_TRITON=1) the compiled
+    model is one graph holding one opaque ``vdit::qk_norm_rope`` per layer, equal to eager."""
+    monkeypatch.setenv("VDIT_CPU_TRITON", "1")
+    tr = _patched(wan, "dense")
+    x, t, enc = _inputs()
+    with torch.no_grad():
+        ref = _fwd(tr, x, t, enc)
+        cnt = CompileCounterWithBackend("aot_eager")
+        out = _fwd(torch.compile(tr, backend=cnt), x, t, enc)
+    assert cnt.frame_count == 1
+    ops = sum(n.target is torch.ops.vdit.qk_norm_rope.default for g in cnt.graphs for n in g.graph.nodes)
+    assert ops == len(tr.blocks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
