@@ -113,3 +113,30 @@ def test_patched_wan_uses_it_and_matches_the_eager_prologue(monkeypatch):
     assert len(calls) == len(tr.blocks) and all(s == (1, 45, tr.config.num_attention_heads * 64) for s in calls)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused, cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_skyreels_v2_pipeline_uses_it(monkeypatch):
+    """SkyReels-V2's processor has the same prologue: its tiny pipeline (one step, attention through the
+    interpreted kernel) gives the same video with the fused prologue as with its own."""
+    import vdit_accel.kernels.rope as rope
+    from vdit_accel.pipelines import tiny_defaults
+
+    pipe = build_tiny_pipeline("skyreels_v2")
+    d = tiny_defaults("skyreels_v2")
+    call = dict(prompt="a red circle moving left", height=64, width=64, num_frames=9, num_inference_steps=1,
+                output_type="pt", **d.call_kwargs)
+    if d.max_sequence_length:
+        call["max_sequence_length"] = d.max_sequence_length
+    calls = []
+    real = rope.qk_norm_rope
+    monkeypatch.setattr(rope, "qk_norm_rope", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("VDIT_CPU_TRITON", "1")
+    videos = []
+    for fused in (False, True):
+        vdit_accel.patch(pipe, "dense", fused_prologue=fused)
+        try:
+            videos.append(pipe(**call, generator=torch.Generator().manual_seed(0)).frames[0])
+        finally:
+            vdit_accel.unpatch(pipe)
+        assert bool(calls) == fused
+    torch.testing.assert_close(videos[1], videos[0], rtol=1e-4, atol=1e-4)
