@@ -14,7 +14,8 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
   (k and v) in one launch, from any strides into any strides.
 - :func:`kmeans_cluster_order`: the warm semantic order of every problem — Lloyd updates on a sample
   of rows, the assignment of every row, and a stable counting sort of the rows by cluster — in
-  ``3 + 2 iters`` launches (the update of the centroids is folded into the next pass's kernel).
+  ``6 + 2 iters`` launches (the update of the centroids is folded into the next pass's kernel; four
+  of them are the small torch prefix sums over the chunk counts).
 - :func:`semantic_block_mask`: the semantic plan's block mask in two launches — centroid scores, softmax
   and top-p of the key clusters of every query cluster (once per query cluster), then the clusters'
   overlap with the blocks and (``csr``) the attention kernel's block lists (the ~40 small ops of the
@@ -172,7 +173,7 @@ def _cluster_place_kernel(LABELS, TBEFORE, CBEFORE, START, PERM, BOUNDS, N, K, V
 def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_step: int, video_start: int,
                          seq_len: int, rows_per_program: int = 1024, block_n: int | None = None, num_warps: int = 4,
                          update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None):
-    """The semantic order of every problem in ``3 + 2 * iters`` launches: ``iters`` Lloyd updates of the
+    """The semantic order of every problem in ``6 + 2 * iters`` launches: ``iters`` Lloyd updates of the
     centroids ``c`` ``[G, K, D]`` (float32) on every ``sample_step``-th row of ``x`` ``[B, H, N, D]`` (the
     video rows, any strides), then every row assigned to the updated centroids, then the rows placed in
     cluster order (stable). Returns ``(perm int64 [G, seq_len], bounds int64 [G, K + 1], centroids float32
