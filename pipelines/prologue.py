@@ -25,6 +25,8 @@ import torch
 
 from vdit_accel.attention import _use_triton
 
+from .backend import _warn_once
+
 logger = logging.getLogger("vdit_accel")
 
 # processor class name -> the diffusers module whose _get_qkv_projections / dispatch_attention_fn it calls
@@ -69,11 +71,15 @@ def fused_body(base: type):
         if not all(_rms_across(n, attn.inner_dim, hidden_states.dtype) for n in norms):
             return None
         cos, sin = rotary_emb
-        if cos.dtype not in (torch.float32, torch.float64) or cos.dtype != sin.dtype:
+        b, s = hidden_states.shape[:2]
+        table = (s, 1, attn.inner_dim // attn.heads)
+        if (cos.dtype not in (torch.float32, torch.float64) or cos.dtype != sin.dtype or cos.dim() != 4
+                or tuple(cos.shape[1:]) != table or tuple(sin.shape[1:]) != table or cos.shape[0] not in (1, b)
+                or sin.shape[0] not in (1, b)):
+            _warn_once(f"vdit-accel: {type(proc).__name__} got rotary tables {tuple(cos.shape)} {cos.dtype}, not the "
+                       f"(1 or B, S, 1, D) float tables the fused prologue takes: the processor's own prologue runs")
             return None
         query, key, value = mod._get_qkv_projections(attn, hidden_states, None)
-        if query.stride(-1) != 1 or key.stride(-1) != 1:
-            return None
         eps = [float(n.eps) if n.eps is not None else torch.finfo(query.dtype).eps for n in norms]
         query, key = vdit_qk_norm_rope(query, key, attn.heads, cos, sin, attn.norm_q.weight, attn.norm_k.weight,
                                   eps[0], eps[1])

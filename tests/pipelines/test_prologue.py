@@ -140,3 +140,32 @@ def test_skyreels_v2_pipeline_uses_it(monkeypatch):
             vdit_accel.unpatch(pipe)
         assert bool(calls) == fused
     torch.testing.assert_close(videos[1], videos[0], rtol=1e-4, atol=1e-4)
+
+
+def test_tables_it_does_not_take_fall_back_to_the_processor(monkeypatch, caplog):
+    """Rotary tables of another dtype (here float16) are not the kernel's: the processor's own prologue
+    runs, with one warning, and the output is the eager one."""
+    import vdit_accel.kernels.rope as rope
+
+    tr = build_tiny_pipeline("wan").transformer
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 3, 6, 10, generator=g), torch.tensor([500])
+    enc = torch.randn(1, 8, tr.config.text_dim, generator=g)
+    hook = tr.rope.register_forward_hook(lambda m, a, out: tuple(o.half() for o in out))
+    calls = []
+    real = rope.qk_norm_rope
+    monkeypatch.setattr(rope, "qk_norm_rope", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("VDIT_CPU_TRITON", "1")
+    outs = []
+    try:
+        for fused in (False, True):
+            vdit_accel.patch(tr, "dense", fused_prologue=fused)
+            try:
+                with torch.no_grad(), caplog.at_level("WARNING", logger="vdit_accel"):
+                    outs.append(tr(x, t, enc, return_dict=False)[0])
+            finally:
+                vdit_accel.unpatch(tr)
+    finally:
+        hook.remove()
+    assert calls == [] and torch.equal(outs[0], outs[1])
+    assert "rotary tables" in caplog.text
