@@ -211,23 +211,21 @@ def _load_v(
 
 @triton.jit
 def _load_kv(
-    t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n, offs_d, S,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASK_BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASK_TAIL: tl.constexpr,
+    start_n, K_bh, V_bh, stride_kn, stride_vn, stride_vd, offs_n, offs_d, S,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_TAIL: tl.constexpr,
     K_desc, V_desc, b, h, USE_TMA: tl.constexpr, QUANT: tl.constexpr,
 ):
-    """Kernel key block t of the visit list: its first key position, K and V tiles.
+    """The K and V tiles of the key block starting at start_n.
 
     USE_TMA: K_desc / V_desc are tensor descriptors of the whole (B, S, H, D) tensors (QUANT: of the
     quantized (B, H, S_pad, D) K and (B, H, D, S_pad) V); the copy engine fills rows past S (and
     columns past D) with zeros, so no load mask is needed. QUANT buffers are zero-padded to whole
     tiles, so their rows need no mask either; int4 K comes packed and is unpacked here."""
-    start_n = _block_start(t, kv_idx_row, stride_idx_n, BLOCK_N, MASK_BLOCK_N, SPARSE)
     k = _load_k(start_n, K_bh, stride_kn, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_TAIL,
                 K_desc, b, h, USE_TMA, QUANT)
     v = _load_v(start_n, V_bh, stride_vn, stride_vd, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_TAIL,
                 V_desc, b, h, USE_TMA, QUANT)
-    return start_n, k, v
+    return k, v
 
 
 @triton.jit
@@ -310,14 +308,10 @@ def _attn_fwd_inner(
         if PREFETCH_IDX:  # the next block's index loads during this block (its latency off the loop's path)
             start_n = nxt * MASK_BLOCK_N + (t % SUB) * BLOCK_N
             nxt = tl.load(kv_idx_row + ((t + 1) // SUB) * stride_idx_n, mask=t + 1 < hi, other=0)
-            k = _load_k(start_n, K_bh, stride_kn, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_TAIL,
-                        K_desc, b, h, USE_TMA, QUANT)
-            v = _load_v(start_n, V_bh, stride_vn, stride_vd, offs_n, offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_TAIL,
-                        V_desc, b, h, USE_TMA, QUANT)
         else:
-            start_n, k, v = _load_kv(t, K_bh, V_bh, stride_kn, stride_vn, stride_vd, kv_idx_row, stride_idx_n, offs_n,
-                                     offs_d, S, BLOCK_N, BLOCK_D, HEAD_DIM, MASK_BLOCK_N, SPARSE, MASK_TAIL,
-                                     K_desc, V_desc, b, h, USE_TMA, QUANT)
+            start_n = _block_start(t, kv_idx_row, stride_idx_n, BLOCK_N, MASK_BLOCK_N, SPARSE)
+        k, v = _load_kv(start_n, K_bh, V_bh, stride_kn, stride_vn, stride_vd, offs_n, offs_d, S, BLOCK_N, BLOCK_D,
+                        HEAD_DIM, MASK_TAIL, K_desc, V_desc, b, h, USE_TMA, QUANT)
         qk, tile_scale = _scores(q, k, start_n, qk_scale, offs_n, KScale_bh, q_rows, q_mean, BLOCK_N,
                                  INPUT_PRECISION, QUANT)
         acc, l_i, m_i = _softmax_pv(qk, tile_scale, v, start_n, acc, l_i, m_i, offs_n, S, MASK_TAIL,

@@ -90,21 +90,30 @@ def _qk_norm_rope_kernel(
     tl.store(KO + o_off[:, None, None] + cols[None, :, :], yk.to(KO.dtype.element_ty), mask=mask)
 
 
-def _table(t: torch.Tensor, batch: int, seq: int, head_dim: int, name: str) -> torch.Tensor:
-    """A rotary table broadcastable to (B, S, 1, D) or (B, S, D), as a (B or 1, S, D) view with unit
-    channel stride."""
+def _table_view(t: torch.Tensor, batch: int, seq: int, head_dim: int) -> torch.Tensor | None:
+    """A rotary table of shape (B or 1, S, 1, D), (B or 1, S, D) or (S, D) as a (B or 1, S, D) view; None
+    if it has none of these shapes."""
     if t.dim() == 4:
         if t.shape[2] != 1:
-            raise ValueError(f"qk_norm_rope: {name} must be shared by the heads (B, S, 1, D); got {tuple(t.shape)}")
+            return None
         t = t[:, :, 0]
     if t.dim() == 2:
         t = t.unsqueeze(0)
-    if t.dim() != 3 or t.shape[0] not in (1, batch) or t.shape[1] != seq or t.shape[2] != head_dim:
-        raise ValueError(f"qk_norm_rope: {name} of shape {tuple(t.shape)} does not fit (B={batch}, S={seq}, "
-                         f"D={head_dim})")
-    if t.stride(2) != 1:
-        t = t.contiguous()
+    if t.dim() != 3 or t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != (seq, head_dim):
+        return None
     return t
+
+
+def rope_tables_problem(cos: torch.Tensor, sin: torch.Tensor, batch: int, seq: int, head_dim: int) -> str | None:
+    """Why :func:`qk_norm_rope` cannot take these rotary tables for (B, S, D) = (batch, seq, head_dim), or
+    None if it can (callers that have another path check this first)."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        if _table_view(t, batch, seq, head_dim) is None:
+            return (f"{name} of shape {tuple(t.shape)} does not fit (B={batch}, S={seq}, D={head_dim}): "
+                    f"(B or 1, S, 1, D), (B or 1, S, D) or (S, D) shared by the heads")
+    if cos.dtype != sin.dtype or cos.dtype not in (torch.float32, torch.float64):
+        return f"cos / sin must both be float32 or float64; got {cos.dtype}, {sin.dtype}"
+    return None
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -138,10 +147,11 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, num_heads: int, cos: torch.Te
     if norm and (weight_q.shape != (C,) or weight_k.shape != (C,)):
         raise ValueError(f"qk_norm_rope: norm weights must be ({C},) (the norm spans all heads); got "
                          f"{tuple(weight_q.shape)}, {tuple(weight_k.shape)}")
-    cos = _table(cos, B, S, D, "cos")
-    sin = _table(sin, B, S, D, "sin")
-    if cos.dtype != sin.dtype or cos.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"qk_norm_rope: cos / sin must both be float32 or float64; got {cos.dtype}, {sin.dtype}")
+    why = rope_tables_problem(cos, sin, B, S, D)
+    if why is not None:
+        raise ValueError(f"qk_norm_rope: {why}")
+    cos, sin = (_table_view(t, B, S, D) for t in (cos, sin))
+    cos, sin = (t if t.stride(2) == 1 else t.contiguous() for t in (cos, sin))
     qo = torch.empty((B, S, C), dtype=q.dtype, device=q.device)
     ko = torch.empty_like(qo)
     if B * S == 0:

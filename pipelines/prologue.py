@@ -60,6 +60,8 @@ def fused_body(base: type):
     mod = _module_for(base)
     if mod is None:
         return None
+    from vdit_accel.kernels.rope import rope_tables_problem
+
     from .op import vdit_qk_norm_rope
 
     def body(proc, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
@@ -71,13 +73,10 @@ def fused_body(base: type):
         if not all(_rms_across(n, attn.inner_dim, hidden_states.dtype) for n in norms):
             return None
         cos, sin = rotary_emb
-        b, s = hidden_states.shape[:2]
-        table = (s, 1, attn.inner_dim // attn.heads)
-        if (cos.dtype not in (torch.float32, torch.float64) or cos.dtype != sin.dtype or cos.dim() != 4
-                or tuple(cos.shape[1:]) != table or tuple(sin.shape[1:]) != table or cos.shape[0] not in (1, b)
-                or sin.shape[0] not in (1, b)):
-            _warn_once(f"vdit-accel: {type(proc).__name__} got rotary tables {tuple(cos.shape)} {cos.dtype}, not the "
-                       f"(1 or B, S, 1, D) float tables the fused prologue takes: the processor's own prologue runs")
+        why = rope_tables_problem(cos, sin, *hidden_states.shape[:2], attn.inner_dim // attn.heads)
+        if why is not None:
+            _warn_once(f"vdit-accel: {type(proc).__name__}'s rotary tables do not suit the fused prologue ({why}): "
+                       "the processor's own prologue runs")
             return None
         query, key, value = mod._get_qkv_projections(attn, hidden_states, None)
         eps = [float(n.eps) if n.eps is not None else torch.finfo(query.dtype).eps for n in norms]
