@@ -12,16 +12,19 @@ as ``benchmarks/check_trained.py``). Dense = the unpatched pipeline (diffusers' 
 - ``window3d-0.50`` / ``-0.25`` / ``-0.10``: the uniform ``window3d`` whose block density on the
   size's grid is nearest 50 / 25 / 10 % (``cli.bench.window_near``), every step sparse;
 - ``fp8`` / ``int8`` / ``int4``: dense pattern, every head quantized (no bf16 steps);
-- ``semantic`` / ``semantic-refresh8``: every head in the semantic token order (k-means of Q and K per
-  head and call, key blocks up to 95% of the centroid-estimated mass; ``refresh=8``: the plan recomputed
-  every 8th call of a layer and reused in between), dense pattern; ``density`` is then the mean block
-  density of the plans the run made (``runtime_density``);
+- ``semantic`` / ``semantic-refresh2`` / ``-refresh8`` / ``semantic-iters1``: every head in the semantic
+  token order (k-means of Q and K per head and call, key blocks up to 95% of the centroid-estimated mass;
+  ``refresh=n``: the plan recomputed every n-th call of a layer and reused in between — with guidance,
+  each step calls every layer twice; ``iters=1``: one more Lloyd update on a sample of each call's
+  tokens), dense pattern; ``density`` is then the mean block density of the plans the run made
+  (``runtime_density``);
 - ``searched``: ``vdit-accel search``'s strategy (global budget 0.05) found on 4 training captions
   (never the check captions) at the same size (``--no-search`` skips it).
 
 Each row: mean and minimum PSNR (dB) and mean SSIM over the prompts, the mean block density, the check's
 agreement on the accelerated videos (dense's is the ``dense`` row), seconds. On a CPU the quantized
-modes run their float64 simulation of the GPU arithmetic. Writes ``quality-<device>-<yyyymmdd>.json``.
+modes run their float64 simulation of the GPU arithmetic. Writes ``<name>-<device>-<yyyymmdd>.json``
+(``--name``, default ``quality``); ``--only semantic,semantic-refresh2`` runs those rows (and ``dense``).
 """
 
 from __future__ import annotations
@@ -57,8 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidance-scale", type=float, default=trained.GUIDANCE_SCALE)
     ap.add_argument("--no-search", action="store_true", help="skip the searched strategy")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated rows to run (dense always runs: the reference)")
+    ap.add_argument("--name", default="quality", help="the result file's name before the device tag")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    only = None if args.only is None else set(args.only.split(","))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     d = trained.TRAINED_DEFAULTS
@@ -86,8 +92,15 @@ def main(argv: list[str] | None = None) -> dict:
         variants.append((f"window3d-{target:.2f}", window_near(grid, target), None, None))
     for mode in QUANT_MODES:
         variants.append((mode, "dense", mode, None))
-    variants += [("semantic", "dense", None, "semantic"), ("semantic-refresh8", "dense", None, "semantic:refresh=8")]
-    if not args.no_search:
+    variants += [("semantic", "dense", None, "semantic"), ("semantic-refresh2", "dense", None, "semantic:refresh=2"),
+                 ("semantic-refresh8", "dense", None, "semantic:refresh=8"),
+                 ("semantic-iters1", "dense", None, "semantic:iters=1")]
+    if only is not None:
+        unknown = only - {v[0] for v in variants} - {"searched"}
+        if unknown:
+            raise SystemExit(f"--only: no row named {', '.join(sorted(unknown))}")
+        variants = [v for v in variants if v[0] in only]
+    if not args.no_search and (only is None or "searched" in only):
         from vdit_accel.sparsity_search import SearchConfig, search
 
         t0 = time.perf_counter()
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc.update({"model": "wan-trained", "weights": str(args.weights or trained.WEIGHTS_DIR), "size": size,
                 "tokens": grid.seq_len, "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "prompts": args.prompts, "dtype": str(dtype).replace("torch.", ""), "rows": rows})
-    write_result(args.out_dir, "quality", tag, date, doc)
+    write_result(args.out_dir, args.name, tag, date, doc)
     return doc
 
 

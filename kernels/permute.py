@@ -12,10 +12,11 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
   and never writes the ``[G, N, K]`` scores.
 - :func:`gather_rows`: ``out[b, i, h] = x[b, idx[b, h, i], h]`` for up to three tensors sharing one index
   (k and v) in one launch, from any strides into any strides.
-- :func:`kmeans_cluster_order`: the warm semantic order of every problem — Lloyd updates on a sample
-  of rows, the assignment of every row, and a stable counting sort of the rows by cluster — in
-  ``6 + 2 iters`` launches (the update of the centroids is folded into the next pass's kernel; four
-  of them are the small torch prefix sums over the chunk counts).
+- :func:`kmeans_cluster_order`: the warm semantic order of every problem — optional Lloyd updates on a
+  sample of rows, the assignment of every row (which also sums each cluster's rows: the next call's
+  centroids), and a stable counting sort of the rows by cluster — in ``7 + 2 iters`` launches (each
+  update of the centroids is folded into the next pass's kernel; four launches are the small torch
+  prefix sums over the chunk counts).
 - :func:`semantic_block_mask`: the semantic plan's block mask in two launches — centroid scores, softmax
   and top-p of the key clusters of every query cluster (once per query cluster), then the clusters'
   overlap with the blocks and (``csr``) the attention kernel's block lists (the ~40 small ops of the
@@ -37,7 +38,7 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 @triton.jit
-def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K, ROWS, H,
+def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, TBEFORE, CSIZES, N, K, ROWS, H,
                           sx_b, sx_h, sx_n, sx_d, sc_g, sc_k,
                           D: tl.constexpr, K_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                           STORE_LABELS: tl.constexpr, WITH_SUMS: tl.constexpr, FROM_SUMS: tl.constexpr = False,
@@ -47,9 +48,10 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
 
     FROM_SUMS: the centroids are first one Lloyd update of C from the previous pass's PSUMS [G, K, D] /
     PCOUNTS [G, K] (``sums / counts``; empty clusters keep C's), written to COUT [G, K, D] by chunk 0.
-    TILE_COUNTS (what the placement reads, one program per tile; int32, no atomics): COUNTS [G, K, tiles]
-    gets, for each tile of BLOCK_N rows, each cluster's rows in the chunk's earlier tiles, and SUMS
-    [G, K, chunks] each chunk's cluster sizes (a prefix over the chunks then places the chunks)."""
+    TILE_COUNTS (what the placement reads, one program per tile; int32, no atomics): TBEFORE [G, K, tiles]
+    gets, for each tile of BLOCK_N rows, each cluster's rows in the chunk's earlier tiles, and CSIZES
+    [G, K, chunks] each chunk's cluster sizes (a prefix over the chunks then places the chunks); COUNTS
+    (and SUMS) then only with WITH_SUMS."""
     pid, g = tl.program_id(0), tl.program_id(1)
     xg = (g // H).to(tl.int64) * sx_b + (g % H).to(tl.int64) * sx_h
     offs_k = tl.arange(0, K_PAD)
@@ -67,8 +69,7 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
             tl.store(COUT + (g * K + offs_k[:, None]) * D + offs_d[None, :], c, mask=kd_mask)
     bias = tl.where(kmask, -0.5 * tl.sum(c * c, 1), float("-inf"))  # -|c|^2 / 2; padded centroids never win
     c_lp = c.to(X.dtype.element_ty)
-    cnt = tl.zeros([K_PAD], dtype=tl.float32)
-    icnt = tl.zeros([K_PAD], dtype=tl.int32)  # TILE_COUNTS: this chunk's rows per cluster so far
+    icnt = tl.zeros([K_PAD], dtype=tl.int32)  # this chunk's rows per cluster so far
     acc = tl.zeros([K_PAD, D_PAD], dtype=tl.float32)
     row0 = pid * ROWS
     row1 = tl.minimum(row0 + ROWS, N)
@@ -83,17 +84,15 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, N, K
             tl.store(LABELS + g * N + rows, lab.to(tl.int32), mask=rmask)
         onehot = (lab[:, None] == offs_k[None, :]) & rmask[:, None]
         if TILE_COUNTS:
-            tl.store(COUNTS + (g * K + offs_k).to(tl.int64) * tl.cdiv(N, BLOCK_N) + start // BLOCK_N, icnt,
+            tl.store(TBEFORE + (g * K + offs_k).to(tl.int64) * tl.cdiv(N, BLOCK_N) + start // BLOCK_N, icnt,
                      mask=kmask)
-            icnt += tl.sum(onehot.to(tl.int32), 0)
-        else:
-            cnt += tl.sum(onehot.to(tl.float32), 0)
+        icnt += tl.sum(onehot.to(tl.int32), 0)
         if WITH_SUMS:
             acc += tl.dot(tl.trans(onehot.to(x.dtype)), x)
     if TILE_COUNTS:
-        tl.store(SUMS + (g * K + offs_k).to(tl.int64) * tl.num_programs(0) + pid, icnt, mask=kmask)
-    else:
-        tl.atomic_add(COUNTS + g * K + offs_k, cnt, mask=kmask)
+        tl.store(CSIZES + (g * K + offs_k).to(tl.int64) * tl.num_programs(0) + pid, icnt, mask=kmask)
+    if WITH_SUMS or not TILE_COUNTS:
+        tl.atomic_add(COUNTS + g * K + offs_k, icnt.to(tl.float32), mask=kmask)
     if WITH_SUMS:
         tl.atomic_add(SUMS + g * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=kmask[:, None] & dmask[None, :])
 
@@ -125,7 +124,7 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
     labels = torch.empty(g, n, device=x.device, dtype=torch.int32) if store_labels else counts
     rows_per_program = max(block_n, rows_per_program // block_n * block_n)
     grid = (triton.cdiv(n, rows_per_program), g)
-    _kmeans_assign_kernel[grid](x, c, c, c, c, labels, sums, counts, n, k, rows_per_program, hx,
+    _kmeans_assign_kernel[grid](x, c, c, c, c, labels, sums, counts, counts, counts, n, k, rows_per_program, hx,
                                 x.stride(0), x.stride(1), x.stride(2), x.stride(3), c.stride(0), c.stride(1),
                                 D=d, K_PAD=_pow2(k), D_PAD=_pow2(d), BLOCK_N=block_n,
                                 STORE_LABELS=store_labels, WITH_SUMS=with_sums, num_warps=num_warps)
@@ -171,21 +170,28 @@ def _cluster_place_kernel(LABELS, TBEFORE, CBEFORE, START, PERM, BOUNDS, N, K, V
 
 
 def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_step: int, video_start: int,
-                         seq_len: int, rows_per_program: int = 1024, block_n: int | None = None, num_warps: int = 4,
+                         seq_len: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         rows_per_program: int = 2048, block_n: int | None = None, num_warps: int = 4,
                          update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None):
-    """The semantic order of every problem in ``6 + 2 * iters`` launches: ``iters`` Lloyd updates of the
-    centroids ``c`` ``[G, K, D]`` (float32) on every ``sample_step``-th row of ``x`` ``[B, H, N, D]`` (the
-    video rows, any strides), then every row assigned to the updated centroids, then the rows placed in
-    cluster order (stable). Returns ``(perm int64 [G, seq_len], bounds int64 [G, K + 1], centroids float32
-    [G, K, D])``: position ``i`` holds token ``perm[g, i]`` (video tokens are ``video_start + row``; the
-    other positions hold their own token), cluster ``c`` spans ``[bounds[c], bounds[c + 1])``. The same
-    as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`) up to the float32 summation order
-    of the centroid updates. ``rows_per_program`` / ``update_rows``: rows per program of the assignment /
-    of the update passes; ``block_n``: rows per step of the assignment, and per program of the
-    placement (the assignment counts each such tile's clusters). Defaults: the fastest of 32 settings on
-    an H100 at the wan 480p shape (12 x 32760 rows of 128, bf16, one update on every 2nd row; CUDA-graph
-    timing; 2026-11-22, with the per-tile placement): 64 centroids 0.141 ms for the whole order (0.174
-    with the per-chunk placement), 128 centroids 0.307 ms (block_n 32; the sweep's best 0.294)."""
+    """The semantic order of every problem in ``6 + 2 * iters`` launches: the centroids ``c`` ``[G, K, D]``
+    (float32) updated once from ``stats`` (the previous call's, see below) when given, then ``iters``
+    Lloyd updates on every ``sample_step``-th row of ``x`` ``[B, H, N, D]`` (the video rows, any strides),
+    then every row assigned to the updated centroids (with its cluster's row sum and size accumulated),
+    then the rows placed in cluster order (stable).
+
+    Returns ``(perm int64 [G, seq_len], bounds int64 [G, K + 1], centroids float32 [G, K, D], stats)``:
+    position ``i`` holds token ``perm[g, i]`` (video tokens are ``video_start + row``; the other positions
+    hold their own token), cluster ``c`` spans ``[bounds[c], bounds[c + 1])``; ``centroids`` are the ones
+    every row was assigned to; ``stats`` = ``(sums [G, K, D], counts [G, K])`` float32 of that assignment:
+    passed to the next call, they give its centroids one Lloyd update on this call's rows for free (an
+    online k-means across calls). The same as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`)
+    up to the float32 summation order of the sums. ``rows_per_program`` / ``update_rows``: rows per
+    program of the assignment / of the update passes; ``block_n``: rows per step of the assignment, and
+    per program of the placement (the assignment counts each such tile's clusters). Defaults: the fastest
+    of 36 settings (block_n 32/64/128, rows 512-2048, 4/8 warps, 2/3 stages) on an H100 at the wan 480p
+    shape (12 x 32760 rows of 128, bf16, warm from ``stats``, ``iters`` 0; CUDA-graph timing, 2026-11-22):
+    64 centroids 0.111 ms for the whole order, 128 centroids 0.218 ms (0.134 / 0.272 with the earlier
+    1024 rows per program; 0.186 / 0.377 for the former warm default, one update on every 2nd row)."""
     if block_n is None:
         block_n = 64 if c.shape[1] <= 64 else 32
     bx, hx, n, d = x.shape
@@ -198,14 +204,24 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     rows_per_program = max(block_n, rows_per_program // block_n * block_n)
     xs = x[:, :, ::sample_step] if sample_step > 1 else x
     prev = None  # (sums, counts) of the last pass: the next pass's centroids are their update of c
-    for _ in range(iters):
+    if stats is not None:
+        sums, counts = stats
+        if tuple(sums.shape) != (g, k, d) or tuple(counts.shape) != (g, k):
+            raise ValueError(f"kmeans_cluster_order: stats {tuple(sums.shape)}, {tuple(counts.shape)} do not match "
+                             f"centroids {tuple(c.shape)}")
+        prev = (sums.float().contiguous(), counts.float().contiguous())
+
+    def stat_buffers():
         buf = torch.zeros(g * k * (d + 1), device=dev, dtype=torch.float32)
-        sums, counts = buf[: g * k * d].view(g, k, d), buf[g * k * d:].view(g, k)
+        return buf[: g * k * d].view(g, k, d), buf[g * k * d:].view(g, k)
+
+    for _ in range(iters):
+        sums, counts = stat_buffers()
         cout = c if prev is None else torch.empty_like(c)
         ns = xs.shape[2]
         urows = max(block_n, update_rows // block_n * block_n)
         _kmeans_assign_kernel[(triton.cdiv(ns, urows), g)](
-            xs, c, *(prev or (c, c)), cout, counts, sums, counts, ns, k, urows, hx,
+            xs, c, *(prev or (c, c)), cout, counts, sums, counts, counts, counts, ns, k, urows, hx,
             xs.stride(0), xs.stride(1), xs.stride(2), xs.stride(3), c.stride(0), c.stride(1),
             STORE_LABELS=False, WITH_SUMS=True, FROM_SUMS=prev is not None, **kw)
         c, prev = cout, (sums, counts)
@@ -213,11 +229,12 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     labels = torch.empty(g, n, device=dev, dtype=torch.int32)
     tbefore = torch.empty(g, k, tiles, device=dev, dtype=torch.int32)  # per tile: the chunk's earlier rows
     csizes = torch.empty(g, k, chunks, device=dev, dtype=torch.int32)
+    sums, counts = stat_buffers()
     cout = c if prev is None else torch.empty_like(c)
     _kmeans_assign_kernel[(chunks, g)](
-        x, c, *(prev or (c, c)), cout, labels, csizes, tbefore, n, k, rows_per_program, hx,
+        x, c, *(prev or (c, c)), cout, labels, sums, counts, tbefore, csizes, n, k, rows_per_program, hx,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), c.stride(0), c.stride(1),
-        STORE_LABELS=True, WITH_SUMS=False, FROM_SUMS=prev is not None, TILE_COUNTS=True, **kw)
+        STORE_LABELS=True, WITH_SUMS=True, FROM_SUMS=prev is not None, TILE_COUNTS=True, **kw)
     perm = torch.empty(g, seq_len, device=dev, dtype=torch.int64)
     bounds = torch.empty(g, k + 1, device=dev, dtype=torch.int64)
     cincl = csizes.cumsum(-1, dtype=torch.int32)  # a cluster's rows up to each chunk
@@ -226,7 +243,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     _cluster_place_kernel[(tiles, g)](labels, tbefore, cincl - csizes, start, perm, bounds, n, k, video_start,
                                       seq_len, tiles, chunks, rows_per_program // block_n, K_PAD=_pow2(k),
                                       BLOCK_N=block_n, TEXT_BLOCK=256, num_warps=place_warps)
-    return perm, bounds, cout
+    return perm, bounds, cout, (sums, counts)
 
 
 @triton.jit
@@ -362,7 +379,7 @@ def _semantic_hits(keep_g, offs_n, c0, c1, NB, TN0, TN1, row_all):
 def semantic_block_mask(q_centroids: torch.Tensor, k_centroids: torch.Tensor, q_bounds: torch.Tensor,
                         k_bounds: torch.Tensor, seq_len: int, top_p: float, scale: float, block_m: int = 128,
                         block_n: int = 128, text_rows: tuple[int, int] = (0, 0), text_cols: tuple[int, int] = (0, 0),
-                        num_warps: int = 8, csr: bool = False):
+                        num_warps: int = 4, csr: bool = False):
     """Bool ``[..., Mb, Nb]`` block mask of a semantic plan: centroids ``[..., K, D]`` float32, cluster
     bounds ``[..., K + 1]`` (sorted positions; cluster c spans ``[bounds[c], bounds[c + 1])``), at most
     ``MAX_CLUSTERS`` a side. ``text_rows`` / ``text_cols``: block ranges set whole. Two launches: the key

@@ -79,7 +79,7 @@ _AUTO = None
 _ORDER_SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "raster": {},
     "tiled": {"t": (int, _AUTO), "h": (int, _AUTO)},
-    "semantic": {"q_clusters": (int, _AUTO), "k_clusters": (int, _AUTO), "top_p": (float, 0.95), "iters": (int, 1),
+    "semantic": {"q_clusters": (int, _AUTO), "k_clusters": (int, _AUTO), "top_p": (float, 0.95), "iters": (int, 0),
                  "refresh": (int, 1)},
     "segment": {"size": (int, _AUTO), "top_p": (float, 0.95), "refresh": (int, 1)},
 }
@@ -415,20 +415,29 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, init: torch.Tensor | None =
     return labels.long(), cent
 
 
-def _kmeans(x, k, iters, init, sample, seed=0):
-    """:func:`kmeans` returning ``(labels int32 [..., N], centroids [..., k, D], counts float32 [..., k])``."""
+def _lloyd(c: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """One Lloyd update: each centroid the mean of its rows (``sums / counts``); empty clusters keep theirs."""
+    return torch.where(counts[..., None] > 0, sums / counts.clamp_min(1.0)[..., None], c)
+
+
+def _kmeans(x, k, iters, init, sample, seed=0, stats=None):
+    """:func:`kmeans` returning ``(labels int32 [..., N], centroids [..., k, D], (sums [..., k, D], counts
+    [..., k]))``, the last two float32 of the final assignment; ``stats``: such a pair from the previous
+    call, whose update of ``init`` is where this call starts (see :func:`semantic_orders`)."""
     lead, (n, d) = x.shape[:-2], x.shape[-2:]
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= rows; got k={k} for {n} rows")
     x4 = _as_4d(x)
     g = x4.shape[0] * x4.shape[1]
     c = _init_centroids(x4, k, seed) if init is None else init.reshape(g, k, d).float()
+    if stats is not None:
+        c = _lloyd(c, stats[0].reshape(g, k, d).float(), stats[1].reshape(g, k).float())
     xs = x4 if sample is None or sample >= n else x4[:, :, :: cdiv(n, sample)]  # a strided view: no copy
     for _ in range(iters):
         _, counts, sums = _assign_stats(xs, c, with_sums=True, store_labels=False)
-        c = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1.0)[..., None], c)
-    labels, counts, _ = _assign_stats(x4, c, with_sums=False)
-    return labels.view(*lead, n), c.view(*lead, k, d), counts.view(*lead, k)
+        c = _lloyd(c, sums, counts)
+    labels, counts, sums = _assign_stats(x4, c, with_sums=True)
+    return labels.view(*lead, n), c.view(*lead, k, d), (sums.view(*lead, k, d), counts.view(*lead, k))
 
 
 def _init_centroids(x4: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
@@ -452,7 +461,9 @@ class SemanticPlan:
     ``q_perm`` / ``k_perm``: ``[B, H, S]`` permutations of the sequence (text in place);
     ``q_bounds`` / ``k_bounds``: ``[B, H, K + 1]`` where each cluster starts in the reordered sequence
     (cluster ``c`` spans ``[bounds[c], bounds[c + 1])``; empty clusters are empty ranges);
-    ``q_centroids`` / ``k_centroids``: ``[B, H, K, D]`` float32 (pass back as ``init`` next call)."""
+    ``q_centroids`` / ``k_centroids``: ``[B, H, K, D]`` float32, the ones every token was assigned to;
+    ``q_stats`` / ``k_stats``: ``(sums [B, H, K, D], counts [B, H, K])`` float32 of that assignment (pass
+    :attr:`warm` to the next call: its centroids start as these updated once by them)."""
 
     q_perm: torch.Tensor
     k_perm: torch.Tensor
@@ -460,13 +471,21 @@ class SemanticPlan:
     k_bounds: torch.Tensor
     q_centroids: torch.Tensor
     k_centroids: torch.Tensor
+    q_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    k_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def warm(self) -> tuple:
+        """What the next call of :func:`semantic_orders` takes as ``init``."""
+        return (self.q_centroids, self.k_centroids, self.q_stats, self.k_stats)
 
 
-def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, sample):
-    """x [B, S, H, D] -> (perm [B, H, S], bounds [B, H, k + 1], centroids [B, H, k, D]).
+def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, sample, stats=None):
+    """x [B, S, H, D] -> (perm [B, H, S], bounds [B, H, k + 1], centroids [B, H, k, D], (sums [B, H, k, D],
+    counts [B, H, k])).
 
     On the GPU: :func:`vdit_accel.kernels.permute.kmeans_cluster_order` (the
-    updates, the assignment and a stable counting sort in ``3 + 2 iters`` launches); else this path."""
+    updates, the assignment and a stable counting sort in ``7 + 2 iters`` launches); else this path."""
     vs, vl = grid.video_start, grid.video_len
     xv = x[:, vs : vs + vl].transpose(1, 2)  # [B, H, V, D], a view
     if _fast(x):
@@ -476,48 +495,52 @@ def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, s
             b, h = xv.shape[:2]
             c = _init_centroids(xv, k) if init is None else init.reshape(b * h, k, -1)
             step = cdiv(vl, sample) if sample is not None and sample < vl else 1
-            perm, bounds, cent = kmeans_cluster_order(xv, c, iters, step, vs, grid.seq_len)
-            return perm.view(b, h, -1), bounds.view(b, h, -1), cent.view(b, h, k, -1)
-    labels, cent, counts = _kmeans(xv, k, iters, init, sample)
+            st = None if stats is None else (stats[0].reshape(b * h, k, -1), stats[1].reshape(b * h, k))
+            perm, bounds, cent, (sums, counts) = kmeans_cluster_order(xv, c, iters, step, vs, grid.seq_len, st)
+            return (perm.view(b, h, -1), bounds.view(b, h, -1), cent.view(b, h, k, -1),
+                    (sums.view(b, h, k, -1), counts.view(b, h, k)))
+    labels, cent, (sums, counts) = _kmeans(xv, k, iters, init, sample, stats=stats)
     video = torch.sort(labels, dim=-1, stable=True).indices
     if vs:
         video = video + vs
     bounds = torch.nn.functional.pad(counts.long().cumsum(-1), (1, 0))
     if vs:
         bounds = bounds + vs
-    return _with_text(video, grid), bounds, cent
+    return _with_text(video, grid), bounds, cent, (sums, counts)
 
 
 def semantic_orders(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, q_clusters: int, k_clusters: int,
-                    iters: int = 1, init: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    init_iters: int = 8, sample: int | None = 16384) -> SemanticPlan:
+                    iters: int = 0, init: tuple | None = None, init_iters: int = 8,
+                    sample: int | None = 16384) -> SemanticPlan:
     """The semantic orders of every head of one call: k-means of Q and of K (``(B, S, H, D)``) apart.
 
-    Cold (``init`` None): ``init_iters`` Lloyd updates from random rows; warm (``init`` = the previous
-    plan's centroids, same shapes): ``iters`` updates (0: only re-assign). Updates use ``sample``
-    video tokens (evenly strided); every token is then assigned. Text tokens keep their place.
+    Cold (``init`` None): ``init_iters`` Lloyd updates from random rows. Warm (``init`` = the previous
+    plan's :attr:`SemanticPlan.warm`, or just its ``(q_centroids, k_centroids)``): its centroids updated
+    once by its own assignment of every token (an online k-means across calls: the sums come free with
+    that assignment, so no pass of this call's is spent on them), then ``iters`` more updates. Updates
+    use ``sample`` video tokens (evenly strided); every token is then assigned. Text tokens keep their place.
 
     On CUDA the K side runs on a second stream while the Q side runs on the current one: their kernels
     are small, latency-bound grids that leave SMs idle alone (the current stream waits for both before
     returning; nothing syncs with the host)."""
     n_iter = init_iters if init is None else iters
-    qi, ki = (None, None) if init is None else init
+    qi, ki, qs, ks = (None,) * 4 if init is None else (tuple(init) + (None, None))[:4]
     if not q.is_cuda:
-        qp, qb, qc = _cluster_order(q, grid, q_clusters, n_iter, qi, sample)
-        kp, kb, kc = _cluster_order(k, grid, k_clusters, n_iter, ki, sample)
-        return SemanticPlan(qp, kp, qb, kb, qc, kc)
+        qp, qb, qc, qst = _cluster_order(q, grid, q_clusters, n_iter, qi, sample, qs)
+        kp, kb, kc, kst = _cluster_order(k, grid, k_clusters, n_iter, ki, sample, ks)
+        return SemanticPlan(qp, kp, qb, kb, qc, kc, qst, kst)
     main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
     side.wait_stream(main)  # q, k (and the centroids) are written on the current stream
     with torch.cuda.stream(side):
-        kp, kb, kc = _cluster_order(k, grid, k_clusters, n_iter, ki, sample)
-    qp, qb, qc = _cluster_order(q, grid, q_clusters, n_iter, qi, sample)
+        kp, kb, kc, kst = _cluster_order(k, grid, k_clusters, n_iter, ki, sample, ks)
+    qp, qb, qc, qst = _cluster_order(q, grid, q_clusters, n_iter, qi, sample, qs)
     main.wait_stream(side)
-    for t in (kp, kb, kc):  # made on the side stream, used (and freed) on the current one
+    for t in (kp, kb, kc, *kst):  # made on the side stream, used (and freed) on the current one
         t.record_stream(main)
-    for t in (k, ki):  # read on the side stream: not reused before that work is done
+    for t in (k, ki, *(ks or ())):  # read on the side stream: not reused before that work is done
         if t is not None:
             t.record_stream(side)
-    return SemanticPlan(qp, kp, qb, kb, qc, kc)
+    return SemanticPlan(qp, kp, qb, kb, qc, kc, qst, kst)
 
 
 _SIDE_STREAMS: dict[int, Any] = {}
@@ -852,9 +875,8 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
                 nq, nk = o["q_clusters"] or dq, o["k_clusters"] or dk
                 nq, nk = min(nq, grid.video_len), min(nk, grid.video_len)
                 mem_key = ("semantic", key, tuple(heads), b, grid)
-                init = memory.get(mem_key)
-                plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], init)
-                memory[mem_key] = (plan.q_centroids, plan.k_centroids)
+                plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], memory.get(mem_key))
+                memory[mem_key] = plan.warm
                 rows, lists = semantic_block_mask(plan, grid, o["top_p"], block, block, scale, lists=True)
                 qp, kp = plan.q_perm, plan.k_perm
             else:  # segment

@@ -115,7 +115,7 @@ def test_order_specs():
     assert validate_order(None) is None and validate_order("raster") is None
     assert validate_order("tiled") == {"kind": "tiled", "t": None, "h": None}
     o = parse_order("semantic:top_p=0.9,k_clusters=32")
-    assert o == {"kind": "semantic", "q_clusters": None, "k_clusters": 32, "top_p": 0.9, "iters": 1, "refresh": 1}
+    assert o == {"kind": "semantic", "q_clusters": None, "k_clusters": 32, "top_p": 0.9, "iters": 0, "refresh": 1}
     assert parse_order(format_order(o)) == o and validate_order(o) == o
     for bad, match in [("spiral", "unknown order kind"), ("tiled:t=0", "int >= 1"), ("semantic:top_p=1.5", r"\(0, 1\]"),
                        ({"kind": "segment", "width": 3}, "unknown"), (3, "a string or a dict")]:
@@ -232,6 +232,19 @@ def test_semantic_plan_clusters_contiguous_text_its_own_kept_cluster():
     # Warm start: the previous call's centroids, no update, give the same orders.
     warm = semantic_orders(q, k, grid, 8, 12, iters=0, init=(plan.q_centroids, plan.k_centroids))
     assert torch.equal(warm.q_perm, plan.q_perm) and torch.equal(warm.k_perm, plan.k_perm)
+    # Online: each plan's statistics are its tokens' cluster sums and sizes, and the next call (init =
+    # plan.warm) starts from their Lloyd update: every centroid the mean of its cluster's tokens.
+    for perm, bounds, cent, (sums, counts), x in ((plan.q_perm, plan.q_bounds, plan.q_centroids, plan.q_stats, q),
+                                                  (plan.k_perm, plan.k_bounds, plan.k_centroids, plan.k_stats, k)):
+        assert torch.equal(counts[0, 0].long(), bounds[0, 0].diff())
+        rows = x[0, perm[0, 0], 0]
+        ref = torch.stack([rows[lo:hi].float().sum(0) for lo, hi in zip(bounds[0, 0, :-1], bounds[0, 0, 1:])])
+        torch.testing.assert_close(sums[0, 0], ref, rtol=1e-5, atol=1e-4)
+    online = semantic_orders(q, k, grid, 8, 12, init=plan.warm)
+    for cent, (sums, counts), new in ((plan.q_centroids, plan.q_stats, online.q_centroids),
+                                      (plan.k_centroids, plan.k_stats, online.k_centroids)):
+        want = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], cent)
+        torch.testing.assert_close(new, want)
 
 
 def test_semantic_order_on_clustered_heads_needs_fewer_blocks_than_tiles():

@@ -15,7 +15,7 @@ def test_orders_round_trip_and_defaults(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["order"] == {"kind": "tiled"}  # automatic parameters are left out of the file
     heads = doc["layers"][0]["heads"]
-    assert heads[0]["order"] == {"kind": "semantic", "k_clusters": 64, "top_p": 0.9, "iters": 1, "refresh": 1}
+    assert heads[0]["order"] == {"kind": "semantic", "k_clusters": 64, "top_p": 0.9, "iters": 0, "refresh": 1}
     assert heads[1]["order"] is None  # an explicit raster head under a tiled default
     assert "order" not in doc["layers"][1]["heads"][1]  # the default's own heads do not repeat it
     back = Strategy.load(path)

@@ -107,13 +107,24 @@ def test_kmeans_cluster_order_matches_torch(grid, k, iters, step):
     x = centers[torch.randint(0, k, (b, s, h), generator=g)] + 0.3 * torch.randn(b, s, h, d, generator=g)
     xv = x[:, vs : vs + vl].transpose(1, 2)
     c0 = x[:, vs : vs + k].transpose(1, 2).reshape(b * h, k, d) + 0.1
-    perm, bounds, cent = kmeans_cluster_order(xv, c0, iters, step, vs, s, rows_per_program=64, block_n=16)
-    labels, ref_c, counts = P._kmeans(xv, k, iters, c0.view(b, h, k, d), -(-vl // step) if step > 1 else None)
-    ref_perm = P._with_text(torch.sort(labels, dim=-1, stable=True).indices.reshape(b * h, vl) + vs, grid)
-    ref_bounds = torch.nn.functional.pad(counts.reshape(b * h, k).long().cumsum(-1), (1, 0)) + vs
-    torch.testing.assert_close(cent, ref_c.reshape(b * h, k, d), rtol=1e-5, atol=1e-5)
-    assert torch.equal(bounds, ref_bounds) and torch.equal(perm, ref_perm)
-    assert torch.equal(perm.sort(-1).values, torch.arange(s).expand(b * h, s))  # a permutation
+    # the previous call's statistics (sums, counts; some clusters empty): this call starts from their update
+    prev_counts = torch.randint(0, 5, (b * h, k), generator=g).float()
+    prev = (x[:, vs : vs + k].transpose(1, 2).reshape(b * h, k, d) * prev_counts[..., None], prev_counts)
+    for stats in (None, prev):
+        perm, bounds, cent, (sums, counts) = kmeans_cluster_order(xv, c0, iters, step, vs, s, stats,
+                                                                 rows_per_program=64, block_n=16)
+        labels, ref_c, (ref_sums, ref_counts) = P._kmeans(xv, k, iters, c0.view(b, h, k, d),
+                                                          -(-vl // step) if step > 1 else None, stats=stats)
+        ref_perm = P._with_text(torch.sort(labels, dim=-1, stable=True).indices.reshape(b * h, vl) + vs, grid)
+        ref_bounds = torch.nn.functional.pad(ref_counts.reshape(b * h, k).long().cumsum(-1), (1, 0)) + vs
+        torch.testing.assert_close(cent, ref_c.reshape(b * h, k, d), rtol=1e-5, atol=1e-5)
+        assert torch.equal(bounds, ref_bounds) and torch.equal(perm, ref_perm)
+        assert torch.equal(perm.sort(-1).values, torch.arange(s).expand(b * h, s))  # a permutation
+        # the returned statistics are the assignment's: each cluster's size and the sum of its rows
+        assert torch.equal(counts, ref_counts.reshape(b * h, k)) and torch.equal(counts.long(), bounds.diff())
+        torch.testing.assert_close(sums, ref_sums.reshape(b * h, k, d), rtol=1e-5, atol=1e-4)
+    if iters == 0:  # from the statistics alone: the centroids are their Lloyd update of c0
+        torch.testing.assert_close(cent, P._lloyd(c0, *prev), rtol=1e-6, atol=1e-6)
 
 
 def test_plans_through_the_kernels_match_the_torch_path(monkeypatch):
@@ -161,14 +172,16 @@ def test_kernels_compile_for_sm90():
 
     mod = "vdit_accel.kernels.permute"
     km = {"X": "*bf16", "C": "*fp32", "PSUMS": "*fp32", "PCOUNTS": "*fp32", "COUT": "*fp32", "LABELS": "*i32",
-          "SUMS": "*fp32", "COUNTS": "*fp32"}
-    variants = [[mod, "_kmeans_assign_kernel", km | ({"COUNTS": "*i32", "SUMS": "*i32"} if chunk else {}), dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_N=64, STORE_LABELS=lab, WITH_SUMS=sums,
-                                                        FROM_SUMS=upd, TILE_COUNTS=chunk)]
-                for d, kp, dp, lab, sums, upd, chunk in ((128, 64, 128, False, True, False, False),
-                                                         (128, 128, 128, True, False, False, False),
-                                                         (96, 128, 128, True, True, False, False),
-                                                         (128, 128, 128, False, True, True, False),
-                                                         (128, 256, 128, True, False, True, True))]
+          "SUMS": "*fp32", "COUNTS": "*fp32", "TBEFORE": "*i32", "CSIZES": "*i32"}
+    variants = [[mod, "_kmeans_assign_kernel", km, dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_N=bn, STORE_LABELS=lab,
+                                                        WITH_SUMS=sums, FROM_SUMS=upd, TILE_COUNTS=chunk)]
+                for d, kp, dp, bn, lab, sums, upd, chunk in ((128, 64, 128, 64, False, True, False, False),
+                                                             (128, 128, 128, 64, True, False, False, False),
+                                                             (96, 128, 128, 64, True, True, False, False),
+                                                             (128, 128, 128, 64, False, True, True, False),
+                                                             (128, 64, 128, 64, True, True, True, True),
+                                                             (128, 128, 128, 32, True, True, True, True),
+                                                             (128, 256, 128, 64, True, False, True, True))]
     variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "TBEFORE": "*i32", "CBEFORE": "*i32", "START": "*i32", "PERM": "*i64",
                                                  "BOUNDS": "*i64"},
                   dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256)] for kp in (64, 256)]
