@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_trained import run_check, run_header, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = ("dense", "ours-dense", "window3d-0.50", "window3d-0.25", "window3d-0.10", "fp8", "int8", "int4", "semantic",
+        "semantic-refresh2", "semantic-refresh8", "semantic-iters1", "searched")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     only = None if args.only is None else set(args.only.split(","))
+    if only is not None and only - set(ROWS):
+        raise SystemExit(f"--only: no row named {', '.join(sorted(only - set(ROWS)))} (rows: {', '.join(ROWS)})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     d = trained.TRAINED_DEFAULTS
@@ -95,10 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     variants += [("semantic", "dense", None, "semantic"), ("semantic-refresh2", "dense", None, "semantic:refresh=2"),
                  ("semantic-refresh8", "dense", None, "semantic:refresh=8"),
                  ("semantic-iters1", "dense", None, "semantic:iters=1")]
+    assert [v[0] for v in variants] == [r for r in ROWS if r not in ("dense", "searched")]
     if only is not None:
-        unknown = only - {v[0] for v in variants} - {"searched"}
-        if unknown:
-            raise SystemExit(f"--only: no row named {', '.join(sorted(unknown))}")
         variants = [v for v in variants if v[0] in only]
     if not args.no_search and (only is None or "searched" in only):
         from vdit_accel.sparsity_search import SearchConfig, search

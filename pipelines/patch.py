@@ -122,6 +122,11 @@ class PatchState:
     def step(self, value: int) -> None:
         self._steps.step = value
 
+    @property
+    def known_step(self) -> int | None:
+        """The step, or None while no timestep has been seen (a transformer called without one)."""
+        return None if self._steps.last is None else self._steps.step
+
     # Forward pre-hook of the transformer: the grid and the denoising step of this call, and each
     # layer's block mask for them. Eager under torch.compile (it reads the timestep's value), so that
     # the compiled blocks see each layer's mask only as tensors on its processor.

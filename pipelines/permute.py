@@ -107,7 +107,11 @@ class OrderRuntime:
         self._frame_inv: torch.Tensor | None = None
         self._frame_len = 0
         self._frames: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.memory: dict[int, dict] = {}  # layer -> warm-start state of its semantic heads
+        # (layer, its call in the forward) -> its dynamic plans and warm-start state: a layer called once per
+        # sample (a key-padding mask splits the batch) keeps one per sample, and the calls of a step's
+        # forwards (guidance's two) meet their own slot's plan
+        self.memory: dict[tuple[int, int], dict] = {}
+        self._calls: dict[int, int] = {}  # layer -> its calls so far in this forward
         self._static: dict[tuple, torch.Tensor] = {}  # (layer, grid, device, heads) -> bool [1, H, Mb, Nb]
         self._shared: dict[tuple, tuple] = {}  # (patterns, orders, grid, device, heads) -> (bool mask, BlockMask)
         self.hooks = [transformer.register_forward_pre_hook(self.on_forward, with_kwargs=True)]
@@ -146,6 +150,7 @@ class OrderRuntime:
                 "use a strategy without orders with enable_parallelism()"
             )
         self.frame = self._frame_inv = None
+        self._calls.clear()
         grid = state.grid
         if self.frame_order is None or grid is None:
             return
@@ -286,7 +291,10 @@ class OrderRuntime:
                 self.layer_mask(layer, self.strategy.layer_patterns(layer, state.num_heads)[heads[0]:heads[1]], grid,
                                 query.device, heads)
                 static = self._static[(layer, grid, str(query.device), heads)]
-        plan = plan_call(query, key, grid, orders, frame, block, static, self.memory.setdefault(layer, {}), scale)
+        slot = self._calls.get(layer, 0)
+        self._calls[layer] = slot + 1
+        plan = plan_call(query, key, grid, orders, frame, block, static, self.memory.setdefault((layer, slot), {}),
+                         scale, state.known_step)
         key, value = plan.gather_kv(key, value)  # Q is read and the output written through q_index in the kernel
         if dynamic:
             bm = plan.block_mask(query.shape[1], block)

@@ -299,10 +299,15 @@ def test_quality_script_runs(smoke, tmp_path, monkeypatch):
                                  "--no-search", "--device", "cpu", "--out-dir", str(tmp_path)])
     rows = {r["impl"]: r for r in doc["rows"]}
     assert list(rows) == ["dense", "ours-dense", "window3d-0.50", "window3d-0.25", "window3d-0.10", "fp8", "int8", "int4",
-                          "semantic", "semantic-refresh8"]
-    for name in ("semantic", "semantic-refresh8"):  # the plans' own density, measured from the run
+                          "semantic", "semantic-refresh2", "semantic-refresh8", "semantic-iters1"]
+    for name in ("semantic", "semantic-refresh2", "semantic-refresh8", "semantic-iters1"):  # the plans' own density
         assert rows[name]["order"].startswith("semantic") and 0 < rows[name]["density"] <= 1
     assert doc["tokens"] == 2 * 8 * 8  # 5x64x64: 2 latent frames of 16x16, patches of 2x2
     for name in ("fp8", "int8", "int4"):
         assert rows[name]["quant"] == name and 10 < rows[name]["psnr_db"] < 200 and 0 < rows[name]["ssim"] <= 1
     assert json.loads((tmp_path / "quality-cpu-" f"{doc['date'].replace('-', '')}.json").read_text())["rows"] == doc["rows"]
+    some = _load("quality").main(["--weights", str(out), "--size", "default", "--prompts", "1", "--steps", "1",
+                                  "--device", "cpu", "--out-dir", str(tmp_path), "--only", "semantic", "--name", "q2"])
+    assert [r["impl"] for r in some["rows"]] == ["dense", "semantic"] and (tmp_path / f"q2-cpu-{some['date'].replace('-', '')}.json").exists()
+    with pytest.raises(SystemExit, match="no row named nope"):
+        _load("quality").main(["--weights", str(out), "--device", "cpu", "--only", "semantic,nope"])

@@ -29,8 +29,11 @@ Orders (``kind`` of an order spec, :func:`validate_order`):
   The head's pattern is not used (it must be ``dense``). The queries never move: the attention kernel
   reads each Q row and writes its output row through the query order (``vdit_accel.attention``'s
   ``q_index``), so the output is in the frame order; K and V are gathered into the key order.
-  ``refresh = n`` re-plans every n-th call of a layer and reuses the last orders and mask in between
-  (the attention stays exact on the blocks it visits; only their choice is older).
+  ``refresh = n`` re-plans every n-th denoising step and reuses the step's orders and mask in between:
+  in a patched pipeline (which tracks the step from the timesteps) the calls of one step — the two of
+  classifier-free guidance where the pipeline makes two — share its plan; without a step (a bare
+  :func:`plan_call`) every n-th call of a layer re-plans. The attention stays exact on the blocks it
+  visits; only their choice is older.
 - ``segment`` (keys only, per head, per call; PBS-Attn style): inside fixed segments of ``size`` video
   keys, keys sorted by importance (the attention mass that each query block's mean query gives them),
   so the few heavy keys of a segment share its first blocks; key blocks chosen up to ``top_p`` of the
@@ -823,13 +826,16 @@ class CallPlan:
 
 def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Order | None], frame: Order | None,
               block: int, static_mask: torch.Tensor | None, memory: dict | None = None,
-              scale: float | None = None) -> CallPlan:
+              scale: float | None = None, step: int | None = None) -> CallPlan:
     """Plan one attention call whose heads have ``orders`` (one per head; q, k ``(B, S, H, D)`` arrive in
     the ``frame`` order, e.g. tiled when the transformer permuted its hidden states once per forward).
 
     ``static_mask``: bool ``[1, H, Mb, Nb]`` with each static head's block mask in its own order (rows of
     dynamic heads are ignored), or None (static heads dense). ``memory``: a dict kept by the caller
-    between calls of the same layer; semantic heads keep their centroids there (warm start)."""
+    between calls of the same layer; semantic heads keep their centroids there (warm start), dynamic
+    orders their last plan. ``step``: the denoising step of this call, if known: a dynamic plan is then
+    reused while ``0 <= step - (its step) < refresh`` (so the calls of one step share it), else it is
+    reused for ``refresh - 1`` calls after the one that made it."""
     b, s, h, d = q.shape
     if len(orders) != h:
         raise ValueError(f"plan_call got {len(orders)} orders for {h} heads")
@@ -858,7 +864,8 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
         o = orders[heads[0]]
         plan_key = ("plan", key, tuple(heads), b, grid)
         cached = memory.get(plan_key)
-        if cached is not None and cached[4] < o["refresh"] - 1:  # reuse the last plan (refresh > 1)
+        if cached is not None and (cached[4] < o["refresh"] - 1 if step is None or cached[5] is None
+                                   else 0 <= step - cached[5] < o["refresh"]):  # reuse the last plan
             cached[4] += 1
             qp, kp, rows, lists = cached[:4]
         else:
@@ -883,7 +890,7 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
                 size = o["size"] or 8 * block
                 kp, rows = segment_plan(qs, ks, grid, size, o["top_p"], block, block, scale)
                 qp, lists = None, None
-            memory[plan_key] = [qp, kp, rows, lists, 0]
+            memory[plan_key] = [qp, kp, rows, lists, 0, step]  # calls since, the step it was made at
         if len(heads) == h:  # one dynamic order covers every head: no per-head assembly
             return _cached_call(memory, ("call", order_key(frame), b, grid), replanned, lambda: CallPlan(qp, kp, rows, lists))
         for j, hi in enumerate(heads):

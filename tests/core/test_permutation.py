@@ -309,5 +309,12 @@ def test_refresh_reuses_the_last_plan():
         plans = [plan_call(q + i, k * (i + 1), grid, [o, o], None, 16, None, memory) for i in range(4)]
         assert plans[1].k_index is plans[0].k_index and plans[2].k_index is plans[0].k_index  # calls 2, 3 reuse
         assert plans[3].k_index is not plans[0].k_index  # the 4th plans again
+    # With the denoising step known, a plan serves the calls of its step (guidance's two) and of the
+    # next refresh - 1 steps; a step back (a new generation) plans again.
+    o = validate_order("semantic:q_clusters=4,k_clusters=4,refresh=2")
+    memory, steps = {}, [0, 0, 1, 1, 2, 2, 0]
+    plans = [plan_call(q + i, k * (i + 1), grid, [o, o], None, 16, None, memory, step=t) for i, t in enumerate(steps)]
+    made = [i == 0 or plans[i].k_index is not plans[i - 1].k_index for i in range(len(steps))]
+    assert made == [True, False, False, False, True, False, True]
     with pytest.raises(ValueError, match="'refresh' must be an int >= 1"):
         validate_order("semantic:refresh=0")

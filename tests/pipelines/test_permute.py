@@ -129,9 +129,9 @@ def test_semantic_heads_run_sparse_and_warm_start(pipe, base):
     calls = []
     orig = permute_mod.plan_call
 
-    def spy(q, k, grid, orders, frame, block, static, memory, scale=None):
+    def spy(q, k, grid, orders, frame, block, static, memory, scale=None, step=None):
         calls.append(sum(key[0] == "semantic" for key in memory))  # centroids kept from the layer's last call
-        return orig(q, k, grid, orders, frame, block, static, memory, scale)
+        return orig(q, k, grid, orders, frame, block, static, memory, scale, step)
 
     permute_mod.plan_call = spy
     try:
@@ -142,6 +142,26 @@ def test_semantic_heads_run_sparse_and_warm_start(pipe, base):
         vdit_accel.unpatch(pipe)
     assert calls == [0] * 4 + [1] * 4  # layers x steps: cold once per layer, then warm
     assert torch.isfinite(out).all() and (out - base).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("refresh,plans_per_layer", [(1, 3), (2, 2)])
+def test_semantic_plans_once_per_step_under_guidance(pipe, monkeypatch, refresh, plans_per_layer):
+    """With classifier-free guidance (two transformer calls per step), the uncond call reuses the step's
+    plan: a layer plans once per step at refresh=1 (3 steps: 3 plans, not 6), every 2nd step at 2."""
+    from vdit_accel import permutation as P
+
+    made = []
+    orig = P.semantic_orders
+    monkeypatch.setattr(P, "semantic_orders", lambda *a, **k: made.append(1) or orig(*a, **k))
+    strat = Strategy.uniform("dense", order=f"semantic:top_p=0.5,q_clusters=6,k_clusters=8,refresh={refresh}")
+    vdit_accel.patch(pipe, strat, block_size=16)
+    try:
+        layers = len(patch_state(pipe.transformer).processors)
+        out = pipe(**{**CALL, "guidance_scale": 5.0, "num_inference_steps": 3}, generator=torch.Generator().manual_seed(0))
+        assert set(patch_state(pipe.transformer).orders.memory) == {(i, 0) for i in range(layers)}
+    finally:
+        vdit_accel.unpatch(pipe)
+    assert torch.isfinite(out.frames).all() and len(made) == layers * plans_per_layer
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
