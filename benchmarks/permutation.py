@@ -49,9 +49,11 @@ and ``overhead_frac_refresh<n>`` its fraction of it (the 10% target is against t
 time), and ``overhead_alone_ms_refresh<n>`` (plan + moves with no attention: launch-bound, the CPU's
 cost). ``*_guided``: the default order in a pipeline with classifier-free guidance (Wan's: two calls per
 denoising step, the step passed as a patched pipeline passes it, so the second call reuses the step's
-plan), per call. Whole-call timings vary by a few hundredths of a ms from run to run, so each
-overhead is the median of ``ROUNDS`` rounds, each timing the calls and then the attention alone
-(``overhead_ms_*_rounds``: every round's).
+plan), per call. The attention alone and with its plan vary by a tenth of a ms from one timing to the
+next (the clocks move: separate medians gave overheads from -0.2 to +0.5 ms for the same calls), so
+these are paired: ``PAIRS`` times, the calls then the attention alone, each timed by CUDA events with
+nothing synchronising in between; ``overhead_ms_*`` is the median of the pairs' differences per call,
+``overhead_ms_*_iqr`` their quartiles, ``call_ms_*`` / ``attn_ms_*`` the medians of each side.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ from vdit_accel.sparsity_search.synthetic import HEAD_SETS, head_set  # noqa: E4
 
 BLOCK = 128
 RECALL = 0.95
-ROUNDS = 3  # whole-call overheads: the median of this many rounds
+PAIRS = 60  # whole-call overheads: (calls, attention alone) pairs timed
 GRIDS = {"wan-81f-480p": (21, 30, 52), "wan-49f-480p": (13, 30, 52)}
 TILES = [(2, 8), (1, 8), (4, 8), (2, 4), (4, 4), (1, 16), (2, 16)]  # (t, h); the first is the default
 ORDERS = ("raster", "tiled", "semantic", "segment")
@@ -174,6 +176,29 @@ def _bench(fn, device) -> float:
     for _ in range(2):
         fn()
     return (time.perf_counter() - t0) / 2 * 1e3
+
+
+def _paired(calls, alone, n: int, device) -> dict:
+    """``calls`` (``n`` attention calls with their plan) and ``alone`` (one attention call) timed in turn
+    ``PAIRS`` times: the median per-call difference (and quartiles), and each side's median (ms)."""
+    if device.type != "cuda":
+        a, b = _bench(calls, device) / n, _bench(alone, device)
+        return {"call": a, "attn": b, "over": a - b, "iqr": [a - b, a - b]}
+    for _ in range(3):
+        calls(), alone()
+    ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(PAIRS)]
+    for e0, e1, e2 in ev:
+        e0.record()
+        calls()
+        e1.record()
+        alone()
+        e2.record()
+    torch.cuda.synchronize()
+    a = torch.tensor([e0.elapsed_time(e1) / n for e0, e1, _ in ev])
+    b = torch.tensor([e1.elapsed_time(e2) for _, e1, e2 in ev])
+    d = a - b
+    return {"call": a.median().item(), "attn": b.median().item(), "over": d.median().item(),
+            "iqr": [d.quantile(0.25).item(), d.quantile(0.75).item()]}
 
 
 def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) -> list[dict]:
@@ -356,17 +381,13 @@ def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log
                         attention(q, k2, v2, b2, q_index=pl.kernel_q_index(heads))
 
             # Whole calls back to back (as in a model: no host syncs, so the plan's launches overlap the GPU's
-            # work) minus the attention alone, in rounds; and the plan + moves alone (launch-bound: the CPU's cost).
-            per_call, over = [], []
-            for _ in range(ROUNDS):
-                per_call.append(_bench(calls, device) / n)
-                over.append(per_call[-1] - _bench(attn_alone, device))
+            # work) against the attention alone, paired; and the plan + moves alone (launch-bound: the CPU's cost).
             tag = "guided" if guided else f"refresh{refresh}"
-            mid = sorted(range(ROUNDS), key=lambda i: over[i])[ROUNDS // 2]
-            row[f"call_ms_{tag}"] = round(per_call[mid], 4)
-            row[f"overhead_ms_{tag}"] = round(over[mid], 4)
-            row[f"overhead_frac_{tag}"] = round(over[mid] / (per_call[mid] - over[mid]), 4)
-            row[f"overhead_ms_{tag}_rounds"] = [round(x, 4) for x in over]
+            m = _paired(calls, attn_alone, n, device)
+            row[f"call_ms_{tag}"], row[f"attn_ms_{tag}"] = round(m["call"], 4), round(m["attn"], 4)
+            row[f"overhead_ms_{tag}"] = round(m["over"], 4)
+            row[f"overhead_frac_{tag}"] = round(m["over"] / m["attn"], 4)
+            row[f"overhead_ms_{tag}_iqr"] = [round(x, 4) for x in m["iqr"]]
             row[f"overhead_alone_ms_{tag}"] = round(_bench(lambda: calls(attend=False), device) / n, 4)
         rows.append(row)
         log(json.dumps(row))
