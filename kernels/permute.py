@@ -86,7 +86,7 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, TBEF
         if TILE_COUNTS:
             tl.store(TBEFORE + (g * K + offs_k).to(tl.int64) * tl.cdiv(N, BLOCK_N) + start // BLOCK_N, icnt,
                      mask=kmask)
-        icnt += tl.sum(onehot.to(tl.int32), 0)
+        icnt += tl.histogram(lab, K_PAD, mask=rmask)  # H100: cheaper than summing the one-hot rows (0.146 vs 0.179 ms)
         if WITH_SUMS:
             acc += tl.dot(tl.trans(onehot.to(x.dtype)), x)
     if TILE_COUNTS:
@@ -172,12 +172,14 @@ def _cluster_place_kernel(LABELS, TBEFORE, CBEFORE, START, PERM, BOUNDS, N, K, V
 def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_step: int, video_start: int,
                          seq_len: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
                          rows_per_program: int = 2048, block_n: int | None = None, num_warps: int = 4,
-                         update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None):
-    """The semantic order of every problem in ``6 + 2 * iters`` launches: the centroids ``c`` ``[G, K, D]``
-    (float32) updated once from ``stats`` (the previous call's, see below) when given, then ``iters``
-    Lloyd updates on every ``sample_step``-th row of ``x`` ``[B, H, N, D]`` (the video rows, any strides),
-    then every row assigned to the updated centroids (with its cluster's row sum and size accumulated),
-    then the rows placed in cluster order (stable).
+                         update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None,
+                         sums_in_assign: bool | None = None, sum_rows: int = 128, sum_block: int = 128,
+                         sum_warps: int = 4):
+    """The semantic order of every problem in ``7 + 2 * iters`` launches (8 with ``sums_in_assign`` False):
+    the centroids ``c`` ``[G, K, D]`` (float32) updated once from ``stats`` (the previous call's, see
+    below) when given, then ``iters`` Lloyd updates on every ``sample_step``-th row of ``x`` ``[B, H, N,
+    D]`` (the video rows, any strides), then every row assigned to the updated centroids, then the rows
+    placed in cluster order (stable), and each cluster's row sum and size.
 
     Returns ``(perm int64 [G, seq_len], bounds int64 [G, K + 1], centroids float32 [G, K, D], stats)``:
     position ``i`` holds token ``perm[g, i]`` (video tokens are ``video_start + row``; the other positions
@@ -185,15 +187,23 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     every row was assigned to; ``stats`` = ``(sums [G, K, D], counts [G, K])`` float32 of that assignment:
     passed to the next call, they give its centroids one Lloyd update on this call's rows for free (an
     online k-means across calls). The same as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`)
-    up to the float32 summation order of the sums. ``rows_per_program`` / ``update_rows``: rows per
-    program of the assignment / of the update passes; ``block_n``: rows per step of the assignment, and
-    per program of the placement (the assignment counts each such tile's clusters). Defaults: the fastest
-    of 36 settings (block_n 32/64/128, rows 512-2048, 4/8 warps, 2/3 stages) on an H100 at the wan 480p
-    shape (12 x 32760 rows of 128, bf16, warm from ``stats``, ``iters`` 0; CUDA-graph timing, 2026-11-22):
-    64 centroids 0.111 ms for the whole order, 128 centroids 0.218 ms (0.134 / 0.272 with the earlier
-    1024 rows per program; 0.186 / 0.377 for the former warm default, one update on every 2nd row)."""
+    up to the float32 summation order of the sums.
+
+    Launch settings: ``rows_per_program`` / ``update_rows``: rows per program of the assignment / of the
+    update passes; ``block_n``: rows per step of the assignment, and per program of the placement (the
+    assignment counts each such tile's clusters, by ``tl.histogram``). ``sums_in_assign``: the sums
+    accumulated by the assignment (a one-hot dot per step; None: when K <= 64), else read afterwards
+    along the cluster order (``_cluster_sums_kernel``: a step of ``sum_block`` sorted rows meets one or
+    two clusters), ``sum_rows`` rows per program. Defaults: the fastest measured on an H100 at the wan
+    480p shape (12 x 32760 rows of 128, bf16, warm from ``stats``, ``iters`` 0; CUDA-graph timing of the
+    whole order, 2026-11-22; sweeps of block_n 32/64/128, 4/8 warps, rows 256-8192, sum settings):
+    64 centroids 0.102 ms, 128 centroids 0.146 ms (the first online version, sums by one-hot dot and tile
+    counts by one-hot sums: 0.111 / 0.218; the former warm default, one update on every 2nd row: 0.186 /
+    0.377)."""
     if block_n is None:
-        block_n = 64 if c.shape[1] <= 64 else 32
+        block_n = 64
+    if sums_in_assign is None:
+        sums_in_assign = c.shape[1] <= 64
     bx, hx, n, d = x.shape
     g, k = bx * hx, c.shape[1]
     c = _checked_centroids(x, c, "kmeans_cluster_order")
@@ -234,7 +244,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     _kmeans_assign_kernel[(chunks, g)](
         x, c, *(prev or (c, c)), cout, labels, sums, counts, tbefore, csizes, n, k, rows_per_program, hx,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), c.stride(0), c.stride(1),
-        STORE_LABELS=True, WITH_SUMS=True, FROM_SUMS=prev is not None, TILE_COUNTS=True, **kw)
+        STORE_LABELS=True, WITH_SUMS=sums_in_assign, FROM_SUMS=prev is not None, TILE_COUNTS=True, **kw)
     perm = torch.empty(g, seq_len, device=dev, dtype=torch.int64)
     bounds = torch.empty(g, k + 1, device=dev, dtype=torch.int64)
     cincl = csizes.cumsum(-1, dtype=torch.int32)  # a cluster's rows up to each chunk
@@ -243,7 +253,48 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     _cluster_place_kernel[(tiles, g)](labels, tbefore, cincl - csizes, start, perm, bounds, n, k, video_start,
                                       seq_len, tiles, chunks, rows_per_program // block_n, K_PAD=_pow2(k),
                                       BLOCK_N=block_n, TEXT_BLOCK=256, num_warps=place_warps)
+    if not sums_in_assign:  # the statistics from the rows in cluster order
+        _cluster_sums_kernel[(triton.cdiv(n, sum_rows), g)](
+            x, perm, labels, bounds, sums, counts, n, k, video_start, seq_len, hx, sum_rows,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            D=d, D_PAD=_pow2(d), K_PAD=_pow2(k), BLOCK_N=sum_block, num_warps=sum_warps)
     return perm, bounds, cout, (sums, counts)
+
+
+@triton.jit
+def _cluster_sums_kernel(X, PERM, LABELS, BOUNDS, SUMS, COUNTS, N, K, VS, S, H, ROWS,
+                         sx_b, sx_h, sx_n, sx_d,
+                         D: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (ROWS positions of the cluster order from pid * ROWS, problem g): each cluster's row sum,
+    added atomically into SUMS [G, K, D] (zeroed) float32, read along the order PERM [G, S] (the video
+    rows sorted by LABELS [G, N], so a step of BLOCK_N positions meets one or two clusters: one masked
+    row sum each); chunk 0 writes COUNTS [G, K] float32, the sizes in BOUNDS [G, K + 1]."""
+    pid, g = tl.program_id(0), tl.program_id(1)
+    xg = (g // H).to(tl.int64) * sx_b + (g % H).to(tl.int64) * sx_h
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < D
+    if pid == 0:
+        offs_k = tl.arange(0, K_PAD)
+        kmask = offs_k < K
+        lo = tl.load(BOUNDS + g * (K + 1) + offs_k, mask=kmask, other=0)
+        hi = tl.load(BOUNDS + g * (K + 1) + offs_k + 1, mask=kmask, other=0)
+        tl.store(COUNTS + g * K + offs_k, (hi - lo).to(tl.float32), mask=kmask)
+    p0 = pid * ROWS
+    p1 = tl.minimum(p0 + ROWS, N)
+    for start in range(p0, p1, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        pm = pos < p1
+        rows = tl.load(PERM + g.to(tl.int64) * S + VS + pos, mask=pm, other=VS) - VS
+        lab = tl.load(LABELS + g * N + rows, mask=pm, other=0)
+        x = tl.load(X + xg + rows[:, None] * sx_n + offs_d[None, :] * sx_d, mask=pm[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)
+        c_lo = tl.min(tl.where(pm, lab, K), 0)
+        c_hi = tl.max(tl.where(pm, lab, -1), 0)
+        for c in range(c_lo, c_hi + 1):  # sorted: the step's clusters are [c_lo, c_hi], some maybe empty
+            sel = (lab == c) & pm
+            if tl.max(sel.to(tl.int32), 0) > 0:
+                tl.atomic_add(SUMS + (g * K + c).to(tl.int64) * D + offs_d, tl.sum(tl.where(sel[:, None], x, 0.0), 0),
+                              mask=dmask)
 
 
 @triton.jit

@@ -110,9 +110,10 @@ def test_kmeans_cluster_order_matches_torch(grid, k, iters, step):
     # the previous call's statistics (sums, counts; some clusters empty): this call starts from their update
     prev_counts = torch.randint(0, 5, (b * h, k), generator=g).float()
     prev = (x[:, vs : vs + k].transpose(1, 2).reshape(b * h, k, d) * prev_counts[..., None], prev_counts)
-    for stats in (None, prev):
+    for stats, in_assign in ((None, True), (prev, True), (prev, False)):  # sums in the assignment, or after it
         perm, bounds, cent, (sums, counts) = kmeans_cluster_order(xv, c0, iters, step, vs, s, stats,
-                                                                 rows_per_program=64, block_n=16)
+                                                                 rows_per_program=64, block_n=16,
+                                                                 sums_in_assign=in_assign, sum_rows=48, sum_block=16)
         labels, ref_c, (ref_sums, ref_counts) = P._kmeans(xv, k, iters, c0.view(b, h, k, d),
                                                           -(-vl // step) if step > 1 else None, stats=stats)
         ref_perm = P._with_text(torch.sort(labels, dim=-1, stable=True).indices.reshape(b * h, vl) + vs, grid)
@@ -182,6 +183,9 @@ def test_kernels_compile_for_sm90():
                                                              (128, 64, 128, 64, True, True, True, True),
                                                              (128, 128, 128, 32, True, True, True, True),
                                                              (128, 256, 128, 64, True, False, True, True))]
+    variants += [[mod, "_cluster_sums_kernel", {"X": "*bf16", "PERM": "*i64", "LABELS": "*i32", "BOUNDS": "*i64",
+                                                "SUMS": "*fp32", "COUNTS": "*fp32"},
+                  dict(D=128, D_PAD=128, K_PAD=128, BLOCK_N=128)]]
     variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "TBEFORE": "*i32", "CBEFORE": "*i32", "START": "*i32", "PERM": "*i64",
                                                  "BOUNDS": "*i64"},
                   dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256)] for kp in (64, 256)]
