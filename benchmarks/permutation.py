@@ -53,7 +53,9 @@ plan), per call. The attention alone and with its plan vary by a tenth of a ms f
 next (the clocks move: separate medians gave overheads from -0.2 to +0.5 ms for the same calls), so
 these are paired: ``PAIRS`` times, the calls then the attention alone, each timed by CUDA events with
 nothing synchronising in between; ``overhead_ms_*`` is the median of the pairs' differences per call,
-``overhead_ms_*_iqr`` their quartiles, ``call_ms_*`` / ``attn_ms_*`` the medians of each side.
+``overhead_ms_*_iqr`` their quartiles, ``call_ms_*`` / ``attn_ms_*`` the medians of each side. The calls
+pass ``v`` to the plan, as the runtime does (the semantic plan then moves K and V on its second stream);
+``moved_kv_equal``: those tensors equal a gather after the plan.
 """
 
 from __future__ import annotations
@@ -360,6 +362,12 @@ def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log
         if row["plan_gpu_ms"] is not None:
             row["plan_gpu_ms"] = round(row["plan_gpu_ms"], 4)
             row["plan_kernels_ms"] = _kernel_ms.last  # the plan's GPU time by kernel (the 8 largest)
+        if order == "semantic":  # K and V moved by the plan on its second stream == gathered after it
+            pm = P.plan_call(q, k, grid, [spec] * heads, None, BLOCK, None, memory, v=v)
+            k_ref, v_ref = P.CallPlan(pm.q_index, pm.k_index, None).gather_kv(k, v)
+            row["moved_kv_by_plan"] = pm._moved is not None
+            k_got, v_got = pm.gather_kv(k, v)
+            row["moved_kv_equal"] = bool(torch.equal(k_got, k_ref) and torch.equal(v_got, v_ref))
         moved = 2 * k.numel() * k.element_size() * 2  # k and v, read + write
         row["moves_gbps"] = round(moved / row["moves_ms"] / 1e6, 1)
         attn_alone = lambda: attention(qq, kk, vv, bm)  # noqa: E731
@@ -374,7 +382,7 @@ def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log
                 step_no[0] += 1  # guided: the two calls of one denoising step
                 for _ in range(n):
                     pl = P.plan_call(q, k, grid, [spec_r] * heads, None, BLOCK, None, mem_r,
-                                     step=step_no[0] if guided else None)
+                                     step=step_no[0] if guided else None, v=v)  # as the runtime calls it
                     k2, v2 = pl.gather_kv(k, v)
                     b2 = pl.block_mask(s, BLOCK)
                     if attend:

@@ -174,7 +174,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
                          rows_per_program: int = 2048, block_n: int | None = None, num_warps: int = 4,
                          update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None,
                          sums_in_assign: bool | None = None, sum_rows: int = 128, sum_block: int = 128,
-                         sum_warps: int = 4):
+                         sum_warps: int = 4, on_order=None):
     """The semantic order of every problem in ``7 + 2 * iters`` launches (8 with ``sums_in_assign`` False):
     the centroids ``c`` ``[G, K, D]`` (float32) updated once from ``stats`` (the previous call's, see
     below) when given, then ``iters`` Lloyd updates on every ``sample_step``-th row of ``x`` ``[B, H, N,
@@ -194,7 +194,9 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     assignment counts each such tile's clusters, by ``tl.histogram``). ``sums_in_assign``: the sums
     accumulated by the assignment (a one-hot dot per step; None: when K <= 64), else read afterwards
     along the cluster order (``_cluster_sums_kernel``: a step of ``sum_block`` sorted rows meets one or
-    two clusters), ``sum_rows`` rows per program. Defaults: the fastest measured on an H100 at the wan
+    two clusters), ``sum_rows`` rows per program. ``on_order``: called with ``perm`` once the launches
+    that place it are queued, before the sums' (a caller on a second stream records an event there, so
+    its other stream waits for the order only). Defaults: the fastest measured on an H100 at the wan
     480p shape (12 x 32760 rows of 128, bf16, warm from ``stats``, ``iters`` 0; CUDA-graph timing of the
     whole order, 2026-11-22; sweeps of block_n 32/64/128, 4/8 warps, rows 256-8192, sum settings):
     64 centroids 0.102 ms, 128 centroids 0.146 ms (the first online version, sums by one-hot dot and tile
@@ -253,6 +255,8 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     _cluster_place_kernel[(tiles, g)](labels, tbefore, cincl - csizes, start, perm, bounds, n, k, video_start,
                                       seq_len, tiles, chunks, rows_per_program // block_n, K_PAD=_pow2(k),
                                       BLOCK_N=block_n, TEXT_BLOCK=256, num_warps=place_warps)
+    if on_order is not None:
+        on_order(perm)
     if not sums_in_assign:  # the statistics from the rows in cluster order
         _cluster_sums_kernel[(triton.cdiv(n, sum_rows), g)](
             x, perm, labels, bounds, sums, counts, n, k, video_start, seq_len, hx, sum_rows,

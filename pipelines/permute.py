@@ -294,7 +294,7 @@ class OrderRuntime:
         slot = self._calls.get(layer, 0)
         self._calls[layer] = slot + 1
         plan = plan_call(query, key, grid, orders, frame, block, static, self.memory.setdefault((layer, slot), {}),
-                         scale, state.known_step)
+                         scale, state.known_step, value)
         key, value = plan.gather_kv(key, value)  # Q is read and the output written through q_index in the kernel
         if dynamic:
             bm = plan.block_mask(query.shape[1], block)

@@ -479,6 +479,7 @@ class SemanticPlan:
     k_centroids: torch.Tensor
     q_stats: tuple[torch.Tensor, torch.Tensor] | None = None
     k_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    moved: tuple | None = None  # (k, v, k moved, v moved, CUDA event after the move): semantic_orders(v=)
 
     @property
     def warm(self) -> tuple:
@@ -486,9 +487,9 @@ class SemanticPlan:
         return (self.q_centroids, self.k_centroids, self.q_stats, self.k_stats)
 
 
-def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, sample, stats=None):
+def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, sample, stats=None, on_order=None):
     """x [B, S, H, D] -> (perm [B, H, S], bounds [B, H, k + 1], centroids [B, H, k, D], (sums [B, H, k, D],
-    counts [B, H, k])).
+    counts [B, H, k])); ``on_order(perm)`` is called once the order is queued (before the sums, on the GPU).
 
     On the GPU: :func:`vdit_accel.kernels.permute.kmeans_cluster_order` (the
     updates, the assignment and a stable counting sort in ``7 + 2 iters`` launches); else this path."""
@@ -502,7 +503,9 @@ def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, s
             c = _init_centroids(xv, k) if init is None else init.reshape(b * h, k, -1)
             step = cdiv(vl, sample) if sample is not None and sample < vl else 1
             st = None if stats is None else (stats[0].reshape(b * h, k, -1), stats[1].reshape(b * h, k))
-            perm, bounds, cent, (sums, counts) = kmeans_cluster_order(xv, c, iters, step, vs, grid.seq_len, st)
+            hook = None if on_order is None else (lambda perm: on_order(perm.view(b, h, -1)))
+            perm, bounds, cent, (sums, counts) = kmeans_cluster_order(xv, c, iters, step, vs, grid.seq_len, st,
+                                                                      on_order=hook)
             return (perm.view(b, h, -1), bounds.view(b, h, -1), cent.view(b, h, k, -1),
                     (sums.view(b, h, k, -1), counts.view(b, h, k)))
     labels, cent, (sums, counts) = _kmeans(xv, k, iters, init, sample, stats=stats)
@@ -512,12 +515,15 @@ def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, s
     bounds = torch.nn.functional.pad(counts.long().cumsum(-1), (1, 0))
     if vs:
         bounds = bounds + vs
-    return _with_text(video, grid), bounds, cent, (sums, counts)
+    perm = _with_text(video, grid)
+    if on_order is not None:
+        on_order(perm)
+    return perm, bounds, cent, (sums, counts)
 
 
 def semantic_orders(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, q_clusters: int, k_clusters: int,
                     iters: int = 0, init: tuple | None = None, init_iters: int = 8,
-                    sample: int | None = 16384) -> SemanticPlan:
+                    sample: int | None = 16384, v: torch.Tensor | None = None) -> SemanticPlan:
     """The semantic orders of every head of one call: k-means of Q and of K (``(B, S, H, D)``) apart.
 
     Cold (``init`` None): ``init_iters`` Lloyd updates from random rows. Warm (``init`` = the previous
@@ -527,8 +533,10 @@ def semantic_orders(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, q_cluster
     use ``sample`` video tokens (evenly strided); every token is then assigned. Text tokens keep their place.
 
     On CUDA the K side runs on a second stream while the Q side runs on the current one: their kernels
-    are small, latency-bound grids that leave SMs idle alone (the current stream waits for both before
-    returning; nothing syncs with the host)."""
+    are small, latency-bound grids that leave SMs idle alone. The current stream waits for the key order
+    only: the K statistics (the next call's) follow it on the second stream, and with ``v`` given, K and V
+    are moved into the key order there first (:attr:`SemanticPlan.moved`), beside the query half and the
+    block mask. Nothing syncs with the host."""
     n_iter = init_iters if init is None else iters
     qi, ki, qs, ks = (None,) * 4 if init is None else (tuple(init) + (None, None))[:4]
     if not q.is_cuda:
@@ -536,17 +544,29 @@ def semantic_orders(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, q_cluster
         kp, kb, kc, kst = _cluster_order(k, grid, k_clusters, n_iter, ki, sample, ks)
         return SemanticPlan(qp, kp, qb, kb, qc, kc, qst, kst)
     main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-    side.wait_stream(main)  # q, k (and the centroids) are written on the current stream
+    side.wait_stream(main)  # q, k, v (and the centroids) are written on the current stream
+    ready, moved = torch.cuda.Event(), []
+
+    def on_order(perm):  # on the side stream, the key order queued: K and V follow it there
+        ready.record(side)
+        if v is not None:
+            k2, v2 = gather_tokens_many([k, v], perm)
+            done = torch.cuda.Event()
+            done.record(side)
+            for t in (k2, v2):
+                t.record_stream(main)
+            moved.append((k, v, k2, v2, done))
+
     with torch.cuda.stream(side):
-        kp, kb, kc, kst = _cluster_order(k, grid, k_clusters, n_iter, ki, sample, ks)
+        kp, kb, kc, kst = _cluster_order(k, grid, k_clusters, n_iter, ki, sample, ks, on_order)
     qp, qb, qc, qst = _cluster_order(q, grid, q_clusters, n_iter, qi, sample, qs)
-    main.wait_stream(side)
-    for t in (kp, kb, kc, *kst):  # made on the side stream, used (and freed) on the current one
-        t.record_stream(main)
-    for t in (k, ki, *(ks or ())):  # read on the side stream: not reused before that work is done
+    main.wait_event(ready)
+    for t in (kp, kb, kc):  # made on the side stream, used (and freed) on the current one; the statistics
+        t.record_stream(main)  # are used by the next plan's K half, on the side stream again
+    for t in (k, v, ki, *(ks or ())):  # read on the side stream: not reused before that work is done
         if t is not None:
             t.record_stream(side)
-    return SemanticPlan(qp, kp, qb, kb, qc, kc, qst, kst)
+    return SemanticPlan(qp, kp, qb, kb, qc, kc, qst, kst, moved[0] if moved else None)
 
 
 _SIDE_STREAMS: dict[int, Any] = {}
@@ -773,6 +793,7 @@ class CallPlan:
     k_index: torch.Tensor | None
     mask: torch.Tensor | None
     _bm: Any = None
+    _moved: tuple | None = None  # K and V already moved by the plan (SemanticPlan.moved): the first gather_kv's
     _q_inv: torch.Tensor | None = None
     _q_index32: torch.Tensor | None = None
 
@@ -802,7 +823,13 @@ class CallPlan:
         return self._q_index32
 
     def gather_kv(self, k: torch.Tensor, v: torch.Tensor):
-        """k and v moved into the key order (one launch on the GPU)."""
+        """k and v moved into the key order (one launch on the GPU; none when the plan moved these very
+        tensors already, beside its query half: it hands them over once)."""
+        moved, self._moved = self._moved, None
+        if moved is not None and moved[0] is k and moved[1] is v:
+            if moved[4] is not None:
+                torch.cuda.current_stream(k.device).wait_event(moved[4])
+            return moved[2], moved[3]
         if self.k_index is None:
             return k, v
         return tuple(gather_tokens_many([k, v], self.k_index))
@@ -829,7 +856,7 @@ class CallPlan:
 
 def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Order | None], frame: Order | None,
               block: int, static_mask: torch.Tensor | None, memory: dict | None = None,
-              scale: float | None = None, step: int | None = None) -> CallPlan:
+              scale: float | None = None, step: int | None = None, v: torch.Tensor | None = None) -> CallPlan:
     """Plan one attention call whose heads have ``orders`` (one per head; q, k ``(B, S, H, D)`` arrive in
     the ``frame`` order, e.g. tiled when the transformer permuted its hidden states once per forward).
 
@@ -838,7 +865,9 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
     between calls of the same layer; semantic heads keep their centroids there (warm start), dynamic
     orders their last plan. ``step``: the denoising step of this call, if known: a dynamic plan is then
     reused while ``0 <= step - (its step) < refresh`` (so the calls of one step share it), else it is
-    reused for ``refresh - 1`` calls after the one that made it."""
+    reused for ``refresh - 1`` calls after the one that made it. ``v``: the call's values, when the caller
+    takes K and V from :meth:`CallPlan.gather_kv` right after (a semantic order covering every head then
+    moves them on its second stream as soon as the key order exists)."""
     b, s, h, d = q.shape
     if len(orders) != h:
         raise ValueError(f"plan_call got {len(orders)} orders for {h} heads")
@@ -885,17 +914,21 @@ def plan_call(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, orders: list[Or
                 nq, nk = o["q_clusters"] or dq, o["k_clusters"] or dk
                 nq, nk = min(nq, grid.video_len), min(nk, grid.video_len)
                 mem_key = ("semantic", key, tuple(heads), b, grid)
-                plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], memory.get(mem_key))
+                plan = semantic_orders(qs, ks, grid, nq, nk, o["iters"], memory.get(mem_key),
+                                       v=v if len(heads) == h else None)
                 memory[mem_key] = plan.warm
+                moved = plan.moved
                 rows, lists = semantic_block_mask(plan, grid, o["top_p"], block, block, scale, lists=True)
                 qp, kp = plan.q_perm, plan.k_perm
             else:  # segment
+                moved = None
                 size = o["size"] or 8 * block
                 kp, rows = segment_plan(qs, ks, grid, size, o["top_p"], block, block, scale)
                 qp, lists = None, None
             memory[plan_key] = [qp, kp, rows, lists, 0, step]  # calls since, the step it was made at
         if len(heads) == h:  # one dynamic order covers every head: no per-head assembly
-            return _cached_call(memory, ("call", order_key(frame), b, grid), replanned, lambda: CallPlan(qp, kp, rows, lists))
+            return _cached_call(memory, ("call", order_key(frame), b, grid), replanned,
+                                lambda: CallPlan(qp, kp, rows, lists, moved if replanned else None))
         for j, hi in enumerate(heads):
             dyn_rows[hi] = rows[:, j]
             k_dyn[hi] = kp[:, j]

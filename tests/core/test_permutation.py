@@ -3,10 +3,10 @@ import torch
 
 from vdit_accel import BlockMask, VideoGrid
 from vdit_accel.patterns import build_block_mask_for_pattern, parse_pattern, token_pattern_mask
-from vdit_accel.permutation import (attend_planned, block_density, block_mask_for_order, block_mass, blocks_for_recall,
-                                    format_order, gather_tokens, inverse, kmeans, parse_order, plan_call, raster_order,
-                                    scatter_tokens, segment_key_order, semantic_block_mask, semantic_orders, tile_shape,
-                                    tiled_order, validate_order)
+from vdit_accel.permutation import (CallPlan, attend_planned, block_density, block_mask_for_order, block_mass,
+                                    blocks_for_recall, format_order, gather_tokens, gather_tokens_many, inverse, kmeans,
+                                    parse_order, plan_call, raster_order, scatter_tokens, segment_key_order,
+                                    semantic_block_mask, semantic_orders, tile_shape, tiled_order, validate_order)
 from vdit_accel.reference import reference_attention
 
 
@@ -298,6 +298,21 @@ def test_segment_key_order_needs_no_output_inverse_and_packs_heavy_keys():
     grid = VideoGrid(4, 8, 8)
     plan = plan_call(q, k, grid, [validate_order("segment:size=64,top_p=0.9")], None, block, None, {})
     assert plan.q_index is None and plan.k_index.shape == (1, 1, s)
+
+
+def test_call_plan_hands_over_moved_kv_once():
+    """K and V the plan moved already (on the GPU: beside its query half) go to the first gather_kv of
+    those very tensors; any other call gathers."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 10, 2, 4, generator=g), torch.randn(1, 10, 2, 4, generator=g)
+    idx = torch.stack([torch.randperm(10, generator=g) for _ in range(2)])[None]
+    want = gather_tokens_many([k, v], idx)
+    fake = (torch.zeros_like(k), torch.zeros_like(v))  # what a plan would hand over: recognisably not a gather
+    plan = CallPlan(None, idx, None, None, (k, v, *fake, None))
+    assert all(a is b for a, b in zip(plan.gather_kv(k, v), fake))
+    assert all(torch.equal(a, b) for a, b in zip(plan.gather_kv(k, v), want))  # once only
+    plan = CallPlan(None, idx, None, None, (k, v, *fake, None))
+    assert all(torch.equal(a, b) for a, b in zip(plan.gather_kv(k.clone(), v), want))  # other tensors: gathered
 
 
 def test_refresh_reuses_the_last_plan():

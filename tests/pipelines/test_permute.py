@@ -129,9 +129,9 @@ def test_semantic_heads_run_sparse_and_warm_start(pipe, base):
     calls = []
     orig = permute_mod.plan_call
 
-    def spy(q, k, grid, orders, frame, block, static, memory, scale=None, step=None):
+    def spy(q, k, grid, orders, frame, block, static, memory, scale=None, step=None, v=None):
         calls.append(sum(key[0] == "semantic" for key in memory))  # centroids kept from the layer's last call
-        return orig(q, k, grid, orders, frame, block, static, memory, scale, step)
+        return orig(q, k, grid, orders, frame, block, static, memory, scale, step, v)
 
     permute_mod.plan_call = spy
     try:
