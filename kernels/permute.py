@@ -194,9 +194,11 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     assignment counts each such tile's clusters, by ``tl.histogram``). ``sums_in_assign``: the sums
     accumulated by the assignment (a one-hot dot per step; None: when K <= 64), else read afterwards
     along the cluster order (``_cluster_sums_kernel``: a step of ``sum_block`` sorted rows meets one or
-    two clusters), ``sum_rows`` rows per program. ``on_order``: called with ``perm`` once the launches
-    that place it are queued, before the sums' (a caller on a second stream records an event there, so
-    its other stream waits for the order only). Defaults: the fastest measured on an H100 at the wan
+    two clusters), ``sum_rows`` rows per program. ``on_order(perm, pending)``: called once the launches
+    that place ``perm`` are queued, before the sums' (a caller on a second stream records an event there,
+    so its other stream waits for the order only); ``pending``: None, or the ``cluster_sums`` argument of
+    :func:`gather_rows` still to compute — a hook that moves x's full tensor into the order with it
+    returns True, and no sums pass runs. Defaults: the fastest measured on an H100 at the wan
     480p shape (12 x 32760 rows of 128, bf16, warm from ``stats``, ``iters`` 0; CUDA-graph timing of the
     whole order, 2026-11-22; sweeps of block_n 32/64/128, 4/8 warps, rows 256-8192, sum settings):
     64 centroids 0.102 ms, 128 centroids 0.146 ms (the first online version, sums by one-hot dot and tile
@@ -255,9 +257,10 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     _cluster_place_kernel[(tiles, g)](labels, tbefore, cincl - csizes, start, perm, bounds, n, k, video_start,
                                       seq_len, tiles, chunks, rows_per_program // block_n, K_PAD=_pow2(k),
                                       BLOCK_N=block_n, TEXT_BLOCK=256, num_warps=place_warps)
-    if on_order is not None:
-        on_order(perm)
-    if not sums_in_assign:  # the statistics from the rows in cluster order
+    pending = None if sums_in_assign else (labels, bounds, sums, counts, video_start)
+    if on_order is not None and on_order(perm, pending):
+        pending = None  # the hook summed the rows as it moved them (gather_rows(cluster_sums=pending))
+    if pending is not None:  # the statistics from the rows in cluster order
         _cluster_sums_kernel[(triton.cdiv(n, sum_rows), g)](
             x, perm, labels, bounds, sums, counts, n, k, video_start, seq_len, hx, sum_rows,
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
@@ -304,9 +307,16 @@ def _cluster_sums_kernel(X, PERM, LABELS, BOUNDS, SUMS, COUNTS, N, K, VS, S, H, 
 @triton.jit
 def _gather_rows_kernel(IDX, X0, Y0, X1, Y1, X2, Y2, S, H, si_b, si_h,
                         sx_b, sx_s, sx_h, sy_b, sy_s, sy_h,
-                        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr, N_TENSORS: tl.constexpr):
+                        LABELS, BOUNDS, SUMS, COUNTS, VS, N, K,
+                        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr, N_TENSORS: tl.constexpr,
+                        CLUSTER_SUMS: tl.constexpr = False, K_PAD: tl.constexpr = 16):
     """Program (row block, b * H + h): Y[b, i, h, :] = X[b, IDX[b, h, i], h, :] for i in the block, for
-    the N_TENSORS (X, Y) pairs (the same strides for all Xs, and for all Ys)."""
+    the N_TENSORS (X, Y) pairs (the same strides for all Xs, and for all Ys).
+
+    CLUSTER_SUMS (IDX a semantic order: positions [VS, VS + N) hold the video rows sorted by LABELS [B * H,
+    N]; BOUNDS [B * H, K + 1] the clusters' extents): also each cluster's sum of X0's rows, added
+    atomically into SUMS [B * H, K, D] float32 (zeroed; a block meets one or two clusters), and block 0
+    writes COUNTS [B * H, K] float32, the sizes."""
     pid, bh = tl.program_id(0), tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -317,17 +327,40 @@ def _gather_rows_kernel(IDX, X0, Y0, X1, Y1, X2, Y2, S, H, si_b, si_h,
     src = tl.load(IDX + b * si_b + h * si_h + rows, mask=rmask, other=0).to(tl.int64)
     xo = b.to(tl.int64) * sx_b + h * sx_h + src[:, None] * sx_s + offs_d[None, :]
     yo = b.to(tl.int64) * sy_b + h * sy_h + rows[:, None].to(tl.int64) * sy_s + offs_d[None, :]
-    tl.store(Y0 + yo, tl.load(X0 + xo, mask=m), mask=m)
+    x0 = tl.load(X0 + xo, mask=m)
+    tl.store(Y0 + yo, x0, mask=m)
+    if CLUSTER_SUMS:
+        if pid == 0:
+            offs_k = tl.arange(0, K_PAD)
+            kmask = offs_k < K
+            lo = tl.load(BOUNDS + bh * (K + 1) + offs_k, mask=kmask, other=0)
+            hi = tl.load(BOUNDS + bh * (K + 1) + offs_k + 1, mask=kmask, other=0)
+            tl.store(COUNTS + bh * K + offs_k, (hi - lo).to(tl.float32), mask=kmask)
+        vm = rmask & (rows >= VS) & (rows < VS + N)
+        lab = tl.load(LABELS + bh.to(tl.int64) * N + (src - VS), mask=vm, other=0)
+        xf = x0.to(tl.float32)
+        c_lo = tl.min(tl.where(vm, lab, K), 0)
+        c_hi = tl.max(tl.where(vm, lab, -1), 0)
+        for c in range(c_lo, c_hi + 1):  # sorted: the block's clusters are [c_lo, c_hi], some maybe empty
+            sel = (lab == c) & vm
+            if tl.max(sel.to(tl.int32), 0) > 0:
+                tl.atomic_add(SUMS + (bh * K + c).to(tl.int64) * D + offs_d, tl.sum(tl.where(sel[:, None], xf, 0.0), 0),
+                              mask=offs_d < D)
     if N_TENSORS > 1:
         tl.store(Y1 + yo, tl.load(X1 + xo, mask=m), mask=m)
     if N_TENSORS > 2:
         tl.store(Y2 + yo, tl.load(X2 + xo, mask=m), mask=m)
 
 
-def gather_rows(xs: list[torch.Tensor], idx: torch.Tensor, block_s: int = 64, num_warps: int = 4) -> list[torch.Tensor]:
+def gather_rows(xs: list[torch.Tensor], idx: torch.Tensor, block_s: int = 64, num_warps: int = 4,
+                cluster_sums: tuple | None = None) -> list[torch.Tensor]:
     """``out[b, i, h] = x[b, idx[b, h, i], h]`` for each ``x`` of ``xs`` (1 to 3 tensors of one shape
     ``(B, S, H, D)`` and one stride layout, last dim contiguous), ``idx`` int ``[B or 1, H, S]``. One
-    launch; contiguous ``(B, S, H, D)`` outputs."""
+    launch; contiguous ``(B, S, H, D)`` outputs. ``cluster_sums`` = ``(labels, bounds, sums, counts,
+    video_start)`` with ``idx`` ``[B, H, S]`` a semantic order (:func:`kmeans_cluster_order`'s ``perm``,
+    ``labels`` int32 ``[B * H, N]``, ``bounds`` ``[B * H, K + 1]``): the same launch also fills ``sums``
+    (zeroed float32 ``[B * H, K, D]``) with each cluster's sum of ``xs[0]``'s rows and ``counts``
+    (float32 ``[B * H, K]``) with the sizes: what reading the rows in that order gives for free."""
     if not 1 <= len(xs) <= 3:
         raise ValueError(f"gather_rows moves 1 to 3 tensors at once, got {len(xs)}")
     x0 = xs[0]
@@ -343,9 +376,17 @@ def gather_rows(xs: list[torch.Tensor], idx: torch.Tensor, block_s: int = 64, nu
     y0 = ys[0]
     si_b = idx.stride(0) if idx.shape[0] == b else 0
     grid = (triton.cdiv(s, block_s), b * h)
+    extra, kw = (ys[0], ys[0], ys[0], ys[0], 0, 0, 1), {}
+    if cluster_sums is not None:
+        labels, bounds, sums, counts, vs = cluster_sums
+        if idx.shape[0] != b or labels.shape[0] != b * h or sums.shape[:1] != (b * h,) or sums.shape[2] != d:
+            raise ValueError("gather_rows: cluster_sums need a per-sample index and [B * H, ...] labels and sums")
+        extra = (labels, bounds, sums, counts, vs, labels.shape[1], sums.shape[1])
+        kw = dict(CLUSTER_SUMS=True, K_PAD=_pow2(sums.shape[1]))
     _gather_rows_kernel[grid](idx, pad[0], ypad[0], pad[1], ypad[1], pad[2], ypad[2], s, h, si_b, idx.stride(1),
                               x0.stride(0), x0.stride(1), x0.stride(2), y0.stride(0), y0.stride(1), y0.stride(2),
-                              D=d, D_PAD=_pow2(d, 1), BLOCK_S=block_s, N_TENSORS=len(xs), num_warps=num_warps)
+                              *extra, D=d, D_PAD=_pow2(d, 1), BLOCK_S=block_s, N_TENSORS=len(xs), num_warps=num_warps,
+                              **kw)
     return ys
 
 

@@ -489,7 +489,8 @@ class SemanticPlan:
 
 def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, sample, stats=None, on_order=None):
     """x [B, S, H, D] -> (perm [B, H, S], bounds [B, H, k + 1], centroids [B, H, k, D], (sums [B, H, k, D],
-    counts [B, H, k])); ``on_order(perm)`` is called once the order is queued (before the sums, on the GPU).
+    counts [B, H, k])); ``on_order(perm, pending)`` is called once the order is queued (see
+    :func:`vdit_accel.kernels.permute.kmeans_cluster_order`; ``pending`` is None off the GPU path).
 
     On the GPU: :func:`vdit_accel.kernels.permute.kmeans_cluster_order` (the
     updates, the assignment and a stable counting sort in ``7 + 2 iters`` launches); else this path."""
@@ -503,7 +504,7 @@ def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, s
             c = _init_centroids(xv, k) if init is None else init.reshape(b * h, k, -1)
             step = cdiv(vl, sample) if sample is not None and sample < vl else 1
             st = None if stats is None else (stats[0].reshape(b * h, k, -1), stats[1].reshape(b * h, k))
-            hook = None if on_order is None else (lambda perm: on_order(perm.view(b, h, -1)))
+            hook = None if on_order is None else (lambda perm, pending: on_order(perm.view(b, h, -1), pending))
             perm, bounds, cent, (sums, counts) = kmeans_cluster_order(xv, c, iters, step, vs, grid.seq_len, st,
                                                                       on_order=hook)
             return (perm.view(b, h, -1), bounds.view(b, h, -1), cent.view(b, h, k, -1),
@@ -517,7 +518,7 @@ def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, s
         bounds = bounds + vs
     perm = _with_text(video, grid)
     if on_order is not None:
-        on_order(perm)
+        on_order(perm, None)
     return perm, bounds, cent, (sums, counts)
 
 
@@ -547,15 +548,23 @@ def semantic_orders(q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, q_cluster
     side.wait_stream(main)  # q, k, v (and the centroids) are written on the current stream
     ready, moved = torch.cuda.Event(), []
 
-    def on_order(perm):  # on the side stream, the key order queued: K and V follow it there
+    def on_order(perm, pending):  # on the side stream, the key order queued: K and V follow it there
         ready.record(side)
+        fused = False
         if v is not None:
-            k2, v2 = gather_tokens_many([k, v], perm)
+            if pending is not None and k.stride(3) == 1 and v.stride() == k.stride():
+                from .kernels.permute import gather_rows
+
+                k2, v2 = gather_rows([k, v], perm, cluster_sums=pending)  # and K's cluster sums on the way
+                fused = True
+            else:
+                k2, v2 = gather_tokens_many([k, v], perm)
             done = torch.cuda.Event()
             done.record(side)
             for t in (k2, v2):
                 t.record_stream(main)
             moved.append((k, v, k2, v2, done))
+        return fused
 
     with torch.cuda.stream(side):
         kp, kb, kc, kst = _cluster_order(k, grid, k_clusters, n_iter, ki, sample, ks, on_order)

@@ -128,6 +128,32 @@ def test_kmeans_cluster_order_matches_torch(grid, k, iters, step):
         torch.testing.assert_close(cent, P._lloyd(c0, *prev), rtol=1e-6, atol=1e-6)
 
 
+def test_moving_rows_into_the_order_sums_the_clusters():
+    """The key order's hook moves K and V with gather_rows(cluster_sums=...): the moved rows are the
+    plain gather's and the statistics the sums pass's (odd sizes, text before the video, 2 samples)."""
+    grid = VideoGrid(3, 5, 7, text_len=11, text_at="prefix")
+    g = torch.Generator().manual_seed(9)
+    b, h, d, k = 2, 3, 24, 9
+    s, vs, vl = grid.seq_len, grid.video_start, grid.video_len
+    centers = torch.randn(k, d, generator=g) * 4
+    kk = (centers[torch.randint(0, k, (b, s, h), generator=g)] + 0.3 * torch.randn(b, s, h, d, generator=g)).half()
+    vv = torch.randn(b, s, h, d, generator=g).half()
+    xv = kk[:, vs : vs + vl].transpose(1, 2)
+    c0 = xv[:, :, :k].reshape(b * h, k, d).float() + 0.1
+    kw = dict(rows_per_program=32, block_n=16, sums_in_assign=False, sum_rows=24, sum_block=16)
+    perm, bounds, cent, (sums, counts) = kmeans_cluster_order(xv, c0, 1, 1, vs, s, **kw)
+    moved = []
+
+    def hook(p, pending):
+        moved.append(gather_rows([kk, vv], p.view(b, h, s), block_s=16, cluster_sums=pending))
+        return True
+    perm2, bounds2, _, (sums2, counts2) = kmeans_cluster_order(xv, c0, 1, 1, vs, s, **kw, on_order=hook)
+    assert torch.equal(perm2, perm) and torch.equal(bounds2, bounds) and torch.equal(counts2, counts)
+    torch.testing.assert_close(sums2, sums, rtol=1e-5, atol=1e-3)
+    for got, want in zip(moved[0], gather_rows([kk, vv], perm.view(b, h, s))):
+        assert torch.equal(got, want)
+
+
 def test_plans_through_the_kernels_match_the_torch_path(monkeypatch):
     """Semantic (warm start included) and segment plans: the kernels give the PyTorch path's orders and masks."""
     grid = VideoGrid(3, 6, 10, text_len=5, text_at="suffix")
@@ -190,7 +216,9 @@ def test_kernels_compile_for_sm90():
                                                  "BOUNDS": "*i64"},
                   dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256)] for kp in (64, 256)]
     gr = {n: "*bf16" for n in ("X0", "Y0", "X1", "Y1", "X2", "Y2")} | {"IDX": "*i64"}
-    variants += [[mod, "_gather_rows_kernel", gr, dict(D=128, D_PAD=128, BLOCK_S=64, N_TENSORS=n)] for n in (1, 2)]
+    gr |= {"LABELS": "*i32", "BOUNDS": "*i64", "SUMS": "*fp32", "COUNTS": "*fp32"}
+    variants += [[mod, "_gather_rows_kernel", gr, dict(D=128, D_PAD=128, BLOCK_S=64, N_TENSORS=n, CLUSTER_SUMS=cs,
+                                                       K_PAD=128)] for n, cs in ((1, False), (2, False), (2, True))]
     sk = {"QC": "*fp32", "KC": "*fp32", "QB": "*i64", "KB": "*i64", "KEEP": "*u8", "qk_scale": "fp32", "top_p": "fp32"}
     variants += [[mod, "_semantic_keep_kernel", sk, dict(D=128, KK_PAD=kk, BLOCK_D=32, BLOCK_N=128, BLOCK_NB=64)]
                  for kk in (128, 256)]
