@@ -171,7 +171,7 @@ def _cluster_place_kernel(LABELS, TBEFORE, CBEFORE, START, PERM, BOUNDS, N, K, V
 
 def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_step: int, video_start: int,
                          seq_len: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         rows_per_program: int = 2048, block_n: int | None = None, num_warps: int = 4,
+                         rows_per_program: int | None = None, block_n: int | None = None, num_warps: int = 4,
                          update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None,
                          sums_in_assign: bool | None = None, sum_rows: int = 128, sum_block: int = 128,
                          sum_warps: int = 4, on_order=None):
@@ -200,12 +200,16 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     :func:`gather_rows` still to compute — a hook that moves x's full tensor into the order with it
     returns True, and no sums pass runs. Defaults: the fastest measured on an H100 at the wan
     480p shape (12 x 32760 rows of 128, bf16, warm from ``stats``, ``iters`` 0; CUDA-graph timing of the
-    whole order, 2026-11-22; sweeps of block_n 32/64/128, 4/8 warps, rows 256-8192, sum settings):
-    64 centroids 0.102 ms, 128 centroids 0.146 ms (the first online version, sums by one-hot dot and tile
-    counts by one-hot sums: 0.111 / 0.218; the former warm default, one update on every 2nd row: 0.186 /
-    0.377)."""
+    whole order, 2026-11-22; sweeps of block_n 32/64/128, 4/8 warps, 1-4 stages, rows 256-8192, sum
+    settings): rows per program for one wave of two programs per SM (ncu: 235-255 registers a thread
+    hold the assignment to two; 1536 rows here), 64 centroids 0.090 ms, 128 centroids 0.139 ms (2048
+    rows: 0.102 / 0.146; the first online version, sums by one-hot dot and tile counts by one-hot sums:
+    0.111 / 0.218; the former warm default, one update on every 2nd row: 0.186 / 0.377)."""
     if block_n is None:
         block_n = 64
+    if rows_per_program is None:  # one wave: the assignment holds 2 programs per SM (registers, H100)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
+        rows_per_program = triton.cdiv(triton.cdiv(x.shape[2] * x.shape[0] * x.shape[1], 2 * sms), block_n) * block_n
     if sums_in_assign is None:
         sums_in_assign = c.shape[1] <= 64
     bx, hx, n, d = x.shape
