@@ -284,12 +284,6 @@ def _cluster_sums_kernel(X, PERM, LABELS, BOUNDS, SUMS, COUNTS, N, K, VS, S, H, 
     xg = (g // H).to(tl.int64) * sx_b + (g % H).to(tl.int64) * sx_h
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < D
-    if pid == 0:
-        offs_k = tl.arange(0, K_PAD)
-        kmask = offs_k < K
-        lo = tl.load(BOUNDS + g * (K + 1) + offs_k, mask=kmask, other=0)
-        hi = tl.load(BOUNDS + g * (K + 1) + offs_k + 1, mask=kmask, other=0)
-        tl.store(COUNTS + g * K + offs_k, (hi - lo).to(tl.float32), mask=kmask)
     p0 = pid * ROWS
     p1 = tl.minimum(p0 + ROWS, N)
     for start in range(p0, p1, BLOCK_N):
@@ -298,14 +292,31 @@ def _cluster_sums_kernel(X, PERM, LABELS, BOUNDS, SUMS, COUNTS, N, K, VS, S, H, 
         rows = tl.load(PERM + g.to(tl.int64) * S + VS + pos, mask=pm, other=VS) - VS
         lab = tl.load(LABELS + g * N + rows, mask=pm, other=0)
         x = tl.load(X + xg + rows[:, None] * sx_n + offs_d[None, :] * sx_d, mask=pm[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32)
-        c_lo = tl.min(tl.where(pm, lab, K), 0)
-        c_hi = tl.max(tl.where(pm, lab, -1), 0)
-        for c in range(c_lo, c_hi + 1):  # sorted: the step's clusters are [c_lo, c_hi], some maybe empty
-            sel = (lab == c) & pm
-            if tl.max(sel.to(tl.int32), 0) > 0:
-                tl.atomic_add(SUMS + (g * K + c).to(tl.int64) * D + offs_d, tl.sum(tl.where(sel[:, None], x, 0.0), 0),
-                              mask=dmask)
+                    other=0.0)
+        _add_cluster_sums(x, lab, pm, start == 0, SUMS, COUNTS, BOUNDS, g, K, offs_d, D, K_PAD)
+
+
+@triton.jit
+def _add_cluster_sums(x, lab, valid, first, SUMS, COUNTS, BOUNDS, g, K, offs_d, D: tl.constexpr,
+                      K_PAD: tl.constexpr):
+    """Rows ``x`` [R, D_PAD] of problem g with their clusters ``lab`` [R] (where ``valid``; consecutive
+    rows of the cluster order, so one or two clusters): each cluster's row sum (float32) added atomically
+    into SUMS [G, K, D]; ``first`` (the problem's first block) also writes COUNTS [G, K] float32, the
+    sizes in BOUNDS [G, K + 1]."""
+    if first:
+        offs_k = tl.arange(0, K_PAD)
+        kmask = offs_k < K
+        lo = tl.load(BOUNDS + g * (K + 1) + offs_k, mask=kmask, other=0)
+        hi = tl.load(BOUNDS + g * (K + 1) + offs_k + 1, mask=kmask, other=0)
+        tl.store(COUNTS + g * K + offs_k, (hi - lo).to(tl.float32), mask=kmask)
+    xf = x.to(tl.float32)
+    c_lo = tl.min(tl.where(valid, lab, K), 0)
+    c_hi = tl.max(tl.where(valid, lab, -1), 0)
+    for c in range(c_lo, c_hi + 1):  # sorted: the block's clusters are [c_lo, c_hi], some maybe empty
+        sel = (lab == c) & valid
+        if tl.max(sel.to(tl.int32), 0) > 0:
+            tl.atomic_add(SUMS + (g * K + c).to(tl.int64) * D + offs_d, tl.sum(tl.where(sel[:, None], xf, 0.0), 0),
+                          mask=offs_d < D)
 
 
 @triton.jit
@@ -334,22 +345,9 @@ def _gather_rows_kernel(IDX, X0, Y0, X1, Y1, X2, Y2, S, H, si_b, si_h,
     x0 = tl.load(X0 + xo, mask=m)
     tl.store(Y0 + yo, x0, mask=m)
     if CLUSTER_SUMS:
-        if pid == 0:
-            offs_k = tl.arange(0, K_PAD)
-            kmask = offs_k < K
-            lo = tl.load(BOUNDS + bh * (K + 1) + offs_k, mask=kmask, other=0)
-            hi = tl.load(BOUNDS + bh * (K + 1) + offs_k + 1, mask=kmask, other=0)
-            tl.store(COUNTS + bh * K + offs_k, (hi - lo).to(tl.float32), mask=kmask)
         vm = rmask & (rows >= VS) & (rows < VS + N)
         lab = tl.load(LABELS + bh.to(tl.int64) * N + (src - VS), mask=vm, other=0)
-        xf = x0.to(tl.float32)
-        c_lo = tl.min(tl.where(vm, lab, K), 0)
-        c_hi = tl.max(tl.where(vm, lab, -1), 0)
-        for c in range(c_lo, c_hi + 1):  # sorted: the block's clusters are [c_lo, c_hi], some maybe empty
-            sel = (lab == c) & vm
-            if tl.max(sel.to(tl.int32), 0) > 0:
-                tl.atomic_add(SUMS + (bh * K + c).to(tl.int64) * D + offs_d, tl.sum(tl.where(sel[:, None], xf, 0.0), 0),
-                              mask=offs_d < D)
+        _add_cluster_sums(x0, lab, vm, pid == 0, SUMS, COUNTS, BOUNDS, bh, K, offs_d, D, K_PAD)
     if N_TENSORS > 1:
         tl.store(Y1 + yo, tl.load(X1 + xo, mask=m), mask=m)
     if N_TENSORS > 2:
