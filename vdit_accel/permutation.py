@@ -52,12 +52,12 @@ order needs 0.1025 against tiled's 0.5651 (5.5x fewer; per head 1.35x-27x) at 21
 0.5817 (4.9x) at 13x30x52; its own centroid top-p mask keeps 98% of the mass at 0.24 (0.33) of the
 blocks. The key-only segment order does not help these heads (0.65 against tiled's 0.57). GPU timing of
 the reordering (H100, wan 480p shape, ``benchmarks/permutation.py --overhead``,
-``permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json``, at 67ebf00): semantic plan 0.26 ms of GPU
+``permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json``, at 3144dba): semantic plan 0.27 ms of GPU
 kernels (the K half on a second stream) + 0.15 ms moving K and V (on the second stream too, right after
 the key order; Q and the output move inside the attention kernel: +0.02-0.04 ms); whole calls against
-the attention alone (3.18 ms at density 0.27), timed in pairs: 14.7% per call re-planned (refresh=1
-without a step), 11.1% with guidance's two calls per step sharing its plan (the patched pipeline's
-default), 11.1% / 9.2% / 7.9% at refresh 2 / 4 / 8; segment 35% at 1. The tiled order: 0.006 ms (0.8%).
+the attention alone (3.14 ms at density 0.27), timed in pairs: 15.3% per call re-planned (refresh=1
+without a step), 11.2% with guidance's two calls per step sharing its plan (the patched pipeline's
+default), 11.1% / 9.1% / 8.0% at refresh 2 / 4 / 8; segment 35% at 1. The tiled order: 0.006 ms (0.8%).
 """
 
 from __future__ import annotations
@@ -94,12 +94,12 @@ DYNAMIC_KINDS = ("semantic", "segment")  # orders computed from each call's Q/K 
 
 # What a dynamic order costs per attention call beyond the attention itself, in units of the dense
 # attention of the same heads, measured at the wan 480p shape (32760 tokens, 12 heads of 128; H100,
-# ``benchmarks/results/permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json`` at 67ebf00 — the plan is
-# the paired whole-call overhead at refresh 1 less the moves —, dense attention of those heads 11.3 ms):
+# ``benchmarks/results/permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json`` at 3144dba — the plan is
+# the paired whole-call overhead at refresh 1, 0.48 ms, less the moves —, dense attention of those heads 11.3 ms):
 # (moving K and V + reading Q through the order, the plan). Both
 # grow with S where the attention grows with S^2: :func:`order_overhead` scales them by 32760 / S.
 _OVERHEAD_REF_TOKENS = 32760
-_ORDER_OVERHEAD = {"semantic": (0.19 / 11.3, 0.28 / 11.3), "segment": (0.19 / 11.3, 2.64 / 11.3)}
+_ORDER_OVERHEAD = {"semantic": (0.19 / 11.3, 0.29 / 11.3), "segment": (0.19 / 11.3, 2.68 / 11.3)}
 
 
 def order_overhead(o: "Order | None", seq_len: int) -> float:
