@@ -23,18 +23,16 @@ reordered tensors with those masks. ``overhead_ms``: the reordering alone, per a
 ``tiled`` permutes the hidden states (B, S, 1536) and the rotary tables once per transformer forward
 (Wan: in before block 0, out after the last) — that cost over the 30 layers of Wan2.1-1.3B
 (``overhead_call_ms``: the per-call alternative, gathering q, k, v and scattering the output);
-``semantic`` / ``segment``: per call, the plan (warm-started online k-means: one assignment pass over
-every token, or the pooled-query pass; the block mask) plus gathering k and v (the
-kernel reads Q and writes the output through the query order, ``q_index``), timed alone
-(``overhead_ms_refresh4``: the same with the plan recomputed every 4th call and reused in between);
-``overhead_pipelined_ms_refresh{1,4}``: whole calls (plan, k/v gather, attention through ``q_index``) back
-to back minus ``runtime_attn_ms``. ``ms = attn_ms + overhead_ms``; ``runtime_attn_ms``: the same attention
-with the runtime's own masks, on tensors already moved. ``dense_rel_diff``: dense attention computed
+``semantic`` / ``segment``: per call (no step: every call re-plans), the plan (warm-started online
+k-means: one assignment pass over every token, or the pooled-query pass; the block mask) plus moving k
+and v (the kernel reads Q and writes the output through the query order, ``q_index``): whole calls as
+the runtime makes them against ``runtime_attn_ms`` (the same attention with the runtime's own masks, on
+tensors already moved), timed in pairs as ``--overhead`` does (``overhead_ms_iqr``; ``overhead_ms_refresh4``:
+the plan recomputed every 4th call and reused in between, per call). ``ms = attn_ms + overhead_ms``. ``dense_rel_diff``: dense attention computed
 through the order (k, v gathered, Q through ``q_index``) against dense attention in raster order,
 ||a - b|| / ||b|| (rounding only).
 ``overhead_ms_refresh<n>``: ``n`` consecutive calls timed together (one re-plan, the plan reused
-n - 1 times), divided by n: the mean cost per call (do_bench's median of single calls would report the
-cheap calls only, as the 2026-11-22 file's ``overhead_ms_refresh4`` did).
+n - 1 times), divided by n: the mean cost per call.
 
 ``--overhead`` (the 12 clustered heads in the tiled frame, semantic and segment with their defaults):
 ``plan_ms`` (warm plan_call alone: k-means step, assignment, sort, block mask), ``plan_gpu_ms`` /
@@ -252,24 +250,16 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
             else:
                 qf, kf, vf = (P.gather_tokens(x, frame) for x in (q, k, v))
 
-                def per_call(spec, memory, attend=False):  # Q and the output move inside the kernel (q_index)
-                    plan = P.plan_call(qf, kf, grid, [spec] * heads, None, BLOCK, None, memory)
+                def per_call(spec, memory, attend=False):  # as the runtime: Q and the output move inside the kernel
+                    plan = P.plan_call(qf, kf, grid, [spec] * heads, None, BLOCK, None, memory, v=vf)
                     kk, vv = plan.gather_kv(kf, vf)
                     bm = plan.block_mask(s, BLOCK)
                     if attend:
                         attention(qf, kk, vv, bm, q_index=plan.kernel_q_index(heads))
                     return plan, kk, vv
 
-                pipelined = {}
-                for refresh in (4, 1):
-                    spec, memory = P.validate_order(f"{order}:top_p={RECALL},refresh={refresh}"), {}
-                    per_call(spec, memory)  # cold start (k-means from random rows), outside the timing
-                    # ``refresh`` calls timed together (one re-plan, the plan reused in between): the mean per call
-                    overhead = _bench(lambda: [per_call(spec, memory) for _ in range(refresh)], device) / refresh
-                    pipelined[refresh] = _bench(lambda: [per_call(spec, memory, True) for _ in range(refresh)],
-                                                device) / refresh
-                    if refresh > 1:
-                        row[f"overhead_ms_refresh{refresh}"] = round(overhead, 4)
+                spec, memory = P.validate_order(f"{order}:top_p={RECALL}"), {}
+                per_call(spec, memory)  # cold start (k-means from random rows), outside the timing
                 plan = per_call(spec, memory)[0]
                 rbm = BlockMask.from_dense(plan.mask, s, BLOCK, BLOCK)
                 qq = qf if plan.q_index is None else P.gather_tokens(qf, plan.q_index)
@@ -277,8 +267,16 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
                 runtime_ms = _bench(lambda: attention(qq, kk, vv, rbm), device)
                 row["runtime_attn_ms"] = round(runtime_ms, 4)
                 row["runtime_density"] = round(rbm.density(), 5)
-                for refresh, ms in sorted(pipelined.items()):  # whole calls back to back, minus the attention
-                    row[f"overhead_pipelined_ms_refresh{refresh}"] = round(ms - runtime_ms, 4)
+                for refresh in (1, 4):  # whole calls against the runtime attention alone, paired (see --overhead)
+                    spec, memory = P.validate_order(f"{order}:top_p={RECALL},refresh={refresh}"), {}
+                    per_call(spec, memory)
+                    m = _paired(lambda: [per_call(spec, memory, True) for _ in range(refresh)],
+                                lambda: attention(qq, kk, vv, rbm), refresh, device)
+                    if refresh == 1:
+                        overhead = m["over"]
+                        row["overhead_ms_iqr"] = [round(x, 4) for x in m["iqr"]]
+                    else:
+                        row[f"overhead_ms_refresh{refresh}"] = round(m["over"], 4)
             if order != "raster":  # dense attention through this order's gathers equals the unpermuted one
                 dense = attention(q, k, v)
                 back = attention(q, P.gather_tokens(k, kp[None]), P.gather_tokens(v, kp[None]), q_index=qp[None])
