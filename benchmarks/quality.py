@@ -14,8 +14,8 @@ as ``benchmarks/check_trained.py``). Dense = the unpatched pipeline (diffusers' 
 - ``fp8`` / ``int8`` / ``int4``: dense pattern, every head quantized (no bf16 steps);
 - ``semantic`` / ``semantic-refresh2`` / ``-refresh8`` / ``semantic-iters1``: every head in the semantic
   token order (k-means of Q and K per head and call, key blocks up to 95% of the centroid-estimated mass;
-  ``refresh=n``: the plan recomputed every n-th call of a layer and reused in between — with guidance,
-  each step calls every layer twice; ``iters=1``: one more Lloyd update on a sample of each call's
+  ``refresh=n``: the plan recomputed every n-th denoising step and reused in between — with guidance,
+  the step's two calls share it; ``iters=1``: one more Lloyd update on a sample of each plan's
   tokens), dense pattern; ``density`` is then the mean block density of the plans the run made
   (``runtime_density``);
 - ``searched``: ``vdit-accel search``'s strategy (global budget 0.05) found on 4 training captions
