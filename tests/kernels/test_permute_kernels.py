@@ -212,9 +212,9 @@ def test_kernels_compile_for_sm90():
     variants += [[mod, "_cluster_sums_kernel", {"X": "*bf16", "PERM": "*i64", "LABELS": "*i32", "BOUNDS": "*i64",
                                                 "SUMS": "*fp32", "COUNTS": "*fp32"},
                   dict(D=128, D_PAD=128, K_PAD=128, BLOCK_N=128)]]
-    variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "TBEFORE": "*i32", "CBEFORE": "*i32", "START": "*i32", "PERM": "*i64",
+    variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "TBEFORE": "*i32", "CSIZES": "*i32", "PERM": "*i64",
                                                  "BOUNDS": "*i64"},
-                  dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256)] for kp in (64, 256)]
+                  dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256, CHUNK_BLOCK=8)] for kp in (64, 256)]
     gr = {n: "*bf16" for n in ("X0", "Y0", "X1", "Y1", "X2", "Y2")} | {"IDX": "*i64"}
     gr |= {"LABELS": "*i32", "BOUNDS": "*i64", "SUMS": "*fp32", "COUNTS": "*fp32"}
     variants += [[mod, "_gather_rows_kernel", gr, dict(D=128, D_PAD=128, BLOCK_S=64, N_TENSORS=n, CLUSTER_SUMS=cs,
