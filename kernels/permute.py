@@ -14,9 +14,9 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
   (k and v) in one launch, from any strides into any strides.
 - :func:`kmeans_cluster_order`: the warm semantic order of every problem — optional Lloyd updates on a
   sample of rows, the assignment of every row (which also sums each cluster's rows: the next call's
-  centroids), and a stable counting sort of the rows by cluster — in ``3 + 2 iters`` launches (each
-  update of the centroids is folded into the next pass's kernel; the placement sums the chunks' counts
-  itself), one more for the sums when the assignment does not make them.
+  centroids), and a stable counting sort of the rows by cluster — in ``4 + 2 iters`` launches (each
+  update of the centroids is folded into the next pass's kernel; one small launch takes the prefix sums
+  of the chunks' counts), one more for the sums when the assignment does not make them.
 - :func:`semantic_block_mask`: the semantic plan's block mask in two launches — centroid scores, softmax
   and top-p of the key clusters of every query cluster (once per query cluster), then the clusters'
   overlap with the blocks and (``csr``) the attention kernel's block lists (the ~40 small ops of the
@@ -132,32 +132,41 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
 
 
 @triton.jit
-def _cluster_place_kernel(LABELS, TBEFORE, CSIZES, PERM, BOUNDS, N, K, VS, S, TILES, CHUNKS, TILES_PER_CHUNK,
-                          K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, TEXT_BLOCK: tl.constexpr,
-                          CHUNK_BLOCK: tl.constexpr = 8):
+def _chunk_prefix_kernel(CSIZES, CBEFORE, START, K, CHUNKS, K_PAD: tl.constexpr, CHUNK_BLOCK: tl.constexpr):
+    """Program (problem g): CBEFORE [G, K, CHUNKS] = each cluster's rows in the chunks before each chunk
+    (an exclusive prefix of CSIZES [G, K, CHUNKS] along the chunks), START [G, K] = where each cluster
+    starts (an exclusive prefix of the sizes); int32."""
+    g = tl.program_id(0)
+    offs_k = tl.arange(0, K_PAD)
+    kmask = offs_k < K
+    carry = tl.zeros([K_PAD], dtype=tl.int32)
+    for c0 in range(0, CHUNKS, CHUNK_BLOCK):
+        offs_c = c0 + tl.arange(0, CHUNK_BLOCK)
+        m = kmask[:, None] & (offs_c < CHUNKS)[None, :]
+        at = (g * K + offs_k[:, None]).to(tl.int64) * CHUNKS + offs_c[None, :]
+        cs = tl.load(CSIZES + at, mask=m, other=0)
+        tl.store(CBEFORE + at, carry[:, None] + tl.cumsum(cs, 1) - cs, mask=m)
+        carry += tl.sum(cs, 1)
+    tl.store(START + g * K + offs_k, tl.cumsum(carry, 0) - carry, mask=kmask)
+
+
+@triton.jit
+def _cluster_place_kernel(LABELS, TBEFORE, CBEFORE, START, PERM, BOUNDS, N, K, VS, S, TILES, CHUNKS, TILES_PER_CHUNK,
+                          K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, TEXT_BLOCK: tl.constexpr):
     """Program (tile of BLOCK_N rows, problem g): the positions of the tile's rows when the N video rows
-    are sorted by label, stably (a counting sort): a row goes after the clusters before its own (the
-    exclusive prefix of the cluster sizes), after its cluster's rows in earlier chunks (both summed here
-    from CSIZES [G, K, CHUNKS], each chunk's cluster sizes), after those in its chunk's earlier tiles
-    (TBEFORE [G, K, TILES], from the assignment), and after its cluster's earlier rows in the tile
-    (counted by comparing the tile's labels pairwise: no scan). PERM [G, S] int64 gets ``VS + row`` at
+    are sorted by label, stably (a counting sort): a row goes after the clusters before its own
+    (START [G, K] int32, exclusive prefix of the cluster sizes), after its cluster's rows in earlier
+    chunks (CBEFORE [G, K, CHUNKS]) and in its chunk's earlier tiles (TBEFORE [G, K, TILES], from the
+    assignment), and after its cluster's earlier rows in the tile (counted by comparing the tile's labels
+    pairwise: no scan). PERM [G, S] int64 gets ``VS + row`` at
     ``VS + position``; text positions [0, VS) and [VS + N, S) keep their token. Tile 0 writes BOUNDS
     [G, K + 1] (``VS +`` each cluster's start, then ``VS + N``)."""
     pid, g = tl.program_id(0), tl.program_id(1)
     perm_g = PERM + g.to(tl.int64) * S
-    offs_k = tl.arange(0, K_PAD)
-    kmask = offs_k < K
-    chunk = pid // TILES_PER_CHUNK
-    sizes = tl.zeros([K_PAD], dtype=tl.int32)
-    before = tl.zeros([K_PAD], dtype=tl.int32)  # each cluster's rows in the chunks before this tile's
-    for c0 in range(0, CHUNKS, CHUNK_BLOCK):
-        offs_c = c0 + tl.arange(0, CHUNK_BLOCK)
-        cs = tl.load(CSIZES + (g * K + offs_k[:, None]).to(tl.int64) * CHUNKS + offs_c[None, :],
-                     mask=kmask[:, None] & (offs_c < CHUNKS)[None, :], other=0)
-        sizes += tl.sum(cs, 1)
-        before += tl.sum(tl.where(offs_c[None, :] < chunk, cs, 0), 1)
-    start = tl.cumsum(sizes, 0) - sizes  # where each cluster starts
     if pid == 0:
+        offs_k = tl.arange(0, K_PAD)
+        kmask = offs_k < K
+        start = tl.load(START + g * K + offs_k, mask=kmask, other=0)
         tl.store(BOUNDS + g * (K + 1) + offs_k, (VS + start).to(tl.int64), mask=kmask)
         tl.store(BOUNDS + g * (K + 1) + K, (VS + N).to(tl.int64))
         for t0 in range(0, VS, TEXT_BLOCK):
@@ -173,7 +182,9 @@ def _cluster_place_kernel(LABELS, TBEFORE, CSIZES, PERM, BOUNDS, N, K, VS, S, TI
     same_before = (lab[:, None] == lab[None, :]) & (offs[None, :] < offs[:, None]) & rmask[None, :]
     rank = tl.sum(same_before.to(tl.int32), 1)
     gk = (g * K + lab).to(tl.int64)
-    base = tl.gather(start + before, lab, 0) + tl.load(TBEFORE + gk * TILES + pid, mask=rmask, other=0)
+    base = (tl.load(START + g * K + lab, mask=rmask, other=0)
+            + tl.load(CBEFORE + gk * CHUNKS + pid // TILES_PER_CHUNK, mask=rmask, other=0)
+            + tl.load(TBEFORE + gk * TILES + pid, mask=rmask, other=0))
     tl.store(perm_g + VS + base + rank, (rows + VS).to(tl.int64), mask=rmask)
 
 
@@ -183,7 +194,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
                          update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None,
                          sums_in_assign: bool | None = None, sum_rows: int = 128, sum_block: int = 128,
                          sum_warps: int = 4, on_order=None):
-    """The semantic order of every problem in ``3 + 2 * iters`` launches (one more for the sums with
+    """The semantic order of every problem in ``4 + 2 * iters`` launches (one more for the sums with
     ``sums_in_assign`` False, unless ``on_order`` takes them):
     the centroids ``c`` ``[G, K, D]`` (float32) updated once from ``stats`` (the previous call's, see
     below) when given, then ``iters`` Lloyd updates on every ``sample_step``-th row of ``x`` ``[B, H, N,
@@ -264,7 +275,10 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
         STORE_LABELS=True, WITH_SUMS=sums_in_assign, FROM_SUMS=prev is not None, TILE_COUNTS=True, **kw)
     perm = torch.empty(g, seq_len, device=dev, dtype=torch.int64)
     bounds = torch.empty(g, k + 1, device=dev, dtype=torch.int64)
-    _cluster_place_kernel[(tiles, g)](labels, tbefore, csizes, perm, bounds, n, k, video_start,
+    cbefore = torch.empty_like(csizes)
+    start = torch.empty(g, k, device=dev, dtype=torch.int32)
+    _chunk_prefix_kernel[(g,)](csizes, cbefore, start, k, chunks, K_PAD=_pow2(k), CHUNK_BLOCK=32, num_warps=4)
+    _cluster_place_kernel[(tiles, g)](labels, tbefore, cbefore, start, perm, bounds, n, k, video_start,
                                       seq_len, tiles, chunks, rows_per_program // block_n, K_PAD=_pow2(k),
                                       BLOCK_N=block_n, TEXT_BLOCK=256, num_warps=place_warps)
     pending = None if sums_in_assign else (labels, bounds, sums, counts, video_start)

@@ -128,6 +128,21 @@ def test_kmeans_cluster_order_matches_torch(grid, k, iters, step):
         torch.testing.assert_close(cent, P._lloyd(c0, *prev), rtol=1e-6, atol=1e-6)
 
 
+def test_cluster_order_with_many_chunks():
+    """More row chunks than one step of the chunk prefix (45 > 32): the order still equals torch's stable sort."""
+    grid = VideoGrid(4, 12, 15)
+    g = torch.Generator().manual_seed(11)
+    b, h, d, k = 1, 2, 16, 7
+    centers = torch.randn(k, d, generator=g) * 4
+    x = centers[torch.randint(0, k, (b, grid.seq_len, h), generator=g)] + 0.3 * torch.randn(b, grid.seq_len, h, d, generator=g)
+    xv = x.transpose(1, 2)
+    c0 = xv[:, :, :k].reshape(b * h, k, d) + 0.1
+    perm, bounds, _, _ = kmeans_cluster_order(xv, c0, 0, 1, 0, grid.seq_len, rows_per_program=16, block_n=16)
+    labels, _, (_, counts) = P._kmeans(xv, k, 0, c0.view(b, h, k, d), None)
+    assert torch.equal(perm, torch.sort(labels, dim=-1, stable=True).indices.reshape(b * h, -1))
+    assert torch.equal(bounds, torch.nn.functional.pad(counts.reshape(b * h, k).long().cumsum(-1), (1, 0)))
+
+
 def test_moving_rows_into_the_order_sums_the_clusters():
     """The key order's hook moves K and V with gather_rows(cluster_sums=...): the moved rows are the
     plain gather's and the statistics the sums pass's (odd sizes, text before the video, 2 samples)."""
@@ -212,9 +227,11 @@ def test_kernels_compile_for_sm90():
     variants += [[mod, "_cluster_sums_kernel", {"X": "*bf16", "PERM": "*i64", "LABELS": "*i32", "BOUNDS": "*i64",
                                                 "SUMS": "*fp32", "COUNTS": "*fp32"},
                   dict(D=128, D_PAD=128, K_PAD=128, BLOCK_N=128)]]
-    variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "TBEFORE": "*i32", "CSIZES": "*i32", "PERM": "*i64",
-                                                 "BOUNDS": "*i64"},
-                  dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256, CHUNK_BLOCK=8)] for kp in (64, 256)]
+    variants += [[mod, "_cluster_place_kernel", {"LABELS": "*i32", "TBEFORE": "*i32", "CBEFORE": "*i32", "START": "*i32",
+                                                 "PERM": "*i64", "BOUNDS": "*i64"},
+                  dict(K_PAD=kp, BLOCK_N=64, TEXT_BLOCK=256)] for kp in (64, 256)]
+    variants += [[mod, "_chunk_prefix_kernel", {"CSIZES": "*i32", "CBEFORE": "*i32", "START": "*i32"},
+                  dict(K_PAD=kp, CHUNK_BLOCK=32)] for kp in (64, 256)]
     gr = {n: "*bf16" for n in ("X0", "Y0", "X1", "Y1", "X2", "Y2")} | {"IDX": "*i64"}
     gr |= {"LABELS": "*i32", "BOUNDS": "*i64", "SUMS": "*fp32", "COUNTS": "*fp32"}
     variants += [[mod, "_gather_rows_kernel", gr, dict(D=128, D_PAD=128, BLOCK_S=64, N_TENSORS=n, CLUSTER_SUMS=cs,
