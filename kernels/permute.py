@@ -415,7 +415,7 @@ def gather_rows(xs: list[torch.Tensor], idx: torch.Tensor, block_s: int = 64, nu
 @triton.jit
 def _semantic_keep_kernel(QC, KC, QB, KB, KEEP, KQ, KK, NB, qk_scale, top_p,
                           D: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_NB: tl.constexpr):
+                          NB_PAD: tl.constexpr):
     """Program (query cluster cq, problem g): KEEP[g, cq, :] (uint8 [G, KQ, NB]) = the key blocks met by
     the key clusters kept for it: by decreasing share of ``softmax(qk_scale * q_c . k_c + log |k_c|)`` up
     to ``top_p`` of it (ties: lower index first, as a stable sort); nothing for an empty query cluster."""
@@ -441,11 +441,14 @@ def _semantic_keep_kernel(QC, KC, QB, KB, KEEP, KQ, KK, NB, qk_scale, top_p,
     # Mass before each entry in decreasing order (ties: the lower index first).
     first = (share[:, None] > share[None, :]) | ((share[:, None] == share[None, :]) & (offs_k[:, None] < offs_k[None, :]))
     before = tl.sum(tl.where(first, share[:, None], 0.0), 0)
-    keep = ((before < top_p * tl.sum(share, 0)) & (share > 0) & (hi > lo)).to(tl.int32)
-    for n0 in range(0, NB, BLOCK_NB):
-        offs_n = n0 + tl.arange(0, BLOCK_NB)
-        meet = (keep[None, :] > 0) & (klo[None, :] < (offs_n[:, None] + 1) * BLOCK_N) & (khi[None, :] > offs_n[:, None] * BLOCK_N)
-        tl.store(KEEP + (g * KQ + cq) * NB + offs_n, tl.max(meet.to(tl.uint8), 1), mask=offs_n < NB)
+    keep = (before < top_p * tl.sum(share, 0)) & (share > 0) & (hi > lo)  # kept clusters are not empty
+    # The blocks a kept cluster meets are [klo // BLOCK_N, (khi - 1) // BLOCK_N]: +1 where such a range
+    # starts, -1 after it ends, and a running sum (no [blocks x clusters] comparison).
+    first_b = tl.where(keep, klo // BLOCK_N, -1).to(tl.int32)  # -1: not kept
+    end_b = tl.where(keep, (khi - 1) // BLOCK_N + 1, -1).to(tl.int32)
+    d = tl.histogram(first_b, NB_PAD, mask=first_b >= 0) - tl.histogram(end_b, NB_PAD, mask=(end_b >= 0) & (end_b < NB))
+    offs_n = tl.arange(0, NB_PAD)
+    tl.store(KEEP + (g * KQ + cq) * NB + offs_n, (tl.cumsum(d, 0) > 0).to(tl.uint8), mask=offs_n < NB)
 
 
 @triton.jit
@@ -515,7 +518,7 @@ def semantic_block_mask(q_centroids: torch.Tensor, k_centroids: torch.Tensor, q_
     keep = torch.empty(g, kq, nb, dtype=torch.uint8, device=dev)
     _semantic_keep_kernel[(kq, g)](q_centroids.float().contiguous(), k_centroids.float().contiguous(), qb, kb, keep,
                                    kq, kk, nb, scale, top_p, D=d, KK_PAD=_pow2(kk), BLOCK_D=min(32, _pow2(d)),
-                                   BLOCK_N=block_n, BLOCK_NB=min(64, _pow2(nb)), num_warps=num_warps)
+                                   BLOCK_N=block_n, NB_PAD=_pow2(nb), num_warps=num_warps)
     out = torch.empty(*lead, mb, nb, dtype=torch.uint8, device=dev)
     num = torch.empty(*lead, mb, dtype=torch.int32, device=dev) if csr else out
     idx = torch.empty(*lead, mb, nb, dtype=torch.int32, device=dev) if csr else out

@@ -237,7 +237,7 @@ def test_kernels_compile_for_sm90():
     variants += [[mod, "_gather_rows_kernel", gr, dict(D=128, D_PAD=128, BLOCK_S=64, N_TENSORS=n, CLUSTER_SUMS=cs,
                                                        K_PAD=128)] for n, cs in ((1, False), (2, False), (2, True))]
     sk = {"QC": "*fp32", "KC": "*fp32", "QB": "*i64", "KB": "*i64", "KEEP": "*u8", "qk_scale": "fp32", "top_p": "fp32"}
-    variants += [[mod, "_semantic_keep_kernel", sk, dict(D=128, KK_PAD=kk, BLOCK_D=32, BLOCK_N=128, BLOCK_NB=64)]
+    variants += [[mod, "_semantic_keep_kernel", sk, dict(D=128, KK_PAD=kk, BLOCK_D=32, BLOCK_N=128, NB_PAD=256)]
                  for kk in (128, 256)]
     sm = {"KEEP": "*u8", "QB": "*i64", "MASK": "*u8", "NUM": "*i32", "IDX": "*i32"}
     variants += [[mod, "_semantic_mask_kernel", sm, dict(BLOCK_M=128, KQ_PAD=kq, BLOCK_NB=256, WRITE_CSR=csr)]
