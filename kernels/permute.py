@@ -82,12 +82,12 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, TBEF
         lab = tl.argmax(scores, 1)
         if STORE_LABELS:
             tl.store(LABELS + g * N + rows, lab.to(tl.int32), mask=rmask)
-        onehot = (lab[:, None] == offs_k[None, :]) & rmask[:, None]
         if TILE_COUNTS:
             tl.store(TBEFORE + (g * K + offs_k).to(tl.int64) * tl.cdiv(N, BLOCK_N) + start // BLOCK_N, icnt,
                      mask=kmask)
         icnt += tl.histogram(lab, K_PAD, mask=rmask)  # H100: cheaper than summing the one-hot rows (0.146 vs 0.179 ms)
         if WITH_SUMS:
+            onehot = (lab[:, None] == offs_k[None, :]) & rmask[:, None]
             acc += tl.dot(tl.trans(onehot.to(x.dtype)), x)
     if TILE_COUNTS:
         tl.store(CSIZES + (g * K + offs_k).to(tl.int64) * tl.num_programs(0) + pid, icnt, mask=kmask)
