@@ -14,9 +14,10 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
   (k and v) in one launch, from any strides into any strides.
 - :func:`kmeans_cluster_order`: the warm semantic order of every problem — optional Lloyd updates on a
   sample of rows, the assignment of every row (which also sums each cluster's rows: the next call's
-  centroids), and a stable counting sort of the rows by cluster — in ``4 + 2 iters`` launches (each
-  update of the centroids is folded into the next pass's kernel; one small launch takes the prefix sums
-  of the chunks' counts), one more for the sums when the assignment does not make them.
+  centroids), and a stable counting sort of the rows by cluster — in ``5 + 3 iters`` launches (before
+  each pass one small launch prepares its centroids: the Lloyd update from the previous pass's sums,
+  rounded to the rows' dtype, and their norms; one takes the prefix sums of the chunks' counts), one
+  more for the sums when the assignment does not make them.
 - :func:`semantic_block_mask`: the semantic plan's block mask in two launches — centroid scores, softmax
   and top-p of the key clusters of every query cluster (once per query cluster), then the clusters'
   overlap with the blocks and (``csr``) the attention kernel's block lists (the ~40 small ops of the
@@ -38,17 +39,39 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 @triton.jit
-def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, TBEFORE, CSIZES, N, K, ROWS, H,
-                          sx_b, sx_h, sx_n, sx_d, sc_g, sc_k,
-                          D: tl.constexpr, K_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          STORE_LABELS: tl.constexpr, WITH_SUMS: tl.constexpr, FROM_SUMS: tl.constexpr = False,
-                          TILE_COUNTS: tl.constexpr = False):
-    """Program (row chunk, problem g = b * H + h): labels of rows [chunk * ROWS, ...), and its clusters' counts
-    (and row sums) added atomically into COUNTS [G, K] (SUMS [G, K, D]) float32.
+def _centroid_prep_kernel(C, PSUMS, PCOUNTS, COUT, CB, BIAS, K, D: tl.constexpr, K_PAD: tl.constexpr,
+                          D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, FROM_SUMS: tl.constexpr):
+    """Program (block of BLOCK_K centroids, problem g): what the assignment reads of the centroids C
+    [G, K, D] (float32, contiguous): CB [G, K_PAD, D_PAD] in the rows' dtype (zero padded) and BIAS [G,
+    K_PAD] float32 = -|c|^2 / 2 (-inf past K: padded centroids never win). FROM_SUMS: c is first one Lloyd
+    update of C from PSUMS [G, K, D] / PCOUNTS [G, K] (``sums / counts``; empty clusters keep C's),
+    written to COUT [G, K, D]."""
+    kb, g = tl.program_id(0), tl.program_id(1)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D_PAD)
+    kmask = offs_k < K
+    kd_mask = kmask[:, None] & (offs_d < D)[None, :]
+    at = (g * K + offs_k[:, None]) * D + offs_d[None, :]
+    c = tl.load(C + at, mask=kd_mask, other=0.0)
+    if FROM_SUMS:
+        ps = tl.load(PSUMS + at, mask=kd_mask, other=0.0)
+        pc = tl.load(PCOUNTS + g * K + offs_k, mask=kmask, other=0.0)
+        c = tl.where(pc[:, None] > 0, tl.math.div_rn(ps, tl.maximum(pc, 1.0)[:, None]), c)
+        tl.store(COUT + at, c, mask=kd_mask)
+    tl.store(CB + (g * K_PAD + offs_k[:, None]) * D_PAD + offs_d[None, :], c.to(CB.dtype.element_ty))
+    tl.store(BIAS + g * K_PAD + offs_k, tl.where(kmask, -0.5 * tl.sum(c * c, 1), float("-inf")))
 
-    FROM_SUMS: the centroids are first one Lloyd update of C from the previous pass's PSUMS [G, K, D] /
-    PCOUNTS [G, K] (``sums / counts``; empty clusters keep C's), written to COUT [G, K, D] by chunk 0.
-    TILE_COUNTS (what the placement reads, one program per tile; int32, no atomics): TBEFORE [G, K, tiles]
+
+@triton.jit
+def _kmeans_assign_kernel(X, CB, BIAS, LABELS, SUMS, COUNTS, TBEFORE, CSIZES, N, K, ROWS, H,
+                          sx_b, sx_h, sx_n, sx_d,
+                          D: tl.constexpr, K_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          STORE_LABELS: tl.constexpr, WITH_SUMS: tl.constexpr, TILE_COUNTS: tl.constexpr = False):
+    """Program (row chunk, problem g = b * H + h): labels of rows [chunk * ROWS, ...), and its clusters' counts
+    (and row sums) added atomically into COUNTS [G, K] (SUMS [G, K, D]) float32. The centroids come
+    prepared by :func:`_centroid_prep_kernel` (CB, BIAS).
+
+    TILE_COUNTS (what the placement reads, one program per tile; int32, no atomics): TBEFORE [G, tiles, K]
     gets, for each tile of BLOCK_N rows, each cluster's rows in the chunk's earlier tiles, and CSIZES
     [G, K, chunks] each chunk's cluster sizes (a prefix over the chunks then places the chunks); COUNTS
     (and SUMS) then only with WITH_SUMS."""
@@ -58,17 +81,8 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, TBEF
     offs_d = tl.arange(0, D_PAD)
     kmask = offs_k < K
     dmask = offs_d < D
-    kd_mask = kmask[:, None] & dmask[None, :]
-    c = tl.load(C + g * sc_g + offs_k[:, None] * sc_k + offs_d[None, :], mask=kd_mask, other=0.0)
-    c = c.to(tl.float32)
-    if FROM_SUMS:
-        ps = tl.load(PSUMS + (g * K + offs_k[:, None]) * D + offs_d[None, :], mask=kd_mask, other=0.0)
-        pc = tl.load(PCOUNTS + g * K + offs_k, mask=kmask, other=0.0)
-        c = tl.where(pc[:, None] > 0, tl.math.div_rn(ps, tl.maximum(pc, 1.0)[:, None]), c)
-        if pid == 0:
-            tl.store(COUT + (g * K + offs_k[:, None]) * D + offs_d[None, :], c, mask=kd_mask)
-    bias = tl.where(kmask, -0.5 * tl.sum(c * c, 1), float("-inf"))  # -|c|^2 / 2; padded centroids never win
-    c_lp = c.to(X.dtype.element_ty)
+    bias = tl.load(BIAS + g * K_PAD + offs_k)
+    c_lp = tl.load(CB + (g * K_PAD + offs_k[:, None]) * D_PAD + offs_d[None, :])
     icnt = tl.zeros([K_PAD], dtype=tl.int32)  # this chunk's rows per cluster so far
     acc = tl.zeros([K_PAD, D_PAD], dtype=tl.float32)
     row0 = pid * ROWS
@@ -83,7 +97,7 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, TBEF
         if STORE_LABELS:
             tl.store(LABELS + g * N + rows, lab.to(tl.int32), mask=rmask)
         if TILE_COUNTS:
-            tl.store(TBEFORE + (g * K + offs_k).to(tl.int64) * tl.cdiv(N, BLOCK_N) + start // BLOCK_N, icnt,
+            tl.store(TBEFORE + (g.to(tl.int64) * tl.cdiv(N, BLOCK_N) + start // BLOCK_N) * K + offs_k, icnt,
                      mask=kmask)
         icnt += tl.histogram(lab, K_PAD, mask=rmask)  # H100: cheaper than summing the one-hot rows (0.146 vs 0.179 ms)
         if WITH_SUMS:
@@ -95,6 +109,20 @@ def _kmeans_assign_kernel(X, C, PSUMS, PCOUNTS, COUT, LABELS, SUMS, COUNTS, TBEF
         tl.atomic_add(COUNTS + g * K + offs_k, icnt.to(tl.float32), mask=kmask)
     if WITH_SUMS:
         tl.atomic_add(SUMS + g * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=kmask[:, None] & dmask[None, :])
+
+
+def _prepared(x: torch.Tensor, c: torch.Tensor, prev: tuple | None):
+    """One launch of :func:`_centroid_prep_kernel` for rows ``x`` ``[B, H, N, D]`` and centroids ``c``
+    ``[G, K, D]`` (checked float32), updated from ``prev`` = ``(sums, counts)`` when given. Returns the
+    centroids the assignment uses (float32 ``[G, K, D]``) and its centroid arguments ``(CB, BIAS)``."""
+    g, k, d = c.shape
+    kp, dp = _pow2(k), _pow2(d)
+    cout = c if prev is None else torch.empty_like(c)
+    cb = torch.empty(g, kp, dp, device=c.device, dtype=x.dtype)
+    bias = torch.empty(g, kp, device=c.device, dtype=torch.float32)
+    _centroid_prep_kernel[(kp // 16, g)](c, *(prev or (c, c)), cout, cb, bias, k, D=d, K_PAD=kp, D_PAD=dp,
+                                         BLOCK_K=16, FROM_SUMS=prev is not None, num_warps=4)
+    return cout, (cb, bias)
 
 
 def _checked_centroids(x: torch.Tensor, c: torch.Tensor, name: str) -> torch.Tensor:
@@ -124,8 +152,9 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
     labels = torch.empty(g, n, device=x.device, dtype=torch.int32) if store_labels else counts
     rows_per_program = max(block_n, rows_per_program // block_n * block_n)
     grid = (triton.cdiv(n, rows_per_program), g)
-    _kmeans_assign_kernel[grid](x, c, c, c, c, labels, sums, counts, counts, counts, n, k, rows_per_program, hx,
-                                x.stride(0), x.stride(1), x.stride(2), x.stride(3), c.stride(0), c.stride(1),
+    _, cargs = _prepared(x, c, None)
+    _kmeans_assign_kernel[grid](x, *cargs, labels, sums, counts, counts, counts, n, k, rows_per_program, hx,
+                                x.stride(0), x.stride(1), x.stride(2), x.stride(3),
                                 D=d, K_PAD=_pow2(k), D_PAD=_pow2(d), BLOCK_N=block_n,
                                 STORE_LABELS=store_labels, WITH_SUMS=with_sums, num_warps=num_warps)
     return (labels if store_labels else None), counts, (sums if with_sums else None)
@@ -156,7 +185,7 @@ def _cluster_place_kernel(LABELS, TBEFORE, CBEFORE, START, PERM, BOUNDS, N, K, V
     """Program (tile of BLOCK_N rows, problem g): the positions of the tile's rows when the N video rows
     are sorted by label, stably (a counting sort): a row goes after the clusters before its own
     (START [G, K] int32, exclusive prefix of the cluster sizes), after its cluster's rows in earlier
-    chunks (CBEFORE [G, K, CHUNKS]) and in its chunk's earlier tiles (TBEFORE [G, K, TILES], from the
+    chunks (CBEFORE [G, K, CHUNKS]) and in its chunk's earlier tiles (TBEFORE [G, TILES, K], from the
     assignment), and after its cluster's earlier rows in the tile (counted by comparing the tile's labels
     pairwise: no scan). PERM [G, S] int64 gets ``VS + row`` at
     ``VS + position``; text positions [0, VS) and [VS + N, S) keep their token. Tile 0 writes BOUNDS
@@ -184,7 +213,7 @@ def _cluster_place_kernel(LABELS, TBEFORE, CBEFORE, START, PERM, BOUNDS, N, K, V
     gk = (g * K + lab).to(tl.int64)
     base = (tl.load(START + g * K + lab, mask=rmask, other=0)
             + tl.load(CBEFORE + gk * CHUNKS + pid // TILES_PER_CHUNK, mask=rmask, other=0)
-            + tl.load(TBEFORE + gk * TILES + pid, mask=rmask, other=0))
+            + tl.load(TBEFORE + (g.to(tl.int64) * TILES + pid) * K + lab, mask=rmask, other=0))
     tl.store(perm_g + VS + base + rank, (rows + VS).to(tl.int64), mask=rmask)
 
 
@@ -194,7 +223,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
                          update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None,
                          sums_in_assign: bool | None = None, sum_rows: int = 128, sum_block: int = 128,
                          sum_warps: int = 4, on_order=None):
-    """The semantic order of every problem in ``4 + 2 * iters`` launches (one more for the sums with
+    """The semantic order of every problem in ``5 + 3 * iters`` launches (one more for the sums with
     ``sums_in_assign`` False, unless ``on_order`` takes them):
     the centroids ``c`` ``[G, K, D]`` (float32) updated once from ``stats`` (the previous call's, see
     below) when given, then ``iters`` Lloyd updates on every ``sample_step``-th row of ``x`` ``[B, H, N,
@@ -221,10 +250,14 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     returns True, and no sums pass runs. Defaults: the fastest measured on an H100 at the wan
     480p shape (12 x 32760 rows of 128, bf16, warm from ``stats``, ``iters`` 0; CUDA-graph timing of the
     whole order, 2026-11-22; sweeps of block_n 32/64/128, 4/8 warps, 1-4 stages, rows 256-8192, sum
-    settings): rows per program for one wave of two programs per SM (ncu: 235-255 registers a thread
-    hold the assignment to two; 1536 rows here), 64 centroids 0.090 ms, 128 centroids 0.139 ms (2048
-    rows: 0.102 / 0.146; the first online version, sums by one-hot dot and tile counts by one-hot sums:
-    0.111 / 0.218; the former warm default, one update on every 2nd row: 0.186 / 0.377)."""
+    settings): rows per program for one wave of two programs per SM (1536 rows here; 3, 4 or 6 per SM
+    measured 2-6% slower), 64 centroids 0.077 ms, 128 centroids 0.065 ms without the sums pass (the
+    runtime's way). Before the centroids were prepared by a launch of their own, every assignment
+    program made the Lloyd update itself and held all of it in registers (255 a thread, 1.9 KB of
+    spills for 128 centroids; now 182 / 147, none: ptxas for sm_90a): 0.090 ms and 0.076 ms; the first
+    online version 0.111 / 0.218 (with the sums); the former warm default, one update on every 2nd row
+    and no carried statistics, 0.186 / 0.377. Rows and centroids by TMA (tensor descriptors, so the loop
+    has no address arithmetic and no copy into shared memory) measured the same: not kept."""
     if block_n is None:
         block_n = 64
     if rows_per_program is None:  # one wave: the assignment holds 2 programs per SM (registers, H100)
@@ -255,24 +288,24 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
 
     for _ in range(iters):
         sums, counts = stat_buffers()
-        cout = c if prev is None else torch.empty_like(c)
+        cout, cargs = _prepared(xs, c, prev)
         ns = xs.shape[2]
         urows = max(block_n, update_rows // block_n * block_n)
         _kmeans_assign_kernel[(triton.cdiv(ns, urows), g)](
-            xs, c, *(prev or (c, c)), cout, counts, sums, counts, counts, counts, ns, k, urows, hx,
-            xs.stride(0), xs.stride(1), xs.stride(2), xs.stride(3), c.stride(0), c.stride(1),
-            STORE_LABELS=False, WITH_SUMS=True, FROM_SUMS=prev is not None, **kw)
+            xs, *cargs, counts, sums, counts, counts, counts, ns, k, urows, hx,
+            xs.stride(0), xs.stride(1), xs.stride(2), xs.stride(3),
+            STORE_LABELS=False, WITH_SUMS=True, **kw)
         c, prev = cout, (sums, counts)
     tiles, chunks = triton.cdiv(n, block_n), triton.cdiv(n, rows_per_program)
     labels = torch.empty(g, n, device=dev, dtype=torch.int32)
-    tbefore = torch.empty(g, k, tiles, device=dev, dtype=torch.int32)  # per tile: the chunk's earlier rows
+    tbefore = torch.empty(g, tiles, k, device=dev, dtype=torch.int32)  # per tile: the chunk's earlier rows
     csizes = torch.empty(g, k, chunks, device=dev, dtype=torch.int32)
     sums, counts = stat_buffers()
-    cout = c if prev is None else torch.empty_like(c)
+    cout, cargs = _prepared(x, c, prev)
     _kmeans_assign_kernel[(chunks, g)](
-        x, c, *(prev or (c, c)), cout, labels, sums, counts, tbefore, csizes, n, k, rows_per_program, hx,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3), c.stride(0), c.stride(1),
-        STORE_LABELS=True, WITH_SUMS=sums_in_assign, FROM_SUMS=prev is not None, TILE_COUNTS=True, **kw)
+        x, *cargs, labels, sums, counts, tbefore, csizes, n, k, rows_per_program, hx,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        STORE_LABELS=True, WITH_SUMS=sums_in_assign, TILE_COUNTS=True, **kw)
     perm = torch.empty(g, seq_len, device=dev, dtype=torch.int64)
     bounds = torch.empty(g, k + 1, device=dev, dtype=torch.int64)
     cbefore = torch.empty_like(csizes)

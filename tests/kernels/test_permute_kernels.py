@@ -213,17 +213,20 @@ def test_kernels_compile_for_sm90():
     _COMPILE = sm90._COMPILE
 
     mod = "vdit_accel.kernels.permute"
-    km = {"X": "*bf16", "C": "*fp32", "PSUMS": "*fp32", "PCOUNTS": "*fp32", "COUT": "*fp32", "LABELS": "*i32",
-          "SUMS": "*fp32", "COUNTS": "*fp32", "TBEFORE": "*i32", "CSIZES": "*i32"}
+    km = {"X": "*bf16", "CB": "*bf16", "BIAS": "*fp32", "LABELS": "*i32", "SUMS": "*fp32", "COUNTS": "*fp32",
+          "TBEFORE": "*i32", "CSIZES": "*i32"}
     variants = [[mod, "_kmeans_assign_kernel", km, dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_N=bn, STORE_LABELS=lab,
-                                                        WITH_SUMS=sums, FROM_SUMS=upd, TILE_COUNTS=chunk)]
-                for d, kp, dp, bn, lab, sums, upd, chunk in ((128, 64, 128, 64, False, True, False, False),
-                                                             (128, 128, 128, 64, True, False, False, False),
-                                                             (96, 128, 128, 64, True, True, False, False),
-                                                             (128, 128, 128, 64, False, True, True, False),
-                                                             (128, 64, 128, 64, True, True, True, True),
-                                                             (128, 128, 128, 32, True, True, True, True),
-                                                             (128, 256, 128, 64, True, False, True, True))]
+                                                        WITH_SUMS=sums, TILE_COUNTS=chunk)]
+                for d, kp, dp, bn, lab, sums, chunk in ((128, 64, 128, 64, False, True, False),
+                                                        (128, 128, 128, 64, True, False, False),
+                                                        (96, 128, 128, 64, True, True, False),
+                                                        (128, 64, 128, 64, True, True, True),
+                                                        (128, 128, 128, 32, True, True, True),
+                                                        (128, 256, 128, 64, True, False, True))]
+    variants += [[mod, "_centroid_prep_kernel", {"C": "*fp32", "PSUMS": "*fp32", "PCOUNTS": "*fp32", "COUT": "*fp32",
+                                                 "CB": "*bf16", "BIAS": "*fp32"},
+                  dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_K=16, FROM_SUMS=upd)] for d, kp, dp, upd in ((128, 128, 128, True),
+                                                                                                  (96, 64, 128, False))]
     variants += [[mod, "_cluster_sums_kernel", {"X": "*bf16", "PERM": "*i64", "LABELS": "*i32", "BOUNDS": "*i64",
                                                 "SUMS": "*fp32", "COUNTS": "*fp32"},
                   dict(D=128, D_PAD=128, K_PAD=128, BLOCK_N=128)]]
