@@ -14,10 +14,10 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
   (k and v) in one launch, from any strides into any strides.
 - :func:`kmeans_cluster_order`: the warm semantic order of every problem — optional Lloyd updates on a
   sample of rows, the assignment of every row (which also sums each cluster's rows: the next call's
-  centroids), and a stable counting sort of the rows by cluster — in ``5 + 3 iters`` launches (before
-  each pass one small launch prepares its centroids: the Lloyd update from the previous pass's sums,
-  rounded to the rows' dtype, and their norms; one takes the prefix sums of the chunks' counts), one
-  more for the sums when the assignment does not make them.
+  centroids), and a stable counting sort of the rows by cluster — in ``4 + 2 iters`` launches (before
+  each pass one small launch prepares its centroids — the Lloyd update from the previous pass's sums,
+  rounded to the rows' dtype, and their norms — and zeroes the pass's statistics; one takes the prefix
+  sums of the chunks' counts), one more for the sums when the assignment does not make them.
 - :func:`semantic_block_mask`: the semantic plan's block mask in two launches — centroid scores, softmax
   and top-p of the key clusters of every query cluster (once per query cluster), then the clusters'
   overlap with the blocks and (``csr``) the attention kernel's block lists (the ~40 small ops of the
@@ -39,13 +39,15 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 @triton.jit
-def _centroid_prep_kernel(C, PSUMS, PCOUNTS, COUT, CB, BIAS, K, D: tl.constexpr, K_PAD: tl.constexpr,
-                          D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, FROM_SUMS: tl.constexpr):
+def _centroid_prep_kernel(C, PSUMS, PCOUNTS, COUT, CB, BIAS, ZSUMS, ZCOUNTS, K, D: tl.constexpr, K_PAD: tl.constexpr,
+                          D_PAD: tl.constexpr, BLOCK_K: tl.constexpr, FROM_SUMS: tl.constexpr,
+                          ZERO_SUMS: tl.constexpr = False, ZERO_COUNTS: tl.constexpr = False):
     """Program (block of BLOCK_K centroids, problem g): what the assignment reads of the centroids C
     [G, K, D] (float32, contiguous): CB [G, K_PAD, D_PAD] in the rows' dtype (zero padded) and BIAS [G,
     K_PAD] float32 = -|c|^2 / 2 (-inf past K: padded centroids never win). FROM_SUMS: c is first one Lloyd
     update of C from PSUMS [G, K, D] / PCOUNTS [G, K] (``sums / counts``; empty clusters keep C's),
-    written to COUT [G, K, D]."""
+    written to COUT [G, K, D]. ZERO_SUMS / ZERO_COUNTS: the assignment's statistics buffers ZSUMS [G, K,
+    D] / ZCOUNTS [G, K] are zeroed here (no launch of their own)."""
     kb, g = tl.program_id(0), tl.program_id(1)
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D_PAD)
@@ -60,6 +62,10 @@ def _centroid_prep_kernel(C, PSUMS, PCOUNTS, COUT, CB, BIAS, K, D: tl.constexpr,
         tl.store(COUT + at, c, mask=kd_mask)
     tl.store(CB + (g * K_PAD + offs_k[:, None]) * D_PAD + offs_d[None, :], c.to(CB.dtype.element_ty))
     tl.store(BIAS + g * K_PAD + offs_k, tl.where(kmask, -0.5 * tl.sum(c * c, 1), float("-inf")))
+    if ZERO_SUMS:
+        tl.store(ZSUMS + at, tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32), mask=kd_mask)
+    if ZERO_COUNTS:
+        tl.store(ZCOUNTS + g * K + offs_k, tl.zeros([BLOCK_K], dtype=tl.float32), mask=kmask)
 
 
 @triton.jit
@@ -111,17 +117,21 @@ def _kmeans_assign_kernel(X, CB, BIAS, LABELS, SUMS, COUNTS, TBEFORE, CSIZES, N,
         tl.atomic_add(SUMS + g * K * D + offs_k[:, None] * D + offs_d[None, :], acc, mask=kmask[:, None] & dmask[None, :])
 
 
-def _prepared(x: torch.Tensor, c: torch.Tensor, prev: tuple | None):
+def _prepared(x: torch.Tensor, c: torch.Tensor, prev: tuple | None, zero: tuple = (None, None)):
     """One launch of :func:`_centroid_prep_kernel` for rows ``x`` ``[B, H, N, D]`` and centroids ``c``
-    ``[G, K, D]`` (checked float32), updated from ``prev`` = ``(sums, counts)`` when given. Returns the
-    centroids the assignment uses (float32 ``[G, K, D]``) and its centroid arguments ``(CB, BIAS)``."""
+    ``[G, K, D]`` (checked float32), updated from ``prev`` = ``(sums, counts)`` when given; ``zero`` =
+    ``(sums or None, counts or None)``: the assignment's statistics buffers, zeroed by the same launch.
+    Returns the centroids the assignment uses (float32 ``[G, K, D]``) and its centroid arguments ``(CB, BIAS)``."""
     g, k, d = c.shape
     kp, dp = _pow2(k), _pow2(d)
     cout = c if prev is None else torch.empty_like(c)
     cb = torch.empty(g, kp, dp, device=c.device, dtype=x.dtype)
     bias = torch.empty(g, kp, device=c.device, dtype=torch.float32)
-    _centroid_prep_kernel[(kp // 16, g)](c, *(prev or (c, c)), cout, cb, bias, k, D=d, K_PAD=kp, D_PAD=dp,
-                                         BLOCK_K=16, FROM_SUMS=prev is not None, num_warps=4)
+    zs, zc = zero
+    _centroid_prep_kernel[(kp // 16, g)](c, *(prev or (c, c)), cout, cb, bias, c if zs is None else zs,
+                                         c if zc is None else zc, k, D=d, K_PAD=kp, D_PAD=dp, BLOCK_K=16,
+                                         FROM_SUMS=prev is not None, ZERO_SUMS=zs is not None,
+                                         ZERO_COUNTS=zc is not None, num_warps=4)
     return cout, (cb, bias)
 
 
@@ -147,12 +157,12 @@ def kmeans_assign(x: torch.Tensor, c: torch.Tensor, with_sums: bool = False, sto
     bx, hx, n, d = x.shape
     g, k = bx * hx, c.shape[1]
     c = _checked_centroids(x, c, "kmeans_assign")
-    counts = torch.zeros(g, k, device=x.device, dtype=torch.float32)
-    sums = torch.zeros(g, k, d, device=x.device, dtype=torch.float32) if with_sums else counts
+    counts = torch.empty(g, k, device=x.device, dtype=torch.float32)
+    sums = torch.empty(g, k, d, device=x.device, dtype=torch.float32) if with_sums else counts
     labels = torch.empty(g, n, device=x.device, dtype=torch.int32) if store_labels else counts
     rows_per_program = max(block_n, rows_per_program // block_n * block_n)
     grid = (triton.cdiv(n, rows_per_program), g)
-    _, cargs = _prepared(x, c, None)
+    _, cargs = _prepared(x, c, None, (sums if with_sums else None, counts))
     _kmeans_assign_kernel[grid](x, *cargs, labels, sums, counts, counts, counts, n, k, rows_per_program, hx,
                                 x.stride(0), x.stride(1), x.stride(2), x.stride(3),
                                 D=d, K_PAD=_pow2(k), D_PAD=_pow2(d), BLOCK_N=block_n,
@@ -223,7 +233,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
                          update_rows: int = 1024, place_warps: int = 1, num_stages: int | None = None,
                          sums_in_assign: bool | None = None, sum_rows: int = 128, sum_block: int = 128,
                          sum_warps: int = 4, on_order=None):
-    """The semantic order of every problem in ``5 + 3 * iters`` launches (one more for the sums with
+    """The semantic order of every problem in ``4 + 2 * iters`` launches (one more for the sums with
     ``sums_in_assign`` False, unless ``on_order`` takes them):
     the centroids ``c`` ``[G, K, D]`` (float32) updated once from ``stats`` (the previous call's, see
     below) when given, then ``iters`` Lloyd updates on every ``sample_step``-th row of ``x`` ``[B, H, N,
@@ -282,13 +292,13 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
                              f"centroids {tuple(c.shape)}")
         prev = (sums.float().contiguous(), counts.float().contiguous())
 
-    def stat_buffers():
-        buf = torch.zeros(g * k * (d + 1), device=dev, dtype=torch.float32)
+    def stat_buffers():  # zeroed by the pass's centroid launch
+        buf = torch.empty(g * k * (d + 1), device=dev, dtype=torch.float32)
         return buf[: g * k * d].view(g, k, d), buf[g * k * d:].view(g, k)
 
     for _ in range(iters):
         sums, counts = stat_buffers()
-        cout, cargs = _prepared(xs, c, prev)
+        cout, cargs = _prepared(xs, c, prev, (sums, counts))
         ns = xs.shape[2]
         urows = max(block_n, update_rows // block_n * block_n)
         _kmeans_assign_kernel[(triton.cdiv(ns, urows), g)](
@@ -301,7 +311,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     tbefore = torch.empty(g, tiles, k, device=dev, dtype=torch.int32)  # per tile: the chunk's earlier rows
     csizes = torch.empty(g, k, chunks, device=dev, dtype=torch.int32)
     sums, counts = stat_buffers()
-    cout, cargs = _prepared(x, c, prev)
+    cout, cargs = _prepared(x, c, prev, (sums, counts))
     _kmeans_assign_kernel[(chunks, g)](
         x, *cargs, labels, sums, counts, tbefore, csizes, n, k, rows_per_program, hx,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),

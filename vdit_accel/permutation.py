@@ -493,7 +493,7 @@ def _cluster_order(x: torch.Tensor, grid: VideoGrid, k: int, iters: int, init, s
     :func:`vdit_accel.kernels.permute.kmeans_cluster_order`; ``pending`` is None off the GPU path).
 
     On the GPU: :func:`vdit_accel.kernels.permute.kmeans_cluster_order` (the
-    updates, the assignment and a stable counting sort in ``5 + 3 iters`` launches); else this path."""
+    updates, the assignment and a stable counting sort in ``4 + 2 iters`` launches); else this path."""
     vs, vl = grid.video_start, grid.video_len
     xv = x[:, vs : vs + vl].transpose(1, 2)  # [B, H, V, D], a view
     if _fast(x):

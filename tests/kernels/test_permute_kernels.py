@@ -128,6 +128,32 @@ def test_kmeans_cluster_order_matches_torch(grid, k, iters, step):
         torch.testing.assert_close(cent, P._lloyd(c0, *prev), rtol=1e-6, atol=1e-6)
 
 
+def test_buffers_need_no_zeroing(monkeypatch):
+    """Every buffer the order's kernels allocate is written before it is read (the centroid launch zeroes
+    the statistics): with fresh allocations full of garbage the results are the same."""
+    grid = VideoGrid(3, 6, 7, text_len=5, text_at="suffix")
+    g = torch.Generator().manual_seed(4)
+    b, h, d, k = 1, 2, 16, 6
+    x = torch.randn(b, grid.seq_len, h, d, generator=g)
+    xv = x[:, : grid.video_len].transpose(1, 2)
+    c0 = xv[:, :, :k].reshape(b * h, k, d) + 0.1
+    st = (torch.rand(b * h, k, d, generator=g), torch.randint(1, 4, (b * h, k), generator=g).float())
+    kw = dict(rows_per_program=32, block_n=16)
+    want = kmeans_cluster_order(xv, c0, 1, 1, 0, grid.seq_len, st, **kw)
+    want_a = kmeans_assign(xv, c0, with_sums=True, rows_per_program=32, block_n=16)
+    empty = torch.empty
+
+    def garbage(*a, **kwa):
+        t = empty(*a, **kwa)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", garbage)
+    got = kmeans_cluster_order(xv, c0, 1, 1, 0, grid.seq_len, st, **kw)
+    got_a = kmeans_assign(xv, c0, with_sums=True, rows_per_program=32, block_n=16)
+    for w, o in zip((*want[:3], *want[3], *want_a), (*got[:3], *got[3], *got_a)):
+        assert torch.equal(w, o)
+
+
 def test_cluster_order_with_many_chunks():
     """More row chunks than one step of the chunk prefix (45 > 32): the order still equals torch's stable sort."""
     grid = VideoGrid(4, 12, 15)
@@ -224,9 +250,9 @@ def test_kernels_compile_for_sm90():
                                                         (128, 128, 128, 32, True, True, True),
                                                         (128, 256, 128, 64, True, False, True))]
     variants += [[mod, "_centroid_prep_kernel", {"C": "*fp32", "PSUMS": "*fp32", "PCOUNTS": "*fp32", "COUT": "*fp32",
-                                                 "CB": "*bf16", "BIAS": "*fp32"},
-                  dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_K=16, FROM_SUMS=upd)] for d, kp, dp, upd in ((128, 128, 128, True),
-                                                                                                  (96, 64, 128, False))]
+                                                 "CB": "*bf16", "BIAS": "*fp32", "ZSUMS": "*fp32", "ZCOUNTS": "*fp32"},
+                  dict(D=d, K_PAD=kp, D_PAD=dp, BLOCK_K=16, FROM_SUMS=upd, ZERO_SUMS=upd, ZERO_COUNTS=True)]
+                 for d, kp, dp, upd in ((128, 128, 128, True), (96, 64, 128, False))]
     variants += [[mod, "_cluster_sums_kernel", {"X": "*bf16", "PERM": "*i64", "LABELS": "*i32", "BOUNDS": "*i64",
                                                 "SUMS": "*fp32", "COUNTS": "*fp32"},
                   dict(D=128, D_PAD=128, K_PAD=128, BLOCK_N=128)]]
