@@ -52,12 +52,13 @@ order needs 0.1025 against tiled's 0.5651 (5.5x fewer; per head 1.35x-27x) at 21
 0.5817 (4.9x) at 13x30x52; its own centroid top-p mask keeps 98% of the mass at 0.24 (0.33) of the
 blocks. The key-only segment order does not help these heads (0.65 against tiled's 0.57). GPU timing of
 the reordering (H100, wan 480p shape, ``benchmarks/permutation.py --overhead``,
-``permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json``, at bd68912): semantic plan 0.245 ms of GPU
+``permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json``, at 33ee997): semantic plan 0.224 ms of GPU
 kernels (the K half on a second stream) + 0.15 ms moving K and V (on the second stream too, right after
-the key order; Q and the output move inside the attention kernel: +0.02-0.04 ms); whole calls against
-the attention alone (3.19 ms at density 0.27), timed in pairs: 13.3% per call re-planned (refresh=1
-without a step), 10.15% with guidance's two calls per step sharing its plan (the patched pipeline's
-default), 10.2% / 8.6% / 7.9% at refresh 2 / 4 / 8; segment 35% at 1. The tiled order: 0.006 ms (0.8%).
+the key order; Q and the output move inside the attention kernel, which then runs 0.02-0.03 ms faster
+than on Q moved first); whole calls against the attention alone (3.16-3.24 ms at density 0.27), timed
+in pairs: 8.5% per call re-planned (refresh=1 without a step), 5.8% with guidance's two calls per step
+sharing its plan (the patched pipeline's default), 5.8% / 4.5% / 3.8% at refresh 2 / 4 / 8; segment 35%
+at 1. The tiled order: 0.006 ms (0.9%).
 """
 
 from __future__ import annotations
@@ -94,19 +95,20 @@ DYNAMIC_KINDS = ("semantic", "segment")  # orders computed from each call's Q/K 
 
 # What a dynamic order costs per attention call beyond the attention itself, in units of the dense
 # attention of the same heads, measured at the wan 480p shape (32760 tokens, 12 heads of 128; H100,
-# ``benchmarks/results/permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json`` at bd68912 — the plan is
-# the paired whole-call overhead at refresh 1, 0.42 ms, less the moves —, dense attention of those heads 11.3 ms):
-# (moving K and V + reading Q through the order, the plan). Both
-# grow with S where the attention grows with S^2: :func:`order_overhead` scales them by 32760 / S.
+# ``benchmarks/results/permutation-overhead-nvidia-h100-80gb-hbm3-20261122.json`` at 33ee997, dense attention of
+# those heads 11.3 ms): (a call on a kept plan — moving K and V, reading Q through the order —, the plan), from
+# the paired whole-call overheads at refresh 1 and 8 (semantic 0.271 and 0.122 ms: 0.10 + 0.17 / refresh;
+# segment 2.87 at 1). Both grow with S where the attention grows with S^2: :func:`order_overhead` scales them
+# by 32760 / S.
 _OVERHEAD_REF_TOKENS = 32760
-_ORDER_OVERHEAD = {"semantic": (0.19 / 11.3, 0.23 / 11.3), "segment": (0.19 / 11.3, 2.65 / 11.3)}
+_ORDER_OVERHEAD = {"semantic": (0.10 / 11.3, 0.17 / 11.3), "segment": (0.10 / 11.3, 2.77 / 11.3)}
 
 
 def order_overhead(o: "Order | None", seq_len: int) -> float:
     """The per-call cost of order ``o`` beyond its attention, as a fraction of dense attention (the unit
     of block density): 0 for static orders (the tiled frame moves once per forward: 0.8% of one sparse
     call at wan 480p), the moves plus the plan over its ``refresh`` for dynamic ones (semantic at
-    ``seq_len`` 32760: 0.037 at refresh 1, 0.019 at 8)."""
+    ``seq_len`` 32760: 0.024 at refresh 1, 0.011 at 8)."""
     o = validate_order(o)
     if o is None or o["kind"] not in DYNAMIC_KINDS:
         return 0.0

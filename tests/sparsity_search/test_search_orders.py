@@ -75,6 +75,6 @@ def test_order_overhead_is_charged_in_density_units():
 
     assert order_overhead(None, 32760) == order_overhead("tiled", 32760) == 0.0
     one, eight = order_overhead("semantic", 32760), order_overhead("semantic:refresh=8", 32760)
-    assert 0.03 < one < 0.08 and 0.015 < eight < 0.03 and eight < one
+    assert 0.015 < one < 0.04 and 0.005 < eight < 0.015 and eight < one
     assert order_overhead("semantic", 75600) == pytest.approx(one * 32760 / 75600)
     assert order_overhead("segment", 32760) > one
