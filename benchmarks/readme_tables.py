@@ -53,8 +53,10 @@ def e2e_table(results: Path = RESULTS) -> str:
 
 
 def quality_table(results: Path = RESULTS) -> str:
-    """Markdown: the newest GPU quality file's rows (benchmarks/quality.py)."""
-    files = [p for p in sorted(Path(results).glob("quality-*.json")) if json.loads(p.read_text())["gpu"] != "cpu"]
+    """Markdown: the newest GPU quality file's rows (benchmarks/quality.py; runs of some rows only, with
+    ``--only``, are not the table)."""
+    docs = {p: json.loads(p.read_text()) for p in sorted(Path(results).glob("quality-*.json"))}
+    files = [p for p, d in docs.items() if d["gpu"] != "cpu" and "--only" not in d.get("command", "")]
     if not files:
         return "(no GPU quality results yet: run benchmarks/quality.py)\n"
     doc = json.loads(files[-1].read_text())
