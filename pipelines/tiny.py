@@ -260,7 +260,25 @@ def build_tiny_pipeline(family: str = "wan", seed: int = 0, dtype: torch.dtype =
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.eval().requires_grad_(False)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return cast_pipeline(pipe, dtype)
+
+
+def cast_pipeline(pipe, dtype: torch.dtype):
+    """``pipe`` in ``dtype`` the way ``from_pretrained(torch_dtype=dtype)`` leaves a diffusers model: the
+    parameters and buffers under each model's ``_keep_in_fp32_modules`` stay float32 (Wan: the rotary
+    tables, the time embedder, the norms and scale-shift tables). A plain ``pipe.to(dtype)`` rounds the
+    rotary tables too, and our fused Q/K prologue then leaves them to the processor's own (slower) path."""
+    if dtype == torch.float32:
+        return pipe
+    for m in pipe.components.values():
+        if not isinstance(m, torch.nn.Module):
+            continue
+        torch.nn.Module.to(m, dtype=dtype)  # not diffusers' override: it warns of what is undone below
+        keep = getattr(m, "_keep_in_fp32_modules", None) or ()
+        for name, t in [*m.named_parameters(), *m.named_buffers()]:
+            if t.is_floating_point() and any(k in name.split(".") for k in keep):
+                t.data = t.data.float()
+    return pipe
 
 
 # Tiny families that are a version of another family's architecture (same adapter).

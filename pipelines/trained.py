@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import TinyDefaults
+from .tiny import TinyDefaults, cast_pipeline
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "wan-trained"
 COMPONENTS = ("transformer", "vae", "text_encoder")
@@ -169,5 +169,4 @@ def load_trained_components(weights_dir: str | Path | None = None):
 def build_trained_pipeline(weights_dir: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """The trained tiny ``WanPipeline`` (see the module docstring), offline. ``weights_dir``: a directory
     written by ``benchmarks/train_tiny.py`` (default: the weights shipped in the package)."""
-    pipe = make_pipeline(*load_trained_components(weights_dir))
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return cast_pipeline(make_pipeline(*load_trained_components(weights_dir)), dtype)

@@ -115,6 +115,34 @@ def test_patched_wan_uses_it_and_matches_the_eager_prologue(monkeypatch):
     torch.testing.assert_close(fused, cpu, rtol=1e-3, atol=1e-3)
 
 
+def test_half_precision_pipelines_keep_fp32_tables_and_take_it(monkeypatch):
+    """build_tiny_pipeline(dtype=) leaves the models as from_pretrained(torch_dtype=) would (each model's
+    _keep_in_fp32_modules in float32: Wan's rotary tables among them), so a half-precision Wan takes the
+    fused prologue (a plain pipe.to(dtype) rounded the tables, and every call fell back)."""
+    import vdit_accel.kernels.rope as rope
+
+    pipe = build_tiny_pipeline("wan", dtype=torch.float16)
+    tr = pipe.transformer
+    assert tr.rope.freqs_cos.dtype == tr.rope.freqs_sin.dtype == torch.float32
+    assert tr.scale_shift_table.dtype == torch.float32 and tr.blocks[0].attn1.to_q.weight.dtype == torch.float16
+    assert pipe.text_encoder.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # UMT5's "wo"
+    assert pipe.vae.dtype == torch.float16
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 3, 6, 10, generator=g).half()
+    enc = torch.randn(1, 8, tr.config.text_dim, generator=g).half()
+    calls = []
+    real = rope.qk_norm_rope
+    monkeypatch.setattr(rope, "qk_norm_rope", lambda *a, **kw: calls.append(a[0].dtype) or real(*a, **kw))
+    monkeypatch.setenv("VDIT_CPU_TRITON", "1")
+    vdit_accel.patch(tr, "dense")
+    try:
+        with torch.no_grad():
+            out = tr(x, torch.tensor([500]), enc, return_dict=False)[0]
+    finally:
+        vdit_accel.unpatch(tr)
+    assert calls == [torch.float16] * len(tr.blocks) and torch.isfinite(out).all()
+
+
 def test_skyreels_v2_pipeline_uses_it(monkeypatch):
     """SkyReels-V2's processor has the same prologue: its tiny pipeline (one step, attention through the
     interpreted kernel) gives the same video with the fused prologue as with its own."""
