@@ -59,7 +59,7 @@ def quality_table(results: Path = RESULTS) -> str:
     files = [p for p, d in docs.items() if d["gpu"] != "cpu" and "--only" not in d.get("command", "")]
     if not files:
         return "(no GPU quality results yet: run benchmarks/quality.py)\n"
-    doc = json.loads(files[-1].read_text())
+    doc = docs[files[-1]]
     size = doc["size"]
     lines = [f"{doc['gpu']}, {doc['date']}, `{files[-1].name}`: `wan-trained`, {size['num_frames']}x{size['height']}x"
              f"{size['width']} ({doc['tokens']} video tokens), {doc['steps']} steps, guidance {doc['guidance_scale']}, "
