@@ -76,7 +76,10 @@ _T0 = time.monotonic()
 @dataclass
 class TrainConfig:
     """One preset. Sizes are (frames, height, width); VAE buckets carry a batch size, transformer buckets a
-    share of the steps (each step fills ``tokens_per_step`` video tokens from one bucket)."""
+    share of the steps (each step fills ``tokens_per_step`` video tokens from one bucket). ``model``: the
+    :data:`vdit_accel.pipelines.trained.MODELS` entry trained (architecture, caption length, scene set)."""
+
+    model: str = "wan-trained"
 
     # Single frames (the causal encoder's first-frame path: spatial only) learn fastest, seen on the CPU;
     # a third of the steps are images.
@@ -111,6 +114,44 @@ SMOKE = TrainConfig(
     vae_buckets=[(5, 32, 32, 1)], stats_clips=2, check_size=(5, 32, 32), check_count=2, dit_buckets=[(5, 32, 32, 0.5), (9, 64, 32, 0.5)],
     tokens_per_step=64, pool_clips=16, pool_seconds=60.0, warmup_steps=20, resume_warmup_steps=5, log_every=20,
 )
+
+# wan-rich: the VAE fine-tuned from wan-trained's on rich clips (and busy ones, every other step) at its
+# 4:7 aspect; the transformer from its native 65x256x448 (30,464 tokens) down to 17x128x224 (2,240):
+# the small sizes teach captions cheaply, the native ones the attention the model is a testbed for.
+RICH = TrainConfig(
+    model="wan-rich",
+    vae_buckets=[(1, 256, 448, 16), (9, 128, 224, 12), (17, 128, 224, 6), (5, 256, 448, 4), (1, 128, 224, 48),
+                 (9, 256, 448, 2)],
+    vae_lr=1e-4, check_size=(17, 128, 224),
+    dit_buckets=[(17, 128, 224, 0.2), (33, 128, 224, 0.2), (65, 128, 224, 0.15), (33, 256, 448, 0.2),
+                 (65, 256, 448, 0.25)],
+    pool_clips=12000, dit_lr=2e-4, warmup_steps=200,
+)
+SMOKE_RICH = TrainConfig(
+    model="wan-rich", vae_buckets=[(5, 32, 64, 1)], stats_clips=2, check_size=(5, 32, 64), check_count=2,
+    dit_buckets=[(5, 32, 64, 0.5), (9, 64, 112, 0.5)], tokens_per_step=64, pool_clips=16, pool_seconds=60.0,
+    warmup_steps=20, resume_warmup_steps=5, log_every=20,
+)
+PRESETS = {("wan-trained", False): TrainConfig(), ("wan-trained", True): SMOKE, ("wan-rich", False): RICH,
+           ("wan-rich", True): SMOKE_RICH}
+
+
+def _spec(cfg: TrainConfig):
+    return trained.model_spec(cfg.model)
+
+
+def _scenes(cfg: TrainConfig, n: int, seed: int) -> list:
+    """``n`` training scenes of the model's scene set."""
+    if _spec(cfg).scenes == "rich":
+        return toyvideo.sample_rich_scenes(n, seed)
+    return toyvideo.sample_scenes(n, seed)
+
+
+def _vae_scenes(cfg: TrainConfig, n: int, seed: int, step: int) -> list:
+    """The VAE's clips: busy ones (many object pixels); for a rich model rich ones every other step."""
+    if _spec(cfg).scenes == "rich" and step % 2 == 1:
+        return toyvideo.sample_rich_scenes(n, seed, split="any")
+    return toyvideo.sample_busy_scenes(n, seed)
 
 
 def _elapsed() -> float:
@@ -149,7 +190,7 @@ def _save(out: Path, state: dict, transformer, vae, text_encoder, ema_transforme
 
     out.mkdir(parents=True, exist_ok=True)
     meta = {"steps": {"vae": state["vae"]["steps"], "dit": state["dit"]["steps"]}, "seed": state["seed"]}
-    trained.save_trained_weights(out, ema_transformer, vae, ema_text_encoder, metadata=meta)
+    trained.save_trained_weights(out, ema_transformer, vae, ema_text_encoder, metadata=meta, model=state["model"])
     raw = {}
     parts = [("transformer.", transformer), ("text_encoder.", text_encoder)]
     if not state["vae"]["done"]:  # once done, vae.safetensors holds exactly the weights in use
@@ -170,13 +211,25 @@ def _load(src: Path):
     from safetensors.torch import load_file
 
     state = json.loads((src / "state.json").read_text())
-    ema_t, vae, ema_te = trained.load_trained_components(src)
-    transformer, _, text_encoder = trained.build_components(state["seed"], vae.config.latents_mean, vae.config.latents_std)
-    raw = load_file(str(src / "resume.safetensors"))
-    for prefix, module in (("transformer.", transformer), ("text_encoder.", text_encoder), ("vae.", vae)):
-        if prefix == "vae." and state["vae"]["done"]:
-            continue  # vae.safetensors is the VAE in use
-        module.load_state_dict({k[len(prefix):]: v.float() for k, v in raw.items() if k.startswith(prefix)}, strict=True)
+    state.setdefault("model", "wan-trained")
+    ema_t, vae, ema_te = trained.load_trained_components(src, model=state["model"])
+    transformer, _, text_encoder = trained.build_components(state["seed"], vae.config.latents_mean, vae.config.latents_std,
+                                                            model=state["model"])
+    if (src / "resume.safetensors").is_file():
+        raw = load_file(str(src / "resume.safetensors"))
+        for prefix, module in (("transformer.", transformer), ("text_encoder.", text_encoder), ("vae.", vae)):
+            if prefix == "vae." and state["vae"]["done"]:
+                continue  # vae.safetensors is the VAE in use
+            module.load_state_dict({k[len(prefix):]: v.float() for k, v in raw.items() if k.startswith(prefix)},
+                                   strict=True)
+    elif state["vae"]["done"]:
+        # A checkpoint of the shippable (EMA) weights only, as committed between sessions: training goes on
+        # from them (the raw weights' last steps are lost; the EMA restarts from itself).
+        _log(f"{src} has no resume.safetensors: the raw weights start from the EMA weights")
+        transformer.load_state_dict(ema_t.state_dict())
+        text_encoder.load_state_dict(ema_te.state_dict())
+    else:
+        raise FileNotFoundError(f"{src} has no resume.safetensors and its VAE stage is not done: cannot resume")
     for m in (transformer, vae, text_encoder, ema_t, ema_te):
         m.train().requires_grad_(True)
     for m in (ema_t, ema_te):
@@ -213,6 +266,36 @@ def init_vae_per_frame(vae):
     for m in vae.modules():
         if isinstance(m, WanCausalConv3d) and m not in time_convs and m.weight.shape[2] > 1:
             m.weight[:, :, :-1] = 0.0
+
+
+@torch.no_grad()
+def init_from(transformer, vae, text_encoder, source: str) -> None:
+    """Start from the shipped model ``source`` 's weights: its VAE (with its latent statistics) and text
+    encoder as they are; its transformer's embeddings, head and blocks, block ``i`` of the new depth
+    ``n`` taken from block ``floor(i * m / n)`` of its ``m``. A block taken a second time is a copy whose
+    three output projections (self-attention, cross-attention, feed-forward) start at zero, so it adds
+    nothing to the residual stream: the deeper model computes exactly the source's function at step 0,
+    and the copies' inputs are meaningful features from the first gradient on."""
+    src_t, src_vae, src_te = trained.load_trained_components(model=source)
+    vae.load_state_dict(src_vae.state_dict())
+    vae.register_to_config(latents_mean=list(src_vae.config.latents_mean), latents_std=list(src_vae.config.latents_std))
+    text_encoder.load_state_dict(src_te.state_dict())
+    src, dst = src_t.state_dict(), transformer.state_dict()
+    m, n = len(src_t.blocks), len(transformer.blocks)
+    if n < m:
+        raise ValueError(f"init_from needs at least the source's {m} blocks, the model has {n}")
+    mapping = [i * m // n for i in range(n)]
+    for key in dst:
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            i = int(i)
+            value = src[f"blocks.{mapping[i]}.{rest}"]
+            if i > 0 and mapping[i] == mapping[i - 1] and rest.startswith(("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")):
+                value = torch.zeros_like(value)
+            dst[key] = value.clone()
+        else:
+            dst[key] = src[key].clone()
+    transformer.load_state_dict(dst)
 
 
 def _decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -252,7 +335,7 @@ def train_vae(cfg: TrainConfig, state: dict, vae, opt, device, deadline: float, 
         t0 = time.monotonic()
         step = s["steps"]
         f, h, w, b = cfg.vae_buckets[step % len(cfg.vae_buckets)]
-        scenes = toyvideo.sample_busy_scenes(b, int(_rng(state["seed"], 1, step).integers(2**31)))
+        scenes = _vae_scenes(cfg, b, int(_rng(state["seed"], 1, step).integers(2**31)), step)
         x, mask = toyvideo.render(scenes, f, h, w, device=device, return_mask=True)
         weight = 1.0 + cfg.vae_object_weight * mask
         warmup = 50 if first_step == 0 else cfg.resume_warmup_steps
@@ -304,7 +387,7 @@ def latent_stats(cfg: TrainConfig, state: dict, vae, device) -> tuple[list[float
         chunk = max(1, min(per, cfg.encode_pixels // (f * h * w)))
         for j in range(0, per, chunk):
             n = min(chunk, per - j)
-            scenes = toyvideo.sample_scenes(n, int(_rng(state["seed"], 2, i, j).integers(2**31)))
+            scenes = _scenes(cfg, n, int(_rng(state["seed"], 2, i, j).integers(2**31)))
             with _autocast(device):
                 z = _encode(vae, toyvideo.render(scenes, f, h, w, device=device)).float()
             total = total + z.sum((0, 2, 3, 4)).double()
@@ -317,11 +400,12 @@ def latent_stats(cfg: TrainConfig, state: dict, vae, device) -> tuple[list[float
 
 
 @torch.no_grad()
-def vae_check(vae, device, size: tuple[int, int, int], count: int = 24) -> dict:
+def vae_check(vae, device, size: tuple[int, int, int], count: int = 24, scenes: str = "basic") -> dict:
     """The check of vdit_accel.toyvideo on VAE reconstructions of (the first ``count`` of) the check
-    scenes: what a perfect transformer could score at most; and the reconstructions' PSNR."""
+    scenes (``scenes``: the model's set, ``"basic"`` or ``"rich"``): what a perfect transformer could
+    score at most; and the reconstructions' PSNR."""
     vae.eval()
-    singles, twos = toyvideo.check_scenes()
+    singles, twos = toyvideo.rich_check_scenes() if scenes == "rich" else toyvideo.check_scenes()
     singles, twos = singles[:count], twos[:max(0, count - len(singles))]
     ok, psnr = [], []
     for scene in singles + twos:
@@ -356,9 +440,8 @@ class _Bucket:
         return sum(x.shape[0] for x in self.latents)
 
 
-def _tokens(f: int, h: int, w: int) -> int:
-    px = trained.VAE_CONFIG["scale_factor_spatial"] * trained.TRANSFORMER_CONFIG["patch_size"][1]  # pixels a token
-    return ((f - 1) // 4 + 1) * (h // px) * (w // px)
+def _tokens(cfg: TrainConfig, f: int, h: int, w: int) -> int:
+    return int(np.prod(_spec(cfg).grid(f, h, w)))
 
 
 @torch.no_grad()
@@ -368,7 +451,8 @@ def build_pool(cfg: TrainConfig, state: dict, vae, device, seconds: float) -> li
     vae.eval()
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
-    buckets = [_Bucket(f, h, w, share, max(1, cfg.tokens_per_step // _tokens(f, h, w))) for f, h, w, share in cfg.dit_buckets]
+    buckets = [_Bucket(f, h, w, share, max(1, cfg.tokens_per_step // _tokens(cfg, f, h, w)))
+               for f, h, w, share in cfg.dit_buckets]
     demand = np.array([b.share * b.batch for b in buckets])
     targets = np.maximum(np.ceil(cfg.pool_clips * demand / demand.sum()).astype(int), [b.batch for b in buckets])
     t0, chunk_id = time.monotonic(), 0
@@ -384,12 +468,12 @@ def build_pool(cfg: TrainConfig, state: dict, vae, device, seconds: float) -> li
             if b.size >= targets[i] or done():
                 continue
             n = int(min(targets[i] - b.size, max(1, cfg.encode_pixels // (b.frames * b.height * b.width))))
-            scenes = toyvideo.sample_scenes(n, int(_rng(state["seed"], 3, state["run"], i, chunk_id).integers(2**31)))
+            scenes = _scenes(cfg, n, int(_rng(state["seed"], 3, state["run"], i, chunk_id).integers(2**31)))
             chunk_id += 1
             with _autocast(device):
                 z = _encode(vae, toyvideo.render(scenes, b.frames, b.height, b.width, device=device)).float()
             b.latents.append(((z - mean) / std).to(store))
-            ids, mask = trained.tokenize_captions([s.caption for s in scenes], trained.MAX_SEQUENCE_LENGTH)
+            ids, mask = trained.tokenize_captions([s.caption for s in scenes], _spec(cfg).max_sequence_length)
             b.ids.append(ids.to(device))
             b.masks.append(mask.to(device))
     for b in buckets:
@@ -416,8 +500,8 @@ def train_dit(cfg: TrainConfig, state: dict, modules, pool: list[_Bucket], devic
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
     first = s["steps"]
     warmup = cfg.warmup_steps if first == 0 else cfg.resume_warmup_steps
-    shift = trained.TRAINING_SHIFT
-    empty_ids, empty_mask = trained.tokenize_captions([""], trained.MAX_SEQUENCE_LENGTH)
+    shift = _spec(cfg).training_shift
+    empty_ids, empty_mask = trained.tokenize_captions([""], _spec(cfg).max_sequence_length)
     empty_ids, empty_mask = empty_ids.to(device), empty_mask.to(device)
     shares = np.array([b.share for b in pool])
     shares = shares / shares.sum()
@@ -524,12 +608,14 @@ def plot_losses(state: dict, path: Path, width: int = 900, height: int = 360):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _smoke_check(out: Path, device) -> dict:
+def _smoke_check(out: Path, device, cfg: TrainConfig) -> dict:
     """Load what was saved through the package's loader, generate with WanPipeline, run the check."""
-    pipe = trained.build_trained_pipeline(out).to(device)
-    caption = toyvideo.check_scenes()[0][0].caption
-    video = pipe(prompt=caption, num_frames=5, height=32, width=32, num_inference_steps=2,
-                 max_sequence_length=trained.MAX_SEQUENCE_LENGTH, output_type="np",
+    spec = _spec(cfg)
+    pipe = trained.build_trained_pipeline(out, model=spec).to(device)
+    caption = (toyvideo.rich_check_scenes() if spec.scenes == "rich" else toyvideo.check_scenes())[0][0].caption
+    f, h, w = cfg.check_size
+    video = pipe(prompt=caption, num_frames=f, height=h, width=w, num_inference_steps=2,
+                 max_sequence_length=spec.max_sequence_length, output_type="np",
                  generator=torch.Generator("cpu").manual_seed(0)).frames[0]
     result = toyvideo.check_video(video, caption)
     _log("smoke check (untrained: only that it runs)", caption=caption, ok=result["ok"], shape=str(video.shape))
@@ -548,6 +634,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="transformer training time over all commands (the learning-rate cosine spans it)")
     ap.add_argument("--vae-steps", type=int, help="stop the VAE stage after this many steps (CPU runs)")
     ap.add_argument("--dit-steps", type=int, help="stop the transformer stage after this many steps (CPU runs)")
+    ap.add_argument("--model", default="wan-trained", choices=sorted(trained.MODELS),
+                    help="which trained model (pipelines/trained.py: its architecture, captions and scenes)")
+    ap.add_argument("--init-from", default=None, choices=sorted(trained.MODELS), metavar="MODEL",
+                    help="start from a shipped model's weights (init_from) instead of random ones: its VAE and text "
+                         "encoder, its transformer's blocks spread over the new depth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes and a few steps on the CPU, then load, generate, check")
@@ -561,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.out is None:
         ap.error("--out is required")
-    cfg = SMOKE if args.smoke else TrainConfig()
+    cfg = PRESETS[(args.model, args.smoke)]
     if args.smoke:
         args.vae_steps = 2 if args.vae_steps is None else args.vae_steps
         args.dit_steps = 3 if args.dit_steps is None else args.dit_steps
@@ -574,20 +665,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     if src is not None:
         state, modules = _load(src)
+        if state["model"] != args.model:
+            ap.error(f"{src} holds a {state['model']!r} checkpoint; pass --model {state['model']}")
         state["run"] += 1
         _log(f"resumed from {src}", vae_steps=state["vae"]["steps"], dit_steps=state["dit"]["steps"])
     else:
-        transformer, vae, text_encoder = trained.build_components(args.seed)
-        init_vae_per_frame(vae)
-        with torch.no_grad():
-            # Posterior std starts at 0.007 instead of 1: with unit noise on latents of scale ~0.1 the decoder
-            # sees noise only, and Adam needs thousands of steps to walk the log-variance down (seen on the CPU:
-            # reconstruction stuck at the mean image). The KL term lets it grow again where it can.
-            z = vae.config.z_dim
-            vae.quant_conv.bias[z:] = -10.0
+        transformer, vae, text_encoder = trained.build_components(args.seed, model=args.model)
+        if args.init_from:
+            init_from(transformer, vae, text_encoder, args.init_from)
+        else:
+            init_vae_per_frame(vae)
+            with torch.no_grad():
+                # Posterior std starts at 0.007 instead of 1: with unit noise on latents of scale ~0.1 the decoder
+                # sees noise only, and Adam needs thousands of steps to walk the log-variance down (seen on the
+                # CPU: reconstruction stuck at the mean image). The KL term lets it grow again where it can.
+                z = vae.config.z_dim
+                vae.quant_conv.bias[z:] = -10.0
         modules = (transformer, vae, text_encoder, copy.deepcopy(transformer).requires_grad_(False),
                    copy.deepcopy(text_encoder).requires_grad_(False))
-        state = {"version": 1, "seed": args.seed, "run": 0, "config": asdict(cfg), "runs": [],
+        state = {"version": 1, "model": args.model, "init_from": args.init_from, "seed": args.seed, "run": 0,
+                 "config": asdict(cfg), "runs": [],
                  "vae": {"steps": 0, "seconds": 0.0, "done": False, "log": []},
                  "dit": {"steps": 0, "seconds": 0.0, "log": []}, "latents_mean": None, "latents_std": None}
     modules = tuple(m.to(device) for m in modules)
@@ -610,7 +707,7 @@ def main(argv: list[str] | None = None) -> dict:
             state["vae"]["until"] = until
             if not train_vae(cfg, state, vae, opt, device, deadline, until, vae_max, first, args.vae_steps):
                 break  # out of time in this command: saved, resumed by the next
-            check = vae_check(vae, device, cfg.check_size, cfg.check_count)
+            check = vae_check(vae, device, cfg.check_size, cfg.check_count, _spec(cfg).scenes)
             _log("vae reconstructions checked", **check)
             if check["single_ok"] >= cfg.vae_check_target * check["single"] or until >= vae_max or args.vae_steps:
                 state["vae"]["done"] = True
@@ -627,7 +724,7 @@ def main(argv: list[str] | None = None) -> dict:
             vae.register_to_config(latents_mean=mean, latents_std=std)
             state.update(latents_mean=mean, latents_std=std)
             _log("latent stats", mean=str(mean), std=str(std))
-            state["vae"]["check"] = vae_check(vae, device, cfg.check_size, cfg.check_count)
+            state["vae"]["check"] = vae_check(vae, device, cfg.check_size, cfg.check_count, _spec(cfg).scenes)
             _log("vae done; reconstructions checked", **state["vae"]["check"])
     if state["vae"]["done"] and _elapsed() < deadline:
         vae.requires_grad_(False)
@@ -642,7 +739,7 @@ def main(argv: list[str] | None = None) -> dict:
     _save(args.out, state, transformer, vae, text_encoder, ema_t, ema_te)
     _log(f"saved {args.out}", vae_steps=state["vae"]["steps"], dit_steps=state["dit"]["steps"])
     if args.smoke:
-        state["smoke_check"] = _smoke_check(args.out, torch.device("cpu"))
+        state["smoke_check"] = _smoke_check(args.out, torch.device("cpu"), cfg)
     return state
 
 

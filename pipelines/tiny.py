@@ -17,7 +17,7 @@ TINY_FAMILIES = (
 )
 # Pipelines with trained weights shipped in the package (pipelines/trained.py), also built by
 # build_tiny_pipeline; apart from TINY_FAMILIES because they need their weight files.
-TRAINED_FAMILIES = ("wan-trained",)
+TRAINED_FAMILIES = ("wan-trained", "wan-rich")
 
 
 @dataclass(frozen=True)
@@ -241,12 +241,13 @@ def build_tiny_pipeline(family: str = "wan", seed: int = 0, dtype: torch.dtype =
     it), a 3-stage ``AutoencoderKLWan`` (8x spatial, 4x temporal compression), a 2-layer
     ``UMT5EncoderModel`` and ``FlowMatchEulerDiscreteScheduler``. The others use 2 heads of 16 channels
     and 2-4 layers; at :func:`tiny_defaults` sizes every video token grid is at least 3 x 4 x 4.
-    ``"wan-trained"`` is the trained tiny Wan of :mod:`vdit_accel.pipelines.trained` (weights from the package).
+    ``"wan-trained"`` and ``"wan-rich"`` are the trained tiny Wans of :mod:`vdit_accel.pipelines.trained`
+    (weights from the package).
     """
-    if family == "wan-trained":
+    if family in TRAINED_FAMILIES:
         from .trained import build_trained_pipeline
 
-        return build_trained_pipeline(dtype=dtype)  # trained weights: ``seed`` does not apply
+        return build_trained_pipeline(dtype=dtype, model=family)  # trained weights: ``seed`` does not apply
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny pipeline family {family!r}; available: {', '.join(TINY_FAMILIES + TRAINED_FAMILIES)}")
     if family in ("wan", "wan2.2", "skyreels_v2"):
@@ -282,7 +283,7 @@ def cast_pipeline(pipe, dtype: torch.dtype):
 
 
 # Tiny families that are a version of another family's architecture (same adapter).
-_ADAPTER_FAMILY = {"wan2.2": "wan", "cogvideox_1_5": "cogvideox", "wan-trained": "wan"}
+_ADAPTER_FAMILY = {"wan2.2": "wan", "cogvideox_1_5": "cogvideox", "wan-trained": "wan", "wan-rich": "wan"}
 
 
 def supported_models() -> list[tuple[str, tuple[str, ...]]]:
@@ -294,10 +295,10 @@ def supported_models() -> list[tuple[str, tuple[str, ...]]]:
 
 
 def tiny_defaults(family: str = "wan") -> TinyDefaults:
-    if family == "wan-trained":
-        from .trained import TRAINED_DEFAULTS
+    if family in TRAINED_FAMILIES:
+        from .trained import model_spec
 
-        return TRAINED_DEFAULTS
+        return model_spec(family).defaults
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny pipeline family {family!r}; available: {', '.join(TINY_FAMILIES + TRAINED_FAMILIES)}")
     return _DEFAULTS[family]

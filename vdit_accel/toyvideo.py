@@ -51,9 +51,12 @@ SPEEDS: dict[str, float] = {"slowly": 0.25, "": 0.4, "quickly": 0.55}
 # "dark" has no caption phrase; a colour name is a muted tint of that hue; "drifting" is grey stripes
 # that translate over the clip.
 BACKGROUNDS = ("dark", "drifting", *COLOURS)
+RICH_BACKGROUNDS = ("textured", *BACKGROUNDS)
 KINDS = ("single", "bouncing", "two")
 # Captions are at most this many bytes (the longest is 104); the byte-level tokenizer adds one end token.
 MAX_CAPTION_BYTES = 127
+# ... and rich scenes' (up to three objects, a camera and pillars) at most this many.
+MAX_RICH_CAPTION_BYTES = 255
 
 # Saturation and value of a muted background tint (objects: 1 and 1). The checker's pixel thresholds
 # sit between the two.
@@ -62,13 +65,23 @@ _OBJ_MIN_SATURATION, _OBJ_MIN_VALUE = 0.6, 0.5
 _HUE_TOLERANCE = 30.0  # degrees: half the distance between neighbouring colours
 _MIN_DISPLACEMENT = 0.08  # fraction of the frame: below this a video has no direction
 _BOUNCE_HOPS = 2
+_LOOP_EXTRA = 0.45  # a looping object travels this much more than its speed word says (fraction of the frame)
+# Rich scenes: camera pans along one axis; the background texture and the pillars are fixed in the world.
+PAN_DIRECTIONS = ("left", "right", "up", "down")
+# Texture and blob values stay at or under this (objects' value is 1, the checker's floor 0.5).
+_TEX_MAX_VALUE = 0.45
+_TEX_MAX_SATURATION = 0.45
+_PILLAR_WORDS = {1: "a grey pillar", 2: "two grey pillars"}
 
 
 @dataclass(frozen=True)
 class ToyObject:
     """One moving object. ``x0, y0``: centre in the first frame (fractions of width and height);
     ``size``: half-extent as a fraction of the shorter side; ``hop``: bounce height (fraction of the
-    height) when ``bouncing``, the object then hops :data:`_BOUNCE_HOPS` times along its way."""
+    height) when ``bouncing``, the object then hops :data:`_BOUNCE_HOPS` times along its way.
+    ``looping``: the object travels :data:`_LOOP_EXTRA` more and wraps around the frame: it leaves at
+    one edge and comes back in at the opposite one (positions are then taken modulo the frame plus
+    the object's size)."""
 
     colour: str
     shape: str
@@ -79,22 +92,42 @@ class ToyObject:
     y0: float = 0.5
     size: float = 0.11
     hop: float = 0.0
+    looping: bool = False
+
+    def __post_init__(self):
+        if self.bouncing and self.looping:
+            raise ValueError("an object is bouncing or looping, not both")
+
+    @property
+    def verb(self) -> str:
+        return "bouncing" if self.bouncing else "looping" if self.looping else "moving"
 
     def phrase(self) -> str:
-        verb = "bouncing" if self.bouncing else "moving"
-        return f"a {self.colour} {self.shape} {verb} {self.direction}" + (f" {self.speed}" if self.speed else "")
+        return f"a {self.colour} {self.shape} {self.verb} {self.direction}" + (f" {self.speed}" if self.speed else "")
 
     def displacement(self) -> tuple[float, float]:
-        """(dx, dy) from the first to the last frame, in fractions of width and height."""
+        """(dx, dy) from the first to the last frame, in fractions of width and height (before a
+        looping object's wrap-around)."""
         ux, uy = DIRECTIONS[self.direction]
-        return SPEEDS[self.speed] * ux, SPEEDS[self.speed] * uy
+        travel = SPEEDS[self.speed] + (_LOOP_EXTRA if self.looping else 0.0)
+        return travel * ux, travel * uy
 
 
 @dataclass(frozen=True)
 class ToyScene:
     """Objects over a background. ``bg_level``: grey level of a dark background (0-1);
     ``bg_angle``, ``bg_period``, ``bg_drift``: stripe normal (radians), period and travel over the clip
-    (fractions of the shorter side) of a drifting one."""
+    (fractions of the shorter side) of a drifting one.
+
+    Rich scenes (:func:`sample_rich_scene`) add, all fixed in the world and so moving with the camera:
+    ``texture``, a ``"textured"`` background's waves ``(fx, fy, phase, amplitude)`` (cycles per shorter
+    side) around ``tex_level``, tinted ``tex_hue`` / ``tex_sat``; ``blobs``, soft discs
+    ``(u, v, radius, value, hue, saturation)`` on it (shorter-side units); ``pillars``, grey vertical
+    bars ``(x, half_width, grey)`` (fractions of the width) drawn in front of the objects, which pass
+    behind them. ``camera`` (one of :data:`PAN_DIRECTIONS` or "") pans ``pan`` of the frame over the
+    clip: the world slides the other way on screen. Objects' positions and directions are on screen
+    (what the caption says and the checker reads). Textures and blobs stay muted and dark enough
+    never to count as object pixels."""
 
     objects: tuple[ToyObject, ...]
     background: str = "dark"
@@ -102,13 +135,41 @@ class ToyScene:
     bg_angle: float = 0.0
     bg_period: float = 0.25
     bg_drift: float = 0.2
+    texture: tuple[tuple[float, float, float, float], ...] = ()
+    tex_level: float = 0.22
+    tex_hue: float = 0.0
+    tex_sat: float = 0.0
+    blobs: tuple[tuple[float, float, float, float, float, float], ...] = ()
+    pillars: tuple[tuple[float, float, float], ...] = ()
+    camera: str = ""
+    pan: float = 0.0
+
+    def __post_init__(self):
+        if (self.background == "textured") != bool(self.texture):
+            raise ValueError("a 'textured' background needs texture waves, and only it has them")
+        if self.camera not in ("", *PAN_DIRECTIONS) or (self.camera == "") != (self.pan == 0.0):
+            raise ValueError(f"camera must be one of {PAN_DIRECTIONS} with pan > 0, or '' with pan 0; "
+                             f"got {self.camera!r}, {self.pan}")
+        if len(self.pillars) not in (0, *_PILLAR_WORDS):
+            raise ValueError(f"at most {max(_PILLAR_WORDS)} pillars, got {len(self.pillars)}")
 
     @property
     def caption(self) -> str:
         text = " and ".join(o.phrase() for o in self.objects)
         if self.background != "dark":
             text += f" on a {self.background} background"
+        if self.camera:
+            text += f", camera panning {self.camera}"
+        if self.pillars:
+            text += f", behind {_PILLAR_WORDS[len(self.pillars)]}"
         return text
+
+    def camera_offset(self) -> tuple[float, float]:
+        """(dx, dy) the camera moves from the first to the last frame, fractions of width and height."""
+        if not self.camera:
+            return 0.0, 0.0
+        ux, uy = DIRECTIONS[self.camera]
+        return self.pan * ux, self.pan * uy
 
 
 def is_held_out(colour: str, shape: str, direction: str) -> bool:
@@ -254,6 +315,155 @@ def validation_scenes(n: int = 20, seed: int = 9) -> list[ToyScene]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Rich scenes: the data of the testbed model "wan-rich"
+
+
+def _rich_background(rng: np.random.Generator, name: str, taken_hues: set[str]) -> dict:
+    """A background's parameters. ``"textured"``: 5-8 waves of 1.5-7 cycles per shorter side (periods of
+    2-10 tokens at 8 pixels a token at 256 pixels) and 3-7 soft blobs, muted, in a random tint."""
+    out = _background(rng, name)
+    if name != "textured":
+        return out
+    waves = []
+    for _ in range(int(rng.integers(5, 9))):
+        f, a = float(rng.uniform(1.5, 7.0)), float(rng.uniform(0, 2 * math.pi))
+        waves.append((round(f * math.cos(a), 4), round(f * math.sin(a), 4), round(float(rng.uniform(0, 2 * math.pi)), 4),
+                      round(float(rng.uniform(0.025, 0.06)), 4)))
+    blobs = []
+    for _ in range(int(rng.integers(3, 8))):
+        blobs.append(tuple(round(float(v), 4) for v in (
+            rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1), rng.uniform(0.04, 0.12), rng.uniform(0.05, _TEX_MAX_VALUE),
+            rng.uniform(0, 360), rng.uniform(0, _TEX_MAX_SATURATION))))
+    return dict(out, texture=tuple(waves), tex_level=round(float(rng.uniform(0.16, 0.26)), 4),
+                tex_hue=round(float(rng.uniform(0, 360)), 2), tex_sat=round(float(rng.uniform(0.1, 0.4)), 4),
+                blobs=tuple(blobs))
+
+
+def _with_camera(bg: dict, rng: np.random.Generator, camera: str) -> dict:
+    """Blobs placed over the whole stretch of world the camera's pan shows."""
+    if not camera:
+        return bg
+    pan = round(float(rng.uniform(0.15, 0.4)), 4)
+    ux, uy = DIRECTIONS[camera]
+    blobs = tuple((round(bx + pan * ux * float(rng.random()), 4), round(by + pan * uy * float(rng.random()), 4), *rest)
+                  for bx, by, *rest in bg.get("blobs", ()))
+    return dict(bg, camera=camera, pan=pan, blobs=blobs)
+
+
+def _pillars(rng: np.random.Generator, n: int, camera_dx: float) -> tuple:
+    """``n`` grey vertical bars, fixed in the world, on screen at mid-clip."""
+    xs = sorted(float(rng.uniform(0.12, 0.88)) for _ in range(n))
+    if n == 2 and xs[1] - xs[0] < 0.25:  # two distinct bars
+        xs = [max(0.12, xs[0] - 0.13), min(0.88, xs[1] + 0.13)]
+    return tuple((round(x + 0.5 * camera_dx, 4), round(float(rng.uniform(0.03, 0.06)), 4),
+                  round(float(rng.uniform(0.3, 0.5)), 3)) for x in xs)
+
+
+def _rich_object(rng, colour: str, shape: str, direction: str, size: float, verb: str | None = None,
+                 speed: str | None = None) -> ToyObject:
+    if verb is None:
+        p = [0.6, 0.15, 0.25] if direction in ("left", "right") else [0.72, 0.0, 0.28]
+        verb = ("moving", "bouncing", "looping")[int(rng.choice(3, p=p))]
+    if speed is None:
+        speed = tuple(SPEEDS)[int(rng.integers(3))]
+    if verb == "looping":  # anywhere: it wraps around
+        return ToyObject(colour, shape, direction, speed, x0=round(float(rng.uniform(0.05, 0.95)), 4),
+                         y0=round(float(rng.uniform(0.1, 0.9)), 4), size=size, looping=True)
+    return _sample_object(rng, colour, shape, direction, speed, verb == "bouncing", size)
+
+
+def sample_rich_scene(rng: np.random.Generator, split: str = "train") -> ToyScene:
+    """One random rich scene: 1-3 objects of different colours (40/35/25%), each moving, bouncing (left or
+    right) or looping (wrapping around the frame), over a textured background (55%; a pan of the camera
+    in 55% of those), a dark, tinted or drifting one; grey pillars in front in 30% of the scenes (not on
+    drifting ones). Objects cross and hide each other (drawn in order) and pass behind pillars.
+    ``split`` as in :func:`sample_scene` (every object's combination)."""
+    if split not in ("train", "held_out", "any"):
+        raise ValueError(f"split must be 'train', 'held_out' or 'any', got {split!r}")
+    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS
+              if split == "any" or is_held_out(c, s, d) == (split == "held_out")]
+    n = int(rng.choice(3, p=[0.4, 0.35, 0.25])) + 1
+    picked: list[tuple[str, str, str]] = []
+    while len(picked) < n:
+        c = combos[int(rng.integers(len(combos)))]
+        if all(c[0] != p[0] for p in picked):
+            picked.append(c)
+    lo, hi = (0.08, 0.13) if n == 1 else (0.06, 0.1)
+    objects = tuple(_rich_object(rng, *c, round(float(rng.uniform(lo, hi)), 4)) for c in picked)
+    colours = {o.colour for o in objects}
+    tints = [b for b in COLOURS if b not in colours]
+    kind = int(rng.choice(4, p=[0.55, 0.12, 0.11, 0.22]))
+    name = ("textured", "dark", "drifting", tints[int(rng.integers(len(tints)))])[kind]
+    bg = _rich_background(rng, name, colours)
+    if name == "textured" and rng.random() < 0.55:
+        bg = _with_camera(bg, rng, PAN_DIRECTIONS[int(rng.integers(4))])
+    if name != "drifting" and rng.random() < 0.3:
+        bg["pillars"] = _pillars(rng, int(rng.integers(1, 3)), DIRECTIONS[bg["camera"]][0] * bg["pan"] if bg.get("camera") else 0.0)
+    return ToyScene(objects, **bg)
+
+
+def sample_rich_scenes(n: int, seed: int, split: str = "train") -> list[ToyScene]:
+    """``n`` rich scenes, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [sample_rich_scene(rng, split) for _ in range(n)]
+
+
+def _rich_context(rng: np.random.Generator, i: int, colour: str, direction: str) -> tuple[str, str, dict]:
+    """(verb, speed, background) of the ``i``-th single-object scene of the rich check or validation set:
+    five contexts in turn -- textured; textured with a pan; textured with a pan and a pillar; a tint with
+    two pillars; drifting -- bouncing on half the left/right scenes, looping on 40% of the others."""
+    context = i % 5
+    bounce = direction in ("left", "right") and rng.random() < 0.5
+    verb = "bouncing" if bounce else "looping" if rng.random() < 0.4 else "moving"
+    speed = ("", "slowly", "quickly")[i % 3]
+    tints = [b for b in COLOURS if b != colour]
+    name = ("textured", "textured", "textured", tints[int(rng.integers(len(tints)))], "drifting")[context]
+    bg = _rich_background(rng, name, {colour})
+    if context in (1, 2):
+        bg = _with_camera(bg, rng, PAN_DIRECTIONS[(i // 5 + context) % 4])
+    if context in (2, 3):
+        bg["pillars"] = _pillars(rng, context - 1, DIRECTIONS[bg["camera"]][0] * bg["pan"] if bg.get("camera") else 0.0)
+    return verb, speed, bg
+
+
+def rich_check_scenes(seed: int = 18) -> tuple[list[ToyScene], list[ToyScene]]:
+    """The rich check set: 20 single-object scenes, one per held-out combination (those of
+    :func:`check_scenes`), in the five contexts of :func:`_rich_context` in turn (8 with a camera pan, 8 with
+    pillars); and 4 scenes of two held-out objects on a panned textured background.
+    The criterion is on the 20; the pairs are reported apart."""
+    rng = np.random.default_rng(seed)
+    combos = _held_out_in_check_order()
+    singles = []
+    for i, (c, s, d) in enumerate(combos[:20]):
+        verb, speed, bg = _rich_context(rng, i, c, d)
+        singles.append(ToyScene((_rich_object(rng, c, s, d, 0.11, verb, speed),), **bg))
+    twos = []
+    for i in range(4):
+        a = combos[20 + i]
+        b = next(t for t in combos[i * 5:] if t[0] != a[0])
+        objs = tuple(_rich_object(rng, *t, 0.085, "moving", "") for t in (a, b))
+        bg = _with_camera(_rich_background(rng, "textured", {a[0], b[0]}), rng, PAN_DIRECTIONS[i])
+        twos.append(ToyScene(objs, **bg))
+    return singles, twos
+
+
+def rich_validation_scenes(n: int = 20, seed: int = 19) -> list[ToyScene]:
+    """The rich validation set, for choosing sampling settings: ``n`` single-object scenes from the 4
+    held-out combinations the check's 20 leave out (as :func:`validation_scenes`), in the contexts of
+    :func:`_rich_context` (5 contexts against 4 combinations: 20 different pairs)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    combos = _held_out_in_check_order()[20:]
+    scenes = []
+    for i in range(n):
+        (c, s, d) = combos[i % len(combos)]
+        verb, speed, bg = _rich_context(rng, i, c, d)
+        scenes.append(ToyScene((_rich_object(rng, c, s, d, 0.11, verb, speed),), **bg))
+    return scenes
+
+
+# ---------------------------------------------------------------------------------------------------
 # Rendering (torch, batched over scenes)
 
 
@@ -278,10 +488,55 @@ def _object_sdf(shape: str, px: torch.Tensor, py: torch.Tensor, r: float) -> tor
     raise ValueError(f"unknown shape {shape!r}; one of {SHAPES}")
 
 
+def _pure_rgb(hue: float) -> tuple[float, float, float]:
+    return _hsv_to_rgb(hue % 360.0, 1.0, 1.0)
+
+
+def _tint(value: torch.Tensor, hue: float, sat: float) -> torch.Tensor:
+    """RGB ``[3, ...]`` of the HSV colour (hue, sat, value) for a tensor of values: linear in the value."""
+    w = [(1.0 - sat) + sat * c for c in _pure_rgb(hue)]
+    return torch.stack([value * c for c in w])
+
+
+def _textured(scene: ToyScene, t: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, width: int, height: int,
+              unit: int) -> torch.Tensor:
+    """A textured background ``[3, F, H, W]``: the scene's waves and blobs in world coordinates (screen
+    plus the camera's offset at each frame), muted and never brighter than :data:`_TEX_MAX_VALUE`."""
+    cdx, cdy = scene.camera_offset()
+    wx = (X / width + cdx * t.view(-1, 1, 1))  # world x, fraction of the width   [F, 1, W]
+    wy = (Y / height + cdy * t.view(-1, 1, 1))  # world y, fraction of the height  [F, H, 1]
+    u, v = wx * (width / unit), wy * (height / unit)  # shorter-side units
+    value = torch.full((t.numel(), height, width), scene.tex_level, device=t.device)
+    for fx, fy, phase, amp in scene.texture:
+        value = value + amp * torch.sin(2 * math.pi * (fx * u + fy * v) + phase)
+    img = _tint(value.clamp(0.02, _TEX_MAX_VALUE), scene.tex_hue, scene.tex_sat)
+    for bx, by, radius, bval, bhue, bsat in scene.blobs:
+        d = torch.sqrt(((wx - bx) * (width / unit)) ** 2 + ((wy - by) * (height / unit)) ** 2)
+        alpha = ((radius - d) * unit * 0.5 + 0.5).clamp(0.0, 1.0)  # a 2-pixel soft edge
+        colour = torch.tensor(_hsv_to_rgb(bhue, bsat, bval), device=t.device).view(3, 1, 1, 1)
+        img = img * (1 - alpha) + colour * alpha
+    return img
+
+
+def _object_centre(obj: ToyObject, t: torch.Tensor, width: int, height: int, unit: int):
+    """Screen centre ``(cx, cy)`` in pixels at each frame time ``t``."""
+    dx, dy = obj.displacement()
+    fx, fy = obj.x0 + dx * t, obj.y0 + dy * t
+    if obj.looping:  # wrap so that the object has fully left before it re-enters at the other edge
+        rx, ry = (obj.size * unit + 1) / width, (obj.size * unit + 1) / height
+        fx = torch.remainder(fx + rx, 1 + 2 * rx) - rx
+        fy = torch.remainder(fy + ry, 1 + 2 * ry) - ry
+    cx, cy = fx * width, fy * height
+    if obj.bouncing:
+        cy = cy - obj.hop * height * torch.sin(math.pi * _BOUNCE_HOPS * t).abs()
+    return cx, cy
+
+
 def render(scenes: Sequence[ToyScene], frames: int, height: int, width: int, device: str | torch.device = "cpu",
            return_mask: bool = False):
     """Draw ``scenes`` as videos ``[B, 3, frames, height, width]`` float32 in [-1, 1] (the VAE's
-    range). With ``return_mask`` also the objects' coverage ``[B, 1, frames, height, width]`` in [0, 1].
+    range). With ``return_mask`` also the objects' coverage ``[B, 1, frames, height, width]`` in [0, 1]
+    (what is visible of them: pillars in front hide it).
 
     Edges are anti-aliased over one pixel. Deterministic: the scenes carry every random choice.
     """
@@ -294,7 +549,9 @@ def render(scenes: Sequence[ToyScene], frames: int, height: int, width: int, dev
     Y, X = ys.view(1, height, 1), xs.view(1, 1, width)
     videos, masks = [], []
     for scene in scenes:
-        if scene.background == "drifting":
+        if scene.background == "textured":
+            img = _textured(scene, t, X, Y, width, height, unit)
+        elif scene.background == "drifting":
             ca, sa = math.cos(scene.bg_angle), math.sin(scene.bg_angle)
             u = (X * ca + Y * sa) / unit - scene.bg_drift * t.view(-1, 1, 1)
             grey = 0.06 + 0.16 * (0.5 + 0.5 * torch.sin(2 * math.pi * u / scene.bg_period))
@@ -308,17 +565,19 @@ def render(scenes: Sequence[ToyScene], frames: int, height: int, width: int, dev
             img = torch.stack([c * shade.expand(frames, height, width) for c in rgb])
         cover = torch.zeros(frames, height, width, device=device)
         for obj in scene.objects:
-            dx, dy = obj.displacement()
-            cx = (obj.x0 + dx * t) * width
-            cy = (obj.y0 + dy * t) * height
-            if obj.bouncing:
-                cy = cy - obj.hop * height * torch.sin(math.pi * _BOUNCE_HOPS * t).abs()
+            cx, cy = _object_centre(obj, t, width, height, unit)
             px = X - cx.view(-1, 1, 1)
             py = Y - cy.view(-1, 1, 1)
             alpha = (0.5 - _object_sdf(obj.shape, px, py, obj.size * unit)).clamp(0.0, 1.0)
             colour = torch.tensor(_hsv_to_rgb(COLOURS[obj.colour], 1.0, 1.0), device=device).view(3, 1, 1, 1)
             img = img * (1 - alpha) + colour * alpha
             cover = torch.maximum(cover, alpha)
+        cdx = scene.camera_offset()[0]
+        for x, half, grey in scene.pillars:
+            centre = (x - cdx * t.view(-1, 1, 1)) * width  # fixed in the world: slides against the pan
+            alpha = (0.5 - ((X - centre).abs() - half * unit)).clamp(0.0, 1.0)  # [F, 1, W]
+            img = img * (1 - alpha) + grey * alpha
+            cover = cover * (1 - alpha)
         videos.append(img)
         masks.append(cover.unsqueeze(0))
     video = torch.stack(videos) * 2.0 - 1.0
@@ -336,21 +595,37 @@ def render_frames(scene: ToyScene, frames: int, height: int, width: int) -> np.n
 # The check
 
 
-_PHRASE = re.compile(r"a (\w+) (\w+) (moving|bouncing) ([\w-]+)(?: (slowly|quickly))?")
+_PHRASE = re.compile(r"a (\w+) (\w+) (moving|bouncing|looping) ([\w-]+)(?: (slowly|quickly))?")
+_CAPTION = re.compile(r"(?P<body>.+?)(?: on a (?P<bg>\w+) background)?(?:, camera panning (?P<camera>\w+))?"
+                      r"(?:, behind (?P<pillars>a grey pillar|two grey pillars))?")
+
+
+def _split_caption(caption: str) -> tuple[list[tuple[str, str, str, str]], str | None]:
+    """``([(colour, shape, verb, direction), ...], camera)`` of a caption, or ValueError."""
+    m = _CAPTION.fullmatch(caption.strip())
+    out = []
+    for part in (m["body"].split(" and ") if m else []):
+        pm = _PHRASE.fullmatch(part)
+        if not pm or pm[1] not in COLOURS or pm[2] not in SHAPES or pm[4] not in DIRECTIONS:
+            out = []
+            break
+        out.append((pm[1], pm[2], pm[3], pm[4]))
+    if not out or (m["camera"] is not None and m["camera"] not in PAN_DIRECTIONS):
+        raise ValueError(f"not a toy-video caption: {caption!r} (expected e.g. 'a red circle moving left'; "
+                         f"colours {list(COLOURS)}, shapes {list(SHAPES)}, directions {list(DIRECTIONS)}, "
+                         f"camera pans {list(PAN_DIRECTIONS)})")
+    return out, m["camera"]
 
 
 def parse_caption(caption: str) -> list[tuple[str, str, str]]:
     """(colour, shape, direction) of each object a caption names, e.g.
     ``"a red circle moving left quickly on a drifting background"`` -> ``[("red", "circle", "left")]``."""
-    body = re.sub(r" on a \w+ background$", "", caption.strip())
-    out = []
-    for part in body.split(" and "):
-        m = _PHRASE.fullmatch(part)
-        if not m or m[1] not in COLOURS or m[2] not in SHAPES or m[4] not in DIRECTIONS:
-            raise ValueError(f"not a toy-video caption: {caption!r} (expected e.g. 'a red circle moving left'; "
-                             f"colours {list(COLOURS)}, shapes {list(SHAPES)}, directions {list(DIRECTIONS)})")
-        out.append((m[1], m[2], m[4]))
-    return out
+    return [(c, s, d) for c, s, _v, d in _split_caption(caption)[0]]
+
+
+def parse_camera(caption: str) -> str | None:
+    """The camera pan a caption names (``", camera panning left"`` -> ``"left"``), or None."""
+    return _split_caption(caption)[1]
 
 
 def _hsv(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -374,46 +649,90 @@ def _nearest_direction(dx: float, dy: float) -> str:
     return list(DIRECTIONS)[int(round(angle / 45.0)) % 8]
 
 
-def _track(on: np.ndarray) -> dict:
-    """Centroid motion of a per-frame pixel mask ``[F, H, W]``: mean centroid over the first and over the
-    last eighth of the frames (at least one each) in which the mask has pixels, in frame fractions."""
+def _track(on: np.ndarray, looping: bool = False) -> dict:
+    """Centroid motion of a per-frame pixel mask ``[F, H, W]``, in frame fractions: the mean centroid
+    over the last eighth of the frames in which the mask has pixels (at least one frame) minus that
+    over the first eighth; no motion unless the mask is there in the first and the last quarter.
+
+    ``looping`` (an object that leaves at one edge and re-enters at the other): the present frames
+    are cut into runs wherever the centroid jumps by more than a quarter of the frame from one present
+    frame to the next, the motion is the sum of the runs' motions (each as above, over its own
+    eighths), and the mask must be there in at least half of the frames instead."""
     f, h, w = on.shape
     counts = on.sum((1, 2))
     min_pixels = max(4, int(2e-4 * h * w))
-    present = counts >= min_pixels
-    k = max(1, f // 8)
-    head = [i for i in range(f) if present[i]][:k]
-    tail = [i for i in range(f) if present[i]][-k:]
-    result = {"present_frames": int(present.sum()), "displacement": None, "direction": None}
-    if not head or head[0] >= f // 4 + 1 or tail[-1] < f - 1 - f // 4:
+    present = [i for i in range(f) if counts[i] >= min_pixels]
+    result = {"present_frames": len(present), "displacement": None, "direction": None}
+    if not present:
+        return result
+    if not looping and (present[0] >= f // 4 + 1 or present[-1] < f - 1 - f // 4):
         return result  # the object is not there at the start or at the end
+    if looping and len(present) < f / 2:
+        return result
     ys, xs = np.mgrid[0:h, 0:w]
-
-    def centroid(ids):
-        m = on[ids].astype(np.float64)
-        n = m.sum()
-        return (m * xs).sum() / n / w, (m * ys).sum() / n / h
-
-    (x0, y0), (x1, y1) = centroid(head), centroid(tail)
-    dx, dy = x1 - x0, y1 - y0
+    m = on[present].astype(np.float64)
+    n = m.sum((1, 2))
+    cx, cy = (m * xs).sum((1, 2)) / n / w, (m * ys).sum((1, 2)) / n / h
+    jumps = np.flatnonzero(np.hypot(np.diff(cx), np.diff(cy)) > 0.25) + 1 if looping else []
+    cuts = [0, *list(jumps), len(present)]
+    k = max(1, f // 8)
+    dx = dy = 0.0
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        kk = min(k, b - a)
+        dx += cx[b - kk:b].mean() - cx[a:a + kk].mean()
+        dy += cy[b - kk:b].mean() - cy[a:a + kk].mean()
     result["displacement"] = (round(float(dx), 4), round(float(dy), 4))
     if math.hypot(dx, dy) >= _MIN_DISPLACEMENT:
         result["direction"] = _nearest_direction(dx, dy)
     return result
 
 
+def _camera_motion(x: np.ndarray, vivid: np.ndarray) -> dict:
+    """The background's motion over the clip: dense optical flow (Farneback) of each frame's luminance to
+    the next, its median over the pixels away from objects (object pixels dilated by 1/16 of the
+    shorter side), summed, in fractions of width and height; the camera pans the other way. A pan is
+    read when it moves the background by at least :data:`_MIN_DISPLACEMENT` along one axis and more
+    along it than along the other."""
+    import cv2
+
+    f, h, w = x.shape[:3]
+    lum = x.mean(-1)
+    # Contrast stretched to 8 bits (the flow's input): muted textures span only ~10% of the range, on
+    # which Farneback's flow comes out several times too small (seen: 0.6 instead of 2.5 pixels).
+    lum = ((lum - lum.mean()) / (lum.std() + 1e-6) * 50.0 + 128.0).clip(0, 255).astype(np.uint8)
+    r = max(1, min(h, w) // 16)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    sx = sy = 0.0
+    for i in range(f - 1):
+        flow = cv2.calcOpticalFlowFarneback(lum[i], lum[i + 1], None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        away = cv2.dilate((vivid[i] | vivid[i + 1]).astype(np.uint8), kernel) == 0
+        if away.sum() < 0.1 * h * w:
+            continue  # hardly any background to see
+        sx += float(np.median(flow[..., 0][away])) / w
+        sy += float(np.median(flow[..., 1][away])) / h
+    camera = None
+    if max(abs(sx), abs(sy)) >= _MIN_DISPLACEMENT:
+        camera = ("left" if sx > 0 else "right") if abs(sx) > abs(sy) else ("up" if sy > 0 else "down")
+    return {"background_motion": (round(sx, 4), round(sy, 4)), "camera": camera}
+
+
 def check_video(frames: np.ndarray, caption: str) -> dict:
     """Does a video show what its caption says? ``frames``: RGB ``[F, H, W, 3]``, uint8 or float in [0, 1].
 
-    Object pixels are the saturated, bright ones (saturation >= 0.6, value >= 0.5); backgrounds are
-    muted or dark, so they never count. One object: its colour is the most common of the six
-    :data:`COLOURS` among object pixels (nearest hue), its direction the nearest of the eight
-    :data:`DIRECTIONS` to the centroid motion of the pixels of that colour (within 30 degrees of hue),
-    first frames to last frames, in fractions of the frame; less than 0.08 of motion is no direction.
-    Two objects: each caption colour is tracked on its own hue; it must be present at the start and end.
+    Object pixels are the saturated, bright ones (saturation >= 0.6, value >= 0.5); backgrounds,
+    textures and pillars are muted, dark or grey, so they never count. One object: its colour is the
+    most common of the six :data:`COLOURS` among object pixels (nearest hue), its direction the nearest
+    of the eight :data:`DIRECTIONS` to the centroid motion of the pixels of that colour (within 30
+    degrees of hue), first frames to last frames, in fractions of the frame (:func:`_track`; a looping
+    object's runs between wrap-arounds summed); less than 0.08 of motion is no direction. Several
+    objects: each caption colour is tracked on its own hue; it must be present at the start and end
+    (looping ones: in half of the frames). A caption's camera pan is read from the background's motion
+    (:func:`_camera_motion`).
 
     Returns ``{"ok": bool, "objects": [{"colour", "found_colour", "direction", "found_direction",
-    "displacement", "present_frames"}, ...]}``; ``ok`` when every object's colour and direction match.
+    "displacement", "present_frames"}, ...]}`` (and ``"camera": {"camera", "found_camera",
+    "background_motion"}`` when the caption pans); ``ok`` when every object's colour and direction and
+    the camera's pan match.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -423,9 +742,9 @@ def check_video(frames: np.ndarray, caption: str) -> dict:
     vivid = (sat >= _OBJ_MIN_SATURATION) & (val >= _OBJ_MIN_VALUE)
     names = list(COLOURS)
     hues = np.array([COLOURS[c] for c in names])
-    expected = parse_caption(caption)
+    expected, camera = _split_caption(caption)
     objects = []
-    for colour, _shape, direction in expected:
+    for colour, _shape, verb, direction in expected:
         if len(expected) == 1:
             h = hue[vivid]
             if h.size == 0:
@@ -435,12 +754,18 @@ def check_video(frames: np.ndarray, caption: str) -> dict:
                 found = names[int(np.bincount(nearest, minlength=len(names)).argmax())]
         else:
             found = colour
-        track = _track(vivid & (_hue_distance(hue, COLOURS[found]) <= _HUE_TOLERANCE)) if found else \
-            {"present_frames": 0, "displacement": None, "direction": None}
+        track = _track(vivid & (_hue_distance(hue, COLOURS[found]) <= _HUE_TOLERANCE), verb == "looping") if found \
+            else {"present_frames": 0, "displacement": None, "direction": None}
         if len(expected) > 1 and track["displacement"] is None:
             found = None  # the colour is not there at the start and end
         objects.append({"colour": colour, "found_colour": found, "direction": direction,
                         "found_direction": track["direction"], "displacement": track["displacement"],
                         "present_frames": track["present_frames"]})
     ok = all(o["found_colour"] == o["colour"] and o["found_direction"] == o["direction"] for o in objects)
-    return {"ok": ok, "objects": objects}
+    result = {"ok": ok, "objects": objects}
+    if camera is not None:
+        motion = _camera_motion(x, vivid)
+        result["camera"] = {"camera": camera, "found_camera": motion["camera"],
+                            "background_motion": motion["background_motion"]}
+        result["ok"] = ok and motion["camera"] == camera
+    return result
