@@ -45,31 +45,39 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def contact_sheet(videos: list[np.ndarray], path: Path, thumb: int = 128):
-    """First, middle and last frame of each video (uint8 ``[F, H, W, 3]``), one row per video, as a PNG."""
-    from PIL import Image
+def contact_sheet(videos: list[np.ndarray], path: Path, thumb: int = 128, labels: list[str] | None = None,
+                  frames_per_row: int = 3):
+    """``frames_per_row`` frames (first to last, evenly spaced) of each video (uint8 ``[F, H, W, 3]``), one
+    row per video, as a PNG; ``labels``: a line of text above each row (e.g. the caption and the check)."""
+    from PIL import Image, ImageDraw
 
     rows = []
-    for v in videos:
-        frames = [v[0], v[len(v) // 2], v[-1]]
+    for i, v in enumerate(videos):
+        frames = [v[j] for j in np.linspace(0, len(v) - 1, frames_per_row).round().astype(int)]
         h, w = v.shape[1:3]
         tw, th = thumb, max(1, round(thumb * h / w))
-        rows.append(np.concatenate([np.asarray(Image.fromarray(f).resize((tw, th))) for f in frames], 1))
+        row = np.concatenate([np.asarray(Image.fromarray(f).resize((tw, th))) for f in frames], 1)
+        if labels is not None:
+            head = Image.new("RGB", (row.shape[1], 14), "white")
+            ImageDraw.Draw(head).text((2, 1), labels[i], fill="black")
+            row = np.concatenate([np.asarray(head), row], 0)
+        rows.append(row)
     width = max(r.shape[1] for r in rows)
     sheet = np.concatenate([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
     Image.fromarray(sheet).save(path)
 
 
-def scene_list(scenes: str = "check") -> list[tuple]:
+def scene_list(scenes: str = "check", world: str = "basic") -> list[tuple]:
     """``[(ToyScene, kind)]``: the check's 20 single-object then 4 two-object scenes, or the 20
-    validation scenes (kind ``"single"``)."""
+    validation scenes (kind ``"single"``), of the model's scene set ``world`` (``"basic"``, ``"rich"``)."""
     from vdit_accel import toyvideo
 
+    rich = world == "rich"
     if scenes == "check":
-        singles, twos = toyvideo.check_scenes()
+        singles, twos = toyvideo.rich_check_scenes() if rich else toyvideo.check_scenes()
         return [(s, "single") for s in singles] + [(s, "two") for s in twos]
     if scenes == "validation":
-        return [(s, "single") for s in toyvideo.validation_scenes()]
+        return [(s, "single") for s in (toyvideo.rich_validation_scenes() if rich else toyvideo.validation_scenes())]
     raise ValueError(f"scenes must be 'check' or 'validation', got {scenes!r}")
 
 
@@ -122,21 +130,26 @@ def write_result(out_dir: Path, what: str, tag: str, date: datetime.date, doc: d
     return path
 
 
+_TRUTH: dict = {}  # (caption, frames, height, width) -> the checker on the ground-truth clip
+
+
 def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, limit: int | None = None,
-              max_sequence_length: int = 128, seed_base: int = 1000, scenes: str = "check") -> dict:
+              max_sequence_length: int = 128, seed_base: int = 1000, scenes: str = "check", world: str = "basic") -> dict:
     """Generate and score the check (or validation) captions; returns the rows and the agreement."""
     from vdit_accel import toyvideo
 
-    items = scene_list(scenes)[:limit]
+    items = scene_list(scenes, world)[:limit]
     videos = generate(pipe, [(s.caption, seed_base + i) for i, (s, _) in enumerate(items)], size, steps,
                       guidance_scale, batch, max_sequence_length)
     rows = []
     for i, ((scene, kind), video) in enumerate(zip(items, videos)):
-        truth = toyvideo.render_frames(scene, *video.shape[:3])
+        key = (scene.caption, *video.shape[:3])
+        if key not in _TRUTH:
+            _TRUTH[key] = toyvideo.check_video(toyvideo.render_frames(scene, *video.shape[:3]), scene.caption)["ok"]
         result = toyvideo.check_video(video, scene.caption)
         rows.append({"caption": scene.caption, "kind": kind, "seed": seed_base + i, "ok": result["ok"],
-                     "ground_truth_ok": toyvideo.check_video(truth, scene.caption)["ok"],
-                     "objects": result["objects"]})
+                     "ground_truth_ok": _TRUTH[key], "objects": result["objects"],
+                     **({"camera": result["camera"]} if "camera" in result else {})})
 
     def rate(kind, key="ok"):
         sel = [r[key] for r in rows if r["kind"] == kind]
@@ -149,7 +162,7 @@ def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, l
 
 
 def run_sweep(pipe, size: dict, guidance_scales, steps_list, shifts, seed_bases, batch: int, limit: int | None = None,
-              max_sequence_length: int = 128, scenes: str = "validation", on_row=None) -> list[dict]:
+              max_sequence_length: int = 128, scenes: str = "validation", on_row=None, world: str = "basic") -> list[dict]:
     """Every (guidance, steps, shift) setting on the single-object captions of ``scenes``, caption ``i``
     with seed ``base + i`` for each base in ``seed_bases`` (all bases in the same batches). A row per
     setting: agreement per seed base and their mean, seconds (generation and scoring), the failures
@@ -160,7 +173,7 @@ def run_sweep(pipe, size: dict, guidance_scales, steps_list, shifts, seed_bases,
 
     from vdit_accel import toyvideo
 
-    items = [s for s, kind in scene_list(scenes) if kind == "single"][:limit]
+    items = [s for s, kind in scene_list(scenes, world) if kind == "single"][:limit]
     jobs = [(base, i, s) for base in seed_bases for i, s in enumerate(items)]
     rows = []
     for guidance_scale, steps, shift in itertools.product(guidance_scales, steps_list, shifts):
@@ -191,11 +204,16 @@ def run_sweep(pipe, size: dict, guidance_scales, steps_list, shifts, seed_bases,
 def main(argv: list[str] | None = None) -> dict:
     from vdit_accel.pipelines import trained
 
-    d = trained.TRAINED_DEFAULTS
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="wan-trained", choices=sorted(trained.MODELS))
+    spec = trained.model_spec(pre.parse_known_args(argv)[0].model)
+    d = spec.defaults
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre])
     ap.add_argument("--weights", type=Path, default=None, help="weights directory (default: shipped in the package)")
-    ap.add_argument("--size", nargs="+", choices=("default", "large"), default=["default"],
-                    help="default: 17x128x128 (1,280 tokens); large: 17x256x256 (5,120 tokens); both: one file "
+    ap.add_argument("--size", nargs="+", choices=("default", "large", "half"), default=["default"],
+                    help="default: the model's (wan-trained 17x128x128, 1,280 tokens; wan-rich its native 65x256x448, "
+                         "30,464); large: wan-trained 17x256x256 (5,120 tokens), wan-rich the native one; half: the "
+                         "large size with half the frames (wan-rich 33x256x448, 16,128 tokens); several: one file "
                          "(--sweep: one size)")
     ap.add_argument("--frames", type=int, default=None, help="override the default size's frames (with --height, --width)")
     ap.add_argument("--height", type=int, default=None)
@@ -206,17 +224,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help=f"denoising steps (default {d.steps}; --sweep: 20 30 50)")
     ap.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, nargs="+", default=None,
-                    help=f"classifier-free guidance (default {trained.GUIDANCE_SCALE:g}; --sweep: 5 8 11 14)")
+                    help=f"classifier-free guidance (default {spec.guidance_scale:g}; --sweep: 5 8 11 14)")
     ap.add_argument("--shift", type=float, nargs="+", default=None,
-                    help=f"the flow-matching scheduler's shift at inference (default: the training's "
-                         f"{trained.SCHEDULER_SHIFT:g}; --sweep: 3 5 7)")
+                    help=f"the flow-matching scheduler's shift at inference (default {spec.scheduler_shift:g}; "
+                         "--sweep: 3 5 7)")
     ap.add_argument("--sweep", action="store_true",
                     help="every combination of --guidance, --steps, --shift on every --seed-bases base; one JSON")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--batch", type=int, default=None, help="captions per pipeline call (default: 20 on cuda, 1 on cpu)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N captions (quick runs)")
-    ap.add_argument("--seed-base", type=int, default=1000,
-                    help="caption i is generated with seed seed-base + i; 1000 is the check")
+    ap.add_argument("--seed-base", type=int, nargs="+", default=[1000],
+                    help="caption i is generated with seed seed-base + i; 1000 is the check; several: each size is "
+                         "checked with each, and the mean agreement reported")
     ap.add_argument("--seed-bases", type=int, nargs="+", default=[5000, 6000],
                     help="--sweep: the seed bases every setting is run on")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -236,36 +255,41 @@ def main(argv: list[str] | None = None) -> dict:
             if len(getattr(args, name) or [None]) > 1:
                 ap.error(f"several --{name.replace('_', '-')} values need --sweep")
         steps = args.steps[0] if args.steps else d.steps
-        guidance_scale = args.guidance_scale[0] if args.guidance_scale else trained.GUIDANCE_SCALE
-        shift = args.shift[0] if args.shift else trained.SCHEDULER_SHIFT
+        guidance_scale = args.guidance_scale[0] if args.guidance_scale else spec.guidance_scale
+        shift = args.shift[0] if args.shift else spec.scheduler_shift
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch or (20 if device == "cuda" else 1)
     sizes = {}
     for name in dict.fromkeys(args.size):
-        size = dict(trained.LARGE_SIZE) if name == "large" else dict(num_frames=d.frames, height=d.height, width=d.width)
+        size = dict(spec.large) if name in ("large", "half") else dict(num_frames=d.frames, height=d.height, width=d.width)
+        if name == "half":
+            size["num_frames"] = (size["num_frames"] - 1) // 2 + 1
         if name == "default":
             for key, value in (("num_frames", args.frames), ("height", args.height), ("width", args.width)):
                 if value is not None:
                     size[key] = value
         sizes[name] = size
     t0 = time.perf_counter()
-    pipe = trained.build_trained_pipeline(args.weights).to(device)
+    dtype = torch.bfloat16 if device == "cuda" and spec.name != "wan-trained" else torch.float32
+    pipe = trained.build_trained_pipeline(args.weights, dtype=dtype, model=spec).to(device)
     tag, date, doc = run_header("check_trained.py", argv, device)
-    doc.update({"weights": str(args.weights or trained.WEIGHTS_DIR), "scenes": scenes})
+    doc.update({"model": spec.name, "weights": str(args.weights or spec.weights_dir), "scenes": scenes,
+                "dtype": str(dtype).removeprefix("torch.")})
+    stem_what = "check-" + spec.name.removeprefix("wan-")
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     if args.sweep:
         from vdit_accel import toyvideo
 
         (name, size), = sizes.items()
-        items = [s for s, kind in scene_list(scenes) if kind == "single"][:args.limit]
+        items = [s for s, kind in scene_list(scenes, spec.scenes) if kind == "single"][:args.limit]
         truth = [toyvideo.check_video(toyvideo.render_frames(s, size["num_frames"], size["height"], size["width"]),
                                       s.caption)["ok"] for s in items]
         doc.update({"size": {"name": name, **size}, "seed_bases": args.seed_bases, "batch": batch, "grid": grid,
                     "captions": [s.caption for s in items], "ground_truth_agreement": round(float(np.mean(truth)), 3),
-                    "training_shift": trained.TRAINING_SHIFT, "rows": []})
-        path = args.out_dir / f"sweep-trained-{scenes}-{tag}-{date:%Y%m%d}.json"
+                    "training_shift": spec.training_shift, "rows": []})
+        path = args.out_dir / f"sweep-{spec.name.removeprefix('wan-')}-{scenes}-{tag}-{date:%Y%m%d}.json"
 
         def write(rows):
             doc["rows"] = rows
@@ -273,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
             path.write_text(json.dumps(doc, indent=1) + "\n")
 
         run_sweep(pipe, size, grid["guidance_scale"], grid["steps"], grid["shift"], args.seed_bases, batch, args.limit,
-                  d.max_sequence_length, scenes, on_row=write)
+                  d.max_sequence_length, scenes, on_row=write, world=spec.scenes)
         print(f"\n{'mean':>5} " + " ".join(f"{b:>5}" for b in args.seed_bases) + "  guidance steps shift  seconds")
         for r in sorted(doc["rows"], key=lambda r: (-r["mean"], r["steps"], r["seconds"])):
             print(f"{r['mean']:5.3f} " + " ".join(f"{a:5.3f}" for a in r["agreement"].values())
@@ -281,22 +305,29 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"ground truth {doc['ground_truth_agreement']}; wrote {path}")
         return doc
 
-    if shift != trained.SCHEDULER_SHIFT:
+    if shift != spec.scheduler_shift:
         set_shift(pipe, shift)
-    results, videos = {}, []
+    results, videos, labels = {}, [], []
     for name, size in sizes.items():
-        t1 = time.perf_counter()
-        res = run_check(pipe, size, steps, guidance_scale, batch, args.limit, d.max_sequence_length, args.seed_base,
-                        scenes)
-        results[name] = {"size": size, **res["summary"], "seconds": round(time.perf_counter() - t1, 1), "rows": res["rows"]}
-        videos += res["videos"]
+        for base in args.seed_base:
+            t1 = time.perf_counter()
+            res = run_check(pipe, size, steps, guidance_scale, batch, args.limit, d.max_sequence_length, base,
+                            scenes, spec.scenes)
+            key = name if len(args.seed_base) == 1 else f"{name}-seeds{base}"
+            results[key] = {"size": size, "seed_base": base, **res["summary"],
+                            "seconds": round(time.perf_counter() - t1, 1), "rows": res["rows"]}
+            if base == args.seed_base[0]:
+                videos += res["videos"]
+                labels += [f"{'ok ' if r['ok'] else 'BAD'} {r['seed']}: {r['caption']}" for r in res["rows"]]
     first = results[next(iter(results))]
+    means = {name: round(float(np.mean([r["agreement"] for r in results.values() if r["size"] == size])), 3)
+             for name, size in sizes.items()}
     doc.update({"seed_base": args.seed_base, "steps": steps, "guidance_scale": guidance_scale, "shift": shift,
-                "batch": batch, "agreement": first["agreement"], "captions": first["captions"],
+                "batch": batch, "agreement": first["agreement"], "mean_agreement": means, "captions": first["captions"],
                 "seconds": round(time.perf_counter() - t0, 1), "results": results})
-    stem = f"check-trained-{tag}-{date:%Y%m%d}" + ("-validation" if scenes == "validation" else "")
+    stem = f"{stem_what}-{tag}-{date:%Y%m%d}" + ("-validation" if scenes == "validation" else "")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    contact_sheet(videos, args.out_dir / f"{stem}.png")
+    contact_sheet(videos, args.out_dir / f"{stem}.png", labels=labels, frames_per_row=3 if spec.scenes == "basic" else 5)
     for name, r in results.items():
         print(json.dumps({"size": name, **{k: v for k, v in r.items() if k != "rows"}}))
         for row in r["rows"]:

@@ -3,7 +3,9 @@
 # Usage (device tool, carry .whl and, to resume from a checkpoint brought back earlier, .ckpt):
 #   bash benchmarks/gpu_train.sh MODEL [train_tiny.py args ...]
 # Resumes from /tmp/ckpt-MODEL (left by the previous command on a still-warm machine) if it is there, else
-# from .ckpt/MODEL (carried), else starts (pass --init-from etc. then). The checkpoint is written to
+# from .ckpt/MODEL (carried), else from pipelines/weights/MODEL when it holds a state.json (the committed
+# checkpoint between sessions: the shippable EMA weights; training goes on from them), else starts
+# (pass --init-from etc. then). The checkpoint is written to
 # /tmp/ckpt-MODEL and packed into $OUT as ckpt.tar.part-* (15 MB each: the device returns files of at most
 # 16 MiB); unpack here with: cat DIR/ckpt.tar.part-* | tar x -C .ckpt/MODEL
 set -uo pipefail
@@ -18,6 +20,8 @@ ck=/tmp/ckpt-$model
 resume=()
 if [ -f "$ck/state.json" ]; then resume=(--resume "$ck"); echo "resuming from $ck (warm machine)";
 elif [ -f ".ckpt/$model/state.json" ]; then resume=(--resume "$repo/.ckpt/$model"); echo "resuming from .ckpt/$model";
+elif [ -f "pipelines/weights/$model/state.json" ]; then resume=(--resume "$repo/pipelines/weights/$model");
+  echo "resuming from pipelines/weights/$model";
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
 # From /tmp: the checkout's vdit_accel/ would shadow the installed package.

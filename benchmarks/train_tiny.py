@@ -1,4 +1,4 @@
-"""Train the tiny Wan pipeline ``"wan-trained"`` on procedural toy videos (vdit_accel.toyvideo).
+"""Train the tiny Wan pipelines ``"wan-trained"`` and ``"wan-rich"`` on procedural toy videos (vdit_accel.toyvideo).
 
 Two stages, one checkpoint directory:
 
@@ -45,6 +45,14 @@ install lines of benchmarks/gpu_run.sh first, then from the repository root R). 
 
 (the fourth resumed from the third's raw weights with its EMA slots set to them: the third's EMA files
 did not come back from the device, whose tool returns at most 8 files; keep $OUT to the checkpoint).
+
+``--model wan-rich`` trains the testbed on the rich scenes (``toyvideo.sample_rich_scenes``; the
+``RICH`` preset: the VAE on rich and busy clips at 4:7, the transformer from 17x128x224 to its native
+65x256x448) -- started from wan-trained's weights with ``--init-from wan-trained`` (:func:`init_from`).
+On the device machine through ``benchmarks/gpu_train.sh wan-rich ...`` (install, resume, pack the
+checkpoint back in 15 MB parts); the commands so far and their logs are in
+``benchmarks/results/train-rich-*.json``. Between sessions the checkpoint is the committed
+``pipelines/weights/wan-rich/`` (EMA weights and state.json; the raw weights restart from them).
 
 CPU: ``--smoke`` runs every stage at toy size in seconds and then loads the result through
 ``build_trained_pipeline``, generates with ``WanPipeline`` and checks the video (untrained: only that it

@@ -60,7 +60,8 @@ class TrainedModel:
     ``max_sequence_length``: captions are padded to this many byte tokens, in training and at inference
     (the cross-attention sees the padding, so the length is part of the model). ``defaults``: the
     generation size of ``vdit-accel generate`` and the checks; ``large``: the larger size
-    (``num_frames``, ``height``, ``width``). ``scenes``: ``"basic"`` or ``"rich"``, which of
+    (``num_frames``, ``height``, ``width``). ``weights``: where its files are (default the package's
+    ``pipelines/weights/<name>``). ``scenes``: ``"basic"`` or ``"rich"``, which of
     :mod:`vdit_accel.toyvideo` 's scene sets it learned. ``guidance_scale`` / ``scheduler_shift`` /
     ``defaults.steps``: the sampling settings, chosen on the validation scenes, never on the check.
     """
@@ -76,10 +77,11 @@ class TrainedModel:
     training_shift: float = 3.0
     vae: dict = field(default_factory=lambda: dict(_WAN_VAE))
     text_encoder: dict = field(default_factory=lambda: dict(_UMT5))
+    weights: Path | None = None  # default: pipelines/weights/<name>
 
     @property
     def weights_dir(self) -> Path:
-        return WEIGHTS_ROOT / self.name
+        return Path(self.weights) if self.weights is not None else WEIGHTS_ROOT / self.name
 
     @property
     def format(self) -> str:

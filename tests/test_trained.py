@@ -2,6 +2,7 @@
 at toy size on the CPU (train -> save -> load through build_tiny_pipeline -> WanPipeline -> check), resume,
 the caption path against WanPipeline's, and the architecture's size contracts."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -219,7 +220,7 @@ def test_smoke_training_writes_a_loadable_pipeline(smoke, monkeypatch):
         assert (out / f"{f}.safetensors").stat().st_size < 16 * 2**20
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(state["latents_mean"]) == 16 and min(state["latents_std"]) > 0
-    monkeypatch.setattr(trained, "WEIGHTS_DIR", out)
+    monkeypatch.setitem(trained.MODELS, "wan-trained", dataclasses.replace(trained.WAN_TRAINED, weights=out))
     pipe = build_tiny_pipeline("wan-trained")
     assert list(pipe.vae.config.latents_mean) == state["latents_mean"]
     call = dict(prompt="a red circle moving left", num_frames=5, height=32, width=32, num_inference_steps=2,

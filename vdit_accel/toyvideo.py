@@ -655,7 +655,7 @@ def _track(on: np.ndarray, looping: bool = False) -> dict:
     over the first eighth; no motion unless the mask is there in the first and the last quarter.
 
     ``looping`` (an object that leaves at one edge and re-enters at the other): the present frames
-    are cut into runs wherever the centroid jumps by more than a quarter of the frame from one present
+    are cut into runs wherever the frame's centroid jumps by more than a quarter of the frame from one present
     frame to the next, the motion is the sum of the runs' motions (each as above, over its own
     eighths), and the mask must be there in at least half of the frames instead."""
     f, h, w = on.shape
@@ -670,17 +670,23 @@ def _track(on: np.ndarray, looping: bool = False) -> dict:
     if looping and len(present) < f / 2:
         return result
     ys, xs = np.mgrid[0:h, 0:w]
-    m = on[present].astype(np.float64)
-    n = m.sum((1, 2))
-    cx, cy = (m * xs).sum((1, 2)) / n / w, (m * ys).sum((1, 2)) / n / h
-    jumps = np.flatnonzero(np.hypot(np.diff(cx), np.diff(cy)) > 0.25) + 1 if looping else []
-    cuts = [0, *list(jumps), len(present)]
+
+    def centroid(ids):  # of the pixels of those frames together
+        m = on[ids].astype(np.float64)
+        n = m.sum()
+        return (m * xs).sum() / n / w, (m * ys).sum() / n / h
+
+    cuts = [0, len(present)]
+    if looping:
+        per_frame = np.array([centroid([i]) for i in present])
+        jumps = np.flatnonzero(np.hypot(*np.diff(per_frame, axis=0).T) > 0.25) + 1
+        cuts = [0, *jumps.tolist(), len(present)]
     k = max(1, f // 8)
     dx = dy = 0.0
     for a, b in zip(cuts[:-1], cuts[1:]):
         kk = min(k, b - a)
-        dx += cx[b - kk:b].mean() - cx[a:a + kk].mean()
-        dy += cy[b - kk:b].mean() - cy[a:a + kk].mean()
+        (x0, y0), (x1, y1) = centroid(present[a:a + kk]), centroid(present[b - kk:b])
+        dx, dy = dx + x1 - x0, dy + y1 - y0
     result["displacement"] = (round(float(dx), 4), round(float(dy), 4))
     if math.hypot(dx, dy) >= _MIN_DISPLACEMENT:
         result["direction"] = _nearest_direction(dx, dy)

@@ -1,0 +1,202 @@
+"""The rich toy scenes and the testbed model "wan-rich": ground truth reads back as its caption, the checker
+can fail on each new part (camera, looping), the splits, the architecture contract, the deeper model's
+start from wan-trained, and the attention-structure measurements against brute force."""
+
+import dataclasses
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vdit_accel import toyvideo
+from vdit_accel.grid import VideoGrid
+from vdit_accel.pipelines import trained
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def test_rich_ground_truth_reads_back():
+    """Every rich check, validation and sampled training scene reads back as its caption (objects,
+    looping ones across their wrap-around, the camera's pan) at the 4:7 aspect, small."""
+    singles, twos = toyvideo.rich_check_scenes()
+    scenes = singles + twos + toyvideo.rich_validation_scenes() + toyvideo.sample_rich_scenes(12, seed=1)
+    bad = [s.caption for s in scenes if not toyvideo.check_video(toyvideo.render_frames(s, 17, 64, 112), s.caption)["ok"]]
+    assert not bad, bad
+
+
+def test_rich_checker_rejects_wrong_captions():
+    """A pan the other way, a pan where the background stands still, a looping object's direction reversed;
+    and a looping object read without its wrap-around cut would go the wrong way."""
+    tex = toyvideo._rich_background(np.random.default_rng(0), "textured", set())
+    obj = toyvideo.ToyObject("red", "circle", "right", "quickly", x0=0.5, y0=0.5, size=0.1, looping=True)
+    panned = toyvideo.ToyScene((obj,), **toyvideo._with_camera(tex, np.random.default_rng(1), "left"))
+    clip = toyvideo.render_frames(panned, 17, 64, 112)
+    res = toyvideo.check_video(clip, panned.caption)
+    assert res["ok"] and res["camera"]["found_camera"] == "left", res
+    wrong_pan = panned.caption.replace("panning left", "panning right")
+    assert not toyvideo.check_video(clip, wrong_pan)["ok"]
+    assert not toyvideo.check_video(clip, panned.caption.replace("looping right", "looping left"))["ok"]
+    still = toyvideo.render_frames(toyvideo.ToyScene((obj,), **tex), 17, 64, 112)
+    assert toyvideo.check_video(still, "a red circle looping right quickly on a textured background")["ok"]
+    res = toyvideo.check_video(still, "a red circle looping right quickly on a textured background, camera panning up")
+    assert not res["ok"] and res["camera"]["found_camera"] is None
+    # Without the run cut, the jump back across the frame (about one frame width) outweighs the motion.
+    plain = toyvideo.check_video(still, "a red circle moving right quickly on a textured background")
+    assert not plain["ok"]
+    with pytest.raises(ValueError, match="camera pans"):
+        toyvideo.check_video(clip, "a red circle moving right, camera panning sideways")
+
+
+def test_rich_scenes_split_deterministic_and_captioned():
+    """Training scenes avoid the held-out combinations; every part occurs; captions parse back and fit
+    wan-rich's text length; same seed, same scenes; the check and validation sets share no combination."""
+    train = toyvideo.sample_rich_scenes(400, seed=3)
+    for s in train:
+        assert not any(toyvideo.is_held_out(o.colour, o.shape, o.direction) for o in s.objects)
+        assert toyvideo.parse_caption(s.caption) == [(o.colour, o.shape, o.direction) for o in s.objects]
+        assert toyvideo.parse_camera(s.caption) == (s.camera or None)
+        assert len(s.caption.encode()) <= toyvideo.MAX_RICH_CAPTION_BYTES < trained.WAN_RICH.max_sequence_length
+        assert len({o.colour for o in s.objects}) == len(s.objects)
+    assert {len(s.objects) for s in train} == {1, 2, 3}
+    assert {s.background for s in train} >= {"textured", "dark", "drifting"} and any(s.background in toyvideo.COLOURS
+                                                                                      for s in train)
+    assert {s.camera for s in train} == {"", *toyvideo.PAN_DIRECTIONS}
+    assert {len(s.pillars) for s in train} == {0, 1, 2}
+    assert {o.verb for s in train for o in s.objects} == {"moving", "bouncing", "looping"}
+    assert toyvideo.sample_rich_scenes(4, seed=3) == train[:4] and toyvideo.sample_rich_scenes(4, seed=4) != train[:4]
+    singles, twos = toyvideo.rich_check_scenes()
+    val = toyvideo.rich_validation_scenes()
+    combos = lambda scenes: {(o.colour, o.shape, o.direction) for s in scenes for o in s.objects}
+    assert len(singles) == 20 and len(twos) == 4 and len(val) == 20
+    assert combos(singles) | combos(val) == set(toyvideo.held_out_combinations()) and not combos(singles) & combos(val)
+    assert sum(bool(s.camera) for s in singles) == 8 and sum(bool(s.pillars) for s in singles) == 8
+    assert len({s.caption for s in singles + twos + val}) == 44
+    with pytest.raises(ValueError, match="textured"):
+        toyvideo.ToyScene((singles[0].objects[0],), background="textured")
+    with pytest.raises(ValueError, match="bouncing or looping"):
+        toyvideo.ToyObject("red", "circle", "left", bouncing=True, looping=True)
+
+
+def test_rich_render_keeps_textures_muted_and_pillars_in_front():
+    """Textures never count as object pixels (value <= 0.45 or saturation <= 0.45), and a pillar hides
+    the object behind it: its coverage mask is zero there."""
+    scene = toyvideo.rich_check_scenes()[0][3]  # a tint and two pillars
+    video, cover = toyvideo.render([scene], 9, 64, 112, return_mask=True)
+    rgb = (video[0].permute(1, 2, 3, 0).numpy() + 1) / 2
+    hue, sat, val = toyvideo._hsv(rgb)
+    vivid = (sat >= 0.6) & (val >= 0.5)
+    assert (cover[0, 0].numpy()[vivid] > 0).all()  # every vivid pixel is an object's
+    x, half, _ = scene.pillars[0]
+    col = int(x * 112)
+    assert float(cover[0, 0, :, :, col].max()) == 0.0
+    tex = toyvideo.sample_rich_scenes(40, seed=7)
+    tex = [s for s in tex if s.background == "textured"][:3]
+    for s in tex:
+        bare = dataclasses.replace(s, objects=())
+        rgb = (toyvideo.render([bare], 5, 64, 112)[0].permute(1, 2, 3, 0).numpy() + 1) / 2
+        _, sat, val = toyvideo._hsv(rgb)
+        assert not ((sat >= 0.6) & (val >= 0.5)).any()
+
+
+def test_wan_rich_architecture_contract():
+    """At least 8 layers and 32 heads of head_dim 64; the native size gives >= 30,000 video tokens; fp16
+    weights <= 24 MB (counted from the architecture, and the shipped files where they are)."""
+    spec = trained.WAN_RICH
+    cfg = spec.transformer
+    assert cfg["num_layers"] >= 8 and cfg["num_layers"] * cfg["num_attention_heads"] >= 32
+    assert cfg["attention_head_dim"] == 64
+    grid = spec.grid(spec.large["num_frames"], spec.large["height"], spec.large["width"])
+    assert grid == (17, 32, 56) and math.prod(grid) >= 30000
+    assert spec.defaults.frames == spec.large["num_frames"]
+    modules = trained.build_components(seed=0, model="wan-rich")
+    assert 2 * sum(p.numel() for m in modules for p in m.state_dict().values()) <= 24e6
+    if trained.weights_available(model="wan-rich"):
+        assert sum((spec.weights_dir / f"{n}.safetensors").stat().st_size for n in trained.COMPONENTS) <= 24e6
+
+
+def test_init_from_wan_trained_computes_the_same_function():
+    """The 8-layer model started from wan-trained's 6 (init_from) computes wan-trained's output exactly."""
+    tt = _load("train_tiny")
+    t, vae, te = trained.build_components(0, model="wan-rich")
+    tt.init_from(t, vae, te, "wan-trained")
+    src = trained.load_trained_components(model="wan-trained")[0]
+    x, ts, e = torch.randn(1, 16, 2, 8, 14), torch.tensor([700.0]), torch.randn(1, 12, 64)
+    with torch.no_grad():
+        a = t(hidden_states=x, timestep=ts, encoder_hidden_states=e, return_dict=False)[0]
+        b = src(hidden_states=x, timestep=ts, encoder_hidden_states=e, return_dict=False)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(t.blocks[1].attn1.to_q.weight, torch.zeros_like(t.blocks[1].attn1.to_q.weight))
+    assert t.blocks[1].ffn.net[2].weight.abs().max() == 0  # the copy adds nothing yet
+
+
+def _brute(q, k, grid, q_perm, k_perm, recall):
+    """Blocks needed, by the definition, from the full probability matrix."""
+    s = q.shape[0]
+    p = torch.softmax(q.double() @ k.double().T / math.sqrt(q.shape[1]), -1)[q_perm][:, k_perm]
+    nb = -(-s // 128)
+    m = torch.zeros(nb, nb, dtype=torch.float64)
+    for i in range(nb):
+        for j in range(nb):
+            m[i, j] = p[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].sum() / min(128, s - i * 128)
+    need = [int((torch.cumsum(row.sort(descending=True).values, 0) < recall - 1e-6).sum()) + 1 for row in m]
+    return float(np.mean(need)) / nb, p
+
+
+def test_head_metrics_match_brute_force():
+    """Block fractions in two orders, frame and box masses, against the full probability matrix, at an odd size."""
+    st = _load("attention_structure")
+    grid = VideoGrid(3, 7, 9)  # 189 tokens: two blocks, the last short
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(grid.video_len, 16, generator=g) * 2, torch.randn(grid.video_len, 16, generator=g) * 2
+    ident = torch.arange(grid.video_len)
+    shuf = torch.randperm(grid.video_len, generator=g)
+    got = st.head_metrics(q, k, grid, {"raster": (ident, ident), "shuffled": (shuf, shuf)}, rows_per_chunk=50)
+    for name, perm in (("raster", ident), ("shuffled", shuf)):
+        for r in st.RECALLS:
+            want, p = _brute(q, k, grid, perm, perm, r)
+            assert got["blocks"][name][f"{r:.2f}"] == pytest.approx(want, abs=1e-4)
+    p = torch.softmax(q.double() @ k.double().T / 4.0, -1)
+    c = st._coords(grid)
+    d = (c[:, None, :] - c[None, :, :]).abs()
+    for j in range(3):
+        assert got["frame_mass"][j] == pytest.approx(float((p * (d[..., 0] <= j)).sum() / len(p)), abs=1e-4)
+    for j, (bt, bh, bw) in enumerate(st.BOXES):
+        inside = (d[..., 0] <= bt) & (d[..., 1] <= bh) & (d[..., 2] <= bw)
+        assert got["box_mass"][j] == pytest.approx(float((p * inside).sum() / len(p)), abs=1e-4)
+    # the oracle's batched block mass equals the per-head one
+    qb = torch.stack([q, k], 1)[None]  # (1, S, 2 heads, D)
+    m = st.tiled_block_mass(qb, torch.stack([k, q], 1)[None], shuf, rows_per_chunk=64)
+    _, p0 = _brute(q, k, grid, shuf, shuf, 0.9)
+    assert m[0, 0, 0, 0] == pytest.approx(float(p0[:128, :128].sum() / 128), abs=1e-5)
+    assert torch.allclose(m.sum(-1), torch.ones(1, 2, 2), atol=1e-5)
+
+
+@pytest.mark.skipif(not trained.weights_available(model="wan-rich"), reason="no wan-rich weights shipped")
+def test_structure_and_check_scripts_run_on_wan_rich(tmp_path):
+    """benchmarks/attention_structure.py (with the oracle) and check_trained.py --model wan-rich end to end,
+    tiny and quick on the CPU, through the shipped weights."""
+    st = _load("attention_structure")
+    doc = st.main(["--model", "wan-rich", "--frames", "5", "--height", "64", "--width", "112", "--prompts", "1",
+                   "--steps", "2", "--phases", "middle=0.5", "--oracle", "--oracle-warmup", "0.5",
+                   "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert len(doc["heads"]) == 32 and set(doc["summary"]) == {"middle"}
+    assert doc["oracle"]["warmup_steps"] == 1 and doc["oracle"]["psnr_db"] > 10
+    assert (tmp_path / "attention-structure-wan-rich-cpu-{}.png".format(doc["date"].replace("-", ""))).is_file()
+    ct = _load("check_trained")
+    out = ct.main(["--model", "wan-rich", "--frames", "5", "--height", "64", "--width", "112", "--limit", "1",
+                   "--steps", "1", "--seed-base", "1000", "1001", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert out["model"] == "wan-rich" and set(out["results"]) == {"default-seeds1000", "default-seeds1001"}
+    assert out["results"]["default-seeds1000"]["ground_truth_agreement"] == 1.0
