@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device-machine command that measures the wan-rich testbed (carry .whl): the caption check at its native
+# size with three seed sets and at half the tokens (benchmarks/check_trained.py), then the attention structure,
+# the self-attention share of a dense step and the per-call oracle (benchmarks/attention_structure.py).
+# Usage: bash benchmarks/gpu_measure_rich.sh [WEIGHTS_DIR]   (default: the committed pipelines/weights/wan-rich,
+# or /tmp/ckpt-wan-rich when a training command just left it on this warm machine). Results land in $OUT
+# (four files: check-rich-*.json/.png, attention-structure-wan-rich-*.json/.png).
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+repo=$(pwd)
+weights=${1:-}
+if [ -z "$weights" ]; then
+  if [ -f /tmp/ckpt-wan-rich/state.json ]; then weights=/tmp/ckpt-wan-rich; else weights=$repo/pipelines/weights/wan-rich; fi
+fi
+echo "weights: $weights"
+out=$(realpath "$OUT")
+cd /tmp  # not the checkout: its vdit_accel/ would shadow the installed package
+python3 "$repo/benchmarks/check_trained.py" --model wan-rich --weights "$weights" --size default half \
+  --seed-base 1000 2000 3000 --out-dir "$out" 2>&1 | grep -v "^  \(ok \|BAD\)\|Warning\|rms_norm"
+python3 "$repo/benchmarks/attention_structure.py" --model wan-rich --weights "$weights" --share --oracle \
+  --out-dir "$out" 2>&1 | grep -v " layer [0-9]: \|Warning\|rms_norm"
+ls -la "$out"
