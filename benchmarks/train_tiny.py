@@ -640,6 +640,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="... and at most: between the two while its reconstructions fail the check (see vae_check)")
     ap.add_argument("--dit-minutes", type=float, default=11.5,
                     help="transformer training time over all commands (the learning-rate cosine spans it)")
+    ap.add_argument("--vae-more-minutes", type=float, default=None,
+                    help="resuming: train the (done) VAE this much more first, e.g. after the scenes changed; its "
+                         "latent statistics are measured again and the transformer goes on in the new latents")
     ap.add_argument("--vae-steps", type=int, help="stop the VAE stage after this many steps (CPU runs)")
     ap.add_argument("--dit-steps", type=int, help="stop the transformer stage after this many steps (CPU runs)")
     ap.add_argument("--model", default="wan-trained", choices=sorted(trained.MODELS),
@@ -676,6 +679,9 @@ def main(argv: list[str] | None = None) -> dict:
         if state["model"] != args.model:
             ap.error(f"{src} holds a {state['model']!r} checkpoint; pass --model {state['model']}")
         state["run"] += 1
+        if args.vae_more_minutes:
+            state["vae"].update(done=False, until=state["vae"]["seconds"] + 60.0 * args.vae_more_minutes)
+            args.vae_max_minutes = max(args.vae_max_minutes, state["vae"]["until"] / 60.0)
         _log(f"resumed from {src}", vae_steps=state["vae"]["steps"], dit_steps=state["dit"]["steps"])
     else:
         transformer, vae, text_encoder = trained.build_components(args.seed, model=args.model)

@@ -200,3 +200,19 @@ def test_structure_and_check_scripts_run_on_wan_rich(tmp_path):
                    "--steps", "1", "--seed-base", "1000", "1001", "--device", "cpu", "--out-dir", str(tmp_path)])
     assert out["model"] == "wan-rich" and set(out["results"]) == {"default-seeds1000", "default-seeds1001"}
     assert out["results"]["default-seeds1000"]["ground_truth_agreement"] == 1.0
+
+
+def test_rich_smoke_training_resumes_with_more_vae(tmp_path):
+    """train_tiny.py --model wan-rich --init-from wan-trained --smoke trains, saves and loads through the
+    package's loader; a resume with --vae-more-minutes trains the VAE on and re-measures its latent
+    statistics before the transformer goes on."""
+    tt = _load("train_tiny")
+    first = tt.main(["--model", "wan-rich", "--init-from", "wan-trained", "--smoke", "--out", str(tmp_path / "a")])
+    assert first["model"] == "wan-rich" and first["init_from"] == "wan-trained" and first["vae"]["done"]
+    assert first["smoke_check"]["objects"]
+    second = tt.main(["--model", "wan-rich", "--smoke", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+                      "--vae-more-minutes", "1", "--vae-steps", "4", "--dit-steps", "5"])
+    assert second["vae"]["steps"] == 4 and second["vae"]["done"] and second["dit"]["steps"] == 5
+    assert second["latents_mean"] != first["latents_mean"]
+    with pytest.raises(SystemExit):
+        tt.main(["--smoke", "--resume", str(tmp_path / "b"), "--out", str(tmp_path / "c")])  # not a wan-trained one

@@ -21,6 +21,15 @@ colour's centroid from the first to the last frames, in frame fractions. On grou
 agrees with the caption for every scene (tested); it is how ``benchmarks/check_trained.py`` scores
 generated videos.
 
+Rich scenes (:func:`sample_rich_scenes`, the data of the testbed ``"wan-rich"``): up to three objects that
+cross and hide each other, loop out of the frame and back in (``"looping"``) and pass behind grey
+pillars, over textured backgrounds (value noise: no two places alike) under a panning camera, so that
+attention has reasons to be local (where a texture patch was a frame ago) and long-range (an object
+that left and comes back); captioned in the same grammar plus ``", camera panning left"`` and
+``", behind two grey pillars"``, and checked the same way plus the camera's pan, read from the
+background's optical flow. :func:`rich_check_scenes` / :func:`rich_validation_scenes` are their check
+and validation sets (the same held-out combinations).
+
 Held out from training (:func:`is_held_out`): 24 of the 192 (colour, shape, direction) combinations,
 at least one per colour and per direction; :func:`check_scenes` builds the check captions from 20 of
 them, :func:`validation_scenes` (for choosing sampling settings) from the other 4.
@@ -72,6 +81,9 @@ PAN_DIRECTIONS = ("left", "right", "up", "down")
 _TEX_MAX_VALUE = 0.45
 _TEX_MAX_SATURATION = 0.45
 _PILLAR_WORDS = {1: "a grey pillar", 2: "two grey pillars"}
+# The world box (shorter-side units, (u0, v0, u1, v1)) a texture's value noise is defined on: a 16:9 frame
+# and a pan of half the frame fit; beyond it the noise repeats its border.
+_NOISE_BOX = (-0.5, -0.5, 3.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,9 @@ class ToyScene:
 
     Rich scenes (:func:`sample_rich_scene`) add, all fixed in the world and so moving with the camera:
     ``texture``, a ``"textured"`` background's waves ``(fx, fy, phase, amplitude)`` (cycles per shorter
-    side) around ``tex_level``, tinted ``tex_hue`` / ``tex_sat``; ``blobs``, soft discs
+    side) and ``noise``, octaves of value noise ``(seed, spacing, amplitude)`` (random values on a lattice
+    of that spacing, in shorter-side units, over the world box :data:`_NOISE_BOX`, interpolated
+    bicubically), around ``tex_level``, tinted ``tex_hue`` / ``tex_sat``; ``blobs``, soft discs
     ``(u, v, radius, value, hue, saturation)`` on it (shorter-side units); ``pillars``, grey vertical
     bars ``(x, half_width, grey)`` (fractions of the width) drawn in front of the objects, which pass
     behind them. ``camera`` (one of :data:`PAN_DIRECTIONS` or "") pans ``pan`` of the frame over the
@@ -136,6 +150,7 @@ class ToyScene:
     bg_period: float = 0.25
     bg_drift: float = 0.2
     texture: tuple[tuple[float, float, float, float], ...] = ()
+    noise: tuple[tuple[int, float, float], ...] = ()
     tex_level: float = 0.22
     tex_hue: float = 0.0
     tex_sat: float = 0.0
@@ -145,8 +160,8 @@ class ToyScene:
     pan: float = 0.0
 
     def __post_init__(self):
-        if (self.background == "textured") != bool(self.texture):
-            raise ValueError("a 'textured' background needs texture waves, and only it has them")
+        if (self.background == "textured") != bool(self.texture or self.noise):
+            raise ValueError("a 'textured' background needs texture waves or noise, and only it has them")
         if self.camera not in ("", *PAN_DIRECTIONS) or (self.camera == "") != (self.pan == 0.0):
             raise ValueError(f"camera must be one of {PAN_DIRECTIONS} with pan > 0, or '' with pan 0; "
                              f"got {self.camera!r}, {self.pan}")
@@ -319,22 +334,27 @@ def validation_scenes(n: int = 20, seed: int = 9) -> list[ToyScene]:
 
 
 def _rich_background(rng: np.random.Generator, name: str, taken_hues: set[str]) -> dict:
-    """A background's parameters. ``"textured"``: 5-8 waves of 1.5-7 cycles per shorter side (periods of
-    2-10 tokens at 8 pixels a token at 256 pixels) and 3-7 soft blobs, muted, in a random tint."""
+    """A background's parameters. ``"textured"``: two octaves of value noise (lattice spacings 0.05-0.07
+    and 0.025-0.035 of the shorter side: features of 1-2 tokens at 8 pixels a token at 256 pixels, and no
+    two places alike, so a denoiser learns what is at a place only by looking there, in this frame or
+    where the camera's pan moved it from), 2-3 broad waves of 1-3 cycles per shorter side, and 3-7 soft
+    blobs; muted, in a random tint."""
     out = _background(rng, name)
     if name != "textured":
         return out
     waves = []
-    for _ in range(int(rng.integers(5, 9))):
-        f, a = float(rng.uniform(1.5, 7.0)), float(rng.uniform(0, 2 * math.pi))
+    for _ in range(int(rng.integers(2, 4))):
+        f, a = float(rng.uniform(1.0, 3.0)), float(rng.uniform(0, 2 * math.pi))
         waves.append((round(f * math.cos(a), 4), round(f * math.sin(a), 4), round(float(rng.uniform(0, 2 * math.pi)), 4),
-                      round(float(rng.uniform(0.025, 0.06)), 4)))
+                      round(float(rng.uniform(0.02, 0.04)), 4)))
+    noise = ((int(rng.integers(2**31)), round(float(rng.uniform(0.05, 0.07)), 4), round(float(rng.uniform(0.07, 0.1)), 4)),
+             (int(rng.integers(2**31)), round(float(rng.uniform(0.025, 0.035)), 4), round(float(rng.uniform(0.04, 0.07)), 4)))
     blobs = []
     for _ in range(int(rng.integers(3, 8))):
         blobs.append(tuple(round(float(v), 4) for v in (
             rng.uniform(-0.1, 1.1), rng.uniform(-0.1, 1.1), rng.uniform(0.04, 0.12), rng.uniform(0.05, _TEX_MAX_VALUE),
             rng.uniform(0, 360), rng.uniform(0, _TEX_MAX_SATURATION))))
-    return dict(out, texture=tuple(waves), tex_level=round(float(rng.uniform(0.16, 0.26)), 4),
+    return dict(out, texture=tuple(waves), noise=noise, tex_level=round(float(rng.uniform(0.16, 0.26)), 4),
                 tex_hue=round(float(rng.uniform(0, 360)), 2), tex_sat=round(float(rng.uniform(0.1, 0.4)), 4),
                 blobs=tuple(blobs))
 
@@ -509,6 +529,16 @@ def _textured(scene: ToyScene, t: torch.Tensor, X: torch.Tensor, Y: torch.Tensor
     value = torch.full((t.numel(), height, width), scene.tex_level, device=t.device)
     for fx, fy, phase, amp in scene.texture:
         value = value + amp * torch.sin(2 * math.pi * (fx * u + fy * v) + phase)
+    if scene.noise:
+        u0, v0, u1, v1 = _NOISE_BOX
+        grid = torch.stack([(u.expand_as(value) - u0) / (u1 - u0) * 2 - 1, (v.expand_as(value) - v0) / (v1 - v0) * 2 - 1], -1)
+        for seed, spacing, amp in scene.noise:
+            lattice = np.random.default_rng(seed).uniform(-1.0, 1.0, (int((v1 - v0) / spacing) + 1,
+                                                                      int((u1 - u0) / spacing) + 1))
+            lat = torch.tensor(lattice, dtype=torch.float32, device=t.device)[None, None]
+            sampled = torch.nn.functional.grid_sample(lat.expand(t.numel(), -1, -1, -1), grid, mode="bicubic",
+                                                      padding_mode="border", align_corners=True)
+            value = value + amp * sampled[:, 0]
     img = _tint(value.clamp(0.02, _TEX_MAX_VALUE), scene.tex_hue, scene.tex_sat)
     for bx, by, radius, bval, bhue, bsat in scene.blobs:
         d = torch.sqrt(((wx - bx) * (width / unit)) ** 2 + ((wy - by) * (height / unit)) ** 2)
