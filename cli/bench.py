@@ -255,11 +255,14 @@ class _FlexAttention:
             self._masks[key] = (bm.kv_indices, bm.kv_num_blocks, flex)  # keep the tensors alive with it
         return self._masks[key][2]
 
-    def __call__(self, q, k, v, block_mask=None, *, scale=None, return_lse=False, quant=None, q_index=None):
+    def __call__(self, q, k, v, kv_num_blocks, kv_indices, block_m, block_n, runs, q_index=None, k_index=None,
+                 scale=None):
         from vdit_accel.attention import attention
+        from vdit_accel.block_mask import BlockMask
 
-        if block_mask is None or return_lse or quant is not None or q_index is not None:
-            raise RuntimeError("the flex rows take unquantized block-sparse calls without LSE or query order only")
+        if kv_num_blocks is None or len(runs) > 1 or runs[0].mode is not None or q_index is not None or k_index is not None:
+            raise RuntimeError("the flex rows take unquantized block-sparse calls without token orders only")
+        block_mask = BlockMask(kv_num_blocks, kv_indices, q.shape[1], block_m, block_n)
         out = self._fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=self._flex_mask(block_mask),
                        scale=scale).transpose(1, 2)
         if self.rel_err is None:
@@ -451,16 +454,16 @@ def _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, 
 
         torch._dynamo.reset()  # a fresh compile per shape: never near the recompile limit
     timer = _SelfAttentionTimer(grid.video_len, _Clock(cuda))
-    original = vdit_op.attention  # what the vdit::attention op calls
+    original = vdit_op.planned_attention  # what the vdit::attention op calls
     try:
         if strategy is not None:
             vdit_accel.patch(model, strategy, block_size=block_size)
         if attention_fn is not None:
-            vdit_op.attention = attention_fn
+            vdit_op.planned_attention = attention_fn
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if on_cudnn else contextlib.nullcontext(), timer:
             return _time_forward(model, inputs, reps, timer, cheap_warmup=strategy is None or strategy.is_uniform)
     finally:
-        vdit_op.attention = original
+        vdit_op.planned_attention = original
         if patch_state(model) is not None:
             vdit_accel.unpatch(model)
 

@@ -10,6 +10,7 @@ This module imports only torch and triton: it is the bottom layer and takes raw 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import _quantize_tile, _to_e4m3
+from .quantize import QuantMode, _quantize_tile, _to_e4m3
 
 LOG2_FP8_MAX: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): e4m3's largest value
 
@@ -539,7 +540,6 @@ DEFAULT_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
     ("interpret", 256): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
 }
 _HEAD_DIM_BUCKETS = (64, 128, 256)
-_QUANT_IDS = {"fp8": 1, "int8": 2, "int4": 3}
 _CONFIG_KEYS = frozenset(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
 _OPTIONAL_CONFIG_KEYS = {"warp_specialize": False, "tma": False, "pipeline_qk": False, "exp_poly": 0,
                          "prefetch_idx": False}
@@ -674,12 +674,14 @@ def _autotune(q, k, v, sparse_args, mask_block_m, mask_block_n, run, quant=None)
     return dict(best)
 
 
+@functools.cache
 def _supports_warp_specialize() -> bool:
     import inspect
 
     return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
 
 
+@functools.cache
 def _ws_prefetch_ok() -> bool:
     """Warp specialization of the prefetching sparse loop compiles (and was measured) with triton 3.4-3.6;
     triton 3.9's pass pipeline fails on it (sm_90 compile, 2026-11-22). Elsewhere the default drops
@@ -766,7 +768,8 @@ def _tensor_descriptor(x: torch.Tensor, block_n: int, block_d: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, 1, block_d])
 
 
-def _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n):
+def _check_qkv(q, k, v):
+    """What every launch needs of q, k, v (cheap: shapes, dtypes, devices, strides; no device work)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -800,6 +803,8 @@ def _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n
             "(64, 96 and 128 are the tuned ones)"
         )
 
+
+def _check_mask(q, kv_num_blocks, kv_indices, mask_block_m, mask_block_n):
     if (kv_num_blocks is None) != (kv_indices is None):
         raise ValueError("pass both kv_num_blocks and kv_indices for sparse attention, or neither for dense")
     if kv_num_blocks is None:
@@ -831,6 +836,17 @@ def _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n
             f"kv_indices must have shape [Bm, H, Mb, Nb] = [{bm}, {h}, {mb}, {nb}] for S={s}, "
             f"blocks ({mask_block_m}, {mask_block_n}); got {tuple(kv_indices.shape)}"
         )
+
+
+def _check_q_index(q, q_index):
+    bsz, s, h, _ = q.shape
+    if (not isinstance(q_index, torch.Tensor) or q_index.dim() != 3 or q_index.shape[0] not in (1, bsz)
+            or tuple(q_index.shape[1:]) != (h, s) or q_index.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"q_index must be an int32/int64 tensor [1 or {bsz}, {h}, {s}], got "
+                         f"{tuple(q_index.shape) if isinstance(q_index, torch.Tensor) else type(q_index).__name__}"
+                         f"{' ' + str(q_index.dtype) if isinstance(q_index, torch.Tensor) else ''}")
+    if q_index.device != q.device:
+        raise ValueError(f"q_index is on {q_index.device} but q is on {q.device}")
 
 
 def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128, mask_block_n=128,
@@ -867,55 +883,76 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             q's own order. This replaces gathering Q into the order and scattering the output back
             (two passes over (B, S, H, D)). With int4, Q is gathered first (its scales are per tile).
     """
-    _check_inputs(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n)
-    if quant is not None and quant not in _QUANT_IDS:
-        raise ValueError(f"unknown quantization mode {quant!r}; use None or one of {list(_QUANT_IDS)}")
+    _check_qkv(q, k, v)
+    _check_mask(q, kv_num_blocks, kv_indices, mask_block_m, mask_block_n)
+    quant = QuantMode.parse(quant)
     if quant is not None and q.dtype == torch.float32:
         raise ValueError("quantized attention takes fp16/bf16 inputs, got float32")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1):
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last dim")
-    sparse = kv_num_blocks is not None
-    bsz, s, h, d = q.shape
     if q_index is not None:
-        if (not isinstance(q_index, torch.Tensor) or q_index.dim() != 3 or q_index.shape[0] not in (1, bsz)
-                or tuple(q_index.shape[1:]) != (h, s) or q_index.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"q_index must be an int32/int64 tensor [1 or {bsz}, {h}, {s}], got "
-                             f"{tuple(q_index.shape) if isinstance(q_index, torch.Tensor) else type(q_index).__name__}"
-                             f"{' ' + str(q_index.dtype) if isinstance(q_index, torch.Tensor) else ''}")
-        if q_index.device != q.device:
-            raise ValueError(f"q_index is on {q_index.device} but q is on {q.device}")
-        if q_index.stride(2) != 1:
-            q_index = q_index.contiguous()
-    if config is None:
-        cfg = default_config(d, q.device, q.dtype, quant)
-        if sparse:
-            cfg = _fit_default_to_mask(cfg, mask_block_m, mask_block_n)
-        if cfg.get("tma") and not (_tma_ok(k) and _tma_ok(v)):
-            cfg["tma"] = False
-        if cfg.get("warp_specialize") and not (cfg.get("tma") and _supports_warp_specialize()):
-            cfg["warp_specialize"] = False
-        if sparse and cfg.get("warp_specialize") and cfg.get("prefetch_idx") and not _ws_prefetch_ok():
-            cfg["warp_specialize"] = False
-    elif config == "autotune":
-        mask_args = (kv_num_blocks, kv_indices) if sparse else ()
-
+        _check_q_index(q, q_index)
+    sparse = kv_num_blocks is not None
+    if config == "autotune":
         def run(c):
             return attention_fwd(q, k, v, kv_num_blocks, kv_indices, mask_block_m=mask_block_m,
                                  mask_block_n=mask_block_n, scale=scale, return_lse=return_lse, config=c, quant=quant)
 
-        cfg = _autotune(q, k, v, mask_args, mask_block_m, mask_block_n, run, quant)
+        cfg = _autotune(q, k, v, (kv_num_blocks, kv_indices) if sparse else (), mask_block_m, mask_block_n, run, quant)
         if sparse:
             cfg = _fit_default_to_mask(cfg, mask_block_m, mask_block_n)
-        cfg = _check_config(cfg, mask_block_m, mask_block_n, sparse)
+        config = _check_config(cfg, mask_block_m, mask_block_n, sparse)
     elif isinstance(config, dict):
-        cfg = _check_config(config, mask_block_m, mask_block_n, sparse)
-    else:
+        config = _check_config(config, mask_block_m, mask_block_n, sparse)
+    elif config is not None:
         raise ValueError(f"config must be None, 'autotune' or a dict, got {config!r}")
+    return launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale, return_lse, config, quant,
+                  out, q_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_config(head_dim: int, device: torch.device, dtype: torch.dtype, quant, mask_block_m: int,
+                   mask_block_n: int, sparse: bool, tma_ok: bool) -> dict:
+    """The default configuration of one launch shape, fitted to the mask blocks and to what this input
+    (``tma_ok``: K and V are TMA-aligned) and the installed triton can do; computed once per shape."""
+    cfg = default_config(head_dim, device, dtype, quant)
+    if sparse:
+        cfg = _fit_default_to_mask(cfg, mask_block_m, mask_block_n)
+    cfg = {**_OPTIONAL_CONFIG_KEYS, **cfg}
+    if cfg["tma"] and not tma_ok:
+        cfg["tma"] = False
+    if cfg["warp_specialize"] and not (cfg["tma"] and _supports_warp_specialize()):
+        cfg["warp_specialize"] = False
+    if sparse and cfg["warp_specialize"] and cfg["prefetch_idx"] and not _ws_prefetch_ok():
+        cfg["warp_specialize"] = False
+    return _int4_config(cfg, quant)
+
+
+def _int4_config(cfg: dict, quant) -> dict:
+    if quant is QuantMode.INT4:  # packed int4 rows are not TMA-loaded; int4's per-key bias is not pipelined
+        cfg = {**cfg, "tma": False, "warp_specialize": False, "pipeline_qk": False}
+    return cfg
+
+
+def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale, return_lse, config, quant, out,
+           q_index):
+    """:func:`attention_fwd` on inputs already validated: ``config`` None (the cached default for this
+    launch shape) or a checked dict; ``quant`` a :class:`QuantMode` or None. The caller vouches for the
+    mask (shapes for ``S = q.shape[1]``, int32, on q's device) and for ``q_index``; q, k, v still get the
+    cheap checks of :func:`_check_qkv` in :func:`attention_fwd` only -- this is the per-call path of a
+    compiled layer plan, whose masks were built for the call's grid."""
+    sparse = kv_num_blocks is not None
+    bsz, s, h, d = q.shape
+    if config is None:
+        cfg = _launch_config(d, q.device, q.dtype, quant, mask_block_m, mask_block_n, sparse, True)
+        if cfg["tma"] and not (_tma_ok(k) and _tma_ok(v)):
+            cfg = _launch_config(d, q.device, q.dtype, quant, mask_block_m, mask_block_n, sparse, False)
+    else:
+        cfg = _int4_config(config, quant)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-
-    if quant == "int4":  # packed int4 rows are not TMA-loaded; int4's per-key bias is not pipelined
-        cfg["tma"] = cfg["warp_specialize"] = cfg["pipeline_qk"] = False
+    if q_index is not None and q_index.stride(2) != 1:
+        q_index = q_index.contiguous()
     if out is None:
         out = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz, h, s), dtype=torch.float32, device=q.device) if return_lse else None
@@ -931,16 +968,16 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
         mask_m, mask_n = mask_block_m, mask_block_n
     else:
         # Dummies: never read when SPARSE=False. Mask block = kernel block keeps one compiled variant.
-        kv_num_blocks = kv_indices = torch.empty(1, dtype=torch.int32, device=q.device)
+        kv_num_blocks = kv_indices = out
         num_strides, idx_strides = (0, 0, 0), (0, 0, 0, 0)
         mask_m, mask_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
 
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, 1 << (d - 1).bit_length())
     qk_scale = float(scale) * 1.4426950408889634
     q_scale = k_scale = v_scale = q_mean = out  # unused pointers unless quant
     s_pad, stride_vd = s, 1
     q_orig = q
-    if quant == "int4" and q_index is not None:  # Q's per-tile scales need Q in the kernel's order first
+    if quant is QuantMode.INT4 and q_index is not None:  # Q's per-tile scales need Q in the kernel's order first
         from .permute import gather_rows
 
         q = gather_rows([q], q_index)[0]
@@ -957,15 +994,16 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
         k = qz["k"].permute(0, 2, 1, 3)
         v, stride_vd = qz["v"].permute(0, 3, 1, 2), s_pad
     k_desc, v_desc = k, v  # unused pointers unless tma
-    if cfg.get("tma") and quant is not None:
+    if cfg["tma"] and quant is not None:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         kq, vq = qz["k"], qz["v"]
         k_desc = TensorDescriptor(kq, list(kq.shape), list(kq.stride()), [1, 1, cfg["BLOCK_N"], block_d])
         v_desc = TensorDescriptor(vq, list(vq.shape), list(vq.stride()), [1, 1, block_d, cfg["BLOCK_N"]])
-    elif cfg.get("tma"):
+    elif cfg["tma"]:
         k_desc, v_desc = (_tensor_descriptor(x, cfg["BLOCK_N"], block_d) for x in (k, v))
-    grid = (triton.cdiv(s, cfg["BLOCK_M"]), bsz * h)
+    grid = (-(-s // cfg["BLOCK_M"]), bsz * h)
+    interpreting = _interpreting()
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _attn_fwd[grid](
             q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
@@ -981,14 +1019,13 @@ def attention_fwd(q, k, v, kv_num_blocks=None, kv_indices=None, mask_block_m=128
             HEAD_DIM=d, MASK_BLOCK_M=mask_m, MASK_BLOCK_N=mask_n,
             SPARSE=sparse, EVEN_N=(s % cfg["BLOCK_N"] == 0), RETURN_LSE=bool(return_lse),
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-            WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)) and not _interpreting(),
-            USE_TMA=bool(cfg.get("tma", False)), QUANT=_QUANT_IDS.get(quant, 0), EMULATE_FP8=_interpreting(),
-            PIPELINE_QK=bool(cfg.get("pipeline_qk", False)), EXP_POLY=int(cfg.get("exp_poly", 0)),
-            Q_INDEXED=q_index is not None, PREFETCH_IDX=bool(cfg.get("prefetch_idx", False)),
+            WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and not interpreting,
+            USE_TMA=bool(cfg["tma"]), QUANT=0 if quant is None else quant.kernel_id, EMULATE_FP8=interpreting,
+            PIPELINE_QK=bool(cfg["pipeline_qk"]), EXP_POLY=int(cfg["exp_poly"]),
+            Q_INDEXED=q_index is not None, PREFETCH_IDX=bool(cfg["prefetch_idx"]),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     if return_lse and quant is not None and qz["k_mean"] is not None:
         # K smoothing shifted every score of a row by -q . mean(K): the outputs ignore it, the LSE not.
         lse += float(scale) * torch.einsum("bshd,bhd->bhs", q_orig.float(), qz["k_mean"])
     return (out, lse) if return_lse else out
-

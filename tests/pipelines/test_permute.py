@@ -79,19 +79,20 @@ def test_tiled_sparse_frame_equals_per_call_gathers(pipe, base, monkeypatch):
 
 
 def test_uniform_tiled_layers_share_one_mask_and_unpatch_frees_it(pipe):
-    """A uniform strategy in the tiled order builds one block mask for all layers (per-layer copies cost
-    ~12 GB on HunyuanVideo 720p); unpatch drops the masks at once (the runtime and the patch state refer
-    to each other, so waiting for the garbage collector kept a previous patch's masks alive)."""
+    """A uniform strategy in the tiled order compiles one plan (one block mask) for all layers (per-layer
+    copies cost ~12 GB on HunyuanVideo 720p); unpatch drops the plans at once (the runtime and the patch
+    state refer to each other, so waiting for the garbage collector kept a previous patch's masks alive)."""
     vdit_accel.patch(pipe, Strategy.uniform("window3d:t=0,h=1,w=1", order="tiled"), block_size=32)
     state = patch_state(pipe.transformer)
     try:
         pipe(**{**CALL, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(0))
-        masks = {id(m) for m in state._masks.values() if m is not None}
-        assert len(state._masks) == len(pipe.transformer.blocks) and len(masks) == 1
-        assert len(state.orders._shared) == 1
+        plans = {id(p._vdit_plan) for p in state.processors}
+        assert len(plans) == 1 and state.processors[0]._vdit_plan.kv_indices is not None
+        assert len(state._plans) == 1
     finally:
         vdit_accel.unpatch(pipe)
-    assert not state._masks and not state.orders._shared and not state.orders._static and not state.orders.memory
+    assert not state._plans and not state._forward_plans and not state.orders.memory
+    assert all(p._vdit_plan is None for p in state.processors)
 
 
 def test_per_token_timesteps_wan22_ti2v(pipe):
