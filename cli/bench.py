@@ -217,7 +217,7 @@ def window_near(grid, target: float = TARGET_DENSITY, block_size: int = 128, dev
 # -- attention swaps -----------------------------------------------------------------------------
 
 
-def _noop_attention(q, k, v, block_mask=None, *, scale=None, return_lse=False, quant=None, q_index=None):
+def _noop_attention(q, k, v, *plan_args, **plan_kwargs):
     return v.clone()  # a copy: a custom op's output may not alias its input
 
 
@@ -418,25 +418,15 @@ def _searched_strategy(path: Path | None, model):
 
 def _density(strategy, num_layers: int, num_heads: int, grid, block_size: int, device) -> float:
     """Mean block density over layers; heads in a static order (tiled) count their blocks in that order."""
-    from vdit_accel.patterns import build_block_mask
-    from vdit_accel.permutation import block_mask_for_order, order_key, static_order
+    from vdit_accel.plan import compile_layer_plan
 
-    total, cache = 0.0, {}
+    plans = {}
     for layer in range(num_layers):
-        pats = strategy.layer_patterns(layer, num_heads)
-        orders = strategy.layer_orders(layer, num_heads)
-        if all(p["kind"] == "dense" for p in pats):
-            total += 1.0
-        elif all(o is None for o in orders):
-            total += build_block_mask(pats, grid, block_size, block_size, device).density()
-        else:
-            for p, o in zip(pats, orders):
-                key = (json.dumps(p, sort_keys=True), order_key(o))
-                if key not in cache:
-                    perm = static_order(o, grid, block_size, device)
-                    cache[key] = float(block_mask_for_order(p, grid, perm, block_size, block_size).float().mean())
-                total += cache[key] / num_heads
-    return total / num_layers
+        key = strategy.layer_heads(layer, num_heads)
+        if key not in plans:
+            plans[key] = compile_layer_plan(strategy, layer, num_heads, grid, (0, num_heads), block_size, device,
+                                            quantized=False).density()
+    return sum(plans[strategy.layer_heads(layer, num_heads)] for layer in range(num_layers)) / num_layers
 
 
 def _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, on_cudnn):

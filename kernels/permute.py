@@ -1,4 +1,4 @@
-"""Triton kernels of the token orders (:mod:`vdit_accel.permutation`): the k-means step of the semantic
+"""Triton kernels of the token orders (:mod:`vdit_accel.orders`): the k-means step of the semantic
 order and the row gathers that move tokens into an order and back.
 
 Notation: ``G`` independent problems (one per batch x head), ``N`` rows each, ``D`` features,
@@ -21,7 +21,7 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
 - :func:`semantic_block_mask`: the semantic plan's block mask in two launches — centroid scores, softmax
   and top-p of the key clusters of every query cluster (once per query cluster), then the clusters'
   overlap with the blocks and (``csr``) the attention kernel's block lists (the ~40 small ops of the
-  PyTorch path, :func:`vdit_accel.permutation.semantic_block_mask`).
+  PyTorch path, :func:`vdit_accel.orders.semantic.semantic_block_mask`).
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     hold their own token), cluster ``c`` spans ``[bounds[c], bounds[c + 1])``; ``centroids`` are the ones
     every row was assigned to; ``stats`` = ``(sums [G, K, D], counts [G, K])`` float32 of that assignment:
     passed to the next call, they give its centroids one Lloyd update on this call's rows for free (an
-    online k-means across calls). The same as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`)
+    online k-means across calls). The same as the PyTorch path (:func:`vdit_accel.orders.semantic.semantic_orders`)
     up to the float32 summation order of the sums.
 
     Launch settings: ``rows_per_program`` / ``update_rows``: rows per program of the assignment / of the

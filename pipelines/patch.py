@@ -273,7 +273,7 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
         quant: if given (``"fp8"``, ``"int8"``, ``"int4"``), every head runs in that mode, overriding
             the strategy's own ``quant`` (whose ``quant_bf16_steps`` still apply).
         order: if given, every head's token order (``"tiled"``, ``"semantic:top_p=0.9,refresh=4"``,
-            ``"segment"``, ``"raster"``; see :mod:`vdit_accel.permutation`), overriding the strategy's.
+            ``"segment"``, ``"raster"``; see :mod:`vdit_accel.orders`), overriding the strategy's.
             ``semantic`` and ``segment`` choose their own key blocks and need the ``"dense"`` pattern.
         fused_prologue: Wan 2.1/2.2 and SkyReels-V2 self-attention normalise and rotate Q and K in one
             Triton pass instead of the processor's ~20 eager kernels (:mod:`vdit_accel.pipelines.prologue`;

@@ -27,7 +27,7 @@ Two places, chosen per transformer forward and per layer:
   first ``h * w`` of the sequence, apart), SkyReels-V2 and HunyuanVideo 1.5: their tiled heads gather per
   call. The frame is the same at every step of a grid (dense warm-up included), so diffusers' caches
   (FirstBlockCache, MagCache, ...), which keep block outputs across steps, stay consistent.
-- **Per call** (:func:`vdit_accel.permutation.plan_call`): heads whose order differs from the frame — a
+- **Per call** (:func:`vdit_accel.orders.plan.plan_call`): heads whose order differs from the frame — a
   ``tiled`` head on another model, a ``raster`` head in a tiled frame, every ``semantic`` and ``segment``
   head — gather their k and v rows into their own key order (one launch) inside the attention call; their
   queries never move: the kernel reads each Q row and writes its output row through the query order
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vdit_accel.permutation import format_order, inverse, plan_call, static_order
+from vdit_accel.orders import Tiled, format_order, inverse, plan_call, static_order
 from vdit_accel.plan import LayerPlan
 
 from .op import run_plan
@@ -96,9 +96,9 @@ class OrderRuntime:
         self.state = state
         self.strategy = state.strategy
         self.block = state.block_size
-        default = self.strategy.order
+        default = self.strategy.default.order
         family = state.adapter.family
-        frame = _frame_of(transformer, family) if default is not None and default["kind"] == "tiled" else None
+        frame = _frame_of(transformer, family) if isinstance(default, Tiled) else None
         self.frame_order = default if frame is not None else None
         self.frame: torch.Tensor | None = None  # this forward's frame permutation, on its device
         self._frame_inv: torch.Tensor | None = None

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from vdit_accel import Strategy, VideoGrid
-from vdit_accel.attention import attention
+from vdit_accel.attention import HeadRun, attention, planned_attention
 from vdit_accel.cli import bench
 from vdit_accel.cli.app import app
 from vdit_accel.patterns import build_block_mask
@@ -69,7 +69,7 @@ def test_flex_attention_runs_our_block_mask():
                              {"kind": "skip"}], grid, 16, 16)
     q, k, v = (torch.randn(1, grid.seq_len, 3, 32) for _ in range(3))
     flex = bench._FlexAttention(compiled=False)
-    out = flex(q, k, v, mask, scale=0.2)
+    out = flex(q, k, v, mask.kv_num_blocks, mask.kv_indices, 16, 16, (HeadRun(0, 3, None),), scale=0.2)
     ref = attention(q, k, v, mask, scale=0.2)
     assert (out - ref).abs().max().item() < 1e-5
     assert flex.rel_err < 1e-6
@@ -107,7 +107,7 @@ def test_rows_tiny(tmp_path, shape, tokens, calls):
     # The window row: the candidate nearest 0.15 on the call grid (text included), the same masks for flex.
     grid = VideoGrid(*info["grid"], info["text_tokens"] if shape == "tiny-hunyuan" else 0,
                      "suffix" if shape == "tiny-hunyuan" else "none")
-    density = build_block_mask([Strategy.from_spec(info["window"]).default] * 2, grid, 16, 16).density()
+    density = build_block_mask([Strategy.from_spec(info["window"]).default.pattern] * 2, grid, 16, 16).density()
     assert by["ours-window3d-0.15"]["density"] == by["flex-window3d-0.15"]["density"] == pytest.approx(density, abs=1e-4)
     assert abs(density - 0.15) < 0.05
     assert by["flex-window3d-0.15"]["rel_err_vs_ours"] < 1e-5
@@ -121,7 +121,7 @@ def test_rows_tiny(tmp_path, shape, tokens, calls):
     assert info["sdpa"] == "default" and info["text_tokens"] == (5 if shape == "tiny-hunyuan" else 8)
     # Everything swapped for the rows is back.
     assert _AttentionBackendRegistry._backends == backends
-    assert op.attention is attention
+    assert op.planned_attention is planned_attention
 
 
 runner = CliRunner()

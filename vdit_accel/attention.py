@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .block_mask import BlockMask
+from .kernels import use_triton
+from .orders.gather import gather_tokens, gather_tokens_many, scatter_tokens
 from .quant import QuantMode
 from .reference import reference_attention
 
@@ -30,12 +32,6 @@ class HeadRun(NamedTuple):
     start: int
     stop: int
     mode: QuantMode | None
-
-
-def _use_triton(q: torch.Tensor) -> bool:
-    if q.device.type == "cuda":
-        return True
-    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("VDIT_CPU_TRITON") == "1"
 
 
 def attention(
@@ -109,8 +105,6 @@ def planned_attention(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n:
     order (``k[b, i, h] = k[b, k_index[b, h, i], h]``; one launch on the GPU) -- a static token order
     that differs from the order the tensors arrive in."""
     if k_index is not None:
-        from .permutation import gather_tokens_many
-
         k, v = gather_tokens_many([k, v], k_index)
     return _run(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, runs, q_index, scale, False)
 
@@ -132,9 +126,7 @@ def head_runs(quant, num_heads: int) -> tuple[HeadRun, ...]:
 
 def _run(q, k, v, num, idx, block_m, block_n, runs, q_index, scale, return_lse):
     """Every run of heads with its own mode, written into one output."""
-    if q_index is not None and not _use_triton(q):  # the PyTorch paths: gather Q, scatter the output
-        from .permutation import gather_tokens, scatter_tokens
-
+    if q_index is not None and not use_triton(q):  # the PyTorch paths: gather Q, scatter the output
         qi = q_index.long()
         res = _run(gather_tokens(q, qi), k, v, num, idx, block_m, block_n, runs, None, scale, return_lse)
         o, lse = res if return_lse else (res, None)
@@ -162,7 +154,7 @@ def _run(q, k, v, num, idx, block_m, block_n, runs, q_index, scale, return_lse):
 
 def _run_heads(q, k, v, num, idx, block_m, block_n, mode, q_index, scale, return_lse, out):
     """One launch (or its PyTorch stand-in) for heads of one mode."""
-    if _use_triton(q):
+    if use_triton(q):
         from .kernels import attention_fwd
         from .kernels.attention_fwd import _check_qkv, launch
 

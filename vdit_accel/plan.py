@@ -19,12 +19,11 @@ gathered into the head's order inside the op) and ``q_index`` (the kernel reads 
 output through it); the mask is each head's pattern in its own order. Heads with a dynamic order
 (semantic, segment) choose their key blocks from each call's data: their plan carries a
 :class:`DynamicHeads` instead of a mask, and the call is planned per call
-(:func:`vdit_accel.permutation.plan_call`).
+(:func:`vdit_accel.orders.plan.plan_call`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -32,9 +31,11 @@ import torch
 from .attention import HeadRun, head_runs
 from .block_mask import BlockMask
 from .grid import VideoGrid
-from .patterns import build_block_mask_for_pattern
-from .permutation import DYNAMIC_KINDS, Order, block_mask_for_order, frame_index, order_key, static_order
-from .strategy import Strategy
+from .orders.plan import frame_index
+from .orders.spec import OrderSpec
+from .orders.static import block_mask_for_order, static_order
+from .patterns import DENSE, PatternSpec, build_block_mask_for_pattern
+from .strategy import HeadSpec, Strategy
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,8 +46,8 @@ class DynamicHeads:
     ``static_mask``: bool ``[1, H, Mb, Nb]``, each static head's pattern in its own order (the dynamic
     heads' rows are dense and replaced per call), or None when every static head is dense."""
 
-    orders: tuple[Order | None, ...]
-    frame: Order | None
+    orders: tuple[OrderSpec | None, ...]
+    frame: OrderSpec | None
     static_mask: torch.Tensor | None
 
 
@@ -132,34 +133,28 @@ class LayerPlan:
         return 1.0 if bm is None else bm.density()
 
 
-def layer_signature(strategy: Strategy, layer: int, num_heads: int) -> str:
-    """A key of what ``layer``'s heads do (patterns, orders, quant modes): layers with equal signatures
-    share their plans."""
-    return json.dumps([strategy.layer_patterns(layer, num_heads), strategy.layer_orders(layer, num_heads),
-                       [None if m is None else str(m) for m in strategy.layer_quants(layer, num_heads)]],
-                      sort_keys=True)
+def layer_signature(strategy: Strategy, layer: int, num_heads: int) -> tuple[HeadSpec, ...]:
+    """What ``layer``'s heads do, as a key: layers with equal signatures share their plans."""
+    return strategy.layer_heads(layer, num_heads)
 
 
 def compile_layer_plan(strategy: Strategy, layer: int, num_heads: int, grid: VideoGrid | None,
                        heads: tuple[int, int], block_size: int, device, *, sparse: bool = True,
-                       quantized: bool = True, frame: Order | None = None) -> LayerPlan:
+                       quantized: bool = True, frame: OrderSpec | None = None) -> LayerPlan:
     """``layer`` of ``strategy`` (a model of ``num_heads`` heads) as a :class:`LayerPlan` for attention
     calls over ``grid`` (None: unknown, then dense) of global heads ``heads``, on ``device``.
 
     ``sparse`` False: the dense warm-up (no mask, no orders); ``quantized`` False: every head
     unquantized. ``frame``: the static order the call's tokens arrive in (None: raster)."""
     h0, h1 = heads
-    modes = strategy.layer_quants(layer, num_heads)[h0:h1] if quantized else None
-    runs = head_runs(modes, h1 - h0)
-    patterns = strategy.layer_patterns(layer, num_heads)[h0:h1]
-    orders = strategy.layer_orders(layer, num_heads)[h0:h1]
-    dynamic = [o is not None and o["kind"] in DYNAMIC_KINDS for o in orders]
-    dense = all(p["kind"] == "dense" for p in patterns) and not any(dynamic)
-    if not sparse or grid is None or dense:
+    specs = strategy.layer_heads(layer, num_heads)[h0:h1]
+    runs = head_runs([h.quant for h in specs] if quantized else None, h1 - h0)
+    patterns, orders = [h.pattern for h in specs], [h.order for h in specs]
+    if not sparse or grid is None or all(h.pattern == DENSE and not h.dynamic for h in specs):
         return LayerPlan(None, heads, block_size, runs=runs)
-    if any(dynamic):
+    if any(h.dynamic for h in specs):
         static = None
-        if not all(p["kind"] == "dense" or d for p, d in zip(patterns, dynamic)):
+        if not all(h.pattern == DENSE for h in specs):
             static = _order_masks(patterns, orders, grid, block_size, device)
         return LayerPlan(grid, heads, block_size, runs=runs, dynamic=DynamicHeads(tuple(orders), frame, static))
     # Heads in another order than the one the tokens arrive in read them through an index.
@@ -174,16 +169,17 @@ _ORDER_MASKS: dict[tuple, torch.Tensor] = {}
 _ORDER_MASKS_MAX = 256
 
 
-def _order_masks(patterns: list, orders: list, grid: VideoGrid, block: int, device) -> torch.Tensor:
+def _order_masks(patterns: list[PatternSpec], orders: list[OrderSpec | None], grid: VideoGrid, block: int,
+                 device) -> torch.Tensor:
     """Bool ``[1, H, Mb, Nb]``: each head's pattern in its own static order (dynamic heads dense).
 
     Each distinct (pattern, order) mask is built once per (grid, block, device) and shared by every
     head and layer that has it (a searched strategy costs one build per distinct pattern)."""
     rows = []
     for p, o in zip(patterns, orders):
-        if o is not None and o["kind"] in DYNAMIC_KINDS:
-            p, o = {"kind": "dense"}, None
-        key = (json.dumps(p, sort_keys=True), order_key(o), grid, block, str(device))
+        if o is not None and o.dynamic:
+            p, o = DENSE, None
+        key = (p, o, grid, block, str(device))
         hit = _ORDER_MASKS.get(key)
         if hit is None:
             if len(_ORDER_MASKS) >= _ORDER_MASKS_MAX:

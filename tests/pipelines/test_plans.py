@@ -16,6 +16,7 @@ from vdit_accel.attention import HeadRun
 from vdit_accel.pipelines import build_tiny_pipeline, patch_state
 from vdit_accel.plan import LayerPlan, compile_layer_plan
 from vdit_accel.quant import QuantMode
+from vdit_accel.strategy import HeadSpec
 
 REPO = Path(__file__).resolve().parents[2]
 W = {"kind": "window3d", "t": 0, "h": 1, "w": 1}
@@ -66,9 +67,8 @@ def test_per_call_path_builds_nothing(wan, monkeypatch):
     from vdit_accel import patterns, plan as plan_mod
 
     tr = copy.deepcopy(wan)
-    layers = [[W, {"kind": "dense"}, {"kind": "skip"}, {"kind": "stripes", "frames": [0]}]] * 4
-    vdit_accel.patch(tr, Strategy(layers=layers, quant="int8", quants=[[None, "int8", None, None]] * 4),
-                     block_size=16)
+    heads = [HeadSpec(W), HeadSpec(quant="int8"), HeadSpec("skip"), HeadSpec("stripes:frames=0")]
+    vdit_accel.patch(tr, Strategy(layers=[heads] * 4), block_size=16)
     try:
         want = _fwd(tr, *_inputs(900.0))
 
@@ -78,8 +78,7 @@ def test_per_call_path_builds_nothing(wan, monkeypatch):
         for mod, name in ((plan_mod, "compile_layer_plan"), (patterns, "build_block_mask_for_pattern"),
                           (patterns, "build_block_mask")):
             monkeypatch.setattr(mod, name, forbidden)
-        monkeypatch.setattr(Strategy, "layer_patterns", forbidden)
-        monkeypatch.setattr(Strategy, "layer_quants", forbidden)
+        monkeypatch.setattr(Strategy, "layer_heads", forbidden)
         assert torch.equal(_fwd(tr, *_inputs(900.0)), want)
     finally:
         monkeypatch.undo()
@@ -87,7 +86,7 @@ def test_per_call_path_builds_nothing(wan, monkeypatch):
 
 
 def test_quant_runs_in_one_form():
-    st = Strategy(layers=[[W] * 4], quant="int8", quants=[["fp8", "fp8", None, "int4"]])
+    st = Strategy(layers=[[HeadSpec(W, quant=m) for m in ("fp8", "fp8", None, "int4")]])
     plan = compile_layer_plan(st, 0, 4, VideoGrid(3, 4, 4), (0, 4), 16, "cpu")
     assert plan.runs == (HeadRun(0, 2, QuantMode.FP8), HeadRun(2, 3, None), HeadRun(3, 4, QuantMode.INT4))
     assert plan.quant_modes == ("fp8", "fp8", None, "int4")

@@ -81,7 +81,7 @@ def test_head_slice_with_mocked_parallel_config():
         proc._parallel_config = _ulysses(2, 1)
         state._prepare(torch.device("cpu"))
         assert proc._vdit_plan.heads == (2, 4) and state.processors[0]._vdit_plan.heads == (0, 4)
-        full = build_block_mask([state.strategy.layers[1][h] for h in range(4)], grid, 32, 32)
+        full = build_block_mask([state.strategy.layers[1][h].pattern for h in range(4)], grid, 32, 32)
         local = full.head_slice(2, 4)
         assert torch.equal(proc._vdit_plan.kv_num_blocks, local.kv_num_blocks)
         assert torch.equal(proc._vdit_plan.kv_indices, local.kv_indices)

@@ -6,7 +6,8 @@ import torch
 
 import vdit_accel
 from vdit_accel import Strategy, VideoGrid
-from vdit_accel.permutation import format_order
+from vdit_accel.orders import Tiled, format_order
+from vdit_accel.patterns import DENSE
 from vdit_accel.sparsity_search import HeadProfiler, SearchConfig, candidate_patterns, search
 from vdit_accel.sparsity_search.solver import solve_per_head
 from vdit_accel.sparsity_search.synthetic import clustered_head, planted_head
@@ -26,17 +27,17 @@ def test_clustered_heads_get_the_semantic_order_local_heads_do_not():
                         orders=["raster", "tiled", "semantic:top_p=0.95"])
     prof.observe(0, 0, grid, q, k, v)
     cols = prof.columns()
-    assert len(cols) == 2 * len(prof.candidates) + 1 and cols[-1][0] == {"kind": "dense"}
+    assert len(cols) == 2 * len(prof.candidates) + 1 and cols[-1][0] == DENSE
     rep, static_density = prof.column_info(grid)
     st = prof.merged()[0]
     measured = st.mean_density()
     # Static columns: the mask's density, the same for every head; the semantic column: per head.
     assert torch.allclose(measured[:, :-1], static_density[:-1].double().expand(5, -1))
     assert static_density[-1].isnan() and (measured[:, -1] < 0.5).all()
-    err = st.error([i for i, (p, _) in enumerate(cols) if p["kind"] == "skip"])
+    err = st.error([i for i, (p, _) in enumerate(cols) if p.kind == "skip"])
     density = torch.where(static_density.isnan(), measured, static_density.double())
     chosen = [cols[rep[c]] for c in solve_per_head(err, density, 0.1).tolist()]
-    kinds = [(p["kind"], format_order(o).split(":")[0]) for p, o in chosen]
+    kinds = [(p.kind, format_order(o).split(":")[0]) for p, o in chosen]
     assert kinds[:2] == [("dense", "semantic")] * 2, kinds
     assert all(o != "semantic" and p == "window3d" for p, o in kinds[2:]), kinds
 
@@ -54,10 +55,10 @@ def test_search_writes_orders_that_patch_applies(tmp_path):
     path = tmp_path / "s.json"
     found.save(path)
     loaded = Strategy.load(path)
-    assert loaded.layer_orders(0, 4) == found.layer_orders(0, 4)
+    assert loaded.layers == found.layers and loaded.default == found.default
     for layer in range(4):
-        for p, o in zip(loaded.layer_patterns(layer, 4), loaded.layer_orders(layer, 4)):
-            assert o is None or o["kind"] == "tiled" or p == {"kind": "dense"}
+        for h in loaded.layer_heads(layer, 4):
+            assert h.order is None or h.order == Tiled() or h.pattern == DENSE
     vdit_accel.patch(pipe, loaded, block_size=32)
     try:
         out = pipe(prompt="a blue square", **call, generator=torch.Generator().manual_seed(0)).frames
@@ -71,7 +72,7 @@ def test_search_writes_orders_that_patch_applies(tmp_path):
 def test_order_overhead_is_charged_in_density_units():
     """Dynamic orders pay their plan and moves: more at refresh 1 than at 8, less at longer sequences
     (O(S) against attention's O(S^2)), nothing for static orders."""
-    from vdit_accel.permutation import order_overhead
+    from vdit_accel.orders import order_overhead
 
     assert order_overhead(None, 32760) == order_overhead("tiled", 32760) == 0.0
     one, eight = order_overhead("semantic", 32760), order_overhead("semantic:refresh=8", 32760)
