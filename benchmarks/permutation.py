@@ -61,8 +61,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,6 +80,9 @@ from vdit_accel.block_mask import BlockMask  # noqa: E402
 from vdit_accel.grid import VideoGrid  # noqa: E402
 from vdit_accel.sparsity_search.synthetic import HEAD_SETS, head_set  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from result_files import device_name, git_sha, result_path, slug  # noqa: E402
+
 BLOCK = 128
 RECALL = 0.95
 PAIRS = 60  # whole-call overheads: (calls, attention alone) pairs timed
@@ -89,15 +90,6 @@ GRIDS = {"wan-81f-480p": (21, 30, 52), "wan-49f-480p": (13, 30, 52)}
 TILES = [(2, 8), (1, 8), (4, 8), (2, 4), (4, 4), (1, 16), (2, 16)]  # (t, h); the first is the default
 ORDERS = ("raster", "tiled", "semantic", "segment")
 WAN_LAYERS, WAN_DIM = 30, 1536  # Wan2.1-1.3B: layers, hidden size
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def perms(order: str, q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, block: int, tile=None):
@@ -416,8 +408,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    name = device_name(device)
     today = _dt.date.today()
     try:
         import triton
@@ -437,7 +428,7 @@ def main(argv=None):
         grids = GRIDS
         sample = args.sample_rows or (None if device.type == "cuda" else 64)
     what = "permutation-density" if args.density else "permutation-overhead" if args.overhead else "permutation"
-    path = args.out_dir / f"{what}-{slug}-{today.strftime('%Y%m%d')}{'-smoke' if args.smoke else ''}.json"
+    path = result_path(args.out_dir, what, slug(name), today, "-smoke" if args.smoke else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.density:
         result["rows"] = density_rows(grids, sample, device, with_tiles=True, log=log)

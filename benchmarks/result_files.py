@@ -9,35 +9,32 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from vdit_accel.kernels.measurements import device_name, slug
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+__all__ = ["RESULTS", "device_name", "slug", "git_sha", "run_header", "result_path", "write_result"]
 
 
-def device_name(device: str | torch.device) -> str:
-    """The GPU's name (``torch.cuda.get_device_name``), or ``"cpu"``."""
-    device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def slug(name: str) -> str:
-    """A device name as it appears in file names: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def git_sha() -> str | None:
-    """The checkout's commit (short), or None outside a git checkout."""
+def git_sha() -> str:
+    """The checkout's commit (12 hex digits, ``-dirty`` with uncommitted changes to tracked files), or
+    ``"unknown"`` outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=10)
+        if out.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        return "unknown"
 
 
 def run_header(script: str, argv: list[str] | None, device: str | torch.device,

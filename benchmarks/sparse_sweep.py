@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_trained import run_header, write_result  # noqa: E402
+from result_files import run_header, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _B = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True)

@@ -32,15 +32,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .op import run_dense, run_plan
-
-if TYPE_CHECKING:
-    from .patch import PatchState
 
 logger = logging.getLogger("vdit_accel")
 

@@ -14,6 +14,7 @@ from vdit_accel.strategy import Strategy
 
 from .adapters import Adapter, adapter_for
 from .backend import _running, _SDPAToBackend, _warn_once, local_heads, register_backend
+from .permute import OrderRuntime
 from .prologue import fused_body
 
 logger = logging.getLogger("vdit_accel")
@@ -317,8 +318,6 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
             attn.processor = proc
         state.hook = tr.register_forward_pre_hook(state.on_forward, with_kwargs=True)
         if strategy.uses_orders():
-            from .permute import OrderRuntime
-
             state.orders = OrderRuntime(tr, state)  # its hooks run after state.on_forward
         setattr(tr, _STATE_ATTR, state)
     logger.info("vdit-accel: patched %d transformer(s) with %s", len(plans), strategy.describe())

@@ -41,7 +41,6 @@ sequence), and attention observers (the search) while a frame is active (they ex
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -49,9 +48,6 @@ from vdit_accel.orders import Tiled, format_order, inverse, plan_call, static_or
 from vdit_accel.plan import LayerPlan
 
 from .op import run_plan
-
-if TYPE_CHECKING:
-    from .patch import PatchState
 
 
 @dataclass(frozen=True)
@@ -90,9 +86,10 @@ def _frame_of(transformer, family: str) -> _Frame | None:
 
 
 class OrderRuntime:
-    """The token orders of one patched transformer: its frame hooks and its per-call plans."""
+    """The token orders of one patched transformer (``state``: its :class:`~.patch.PatchState`): its
+    frame hooks and its per-call plans."""
 
-    def __init__(self, transformer: torch.nn.Module, state: "PatchState"):
+    def __init__(self, transformer: torch.nn.Module, state):
         self.state = state
         self.strategy = state.strategy
         self.block = state.block_size

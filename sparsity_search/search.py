@@ -54,8 +54,8 @@ class SearchConfig:
         every pattern is scored in each static order (``raster``, ``tiled``), and each dynamic order
         (``semantic:top_p=0.9``, ``segment``, ...) is one more candidate of its own. Each order costs
         one more profiling pass. A dynamic order's cost is its block density plus its per-call plan and
-        moves (:func:`vdit_accel.orders.overhead.order_overhead`, from ``benchmarks/permutation.py --overhead``,
-        in the same units); static orders cost their density.
+        moves (:func:`vdit_accel.orders.overhead.order_overhead`: measured on the search's GPU once and
+        cached, in the same units); static orders cost their density.
     """
 
     budget: float = 0.05
@@ -166,8 +166,8 @@ def search(
     rank profiles ``prompts[rank::world]`` and rank 0's result is the merged search (every rank
     returns it).
     """
-    import vdit_accel
-    from vdit_accel.pipelines import patch_state
+    from vdit_accel._version import __version__
+    from vdit_accel.pipelines import patch, patch_state, unpatch
 
     config = config or SearchConfig()
     call_kwargs = dict(call_kwargs or {})
@@ -189,7 +189,7 @@ def search(
     state = _State.load(state_path, fingerprint) if state_path else _State(fingerprint)
 
     t0 = time.perf_counter()
-    vdit_accel.patch(pipe, vdit_accel.Strategy.dense(), block_size=config.block_size)
+    patch(pipe, Strategy.dense(), block_size=config.block_size)
     pstate = patch_state(transformer)
     profiler: HeadProfiler | None = None
 
@@ -220,7 +220,7 @@ def search(
                 state.save(state_path)
             progress(f"[rank {rank}] prompt {i + 1}/{len(mine)} profiled in {time.perf_counter() - t_prompt:.1f} s: {prompt!r}")
     finally:
-        vdit_accel.unpatch(pipe)
+        unpatch(pipe)
 
     from vdit_accel.grid import VideoGrid
 
@@ -268,7 +268,7 @@ def search(
         cost_model = (measure_cost_model(1, grid.seq_len, num_heads, head_dim, config.block_size, device)
                       if device.type == "cuda" else flops_cost_model(1, grid.seq_len, num_heads, head_dim))
     # Dynamic orders also pay their plan and moves per call (in density units; 0 for static orders).
-    overhead = torch.tensor([order_overhead(o, grid.seq_len) for _, o in columns], dtype=density.dtype)
+    overhead = torch.tensor([order_overhead(o, grid.seq_len, device) for _, o in columns], dtype=density.dtype)
     cost = cost_model.head_cost(density + overhead, num_heads)  # [L, H, C]
     if config.target_density is not None:
         choice = solve_lagrangian(err, density, mean_cost=config.target_density)
@@ -310,7 +310,7 @@ def search(
         "prompts": list(prompts), "steps": steps, "num_inference_steps": n_steps, "budget": config.budget,
         "mode": config.mode, "block_size": config.block_size, "grid": list(grid_t[0]), "world_size": world,
         "candidates": len(candidates), "cost_model": cost_model.source, "gpu": gpu,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "vdit_accel": vdit_accel.__version__},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "vdit_accel": __version__},
         "seconds": round(time.perf_counter() - t0, 2), "error_per_step": per_step,
         "mean_error": float(err.gather(-1, choice[..., None]).mean()), "mean_density": float(chosen_density.mean()),
         "orders": list(config.orders),

@@ -181,7 +181,7 @@ def _run_heads(q, k, v, num, idx, block_m, block_n, mode, q_index, scale, return
 
 def _simulated(q, k, v, block_mask, scale, mode, return_lse):
     """CPU: the quantized kernel's arithmetic, simulated per head at the Hopper defaults' tile sizes."""
-    from .kernels.attention_fwd import gpu_tiles
+    from .kernels.attention_configs import gpu_tiles
     from .quant import reference_quant_attention
 
     if return_lse:

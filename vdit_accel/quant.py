@@ -13,7 +13,7 @@ Modes (``QUANT_MODES``), SageAttention-style; the kernels are ``kernels/quantize
   K smoothed as above and Q smoothed per BLOCK_M block (the block mean subtracted; its product with K
   is added back to the scores exactly, as a per-key bias the kernel computes per tile), and the range
   of each channel balanced between Q and K (Q's channel times sqrt(amax K / amax Q), K's divided by
-  it: exact for Q·K, SmoothQuant's migration; 5.0% → 4.0% error on ``dit_like_qkv``); P·V as in
+  it: exact for Q·K, SmoothQuant's migration, which lowers int4's error on ``dit_like_qkv``); P·V as in
   ``fp8``. Hopper has no INT4 tensor cores: the kernel unpacks to int8 and multiplies on the INT8
   ones — int4 halves Q/K memory but is not faster than int8 there.
 

@@ -79,3 +79,30 @@ def test_order_overhead_is_charged_in_density_units():
     assert 0.015 < one < 0.04 and 0.005 < eight < 0.015 and eight < one
     assert order_overhead("semantic", 75600) == pytest.approx(one * 32760 / 75600)
     assert order_overhead("segment", 32760) > one
+
+
+def test_order_overhead_measured_per_gpu_and_cached(tmp_path, monkeypatch):
+    """On a CUDA device the ratios are that GPU's own (measured once, then read from the cache file);
+    elsewhere the documented reference ratios."""
+    from vdit_accel.kernels import measurements
+    from vdit_accel.orders import overhead
+
+    monkeypatch.setenv("VDIT_AUTOTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(overhead, "_MEASURED", {})
+    monkeypatch.setattr(measurements, "device_name", lambda device: "Test GPU 9000")
+    calls = []
+    fake = {"tokens": 1000, "semantic": (0.01, 0.02), "segment": (0.01, 0.5), "source": "measured on Test GPU 9000"}
+    monkeypatch.setattr(overhead, "measure_order_overhead", lambda device: calls.append(device) or dict(fake))
+    assert overhead.order_overhead("semantic:refresh=2", 2000, "cuda") == pytest.approx((0.01 + 0.02 / 2) / 2)
+    assert (tmp_path / "order-overhead-test-gpu-9000.json").is_file() and len(calls) == 1
+    monkeypatch.setattr(overhead, "_MEASURED", {})  # a new process: read back, not measured again
+    assert overhead.order_overhead("segment", 1000, "cuda") == pytest.approx(0.51) and len(calls) == 1
+    assert overhead.overhead_table("cpu") is overhead.REFERENCE and overhead.overhead_table(None) is overhead.REFERENCE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_order_overhead_measurement_on_the_gpu():
+    from vdit_accel.orders.overhead import measure_order_overhead
+
+    doc = measure_order_overhead("cuda", reps=5)
+    assert doc["tokens"] == 32760 and all(0 < x < 1 for kind in ("semantic", "segment") for x in doc[kind])

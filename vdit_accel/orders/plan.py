@@ -68,10 +68,9 @@ class CallPlan:
     def kernel_q_index(self, heads: int) -> torch.Tensor | None:
         """``q_index`` as :func:`vdit_accel.attention` takes it (``[B or 1, H, S]``; a shared ``[S]`` order
         as a broadcast view): the kernel reads Q and writes the output through it, so neither moves. On
-        CUDA as int32, cached with the plan (H100, 32760 x 12 heads, sparse at 0.27, separate medians: the
-        kernel reading an int64 order took 3.235 ms, an int32 one 3.169). Timed in pairs against the kernel
-        on Q gathered first, reading through the order costs nothing: 0.03 ms less (its epilogue reads the
-        order again rather than holding it across the loop; held, it cost 0.095 ms more)."""
+        CUDA as int32 (cheaper loads for the kernel than an int64 order), cached with the plan. Timed in
+        pairs against the kernel on Q gathered first, reading through the order costs nothing
+        (``benchmarks/RESULTS.md``)."""
         if self.q_index is None:
             return None
         qi = self.q_index if self.q_index.dim() == 3 else self.q_index.view(1, 1, -1).expand(1, heads, -1)
