@@ -197,11 +197,33 @@ def test_readme_table(tmp_path):
         rt.replace_section("no markers", table)
 
 
-def test_readme_table_is_current():
-    """The README's table is what the committed result files give (regenerate with --write)."""
+def test_readme_and_results_md_are_current():
+    """The README's table and benchmarks/RESULTS.md are what the committed result files give (regenerate
+    with ``python benchmarks/readme_tables.py --write``); the README is a guide of at most ~200 lines that
+    starts with the two commands."""
     rt = _load("readme_tables")
     readme = (REPO / "README.md").read_text()
     assert rt.render(readme) == readme
+    assert (REPO / "benchmarks" / "RESULTS.md").read_text() == rt.results_md()
+    assert len(readme.splitlines()) <= 210
+    blocks = readme.split("```bash\n")
+    assert blocks[1].startswith("python3.11 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
+                                "pip install -e . && vdit-accel generate\n")
+    assert blocks[2].startswith("python3.11 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
+                                'pip install -e ".[test]" && python -m pytest -q\n')
+
+
+def test_results_md_lists_every_result_file(tmp_path):
+    rt = _load("readme_tables")
+    (tmp_path / "e2e-gpu-x-20261123.json").write_text(json.dumps(_doc("GPU X", "2026-11-23", [
+        {"shape": "s", "impl": "dense-cudnn", "ms": 10.0, "attn_ms": 5.0}])))
+    (tmp_path / "attention-gpu-x-20261124-quick.json").write_text(json.dumps(
+        {"gpu": "GPU X", "date": "2026-11-24", "command": "python benchmarks/attention.py --quick",
+         "versions": {"torch": "2", "vdit_accel": "abc"}, "rows": [{"shape": "s", "impl": "ours-dense", "ms": 1.5}]}))
+    md = rt.results_md(tmp_path)
+    assert "### `e2e-gpu-x-20261123.json`" in md and "### `attention-gpu-x-20261124-quick.json`" in md
+    assert "| shape | impl | ms |" in md and "| s | ours-dense | 1.5 |" in md
+    assert md.index("## One denoising step") < md.index("## Kernel speed against peers")
 
 
 def test_flex_on_another_mask_is_an_error(monkeypatch):
