@@ -68,11 +68,12 @@ class LaunchRecorder:
     kernel (or nothing, with ``stub``)."""
 
     def __init__(self, kernel, stub: bool):
-        self.kernel, self.stub, self.launches = kernel, stub, []
+        self.kernel, self.stub, self.launches, self.recording = kernel, stub, [], True
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append((grid, args, kwargs))
+            if self.recording:  # (the arguments hold the call's tensors: recorded for one call only)
+                self.launches.append((grid, args, kwargs))
             if not self.stub:
                 return self.kernel[grid](*args, **kwargs)
 
@@ -132,7 +133,7 @@ def host_overhead(transformer, strategy, device: str, dtype, calls: int = 100, r
     from vdit_accel.pipelines import patch_state
     from vdit_accel.pipelines.backend import running
 
-    fwd = importlib.import_module("vdit_accel.kernels.attention_fwd")
+    fwd = importlib.import_module("vdit_accel.kernels.attention")  # the launcher calls its _attn_fwd
     cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = copy.deepcopy(transformer)
@@ -152,6 +153,7 @@ def host_overhead(transformer, strategy, device: str, dtype, calls: int = 100, r
     vdit_accel.patch(model, strategy, fused_prologue=not stub)
     real = fwd._attn_fwd
     recorder = fwd._attn_fwd = LaunchRecorder(real, stub)
+    recorder.recording = False
     try:
         if stub:
             _forward(model, inputs)  # compiles the plans
@@ -166,9 +168,9 @@ def host_overhead(transformer, strategy, device: str, dtype, calls: int = 100, r
             call = lambda: dispatch_attention_fn(q, k, v, backend=proc._attention_backend)  # noqa: E731
             for _ in range(3):
                 call()
-            recorder.launches.clear()
+            recorder.recording = True
             call()
-            launches = list(recorder.launches)
+            launches, recorder.recording = list(recorder.launches), False
             host_us = _rounds(call, calls, reps, sync)
             host_us_min = _rounds(call, calls, reps, sync, best=True)
             prof = _profile(call, calls) if profile else None
@@ -266,6 +268,7 @@ def main(argv=None) -> dict:
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--reps", type=int, default=11)
     p.add_argument("--out-dir", type=Path, default=None, help="write overhead-<device>-<date>.json here")
+    p.add_argument("--git-sha", default=None, help="recorded as versions.vdit_accel (default: git rev-parse)")
     args = p.parse_args(argv)
     if args.cpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -278,7 +281,7 @@ def main(argv=None) -> dict:
     device = "cpu" if args.cpu else "cuda"
     dtype = torch.float16 if args.cpu else torch.bfloat16
     transformer = build_tiny_pipeline("wan", seed=0).transformer.to(device, dtype)
-    tag, date, doc = run_header("overhead.py", argv, device)
+    tag, date, doc = run_header("overhead.py", argv, device, args.git_sha)
     doc.update({"model": "tiny wan (4 layers, 4 heads x 64, random weights)", "grid": list(GRID), "dtype": str(dtype),
                 "calls": args.calls, "reps": args.reps, "launches_stubbed": args.cpu, "rows": []})
     for spec in args.strategies:
