@@ -23,8 +23,6 @@ import gc
 import importlib.util
 import json
 import math
-import re
-import subprocess
 import sys
 import time
 import traceback
@@ -33,6 +31,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from result_files import git_sha, result_path, slug  # noqa: E402
 
 SHAPES = {  # name: (B, H, S, D)
     "cogvideox5b-49f-480p": (1, 48, 17776, 64),
@@ -217,7 +217,7 @@ def make_impl(name: str, q, k, v, mask, flex_mask, scale: float, ours_config=Non
             quant=quant,
         )
     if name == f"quantize-{quant}":
-        from vdit_accel.kernels.attention_fwd import default_config
+        from vdit_accel.kernels.attention_configs import default_config
         from vdit_accel.kernels.quantize import quantize_qkv
 
         cfg = ours_config or default_config(q.shape[-1], q.device, q.dtype, quant)
@@ -315,7 +315,7 @@ def run_quant_checks(device) -> list[dict]:
                 cos = torch.nn.functional.cosine_similarity(out.double().flatten(), exact.flatten(), dim=0).item()
                 row = dict(check=name, rel_err=err, cos=cos)
                 if mode in QUANT_MODES:
-                    from vdit_accel.kernels.attention_fwd import default_config
+                    from vdit_accel.kernels.attention_configs import default_config
 
                     cfg = default_config(d, q.device, q.dtype, mode)
                     sim = reference_quant_attention(q, k, v, mode, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"])
@@ -401,7 +401,7 @@ def run_sweep(name, shape, quick, device, quant=None) -> list[dict]:
     flops = 4.0 * b * h * s * s * d
     rows_out = []
     ref = make_impl("cudnn", q, k, v, None, None, d**-0.5)()
-    from vdit_accel.kernels.attention_fwd import AUTOTUNE_CANDIDATES
+    from vdit_accel.kernels.attention_configs import AUTOTUNE_CANDIDATES
 
     impl = f"ours-{quant}" if quant else "ours-dense"
     plans = [("cudnn", None)] + [(impl, c) for c in AUTOTUNE_CANDIDATES[128 if d > 64 else 64]]
@@ -441,19 +441,6 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -491,12 +478,11 @@ def main(argv=None):
     print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
 
     today = _dt.date.today()
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     what = "attention-sweep" if args.sweep else "attention"
     if args.sweep and args.sweep_quant:
         what += "-" + args.sweep_quant
-    path = args.out_dir / f"{what}-{slug}-{today.strftime('%Y%m%d')}{'-quick' if args.quick else ''}.json"
+    path = result_path(args.out_dir, what, slug(gpu), today, "-quick" if args.quick else "")
     result = {
         "gpu": gpu,
         "date": today.isoformat(),

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One device-machine run: install the carried wheels and this checkout, check and time the kernels
 # (benchmarks/attention.py), sweep dense configs, and generate on the GPU through the patched pipeline.
-# Usage (device tool, carry .whl): SHA=<commit> bash benchmarks/gpu_run.sh [what ...]   what: bench sweep generate e2e
-# (e2e: one denoising step of every real shape and row, benchmarks/e2e.py; about 6 min on an H100; not in the default set)
+# Usage (device tool, carry .whl): SHA=<commit> bash benchmarks/gpu_run.sh [what ...]
+#   what: bench sweep generate e2e overhead large
+# (e2e: one denoising step of every real shape and row, benchmarks/e2e.py; about 6 min on an H100; overhead: the
+# host time of a patched call and a CUDA-graph capture, benchmarks/overhead.py; large: generate --large, dense
+# against accelerated; none of these three in the default set)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -18,6 +21,10 @@ for what in "${whats[@]}"; do
     sweep) python3 benchmarks/attention.py --sweep --out-dir "$OUT" --git-sha "$sha" 2>&1 | tee "$OUT/sweep.log" | tail -30 ;;
     e2e)  # from /tmp: the checkout's vdit_accel/ would shadow the installed package
       ( out=$(realpath "$OUT"); repo=$(pwd); cd /tmp && python3 "$repo/benchmarks/e2e.py" --out-dir "$out" --git-sha "$sha" 2>&1 | tee "$out/e2e.log" | grep -v '^  {' ) ;;
+    overhead)
+      ( out=$(realpath "$OUT"); repo=$(pwd); cd /tmp && python3 "$repo/benchmarks/overhead.py" --out-dir "$out" --git-sha "$sha" 2>&1 | tee "$out/overhead.log" ) ;;
+    large)
+      ( out=$(realpath "$OUT"); cd /tmp && python3 -m vdit_accel.cli.app generate --large --out "$out/gen/video-large.mp4" 2>&1 | tail -3 ) ;;
     generate)
       OUT=$(realpath "$OUT"); cd /tmp  # not the checkout: its vdit_accel/ would shadow the installed package
       python3 -m vdit_accel.cli.app generate --out "$OUT/gen/video.mp4" 2>&1 | tail -3

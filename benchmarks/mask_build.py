@@ -4,17 +4,16 @@
 
 Writes mask-build-<gpu>-<date>.json (median of 3 cold builds per grid and head set)."""
 import argparse
-import datetime as dt
-import json
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from vdit_accel import VideoGrid
-from vdit_accel.patterns import build_block_mask, clear_mask_caches
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_files import run_header, write_result  # noqa: E402
+from vdit_accel import VideoGrid  # noqa: E402
+from vdit_accel.patterns import build_block_mask, clear_mask_caches  # noqa: E402
 
 grids = {"cog": VideoGrid(13, 30, 45, 226, "prefix"), "wan": VideoGrid(21, 30, 52), "hunyuan": VideoGrid(33, 45, 80, 240, "suffix")}
 ratios = [(1.0, 1.0, 1.0), (0.5, 1.5, 1.5), (2.0, 0.6, 0.6), (1.0, 0.5, 2.0)]
@@ -34,9 +33,5 @@ for name, g in grids.items():
         rows.append(dict(grid=name, heads=heads, distinct_patterns=len({str(p) for p in pats}), cold_build_ms=round(sorted(ts)[1], 3),
                          density=round(m.density(), 4)))
         print(rows[-1], flush=True)
-gpu = torch.cuda.get_device_name()
-slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-path = args.out_dir / f"mask-build-{slug}-{dt.date.today().strftime('%Y%m%d')}.json"
-path.write_text(json.dumps(dict(gpu=gpu, date=dt.date.today().isoformat(), torch=torch.__version__,
-                                command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), rows=rows), indent=1) + "\n")
-print("wrote", path)
+tag, date, doc = run_header("mask_build.py", None, "cuda")
+write_result(args.out_dir, "mask-build", tag, date, {**doc, "rows": rows})

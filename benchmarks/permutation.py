@@ -61,8 +61,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,10 +74,14 @@ try:  # the installed package (pip install -e ., or benchmarks/gpu_run.sh's /tmp
 except ImportError as e:
     sys.exit(f"benchmarks/permutation.py needs vdit-accel installed (pip install -e .): {e}")
 
-from vdit_accel import permutation as P  # noqa: E402
+from vdit_accel import orders as P  # noqa: E402
+from vdit_accel.block_mask import cdiv  # noqa: E402
 from vdit_accel.block_mask import BlockMask  # noqa: E402
 from vdit_accel.grid import VideoGrid  # noqa: E402
 from vdit_accel.sparsity_search.synthetic import HEAD_SETS, head_set  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from result_files import device_name, git_sha, result_path, slug  # noqa: E402
 
 BLOCK = 128
 RECALL = 0.95
@@ -88,15 +90,6 @@ GRIDS = {"wan-81f-480p": (21, 30, 52), "wan-49f-480p": (13, 30, 52)}
 TILES = [(2, 8), (1, 8), (4, 8), (2, 4), (4, 4), (1, 16), (2, 16)]  # (t, h); the first is the default
 ORDERS = ("raster", "tiled", "semantic", "segment")
 WAN_LAYERS, WAN_DIM = 30, 1536  # Wan2.1-1.3B: layers, hidden size
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def perms(order: str, q: torch.Tensor, k: torch.Tensor, grid: VideoGrid, block: int, tile=None):
@@ -139,7 +132,7 @@ def density_rows(grids: dict, sample_rows: int | None, device, with_tiles: bool,
     rows_out = []
     for gname, (t, h, w) in grids.items():
         grid = VideoGrid(t, h, w)
-        nb = P.cdiv(grid.seq_len, BLOCK)
+        nb = cdiv(grid.seq_len, BLOCK)
         rows = None if sample_rows is None or sample_rows >= nb else \
             torch.linspace(0, nb - 1, sample_rows).round().long().unique().tolist()
         for hs in HEAD_SETS:
@@ -258,7 +251,7 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
                         attention(qf, kk, vv, bm, q_index=plan.kernel_q_index(heads))
                     return plan, kk, vv
 
-                spec, memory = P.validate_order(f"{order}:top_p={RECALL}"), {}
+                spec, memory = P.parse_order(f"{order}:top_p={RECALL}"), {}
                 per_call(spec, memory)  # cold start (k-means from random rows), outside the timing
                 plan = per_call(spec, memory)[0]
                 rbm = BlockMask.from_dense(plan.mask, s, BLOCK, BLOCK)
@@ -268,7 +261,7 @@ def timing_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log) 
                 row["runtime_attn_ms"] = round(runtime_ms, 4)
                 row["runtime_density"] = round(rbm.density(), 5)
                 for refresh in (1, 4):  # whole calls against the runtime attention alone, paired (see --overhead)
-                    spec, memory = P.validate_order(f"{order}:top_p={RECALL},refresh={refresh}"), {}
+                    spec, memory = P.parse_order(f"{order}:top_p={RECALL},refresh={refresh}"), {}
                     per_call(spec, memory)
                     m = _paired(lambda: [per_call(spec, memory, True) for _ in range(refresh)],
                                 lambda: attention(qq, kk, vv, rbm), refresh, device)
@@ -335,7 +328,7 @@ def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log
     v = torch.randn(1, s, heads, head_dim, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     rows = []
     for order in ("semantic", "segment"):
-        spec = P.validate_order(f"{order}:top_p={RECALL}")
+        spec = P.parse_order(f"{order}:top_p={RECALL}")
         memory: dict = {}
         plan = P.plan_call(q, k, grid, [spec] * heads, None, BLOCK, None, memory)  # cold start, untimed
         plan = P.plan_call(q, k, grid, [spec] * heads, None, BLOCK, None, memory)
@@ -372,7 +365,7 @@ def overhead_rows(grid: VideoGrid, heads: int, head_dim: int, device, dtype, log
         for refresh in (1, 2, 4, 8, "guided"):
             guided = refresh == "guided"
             n = 2 if guided else refresh  # calls per timed repetition
-            spec_r = P.validate_order(f"{order}:top_p={RECALL}" + ("" if guided else f",refresh={refresh}"))
+            spec_r = P.parse_order(f"{order}:top_p={RECALL}" + ("" if guided else f",refresh={refresh}"))
             mem_r, step_no = {}, [0]
             P.plan_call(q, k, grid, [spec_r] * heads, None, BLOCK, None, mem_r)
 
@@ -415,8 +408,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    name = device_name(device)
     today = _dt.date.today()
     try:
         import triton
@@ -436,7 +428,7 @@ def main(argv=None):
         grids = GRIDS
         sample = args.sample_rows or (None if device.type == "cuda" else 64)
     what = "permutation-density" if args.density else "permutation-overhead" if args.overhead else "permutation"
-    path = args.out_dir / f"{what}-{slug}-{today.strftime('%Y%m%d')}{'-smoke' if args.smoke else ''}.json"
+    path = result_path(args.out_dir, what, slug(name), today, "-smoke" if args.smoke else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.density:
         result["rows"] = density_rows(grids, sample, device, with_tiles=True, log=log)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_trained import run_header, write_result  # noqa: E402
+from result_files import run_header, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

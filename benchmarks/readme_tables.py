@@ -1,21 +1,55 @@
-"""The README's generated tables: end to end (benchmarks/results/e2e-*.json, the newest file per GPU) and
-quality on the trained tiny Wan (quality-*.json, the newest GPU file).
+"""What the README and benchmarks/RESULTS.md show of the committed results, generated from
+benchmarks/results/*.json.
 
-    python benchmarks/readme_tables.py            # print them
-    python benchmarks/readme_tables.py --write    # replace the README sections between their markers
+    python benchmarks/readme_tables.py            # print the README's table
+    python benchmarks/readme_tables.py --write    # update the README's section and write RESULTS.md
 
-Rows and their speed-ups (against ``dense-cudnn`` and, for the rows on the same block masks, against
-``flex-window3d-0.15`` of the same shape) come from ``vdit_accel.cli.bench.markdown_table``.
+README: one short table (the newest GPU e2e file: per shape, dense cuDNN against our fastest row on
+the same step, and FlexAttention on the same block masks). RESULTS.md: every result file, newest
+first per kind, with the command that made it, what it measured, and its rows; the end-to-end and
+quality files as their own tables (speed-ups from ``vdit_accel.cli.bench.markdown_table``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+# What each kind of result file is (the name before -<device>-<date>), in the order RESULTS.md shows them.
+KINDS = {
+    "e2e": ("One denoising step at real size", "Transformer forward of real configs with random weights (bf16, "
+            "batch 1): diffusers' attention against ours and FlexAttention on the same block masks; "
+            "self-attention timed by CUDA events around every call (`python benchmarks/e2e.py`)."),
+    "quality": ("Quality on the trained tiny Wan", "Accelerated generations against dense ones, same prompts "
+                "and seeds (`python benchmarks/quality.py`)."),
+    "overhead": ("Host overhead of a patched call", "Host time of a patched self-attention call minus the "
+                 "attention kernel's own launch; a CUDA-graph capture of a patched transformer "
+                 "(`python benchmarks/overhead.py`)."),
+    "attention": ("Kernel speed against peers", "Ours against cuDNN SDPA (dense) and FlexAttention (same 128x128 "
+                  "block mask), quantized modes and their error (`python benchmarks/attention.py`)."),
+    "attention-sweep": ("Kernel configuration sweeps", "Launch configurations of our kernel per shape "
+                        "(`python benchmarks/attention.py --sweep`, `benchmarks/sparse_sweep.py`)."),
+    "quant-sweep": ("Quantized kernel variants", "fp8 / int8 variant configurations against cuDNN "
+                    "(`python benchmarks/quant_sweep.py`)."),
+    "permutation": ("Token orders", "Blocks needed for 95% of the attention mass per order, and the GPU cost "
+                    "of reordering (`python benchmarks/permutation.py`)."),
+    "prologue": ("Fused Q/K prologue", "Wan's eager RMSNorm + RoPE against the fused kernel "
+                 "(`python benchmarks/prologue.py`)."),
+    "mask-build": ("Block-mask build time", "A layer's cold mask build (`python benchmarks/mask_build.py`)."),
+    "search": ("Search time", "The offline search of Wan2.1-1.3B's real config (`python benchmarks/search_speed.py`)."),
+    "check-trained": ("Caption check of the trained tiny Wan", "Held-out captions, colour and direction read "
+                      "back from the frames (`python benchmarks/check_trained.py`)."),
+    "sweep-trained-validation": ("Sampling settings of the trained tiny Wan", "Validation captions per setting "
+                                 "(`python benchmarks/check_trained.py --sweep`)."),
+    "train-tiny": ("Training the tiny Wan", "Commands, steps and losses (`python benchmarks/train_tiny.py`)."),
+}
+_DATED = re.compile(r"^(?P<kind>.+?)-(?P<device>[a-z0-9-]+?)-(?P<date>\d{8})(?P<suffix>-[\w-]+)?\.json$")
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -26,30 +60,65 @@ def markers(name: str) -> tuple[str, str]:
 BEGIN, END = markers("e2e-table")
 
 
-def e2e_table(results: Path = RESULTS) -> str:
-    """Markdown: for each GPU its newest e2e result file (CPU smoke files are ignored), a line saying
-    where and how it was measured, then the rows."""
-    from vdit_accel.cli.bench import markdown_table
-
+def _newest_gpu_e2e(results: Path) -> dict[str, tuple[Path, dict]]:
     by_gpu: dict[str, tuple[Path, dict]] = {}
     for path in sorted(Path(results).glob("e2e-*.json")):  # yyyymmdd in the name: the newest comes last
         doc = json.loads(path.read_text())
         if doc["gpu"] != "cpu":
             by_gpu[doc["gpu"]] = (path, doc)
+    return by_gpu
+
+
+def _e2e_header(path: Path, doc: dict) -> list[str]:
+    v = doc["versions"]
+    timing = doc.get("attn_timing", "step time minus the noop-attention step")
+    lines = [f"{doc['gpu']}, {doc['date']}, `{path.name}` (commit {v['vdit_accel']}, torch {v['torch']}, "
+             f"triton {v['triton']}, diffusers {v.get('diffusers')}). Self-attention ms: {timing}.", ""]
+    for name, info in doc.get("shapes", {}).items():
+        lines.append(f"- `{name}`: {info['what']}; token grid {'×'.join(map(str, info['grid']))}"
+                     f"{' + ' + str(info['text_tokens']) + ' text' if info['text_tokens'] != info['text_max'] else ''}; "
+                     f"`{info['window']}`; SDPA {info['sdpa']}; {info['reps']} timed forward(s)")
+    if doc.get("shapes"):
+        lines.append("")
+    return lines
+
+
+def e2e_table(results: Path = RESULTS) -> str:
+    """Markdown: for each GPU its newest e2e result file (CPU smoke files are ignored), a line saying
+    where and how it was measured, then the rows."""
+    from vdit_accel.cli.bench import markdown_table
+
     lines = []
-    for gpu, (path, doc) in by_gpu.items():
-        v = doc["versions"]
-        timing = doc.get("attn_timing", "step time minus the noop-attention step")
-        lines += [f"{gpu}, {doc['date']}, `{path.name}` (commit {v['vdit_accel']}, torch {v['torch']}, "
-                  f"triton {v['triton']}, diffusers {v.get('diffusers')}). Self-attention ms: {timing}.", ""]
-        for name, info in doc.get("shapes", {}).items():
-            lines.append(f"- `{name}`: {info['what']}; token grid {'×'.join(map(str, info['grid']))}"
-                         f"{' + ' + str(info['text_tokens']) + ' text' if info['text_tokens'] != info['text_max'] else ''}; "
-                         f"`{info['window']}`; SDPA {info['sdpa']}; {info['reps']} timed forward(s)")
-        if doc.get("shapes"):
-            lines.append("")
-        lines += [markdown_table(doc), ""]
+    for path, doc in _newest_gpu_e2e(results).values():
+        lines += _e2e_header(path, doc) + [markdown_table(doc), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def e2e_summary(results: Path = RESULTS) -> str:
+    """Markdown for the README: per GPU (newest e2e file) and shape, dense cuDNN's step against our fastest
+    row's, and FlexAttention's on that row's block masks."""
+    from vdit_accel.cli.bench import speedups
+
+    lines = []
+    for path, doc in _newest_gpu_e2e(results).values():
+        lines += [f"{doc['gpu']}, {doc['date']} (`{path.name}`, commit {doc['versions']['vdit_accel']}), one "
+                  "transformer step, random weights, bf16:", "",
+                  "| shape | dense cuDNN | ours, fastest row | block density | step | vs cuDNN | vs Flex, same masks |",
+                  "|---|---|---|---|---|---|---|"]
+        rows = doc["rows"]
+        ups = speedups(rows)
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            here = [(r, u) for r, u in zip(rows, ups) if r["shape"] == shape and r.get("ms") is not None]
+            dense = next((r for r, _ in here if r["impl"] == "dense-cudnn"), None)
+            ours = [(r, u) for r, u in here if r["impl"].startswith("ours-") and u[0] is not None]
+            if dense is None or not ours:
+                continue
+            best, (vs_dense, vs_flex) = max(ours, key=lambda ru: ru[1][0])
+            flex = f"{vs_flex:.2f}×" if vs_flex is not None else "—"
+            lines.append(f"| {shape} | {dense['ms']:.0f} ms | `{best['impl']}` | {best.get('density', 1.0):.3f} | "
+                         f"{best['ms']:.0f} ms | {vs_dense:.2f}× | {flex} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n" if lines else "(no GPU e2e results yet: run benchmarks/e2e.py)\n"
 
 
 def quality_table(results: Path = RESULTS) -> str:
@@ -59,9 +128,12 @@ def quality_table(results: Path = RESULTS) -> str:
     files = [p for p, d in docs.items() if d["gpu"] != "cpu" and "--only" not in d.get("command", "")]
     if not files:
         return "(no GPU quality results yet: run benchmarks/quality.py)\n"
-    doc = docs[files[-1]]
+    return _quality(files[-1], docs[files[-1]])
+
+
+def _quality(path: Path, doc: dict) -> str:
     size = doc["size"]
-    lines = [f"{doc['gpu']}, {doc['date']}, `{files[-1].name}`: `wan-trained`, {size['num_frames']}x{size['height']}x"
+    lines = [f"{doc['gpu']}, {doc['date']}, `{path.name}`: `wan-trained`, {size['num_frames']}x{size['height']}x"
              f"{size['width']} ({doc['tokens']} video tokens), {doc['steps']} steps, guidance {doc['guidance_scale']}, "
              f"{doc['dtype']}, {doc['prompts']} check captions; PSNR / SSIM against the dense generation of the same "
              "prompt and seed; agreement = the caption check on the accelerated videos.", "",
@@ -79,6 +151,74 @@ def quality_table(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return "`" + json.dumps(v, separators=(",", ":"))[:60] + "`"
+    return str(v).replace("|", "\\|")
+
+
+def rows_table(rows: list[dict], max_columns: int = 14) -> str:
+    """Markdown of result rows: the scalar fields (and short configs) the rows have, in their order."""
+    cols: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if not isinstance(v, list) or len(v) <= 4:
+                cols.setdefault(k, None)
+    names = list(cols)[:max_columns]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(_cell(r.get(k)) for k in names) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_md(results: Path = RESULTS) -> str:
+    """benchmarks/RESULTS.md: every committed result file, grouped by kind, newest first."""
+    from vdit_accel.cli.bench import markdown_table
+
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for path in sorted(Path(results).glob("*.json")):
+        m = _DATED.match(path.name)
+        if m is None:
+            continue
+        kind = m["kind"] if m["kind"] in KINDS else next((k for k in KINDS if m["kind"].startswith(k + "-")), m["kind"])
+        groups.setdefault(kind, []).append((m["date"], path))
+    out = ["# Measured results", "",
+           "Generated by `python benchmarks/readme_tables.py --write` from the files in `benchmarks/results/` "
+           "(do not edit by hand). Each file holds the exact command, the GPU, the versions and the commit it "
+           "measured; older files are kept as the history.", ""]
+    for kind in [k for k in KINDS if k in groups] + sorted(k for k in groups if k not in KINDS):
+        title, what = KINDS.get(kind, (kind, ""))
+        out += [f"## {title}", "", what, ""] if what else [f"## {title}", ""]
+        for _, path in sorted(groups[kind], key=lambda dp: (dp[0], dp[1].name), reverse=True):
+            doc = json.loads(path.read_text())
+            v = doc.get("versions", {})
+            head = f"### `{path.name}`"
+            command = doc.get("command", "?")
+            command = "`; `".join(command) if isinstance(command, list) else command
+            out += [head, "", f"{doc.get('gpu', '?')}, {doc.get('date', '?')}; commit {v.get('vdit_accel', '?')}, "
+                    f"torch {v.get('torch', doc.get('torch', '?'))}, triton {v.get('triton', '?')}. "
+                    f"Command: `{command}`", ""]
+            if kind == "e2e" and doc.get("gpu") != "cpu":
+                out += _e2e_header(path, doc)[2:] + [markdown_table(doc), ""]
+            elif kind == "quality" and "size" in doc:
+                out += [_quality(path, doc)]
+            elif isinstance(doc.get("rows"), list) and doc["rows"]:
+                out += [rows_table(doc["rows"]), ""]
+            else:
+                scalars = {k: val for k, val in doc.items() if k not in ("gpu", "date", "command", "versions")
+                           and not isinstance(val, (dict, list))}
+                out += ["; ".join(f"{k}: {_cell(val)}" for k, val in scalars.items()) or "(no rows)", ""]
+            for key in ("cuda_graph", "note", "command_note"):
+                if key in doc:
+                    out += [f"{key}: {_cell(doc[key]) if not isinstance(doc[key], str) else doc[key]}", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def replace_section(text: str, table: str, name: str = "e2e-table") -> str:
     """``text`` with everything between the ``name`` markers replaced by ``table``."""
     begin, end = markers(name)
@@ -90,20 +230,22 @@ def replace_section(text: str, table: str, name: str = "e2e-table") -> str:
 
 
 def render(text: str, results: Path = RESULTS) -> str:
-    """``text`` (the README) with both generated sections current."""
-    return replace_section(replace_section(text, e2e_table(results)), quality_table(results), "quality-table")
+    """``text`` (the README) with its generated section current."""
+    return replace_section(text, e2e_summary(results), "e2e-summary")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write", action="store_true", help="update README.md in place")
+    ap.add_argument("--write", action="store_true", help="update README.md in place and write RESULTS.md")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
     args = ap.parse_args(argv)
     if args.write:
         args.readme.write_text(render(args.readme.read_text(), args.results))
+        args.results_md.write_text(results_md(args.results))
     else:
-        print(e2e_table(args.results), quality_table(args.results), sep="\n", end="")
+        print(e2e_summary(args.results), end="")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,15 @@ Writes benchmarks/results/search-<gpu>-<date>.json (rows with `seconds`) and the
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_files import result_path, run_header, write_result  # noqa: E402
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -58,27 +59,18 @@ def main(argv=None):
     strategy = search(pipe, ["a red fox running through fresh snow"], SearchConfig(budget=0.05, steps=[0, 1, 2]),
                       call_kwargs=call)
     seconds = time.perf_counter() - t0
-    gpu = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    today = dt.date.today()
+    tag, today, result = run_header("search_speed.py", None, "cuda", args.git_sha)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    strategy.save(args.out_dir / f"search-strategy-wan1.3b-{slug}-{today:%Y%m%d}.json")
-    import diffusers
-    import triton
-
-    result = {
-        "gpu": gpu, "date": today.isoformat(), "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__,
-                     "vdit_accel": args.git_sha},
+    strategy.save(result_path(args.out_dir, "search-strategy-wan1.3b", tag, today))
+    result.update({
         "rows": [{"shape": "wan1.3b-81f-480p", "impl": "search", "seconds": round(seconds, 1),
                   "pipeline_build_s": round(build_s, 1), "prompts": 1, "profiled_steps": 3,
                   "grid": strategy.search["grid"], "candidates": strategy.search["candidates"],
                   "mean_density": strategy.search["mean_density"], "mean_error": strategy.search["mean_error"],
                   "dense_warmup_steps": strategy.dense_warmup_steps, "cost_model": strategy.search["cost_model"]}],
-    }
-    path = args.out_dir / f"search-{slug}-{today:%Y%m%d}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["rows"][0]), f"\nwrote {path}")
+    })
+    print(json.dumps(result["rows"][0]))
+    write_result(args.out_dir, "search", tag, today, result)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_trained import run_header, write_result  # noqa: E402
+from result_files import run_header, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _B = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True)
@@ -49,7 +49,7 @@ def main(argv=None):
     from vdit_accel.block_mask import BlockMask
     from vdit_accel.grid import VideoGrid
     from vdit_accel.kernels.attention_fwd import attention_fwd
-    from vdit_accel.permutation import block_mask_for_order, static_order
+    from vdit_accel.orders import block_mask_for_order, static_order
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -66,7 +66,7 @@ def main(argv=None):
         grid = VideoGrid(*fhw)
         S, nb = grid.seq_len, -(-grid.seq_len // 128)
         st = Strategy.from_spec(window, order="tiled")
-        p, o = st.layer_patterns(0, H)[0], st.layer_orders(0, H)[0]
+        p, o = st.default.pattern, st.default.order
         tiled = block_mask_for_order(p, grid, static_order(o, grid, 128, "cuda"), 128, 128).cuda()
         masks = {"tiled": BlockMask.from_dense(tiled[None, None].expand(1, H, -1, -1).contiguous(), S, 128, 128)}
         if S < 50000:

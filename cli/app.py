@@ -132,11 +132,11 @@ def generate(
 
         if quant is not None and quant != "all" and quant not in QUANT_MODES:
             raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)} or all, got {quant!r}")
-        from vdit_accel.permutation import DYNAMIC_KINDS, validate_order
+        from vdit_accel.orders import is_dynamic, parse_order
 
-        order_spec = validate_order(order) if order is not None else None
+        order_spec = parse_order(order) if order is not None else None
         if strategy is None:  # semantic and segment choose their own key blocks: their pattern is dense
-            strategy = "dense" if order_spec is not None and order_spec["kind"] in DYNAMIC_KINDS else "window3d:t=1,h=2,w=2"
+            strategy = "dense" if is_dynamic(order_spec) else "window3d:t=1,h=2,w=2"
         strat = vdit_accel.Strategy.from_spec(strategy, dense_warmup_steps,
                                               quant=quant if quant in QUANT_MODES else None, order=order)
         if out.suffix != ".mp4":
@@ -242,7 +242,7 @@ def inspect(
         typer.echo(st.describe())
         densities = []
         for layer in range(n_layers):
-            pats = st.layer_patterns(layer, n_heads)
+            pats = [h.pattern for h in st.layer_heads(layer, n_heads)]
             d = build_block_mask(pats, grid, block_size, block_size).density_per_head().tolist()
             densities += d
             if st.layers is not None:

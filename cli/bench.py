@@ -217,7 +217,7 @@ def window_near(grid, target: float = TARGET_DENSITY, block_size: int = 128, dev
 # -- attention swaps -----------------------------------------------------------------------------
 
 
-def _noop_attention(q, k, v, block_mask=None, *, scale=None, return_lse=False, quant=None, q_index=None):
+def _noop_attention(q, k, v, *plan_args, **plan_kwargs):
     return v.clone()  # a copy: a custom op's output may not alias its input
 
 
@@ -255,11 +255,14 @@ class _FlexAttention:
             self._masks[key] = (bm.kv_indices, bm.kv_num_blocks, flex)  # keep the tensors alive with it
         return self._masks[key][2]
 
-    def __call__(self, q, k, v, block_mask=None, *, scale=None, return_lse=False, quant=None, q_index=None):
+    def __call__(self, q, k, v, kv_num_blocks, kv_indices, block_m, block_n, runs, q_index=None, k_index=None,
+                 scale=None):
         from vdit_accel.attention import attention
+        from vdit_accel.block_mask import BlockMask
 
-        if block_mask is None or return_lse or quant is not None or q_index is not None:
-            raise RuntimeError("the flex rows take unquantized block-sparse calls without LSE or query order only")
+        if kv_num_blocks is None or len(runs) > 1 or runs[0].mode is not None or q_index is not None or k_index is not None:
+            raise RuntimeError("the flex rows take unquantized block-sparse calls without token orders only")
+        block_mask = BlockMask(kv_num_blocks, kv_indices, q.shape[1], block_m, block_n)
         out = self._fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=self._flex_mask(block_mask),
                        scale=scale).transpose(1, 2)
         if self.rel_err is None:
@@ -415,25 +418,15 @@ def _searched_strategy(path: Path | None, model):
 
 def _density(strategy, num_layers: int, num_heads: int, grid, block_size: int, device) -> float:
     """Mean block density over layers; heads in a static order (tiled) count their blocks in that order."""
-    from vdit_accel.patterns import build_block_mask
-    from vdit_accel.permutation import block_mask_for_order, order_key, static_order
+    from vdit_accel.plan import compile_layer_plan
 
-    total, cache = 0.0, {}
+    plans = {}
     for layer in range(num_layers):
-        pats = strategy.layer_patterns(layer, num_heads)
-        orders = strategy.layer_orders(layer, num_heads)
-        if all(p["kind"] == "dense" for p in pats):
-            total += 1.0
-        elif all(o is None for o in orders):
-            total += build_block_mask(pats, grid, block_size, block_size, device).density()
-        else:
-            for p, o in zip(pats, orders):
-                key = (json.dumps(p, sort_keys=True), order_key(o))
-                if key not in cache:
-                    perm = static_order(o, grid, block_size, device)
-                    cache[key] = float(block_mask_for_order(p, grid, perm, block_size, block_size).float().mean())
-                total += cache[key] / num_heads
-    return total / num_layers
+        key = strategy.layer_heads(layer, num_heads)
+        if key not in plans:
+            plans[key] = compile_layer_plan(strategy, layer, num_heads, grid, (0, num_heads), block_size, device,
+                                            quantized=False).density()
+    return sum(plans[strategy.layer_heads(layer, num_heads)] for layer in range(num_layers)) / num_layers
 
 
 def _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, on_cudnn):
@@ -451,16 +444,16 @@ def _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, 
 
         torch._dynamo.reset()  # a fresh compile per shape: never near the recompile limit
     timer = _SelfAttentionTimer(grid.video_len, _Clock(cuda))
-    original = vdit_op.attention  # what the vdit::attention op calls
+    original = vdit_op.planned_attention  # what the vdit::attention op calls
     try:
         if strategy is not None:
             vdit_accel.patch(model, strategy, block_size=block_size)
         if attention_fn is not None:
-            vdit_op.attention = attention_fn
+            vdit_op.planned_attention = attention_fn
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if on_cudnn else contextlib.nullcontext(), timer:
             return _time_forward(model, inputs, reps, timer, cheap_warmup=strategy is None or strategy.is_uniform)
     finally:
-        vdit_op.attention = original
+        vdit_op.planned_attention = original
         if patch_state(model) is not None:
             vdit_accel.unpatch(model)
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the token orders (:mod:`vdit_accel.permutation`): the k-means step of the semantic
+"""Triton kernels of the token orders (:mod:`vdit_accel.orders`): the k-means step of the semantic
 order and the row gathers that move tokens into an order and back.
 
 Notation: ``G`` independent problems (one per batch x head), ``N`` rows each, ``D`` features,
@@ -21,7 +21,7 @@ step of a program, ``ROWS`` rows per program. This module imports only torch and
 - :func:`semantic_block_mask`: the semantic plan's block mask in two launches — centroid scores, softmax
   and top-p of the key clusters of every query cluster (once per query cluster), then the clusters'
   overlap with the blocks and (``csr``) the attention kernel's block lists (the ~40 small ops of the
-  PyTorch path, :func:`vdit_accel.permutation.semantic_block_mask`).
+  PyTorch path, :func:`vdit_accel.orders.semantic.semantic_block_mask`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _kmeans_assign_kernel(X, CB, BIAS, LABELS, SUMS, COUNTS, TBEFORE, CSIZES, N,
         if TILE_COUNTS:
             tl.store(TBEFORE + (g.to(tl.int64) * tl.cdiv(N, BLOCK_N) + start // BLOCK_N) * K + offs_k, icnt,
                      mask=kmask)
-        icnt += tl.histogram(lab, K_PAD, mask=rmask)  # H100: cheaper than summing the one-hot rows (0.146 vs 0.179 ms)
+        icnt += tl.histogram(lab, K_PAD, mask=rmask)  # measured cheaper than summing the one-hot rows
         if WITH_SUMS:
             onehot = (lab[:, None] == offs_k[None, :]) & rmask[:, None]
             acc += tl.dot(tl.trans(onehot.to(x.dtype)), x)
@@ -245,7 +245,7 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     hold their own token), cluster ``c`` spans ``[bounds[c], bounds[c + 1])``; ``centroids`` are the ones
     every row was assigned to; ``stats`` = ``(sums [G, K, D], counts [G, K])`` float32 of that assignment:
     passed to the next call, they give its centroids one Lloyd update on this call's rows for free (an
-    online k-means across calls). The same as the PyTorch path (:func:`vdit_accel.permutation.semantic_orders`)
+    online k-means across calls). The same as the PyTorch path (:func:`vdit_accel.orders.semantic.semantic_orders`)
     up to the float32 summation order of the sums.
 
     Launch settings: ``rows_per_program`` / ``update_rows``: rows per program of the assignment / of the
@@ -257,20 +257,14 @@ def kmeans_cluster_order(x: torch.Tensor, c: torch.Tensor, iters: int, sample_st
     that place ``perm`` are queued, before the sums' (a caller on a second stream records an event there,
     so its other stream waits for the order only); ``pending``: None, or the ``cluster_sums`` argument of
     :func:`gather_rows` still to compute — a hook that moves x's full tensor into the order with it
-    returns True, and no sums pass runs. Defaults: the fastest measured on an H100 at the wan
-    480p shape (12 x 32760 rows of 128, bf16, warm from ``stats``, ``iters`` 0; CUDA-graph timing of the
-    whole order, 2026-11-22; sweeps of block_n 32/64/128, 4/8 warps, 1-4 stages, rows 256-8192, sum
-    settings): rows per program for one wave of two programs per SM (1536 rows here; 3, 4 or 6 per SM
-    measured 2-6% slower), 64 centroids 0.077 ms, 128 centroids 0.065 ms without the sums pass (the
-    runtime's way). Before the centroids were prepared by a launch of their own, every assignment
-    program made the Lloyd update itself and held all of it in registers (255 a thread, 1.9 KB of
-    spills for 128 centroids; now 182 / 147, none: ptxas for sm_90a): 0.090 ms and 0.076 ms; the first
-    online version 0.111 / 0.218 (with the sums); the former warm default, one update on every 2nd row
-    and no carried statistics, 0.186 / 0.377. Rows and centroids by TMA (tensor descriptors, so the loop
-    has no address arithmetic and no copy into shared memory) measured the same: not kept."""
+    returns True, and no sums pass runs. Defaults: the fastest of a Hopper sweep at the wan 480p shape
+    (block_n, warps, stages, rows per program; ``benchmarks/RESULTS.md``): rows per program for one wave
+    of two programs per SM (the assignment's registers allow two). The centroids are prepared by a launch
+    of their own so that no assignment program holds the Lloyd update in registers (it spilled, ptxas
+    sm_90a, 2026-11-22). Rows and centroids by TMA measured the same: not kept."""
     if block_n is None:
         block_n = 64
-    if rows_per_program is None:  # one wave: the assignment holds 2 programs per SM (registers, H100)
+    if rows_per_program is None:  # one wave: the assignment holds 2 programs per SM (its registers)
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
         rows_per_program = triton.cdiv(triton.cdiv(x.shape[2] * x.shape[0] * x.shape[1], 2 * sms), block_n) * block_n
     if sums_in_assign is None:
@@ -552,8 +546,7 @@ def semantic_block_mask(q_centroids: torch.Tensor, k_centroids: torch.Tensor, q_
     ``csr``: return ``(mask, kv_num_blocks int32 [..., Mb], kv_indices int32 [..., Mb, Nb])``, the
     attention kernel's block lists written by the same launch (``BlockMask.from_dense``'s layout).
     Launch settings (``num_warps`` of the first kernel, ``block_d``, ``mask_warps`` of the second): the
-    fastest of 36 on an H100 at the wan 480p shape (64 x 128 clusters, 12 heads; 0.0215 ms for both,
-    0.029 with 4 / 32 / 4)."""
+    fastest of a 36-setting Hopper sweep at the wan 480p shape (64 x 128 clusters, 12 heads)."""
     lead, (kq, d), kk = q_centroids.shape[:-2], q_centroids.shape[-2:], k_centroids.shape[-2]
     if max(kq, kk) > MAX_CLUSTERS:
         raise ValueError(f"semantic_block_mask handles up to {MAX_CLUSTERS} clusters a side, got {kq} and {kk}")

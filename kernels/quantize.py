@@ -17,15 +17,55 @@ pass. This module imports only torch and triton.
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+
+
+class QuantMode(str, enum.Enum):
+    """A quantized attention mode; ``None`` wherever a mode is optional means unquantized (fp16/bf16).
+
+    The one form a mode has from a strategy file to the kernel: parsed once (:meth:`parse`), compared
+    and hashed as its string (``QuantMode.FP8 == "fp8"``), and given to the attention and quantizer
+    kernels as :attr:`kernel_id`, their ``QUANT`` / ``MODE`` constexpr (0 is unquantized).
+    """
+
+    FP8 = "fp8"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def kernel_id(self) -> int:
+        return _KERNEL_IDS[self]
+
+    @classmethod
+    def parse(cls, mode) -> "QuantMode | None":
+        """``None`` (unquantized), a mode, or its name (``"fp8"``, ``"int8"``, ``"int4"``)."""
+        if mode is None or isinstance(mode, cls):
+            return mode
+        try:
+            return cls(mode)
+        except ValueError:
+            raise ValueError(f"unknown quantization mode {mode!r}; use None (unquantized) or one of "
+                             f"{[m.value for m in cls]}") from None
+
+    @classmethod
+    def from_kernel_id(cls, kernel_id: int) -> "QuantMode | None":
+        return _BY_KERNEL_ID[kernel_id]
+
+
+_KERNEL_IDS = {QuantMode.FP8: 1, QuantMode.INT8: 2, QuantMode.INT4: 3}
+_BY_KERNEL_ID = (None, QuantMode.FP8, QuantMode.INT8, QuantMode.INT4)
+
 FP8_MAX = 448.0
-QMAX = {"fp8": FP8_MAX, "int8": 127.0, "int4": 7.0}
-_MODE_ID = {"fp8": 1, "int8": 2, "int4": 3}
+QMAX = {QuantMode.FP8: FP8_MAX, QuantMode.INT8: 127.0, QuantMode.INT4: 7.0}
 _STAT_ROWS = 32  # rows per step of a channel_stats program
 _STAT_CHUNK = 512  # rows per channel_stats program
 # K smoothing subtracts a per-channel vector from every key: softmax ignores the shift whatever the
@@ -211,8 +251,9 @@ def quantize_rows(x: torch.Tensor, mode: str, group: int, s_pad: int, scale_mul:
     Returns ``(data, scale, group_means or None)``.
     """
     b, s, h, d = x.shape
-    if mode not in _MODE_ID:
-        raise ValueError(f"unknown quantization mode {mode!r}; use one of {list(_MODE_ID)}")
+    mode = QuantMode.parse(mode)
+    if mode is None:
+        raise ValueError("quantize_rows needs a quantization mode, got None")
     rows = group if group > 1 else rows
     if s_pad % rows or s_pad < s:
         raise ValueError(f"s_pad={s_pad} must be >= S={s} and a multiple of {rows}")
@@ -226,7 +267,7 @@ def quantize_rows(x: torch.Tensor, mode: str, group: int, s_pad: int, scale_mul:
         _quantize_rows_kernel[(s_pad // rows, b * h)](
             x, mean if mean is not None else scale, chan_mul if chan_mul is not None else scale, out, scale, gmean,
             x.stride(0), x.stride(1), x.stride(2), s, h, s_pad, float(scale_mul),
-            GROUP=group, ROWS=rows, MODE=_MODE_ID[mode], SUB_MEAN=mean is not None, CHAN_MUL=chan_mul is not None,
+            GROUP=group, ROWS=rows, MODE=mode.kernel_id, SUB_MEAN=mean is not None, CHAN_MUL=chan_mul is not None,
             SUB_GROUP_MEAN=group_mean,
             BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d, EMULATE_FP8=interpreting(), num_warps=4,
         )
@@ -355,6 +396,7 @@ def _kv_quantize_kernel(K, V, Part, K8, KScale, KMean, V8, VScale,
 
 def _quantize_kv_fused(k, v, mode: str, block_n: int, s_pad: int):
     """fp8 / int8 K (smoothed, per tile of block_n rows) and V (e4m3, per channel) in two launches."""
+    mode = QuantMode.parse(mode)
     b, s, h, d = k.shape
     k_rows = triton.cdiv(s, SMOOTH_ROW_STEP)
     n_chunks = max(1, triton.cdiv(s, _KV_CHUNK))  # V's; K (subsampled) uses the first ones
@@ -373,7 +415,7 @@ def _quantize_kv_fused(k, v, mode: str, block_n: int, s_pad: int):
         )
         _kv_quantize_kernel[(s_pad // block_n, b * h, 2)](
             k, v, part, k8, k_scale, k_mean, v8, v_scale, *strides, s, h, s_pad, n_chunks, k_rows,
-            ROWS=block_n, MODE=_MODE_ID[mode], PART_STEP=_KV_PART_STEP, BLOCK_D=block_d, HEAD_DIM=d,
+            ROWS=block_n, MODE=mode.kernel_id, PART_STEP=_KV_PART_STEP, BLOCK_D=block_d, HEAD_DIM=d,
             EMULATE_FP8=interpreting(), num_warps=4,
         )
     return k8, k_scale, k_mean, v8, v_scale
@@ -390,9 +432,9 @@ def _quantize_kv_fused(k, v, mode: str, block_n: int, s_pad: int):
 # per-key bias); balance: multiply Q's channels by sqrt(amax K / amax Q) and divide K's by it
 # (SmoothQuant's exact migration of range between the two operands of Q·K).
 RECIPES = {
-    "fp8": dict(q_group="block_m", k_group="block_n", smooth_k=True, smooth_q=False, balance=False),
-    "int8": dict(q_group="block_m", k_group="block_n", smooth_k=True, smooth_q=False, balance=False),
-    "int4": dict(q_group=1, k_group=1, smooth_k=True, smooth_q=True, balance=True),
+    QuantMode.FP8: dict(q_group="block_m", k_group="block_n", smooth_k=True, smooth_q=False, balance=False),
+    QuantMode.INT8: dict(q_group="block_m", k_group="block_n", smooth_k=True, smooth_q=False, balance=False),
+    QuantMode.INT4: dict(q_group=1, k_group=1, smooth_k=True, smooth_q=True, balance=True),
 }
 
 
@@ -418,8 +460,9 @@ def quantize_qkv(q, k, v, mode: str, block_m: int, block_n: int, qk_scale: float
     each, plus one of K and V for their channel statistics; fp8 / int8 Q tiles are quantized inside
     the attention kernel, ``q`` is then None). ``qk_scale`` (softmax scale times log2 e) is folded
     into Q's scales (and its int4 block means)."""
-    if mode not in RECIPES:
-        raise ValueError(f"unknown quantization mode {mode!r}; use one of {list(RECIPES)}")
+    mode = QuantMode.parse(mode)
+    if mode is None:
+        raise ValueError("quantize_qkv needs a quantization mode, got None")
     r = RECIPES[mode]
     s_pad = padded_len(q.shape[1], block_m, block_n)
     # fp8 / int8: Q's tiles are quantized inside the attention kernel; K and V in two fused launches.

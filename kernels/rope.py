@@ -3,8 +3,9 @@
 diffusers' ``WanAttnProcessor`` normalises the projected queries and keys with ``torch.nn.RMSNorm``
 over all heads (``qk_norm="rms_norm_across_heads"``), then rotates channel pairs ``(2i, 2i + 1)`` of each
 head with its float32 ``(cos, sin)`` tables. In eager PyTorch that is about 20 elementwise kernels per
-layer, most of them over float32 intermediates twice the size of Q: on an H100 at Wan 480p a large part
-of what a sparse attention step costs (``benchmarks/results/prologue-*``). Here one launch reads Q and K once and writes them once, normalised and rotated.
+layer, most of them over float32 intermediates twice the size of Q: at real sizes a large part of what a
+sparse attention step costs (``benchmarks/prologue.py``; ``benchmarks/RESULTS.md``). Here one launch
+reads Q and K once and writes them once, normalised and rotated.
 
 Rounding follows the eager path: the norm in float32, times the weight, rounded once to the input dtype
 (as torch's fused ``rms_norm`` does), then the rotation in the tables' precision (float32 for Wan; float64 tables rotate in float64)

@@ -3,9 +3,8 @@
 diffusers routes attention through ``dispatch_attention_fn(q, k, v, ..., backend=...)``, looking the
 backend up by an ``AttentionBackendName`` enum member. We add a member ``"vdit"`` to that enum and
 register :func:`_vdit_backend` under it. A patched processor is the model's own processor class with
-its backend set to ``"vdit"``; around each call it publishes itself in :data:`_active`, and the backend
-reads that processor's block mask (prepared by the transformer's forward pre-hook for the forward's
-grid and step) and calls the ``vdit::attention`` custom op. So the processor's own code (projections,
+its backend set to ``"vdit"``; around each call it publishes itself in :data:`_running`, and the
+backend reads that processor's layer plan and calls the ``vdit::attention`` custom op with its tensors. So the processor's own code (projections,
 norms, RoPE, output) runs unchanged, and a diffusers update to a processor body needs no change here --
 except that Wan-style self-attention runs its Q/K norm and RoPE fused (:mod:`.prologue`, opt-out
 ``patch(..., fused_prologue=False)``), through the same ``dispatch_attention_fn`` call.
@@ -14,27 +13,30 @@ Context parallelism: the backend is registered with ``supports_context_parallel`
 runs diffusers' own templated path (all-to-all around :func:`_ulysses_forward_op`), and the mask of each
 processor covers the global heads of its rank (:func:`local_heads`). Ring attention raises.
 
+Which layer a call belongs to: the patched processor publishes itself, for the length of its own
+call, in a per-thread slot (:data:`_running`), and the backend reads that processor's
+:class:`~vdit_accel.plan.LayerPlan`, compiled by the transformer's forward pre-hook for the forward's
+grid and step. Per thread, so two patched pipelines run in two threads without sharing anything (a
+``contextvars.ContextVar`` would also follow asyncio tasks, but dynamo cannot trace ``ContextVar.set``:
+"Dynamo does not know how to trace method `set` of class `ContextVar`", torch 2.13; a
+``threading.local`` it traces).
+
 torch.compile: a compiled block traces the processor and this backend. What differs between layers
-reaches the traced code only as tensors (the processor's mask tensors, graph inputs); the layer index,
-the step and the grid are read in eager code (the pre-hook; the observers; calls whose length differs
-from the forward's grid), so one graph serves every layer of a block shape. A ``contextvars`` variable
-would be per-thread, but dynamo cannot trace one (graph break); :data:`_active` is process-wide, so one
-process runs patched attention in one thread at a time (as it runs a patched transformer, whose step
-and grid are per-transformer state, anyway).
+reaches the traced code only as tensors (the plan's mask and index tensors, graph inputs); the layer
+index, the step and the grid are read in eager code (the pre-hook; the observers; calls whose length
+differs from the forward's grid), so one graph serves every layer of a block shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING
+import threading
 
 import torch
 import torch.nn.functional as F
 
-from .op import vdit_attention
-
-if TYPE_CHECKING:
-    from .patch import PatchState
+from .op import run_dense, run_plan
 
 logger = logging.getLogger("vdit_accel")
 
@@ -42,18 +44,24 @@ BACKEND_NAME = "vdit"
 
 
 
-class _ActiveProcessor:
-    """The patched processor whose attention call is in flight (``proc``), or None outside patched layers.
+class _Running(threading.local):
+    """The patched processor whose call is in flight in this thread (``proc``), or None outside patched
+    layers. A patched processor sets it to itself around its call and restores the previous value."""
 
-    A patched processor sets ``proc`` to itself around its call and restores the previous value. The
-    attribute is assigned in ``__init__`` so that dynamo's guards on it do not change after the first call.
-    """
-
-    def __init__(self):
-        self.proc = None
+    proc = None
 
 
-_active = _ActiveProcessor()
+_running = _Running()
+
+
+@contextlib.contextmanager
+def running(proc):
+    """Run the body as if inside ``proc``'s call (what a patched processor does around its own)."""
+    prev, _running.proc = _running.proc, proc
+    try:
+        yield
+    finally:
+        _running.proc = prev
 _warned: set[str] = set()
 
 
@@ -110,7 +118,7 @@ def _local(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         why = ", ".join(unsupported) or "cross-attention shapes"
         _warn_once(f"vdit-accel: attention call with {why}: falling back to PyTorch SDPA for such calls")
         return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
-    proc = _active.proc
+    proc = _running.proc
     if attn_mask is None:
         return _attend(query, key, value, scale, proc, head_start)
     return _attend_masked(query, key, value, attn_mask, scale, proc, head_start)
@@ -221,23 +229,21 @@ def _valid_prefix_lengths(mask: torch.Tensor, batch: int, seq: int) -> list[int]
 
 def _attend(query, key, value, scale, proc, head_start: int = 0) -> torch.Tensor:
     """Our attention over one call's tokens; ``proc`` (the patched processor in flight, or None) gives the
-    block mask: the one its forward pre-hook prepared when the call spans the forward's grid and heads
-    (the mask tensors are then graph inputs under torch.compile), else one looked up for the call's own
-    grid. The call's heads are global heads ``head_start`` to ``head_start + query.shape[2]``."""
+    layer plan: the one its forward pre-hook compiled when the call spans the forward's grid and heads
+    (its tensors are then graph inputs under torch.compile), else one looked up for the call's own grid.
+    The call's heads are global heads ``head_start`` to ``head_start + query.shape[2]``."""
     if proc is None:
-        return vdit_attention(query, key, value, None, None, 0, 0, scale)
+        return run_dense(query, key, value, scale)
     state = proc._vdit_state
     heads = (head_start, head_start + query.shape[2])
     if state.observers:
         _observe(proc, query, key, value, heads)
-    if proc._vdit_seq_len == query.shape[1] and proc._vdit_heads == heads:
-        kv_num_blocks, kv_indices, quant = proc._vdit_kv_num_blocks, proc._vdit_kv_indices, proc._vdit_quant
-    else:
-        kv_num_blocks, kv_indices, quant = _call_mask(proc, query, heads)
-    if state.orders is not None:  # token orders: gathers, per-call plans (pipelines/permute.py)
-        return state.orders.attend(proc, query, key, value, scale, heads, kv_num_blocks, kv_indices, quant)
-    return vdit_attention(query, key, value, kv_num_blocks, kv_indices, state.block_size, state.block_size, scale,
-                          quant)
+    plan = proc._vdit_plan
+    if plan is None or not plan.serves(query.shape[1], heads):
+        plan = _call_plan(proc, query, heads)
+    if plan.dynamic is not None:  # semantic / segment heads: planned per call (pipelines/permute.py)
+        return state.orders.attend(proc, plan, query, key, value, scale)
+    return run_plan(query, key, value, plan, scale)
 
 
 @torch.compiler.disable
@@ -255,14 +261,10 @@ def _observe(proc, query, key, value, heads) -> None:
 
 
 @torch.compiler.disable
-def _call_mask(proc, query, heads) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
-    """The block mask (and quantization modes) of a call whose length differs from the forward's grid
-    (text dropped or masked per sample), or of a forward whose grid or heads were not prepared;
-    (None, None, ...) = dense."""
-    state = proc._vdit_state
-    mask = state.block_mask(proc._vdit_layer, query, heads=heads)
-    quant = state.layer_quant(proc._vdit_layer, heads)
-    return (None, None, quant) if mask is None else (mask.kv_num_blocks, mask.kv_indices, quant)
+def _call_plan(proc, query, heads):
+    """The plan of a call whose length differs from the forward's grid (text dropped or masked per
+    sample), or of a forward whose grid or heads were not prepared (cached like the pre-hook's)."""
+    return proc._vdit_state.plan(proc._vdit_layer, query, heads=heads)
 
 
 class _SDPAToBackend(torch.overrides.TorchFunctionMode):

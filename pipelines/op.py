@@ -1,19 +1,42 @@
 """``vdit::attention``: our attention as a PyTorch custom op, so that ``torch.compile`` sees one opaque call.
 
-The block mask enters as two tensors (``kv_num_blocks``, ``kv_indices``; both ``None`` = dense) and two
-ints that are the same for every layer (the mask's block sizes). A compiled graph therefore takes a
-layer's mask as a tensor input: all layers of one block shape share one graph, where a per-layer Python
-object or int would specialise (and recompile) it per layer. The implementation is
-:func:`vdit_accel.attention` — the Triton kernel on CUDA, the PyTorch reference path on the CPU; the
-fake implementation only says the output's shape, dtype and (contiguous) layout.
+Its arguments are a :class:`~vdit_accel.plan.LayerPlan`'s (``plan.as_tuple()``): the block mask as two
+tensors (``kv_num_blocks``, ``kv_indices``; both ``None`` = dense), the index tensors of static token
+orders, and ints that are the same for every layer of a strategy (block sizes; the head runs of
+quantized modes). A compiled graph therefore takes a layer's plan as tensor inputs: all layers of one
+mask shape share one graph, where a per-layer Python object or int would specialise (and recompile) it
+per layer. The implementation is :func:`vdit_accel.attention.planned_attention` -- the Triton kernel on
+CUDA, the PyTorch reference path on the CPU; the fake implementation only says the output's shape,
+dtype and (contiguous) layout.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from vdit_accel.attention import attention
-from vdit_accel.block_mask import BlockMask
+from vdit_accel.attention import HeadRun, planned_attention
+from vdit_accel.plan import LayerPlan
+from vdit_accel.quant import QuantMode
+
+
+def run_plan(q, k, v, plan: LayerPlan, scale: float | None) -> torch.Tensor:
+    """Attention under a layer plan: while torch.compile traces, the :func:`vdit_attention` op (one opaque
+    graph node taking the plan's tensors); from eager code its implementation directly, with the plan's
+    head runs as they are -- the op's dispatch (autograd and redispatch layers in Python) would be pure
+    per-call overhead there."""
+    if torch.compiler.is_compiling():
+        return vdit_attention(q, k, v, *plan.as_tuple(), scale=scale)
+    return planned_attention(q, k, v, plan.kv_num_blocks, plan.kv_indices, plan.block_size, plan.block_size,
+                             plan.runs, plan.q_index, plan.k_index, scale)
+
+
+def run_dense(q, k, v, scale: float | None) -> torch.Tensor:
+    """Dense, unquantized attention outside any plan (``set_attention_backend("vdit")`` without patch)."""
+    if torch.compiler.is_compiling():
+        return vdit_attention(q, k, v, None, None, 0, 0, scale=scale)
+    return planned_attention(q, k, v, None, None, 0, 0, (HeadRun(0, q.shape[2], None),), scale=scale)
 
 
 @torch.library.custom_op("vdit::attention", mutates_args=())
@@ -25,44 +48,35 @@ def vdit_attention(
     kv_indices: torch.Tensor | None,
     block_m: int,
     block_n: int,
-    scale: float | None,
-    quant: str = "",
+    quant_runs: Sequence[int] | None = None,
     q_index: torch.Tensor | None = None,
+    k_index: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Non-causal attention over ``(B, S, H, D)`` q, k, v; a contiguous ``(B, S, H, D)`` out in q's dtype.
 
     ``kv_num_blocks`` int32 ``[B or 1, H, Mb]`` and ``kv_indices`` int32 ``[B or 1, H, Mb, Nb]`` are a
     :class:`~vdit_accel.block_mask.BlockMask` over ``S = q.shape[1]`` tokens in blocks of
     ``(block_m, block_n)``; pass both as ``None`` for dense attention (block sizes then unused).
-    ``quant``: ``""`` (unquantized), one mode for every head, or one per head joined by commas (an
-    empty entry: that head unquantized) — a string, so a compiled graph specialises per mode pattern.
-    ``q_index``: int ``[B or 1, H, S]``, the queries' token order (see :func:`vdit_accel.attention`); the
-    output stays in q's order.
+    ``quant_runs``: None (every head unquantized) or ``(start, stop, QuantMode.kernel_id)`` per run of
+    heads, flattened (:attr:`LayerPlan.op_runs`; ints, so a compiled graph specialises per run layout).
+    ``q_index``: int ``[B or 1, H, S]``, the queries' token order (see :func:`vdit_accel.attention`);
+    ``k_index``: ``[S]`` or ``[B or 1, H, S]``, K and V gathered into the keys' order first. The output
+    stays in q's order.
     """
     if (kv_num_blocks is None) != (kv_indices is None):
         raise ValueError("vdit::attention takes kv_num_blocks and kv_indices together (both None = dense)")
-    mask = None if kv_num_blocks is None else BlockMask(kv_num_blocks, kv_indices, q.shape[1], block_m, block_n)
-    return attention(q, k, v, mask, scale=scale, quant=decode_quant(quant), q_index=q_index).contiguous()
-
-
-def encode_quant(modes) -> str:
-    """Per-head modes (None = unquantized) as the op's string: "" if none, the mode if all equal."""
-    modes = list(modes)
-    if all(m is None for m in modes):
-        return ""
-    if all(m == modes[0] for m in modes):
-        return modes[0]
-    return ",".join(m or "" for m in modes)
-
-
-def decode_quant(quant: str):
-    if not quant:
-        return None
-    return [m or None for m in quant.split(",")] if "," in quant else quant
+    if quant_runs:
+        runs = tuple(HeadRun(quant_runs[i], quant_runs[i + 1], QuantMode.from_kernel_id(quant_runs[i + 2]))
+                     for i in range(0, len(quant_runs), 3))
+    else:
+        runs = (HeadRun(0, q.shape[2], None),)
+    return planned_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, runs, q_index, k_index,
+                             scale).contiguous()
 
 
 @vdit_attention.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale, quant="", q_index=None):
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, quant_runs=None, q_index=None, k_index=None, scale=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 

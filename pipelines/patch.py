@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 
-from vdit_accel.block_mask import BlockMask
 from vdit_accel.grid import VideoGrid
-from vdit_accel.patterns import build_block_mask
+from vdit_accel.plan import LayerPlan, compile_layer_plan, layer_signature
 from vdit_accel.strategy import Strategy
 
 from .adapters import Adapter, adapter_for
-from .backend import _SDPAToBackend, _active, _warn_once, local_heads, register_backend
-from .op import encode_quant
+from .backend import _running, _SDPAToBackend, _warn_once, local_heads, register_backend
+from .permute import OrderRuntime
 from .prologue import fused_body
 
 logger = logging.getLogger("vdit_accel")
@@ -25,7 +24,8 @@ _processor_classes: dict[type, type] = {}
 
 
 def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
-    """The model's own processor class, with our backend and the processor published per call.
+    """The model's own processor class, with our backend and the processor published per call (in this
+    thread's slot, :data:`.backend._running`).
 
     Wan-style processors run their self-attention calls with the fused Q/K norm + RoPE prologue
     (:mod:`.prologue`) where the processor's ``_vdit_fused_prologue`` is set.
@@ -42,7 +42,7 @@ def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
 
     @functools.wraps(base.__call__)
     def __call__(self, *args, **kwargs):
-        prev, _active.proc = _active.proc, self
+        prev, _running.proc = _running.proc, self
         try:
             if fused is not None and self._vdit_fused_prologue:
                 out = fused(self, *args, **kwargs)
@@ -53,7 +53,7 @@ def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
                     return base.__call__(self, *args, **kwargs)
             return base.__call__(self, *args, **kwargs)
         finally:
-            _active.proc = prev
+            _running.proc = prev
 
     cls = type(f"Vdit{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__})
     _processor_classes[(base, route_sdpa)] = cls
@@ -86,7 +86,7 @@ class _StepTracker:
 
 
 class PatchState:
-    """What a patched transformer carries: strategy, grid, step, block-mask cache, the originals."""
+    """What a patched transformer carries: strategy, grid, step, its layer plans, the originals."""
 
     def __init__(self, transformer: torch.nn.Module, adapter: Adapter, strategy: Strategy, block_size: int,
                  steps: _StepTracker | None = None):
@@ -102,7 +102,10 @@ class PatchState:
         self.call_grid: VideoGrid | None = None
         self._forward_seen = False
         self._steps = steps or _StepTracker()
-        self._masks: dict[tuple, BlockMask | None] = {}
+        # What each layer's heads do, as a key: layers with equal signatures share their plans.
+        self._signatures = [layer_signature(strategy, i, self.num_heads) for i in range(len(self.layers))]
+        self._plans: dict[tuple, LayerPlan] = {}  # (signature, grid, device, heads, phase) -> its plan
+        self._forward_plans: dict[tuple, tuple[LayerPlan, ...]] = {}  # (grid, device, phase, heads) -> per layer
         self.scheduler = None  # the patched pipeline's scheduler: its timesteps tell the step count
         self.originals: dict[str, object] = {}
         self.processors: list = []  # the patched processors, in layer order
@@ -128,59 +131,60 @@ class PatchState:
         return None if self._steps.last is None else self._steps.step
 
     # Forward pre-hook of the transformer: the grid and the denoising step of this call, and each
-    # layer's block mask for them. Eager under torch.compile (it reads the timestep's value), so that
-    # the compiled blocks see each layer's mask only as tensors on its processor.
+    # layer's plan for them. Eager under torch.compile (it reads the timestep's value), so that the
+    # compiled blocks see each layer's plan only as tensors on its processor.
     @torch.compiler.disable
     def on_forward(self, module, args, kwargs):
         self._forward_seen = True
         self.grid = self.adapter.grid(module, args, kwargs)
         t = self.adapter.timestep(args, kwargs)
-        if t is not None:
+        # Under CUDA-graph capture the timestep's value cannot be read (a host sync): the step stays
+        # where it is, and the graph replays the plans of that step.
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.is_current_stream_capturing()):
             # max: per-token (Wan 2.2 TI2V) or per-frame (SkyReels diffusion forcing) timesteps.
             self._steps.observe(float(t.max()) if isinstance(t, torch.Tensor) else float(t))
         hidden = args[0] if args else kwargs.get("hidden_states")
         self._prepare(hidden.device if isinstance(hidden, torch.Tensor) else None)
 
     def _prepare(self, device) -> None:
-        """Give each patched processor its block mask for attention calls over the forward's whole grid.
+        """Give each patched processor its layer's plan for attention calls over the forward's whole grid,
+        at this step, over the global heads it attends (all of them, or under Ulysses context parallelism
+        this rank's slice: the processor's ``_parallel_config``). Plans are compiled on first use and
+        cached per (grid, device, phase, heads); a later forward only looks them up."""
+        if device is None:
+            for proc in self.processors:
+                proc._vdit_plan = None
+            return
+        phase = self.phase()
+        heads = tuple(local_heads(getattr(p, "_parallel_config", None), self.num_heads) or (0, self.num_heads)
+                      for p in self.processors)
+        key = (self.grid, device, phase, heads)
+        plans = self._forward_plans.get(key)
+        if plans is None:
+            plans = tuple(self._plan(i, self.grid, device, h, phase) for i, h in enumerate(heads))
+            self._forward_plans[key] = plans
+        for proc, plan in zip(self.processors, plans):
+            proc._vdit_plan = plan
 
-        ``_vdit_seq_len`` is the call length the mask is for (-1: none prepared; the backend then looks
-        the mask up per call); ``_vdit_heads`` the global heads ``(start, stop)`` it covers (all of them,
-        or under Ulysses context parallelism this rank's slice: the processor's ``_parallel_config``);
-        ``_vdit_kv_num_blocks`` / ``_vdit_kv_indices`` the mask (None = dense).
-        """
-        grid = self.grid
-        for layer, proc in enumerate(self.processors):
-            mask = None
-            heads = local_heads(getattr(proc, "_parallel_config", None), self.num_heads) or (0, self.num_heads)
-            if grid is not None and device is not None:
-                mask = self._layer_mask(layer, grid, device, heads)
-            proc._vdit_heads = heads
-            proc._vdit_seq_len = grid.seq_len if grid is not None and device is not None else -1
-            proc._vdit_kv_num_blocks = mask.kv_num_blocks if mask is not None else None
-            proc._vdit_kv_indices = mask.kv_indices if mask is not None else None
-            proc._vdit_quant = self.layer_quant(layer, heads)
-
-    def num_steps(self) -> int | None:
-        """The denoising steps of the generation in flight: the patched pipeline's scheduler's timesteps
-        (None when only a transformer was patched, or before the pipeline set them)."""
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        return len(timesteps) if timesteps is not None else None
-
-    def layer_quant(self, layer: int, heads: tuple[int, int] | None = None) -> str:
-        """The quantization modes of ``layer``'s heads ``heads`` at the current step, as the op takes them."""
+    def phase(self) -> tuple[bool, bool]:
+        """``(sparse, quantized)`` at the current step: past the dense warm-up; outside the strategy's
+        unquantized first and last steps."""
+        sparse = self.step >= self.strategy.dense_warmup_steps
         if not self.strategy.is_quantized():
-            return ""
+            return sparse, False
         num_steps = self.num_steps()
         if num_steps is None and self.strategy.quant_bf16_steps[1]:
             _warn_once(
                 "vdit-accel: the strategy runs its last denoising steps unquantized, but the step count is unknown "
                 "(patch the pipeline, not only its transformer): quantizing them"
             )
-        if not self.strategy.quantized_at(self.step, num_steps):
-            return ""
-        heads = heads or (0, self.num_heads)
-        return encode_quant(self.strategy.layer_quants(layer, self.num_heads)[heads[0]:heads[1]])
+        return sparse, self.strategy.quantized_at(self.step, num_steps)
+
+    def num_steps(self) -> int | None:
+        """The denoising steps of the generation in flight: the patched pipeline's scheduler's timesteps
+        (None when only a transformer was patched, or before the pipeline set them)."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        return len(timesteps) if timesteps is not None else None
 
     def reset(self) -> None:
         """Forget the step count (the next call counts as step 0)."""
@@ -208,52 +212,42 @@ class PatchState:
             )
         return VideoGrid(grid.t, grid.h, grid.w, text_len, grid.text_at if text_len else "none")
 
-    def block_mask(self, layer: int, query: torch.Tensor, grid: VideoGrid | None = None,
-                   heads: tuple[int, int] | None = None) -> BlockMask | None:
-        """The block mask of ``layer`` for ``grid`` (default: the call grid of ``query``'s length) at the
-        current step, over global heads ``heads = (start, stop)`` (default: all); None = dense. Cached
-        per (grid, layer, device, heads)."""
-        if self.step < self.strategy.dense_warmup_steps:
-            return None
-        return self._layer_mask(layer, grid or self.grid_for(query.shape[1], layer), query.device, heads)
+    def plan(self, layer: int, query: torch.Tensor, grid: VideoGrid | None = None,
+             heads: tuple[int, int] | None = None) -> LayerPlan:
+        """The plan of ``layer`` for ``grid`` (default: the call grid of ``query``'s length) at the current
+        step, over global heads ``heads = (start, stop)`` (default: all), on ``query``'s device."""
+        grid = grid or self.grid_for(query.shape[1], layer)
+        return self._plan(layer, grid, query.device, heads or (0, self.num_heads), self.phase())
 
-    def _layer_mask(self, layer: int, grid: VideoGrid | None, device,
-                    heads: tuple[int, int] | None = None) -> BlockMask | None:
-        if self.step < self.strategy.dense_warmup_steps:
-            return None
-        if grid is None:
-            if not self.strategy.is_dense():
+    def _plan(self, layer: int, grid: VideoGrid | None, device, heads: tuple[int, int],
+              phase: tuple[bool, bool]) -> LayerPlan:
+        key = (self._signatures[layer], grid, torch.device(device), heads, phase)
+        plan = self._plans.get(key)
+        if plan is None:
+            if grid is None and phase[0] and not self.strategy.is_dense():
                 _warn_once(
                     f"vdit-accel: {self.adapter.family}: the transformer's forward "
                     "did not tell the token grid (e.g. LTX given video_coords only); running such calls dense"
                 )
-            return None
-        heads = heads or (0, self.num_heads)
-        key = (grid, layer, torch.device(device), heads)
-        if key not in self._masks:
-            # Head h of the mask is global head heads[0] + h (Ulysses gives a rank a slice of the heads).
-            patterns = self.strategy.layer_patterns(layer, self.num_heads)[heads[0]:heads[1]]
-            if self.orders is not None:  # each head's mask in its own token order
-                self._masks[key] = self.orders.layer_mask(layer, patterns, grid, device, heads)
-            elif all(p["kind"] == "dense" for p in patterns):
-                self._masks[key] = None
-            else:
-                self._masks[key] = build_block_mask(patterns, grid, self.block_size, self.block_size, device)
-        return self._masks[key]
+            frame = self.orders.frame_order if self.orders is not None and grid is not None else None
+            plan = self._plans[key] = compile_layer_plan(
+                self.strategy, layer, self.num_heads, grid, heads, self.block_size, device,
+                sparse=phase[0], quantized=phase[1], frame=frame)
+        return plan
 
     def mean_density(self, grid: VideoGrid) -> float:
-        """Fraction of (query block, key block) pairs visited, over all layers and heads (1.0 = dense)."""
-        total = 0.0
-        for layer in range(len(self.layers)):
-            patterns = self.strategy.layer_patterns(layer, self.num_heads)
-            if self.orders is not None:  # static heads in their own orders; semantic/segment ones count as dense
-                mask = self.orders.layer_mask(layer, patterns, grid, None, (0, self.num_heads))
-                total += 1.0 if mask is None else mask.density()
-            elif all(p["kind"] == "dense" for p in patterns):
-                total += 1.0
-            else:
-                total += build_block_mask(patterns, grid, self.block_size, self.block_size).density()
-        return total / len(self.layers)
+        """Fraction of (query block, key block) pairs visited, over all layers and heads (1.0 = dense;
+        semantic / segment heads, whose blocks are chosen per call, count as dense)."""
+        heads = (0, self.num_heads)
+        plans = [self._plan(i, grid, torch.device("cpu"), heads, (True, False)) for i in range(len(self.layers))]
+        return sum(p.density() for p in plans) / len(plans)
+
+    def clear(self) -> None:
+        """Drop every plan (their masks: GPU memory) now."""
+        self._plans.clear()
+        self._forward_plans.clear()
+        for proc in self.processors:
+            proc._vdit_plan = None
 
 
 def _transformers_of(obj) -> list[torch.nn.Module]:
@@ -280,7 +274,7 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
         quant: if given (``"fp8"``, ``"int8"``, ``"int4"``), every head runs in that mode, overriding
             the strategy's own ``quant`` (whose ``quant_bf16_steps`` still apply).
         order: if given, every head's token order (``"tiled"``, ``"semantic:top_p=0.9,refresh=4"``,
-            ``"segment"``, ``"raster"``; see :mod:`vdit_accel.permutation`), overriding the strategy's.
+            ``"segment"``, ``"raster"``; see :mod:`vdit_accel.orders`), overriding the strategy's.
             ``semantic`` and ``segment`` choose their own key blocks and need the ``"dense"`` pattern.
         fused_prologue: Wan 2.1/2.2 and SkyReels-V2 self-attention normalise and rotate Q and K in one
             Triton pass instead of the processor's ~20 eager kernels (:mod:`vdit_accel.pipelines.prologue`;
@@ -289,8 +283,8 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
 
     Only the video self-attention processors the model's adapter lists are replaced (``attn1``, or
     HunyuanVideo's joint ``attn``); cross-attention, text refiners and pools are left alone. The token
-    grid is read from each forward call, the denoising step tracked from its timestep, and each block
-    mask built once per (grid, layer). Text tokens of joint attention are always attended densely. Patching twice raises; :func:`unpatch` restores the originals.
+    grid is read from each forward call, the denoising step tracked from its timestep, and each layer's
+    plan (block mask, head runs, token orders) compiled once per grid (:mod:`vdit_accel.plan`). Text tokens of joint attention are always attended densely. Patching twice raises; :func:`unpatch` restores the originals.
     Returns the object it was given.
     """
     strategy = Strategy.from_spec(strategy, quant=quant, order=order)
@@ -317,18 +311,13 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
             proc.__dict__.update(orig.__dict__)
             if not adapter.calls_sdpa:
                 proc._attention_backend = backend
-            proc._vdit_state, proc._vdit_layer = state, i
-            proc._vdit_seq_len, proc._vdit_kv_num_blocks, proc._vdit_kv_indices = -1, None, None
-            proc._vdit_quant = ""
+            proc._vdit_state, proc._vdit_layer, proc._vdit_plan = state, i, None
             proc._vdit_fused_prologue = bool(fused_prologue)
-            proc._vdit_heads = (0, state.num_heads)
             state.originals[name] = orig
             state.processors.append(proc)
             attn.processor = proc
         state.hook = tr.register_forward_pre_hook(state.on_forward, with_kwargs=True)
         if strategy.uses_orders():
-            from .permute import OrderRuntime
-
             state.orders = OrderRuntime(tr, state)  # its hooks run after state.on_forward
         setattr(tr, _STATE_ATTR, state)
     logger.info("vdit-accel: patched %d transformer(s) with %s", len(plans), strategy.describe())
@@ -354,7 +343,7 @@ def unpatch(pipe_or_transformer):
         state.hook.remove()
         if state.orders is not None:
             state.orders.remove()
-        state._masks.clear()  # the block masks, freed now rather than at the next garbage collection
+        state.clear()  # the plans' masks, freed now rather than at the next garbage collection
         delattr(tr, _STATE_ATTR)
     return pipe_or_transformer
 

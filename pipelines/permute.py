@@ -27,7 +27,7 @@ Two places, chosen per transformer forward and per layer:
   first ``h * w`` of the sequence, apart), SkyReels-V2 and HunyuanVideo 1.5: their tiled heads gather per
   call. The frame is the same at every step of a grid (dense warm-up included), so diffusers' caches
   (FirstBlockCache, MagCache, ...), which keep block outputs across steps, stay consistent.
-- **Per call** (:func:`vdit_accel.permutation.plan_call`): heads whose order differs from the frame — a
+- **Per call** (:func:`vdit_accel.orders.plan.plan_call`): heads whose order differs from the frame — a
   ``tiled`` head on another model, a ``raster`` head in a tiled frame, every ``semantic`` and ``segment``
   head — gather their k and v rows into their own key order (one launch) inside the attention call; their
   queries never move: the kernel reads each Q row and writes its output row through the query order
@@ -41,20 +41,13 @@ sequence), and attention observers (the search) while a frame is active (they ex
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from vdit_accel.grid import VideoGrid
-from vdit_accel.permutation import (DYNAMIC_KINDS, block_mask_for_order, format_order, inverse, order_key, plan_call,
-                                    static_order)
-from vdit_accel.patterns import build_block_mask_for_pattern
+from vdit_accel.orders import Tiled, format_order, inverse, plan_call, static_order
+from vdit_accel.plan import LayerPlan
 
-from .backend import _warn_once
-from .op import vdit_attention
-
-if TYPE_CHECKING:
-    from .patch import PatchState
+from .op import run_plan
 
 
 @dataclass(frozen=True)
@@ -93,15 +86,16 @@ def _frame_of(transformer, family: str) -> _Frame | None:
 
 
 class OrderRuntime:
-    """The token orders of one patched transformer: its frame hooks and its per-call plans."""
+    """The token orders of one patched transformer (``state``: its :class:`~.patch.PatchState`): its
+    frame hooks and its per-call plans."""
 
-    def __init__(self, transformer: torch.nn.Module, state: "PatchState"):
+    def __init__(self, transformer: torch.nn.Module, state):
         self.state = state
         self.strategy = state.strategy
         self.block = state.block_size
-        default = self.strategy.order
+        default = self.strategy.default.order
         family = state.adapter.family
-        frame = _frame_of(transformer, family) if default is not None and default["kind"] == "tiled" else None
+        frame = _frame_of(transformer, family) if isinstance(default, Tiled) else None
         self.frame_order = default if frame is not None else None
         self.frame: torch.Tensor | None = None  # this forward's frame permutation, on its device
         self._frame_inv: torch.Tensor | None = None
@@ -112,8 +106,6 @@ class OrderRuntime:
         # forwards (guidance's two) meet their own slot's plan
         self.memory: dict[tuple[int, int], dict] = {}
         self._calls: dict[int, int] = {}  # layer -> its calls so far in this forward
-        self._static: dict[tuple, torch.Tensor] = {}  # (layer, grid, device, heads) -> bool [1, H, Mb, Nb]
-        self._shared: dict[tuple, tuple] = {}  # (patterns, orders, grid, device, heads) -> (bool mask, BlockMask)
         self.hooks = [transformer.register_forward_pre_hook(self.on_forward, with_kwargs=True)]
         if frame is not None:
             blocks = [b for name in frame.blocks for b in getattr(transformer, name)]
@@ -130,12 +122,12 @@ class OrderRuntime:
             ]
 
     def remove(self) -> None:
-        """Take the hooks off and drop the masks, plans and frames (GPU memory) now: the runtime and its
+        """Take the hooks off and drop the per-call plans and frames (GPU memory) now: the runtime and its
         patch state refer to each other, so only a garbage-collector pass would free them otherwise."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
-        for cache in (self._static, self._shared, self.memory, self._frames):
+        for cache in (self.memory, self._frames):
             cache.clear()
         self.frame = self._frame_inv = None
 
@@ -236,84 +228,19 @@ class OrderRuntime:
             return (self._take(out[0], 1, self._frame_inv, "the last block's output"), *out[1:])
         return self._take(out, 1, self._frame_inv, "the last block's output")
 
-    # -- masks ------------------------------------------------------------------------------------
-    def layer_mask(self, layer: int, patterns: list, grid: VideoGrid, device, heads: tuple[int, int]):
-        """The layer's block mask: each static head's pattern in its own order, dynamic heads dense
-        (replaced per call); None when every head is dense. Also kept as a bool tensor for the per-call
-        plans. Layers with the same patterns and orders share one mask (a uniform strategy builds one:
-        per-layer copies cost 60 x 0.1 GB on HunyuanVideo 720p)."""
-        import json
-
-        from vdit_accel.block_mask import BlockMask
-
-        orders = self.strategy.layer_orders(layer, self.state.num_heads)[heads[0]:heads[1]]
-        dynamic = [o is not None and o["kind"] in DYNAMIC_KINDS for o in orders]
-        if not any(dynamic) and all(p["kind"] == "dense" for p in patterns):
-            return None  # dense whatever the order
-        key = (json.dumps(patterns, sort_keys=True), tuple(order_key(o) for o in orders), grid, str(device), heads)
-        hit = self._shared.get(key)
-        if hit is None:
-            rows = []
-            for p, o in zip(patterns, orders):
-                if o is not None and o["kind"] in DYNAMIC_KINDS:
-                    rows.append(build_block_mask_for_pattern({"kind": "dense"}, grid, self.block, self.block, device))
-                elif o is None:
-                    rows.append(build_block_mask_for_pattern(p, grid, self.block, self.block, device))
-                else:
-                    rows.append(_order_mask(p, o, grid, self.block, device))
-            dense = torch.stack(rows).unsqueeze(0)
-            hit = self._shared[key] = (dense, BlockMask.from_dense(dense, grid.seq_len, self.block, self.block))
-        self._static[(layer, grid, str(device), heads)] = hit[0]
-        return hit[1]
-
-    # -- one attention call ---------------------------------------------------------------------------
+    # -- one attention call with per-call plans ---------------------------------------------------------
     @torch.compiler.disable
-    def attend(self, proc, query, key, value, scale, heads, kv_num_blocks, kv_indices, quant) -> torch.Tensor:
-        """Our attention for one call of a layer with orders (the backend calls this)."""
-        state, layer, block = self.state, proc._vdit_layer, self.block
-        if state.step < self.strategy.dense_warmup_steps:  # dense: the order does not matter
-            return vdit_attention(query, key, value, None, None, block, block, scale, quant)
-        grid = state.grid_for(query.shape[1], layer)
-        orders = self.strategy.layer_orders(layer, state.num_heads)[heads[0]:heads[1]]
-        frame = self.frame_order if (self.frame is not None and grid is not None
-                                     and grid.video_len == self._frame_len) else None
-        dynamic = any(o is not None and o["kind"] in DYNAMIC_KINDS for o in orders)
-        if grid is None:
-            if dynamic:
-                _warn_once(f"vdit-accel: {state.adapter.family}: no token grid for this call; semantic/segment heads run dense")
-            return vdit_attention(query, key, value, kv_num_blocks, kv_indices, block, block, scale, quant)
-        if not dynamic and all(order_key(o) == order_key(frame) for o in orders):
-            return vdit_attention(query, key, value, kv_num_blocks, kv_indices, block, block, scale, quant)
-        static = None
-        if dynamic:
-            static = self._static.get((layer, grid, str(query.device), heads))
-            if static is None:
-                self.layer_mask(layer, self.strategy.layer_patterns(layer, state.num_heads)[heads[0]:heads[1]], grid,
-                                query.device, heads)
-                static = self._static[(layer, grid, str(query.device), heads)]
+    def attend(self, proc, plan, query, key, value, scale) -> torch.Tensor:
+        """Our attention for one call of a layer whose plan has semantic / segment heads (the backend
+        calls this): the call's token orders and block mask from its data (:func:`plan_call`), K and V
+        moved into the key order, Q read and the output written through the query order by the kernel."""
+        layer, block, dyn = proc._vdit_layer, self.block, plan.dynamic
         slot = self._calls.get(layer, 0)
         self._calls[layer] = slot + 1
-        plan = plan_call(query, key, grid, orders, frame, block, static, self.memory.setdefault((layer, slot), {}),
-                         scale, state.known_step, value)
-        key, value = plan.gather_kv(key, value)  # Q is read and the output written through q_index in the kernel
-        if dynamic:
-            bm = plan.block_mask(query.shape[1], block)
-            kv_num_blocks, kv_indices = bm.kv_num_blocks, bm.kv_indices
-        return vdit_attention(query, key, value, kv_num_blocks, kv_indices, block, block, scale, quant,
-                              plan.kernel_q_index(query.shape[2]))
-
-
-_ORDER_MASKS: dict[tuple, torch.Tensor] = {}
-
-
-def _order_mask(p, o, grid: VideoGrid, block: int, device) -> torch.Tensor:
-    """Bool [Mb, Nb]: pattern ``p`` in static order ``o`` (cached per pattern, order, grid, block, device)."""
-    import json
-
-    key = (json.dumps(p, sort_keys=True), order_key(o), grid, block, str(device))
-    hit = _ORDER_MASKS.get(key)
-    if hit is None:
-        if len(_ORDER_MASKS) >= 256:
-            _ORDER_MASKS.pop(next(iter(_ORDER_MASKS)))
-        hit = _ORDER_MASKS[key] = block_mask_for_order(p, grid, static_order(o, grid, block, device), block, block)
-    return hit
+        call = plan_call(query, key, plan.grid, list(dyn.orders), dyn.frame, block, dyn.static_mask,
+                         self.memory.setdefault((layer, slot), {}), scale, self.state.known_step, value)
+        key, value = call.gather_kv(key, value)
+        bm = call.block_mask(query.shape[1], block)
+        this_call = LayerPlan(plan.grid, plan.heads, block, bm.kv_num_blocks, bm.kv_indices, plan.runs,
+                              call.kernel_q_index(query.shape[2]))
+        return run_plan(query, key, value, this_call, scale)

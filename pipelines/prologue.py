@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from vdit_accel.attention import _use_triton
+from vdit_accel.kernels import use_triton
 
 from .backend import _warn_once
 
@@ -66,7 +66,7 @@ def fused_body(base: type):
 
     def body(proc, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
         if (kwargs or encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None
-                or getattr(attn, "add_k_proj", None) is not None or not _use_triton(hidden_states)
+                or getattr(attn, "add_k_proj", None) is not None or not use_triton(hidden_states)
                 or hidden_states.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
             return None
         norms = (attn.norm_q, attn.norm_k)

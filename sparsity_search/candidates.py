@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vdit_accel.grid import VideoGrid
-from vdit_accel.patterns import Pattern, validate_pattern
+from vdit_accel.patterns import DENSE, FramePeriodic, PatternSpec, Skip, Stripes, Union, Window1d, Window3d
 
 
 def radius_ladder(limit: int) -> list[int]:
@@ -15,7 +15,7 @@ def radius_ladder(limit: int) -> list[int]:
     return out
 
 
-def candidate_patterns(grid: VideoGrid, with_stripes: bool = True) -> list[Pattern]:
+def candidate_patterns(grid: VideoGrid, with_stripes: bool = True) -> list[PatternSpec]:
     """The search's candidates for one grid, cheapest kinds first; ``dense`` and ``skip`` included.
 
     - ``stripes:frames=0`` alone (the first frame as global keys);
@@ -24,29 +24,29 @@ def candidate_patterns(grid: VideoGrid, with_stripes: bool = True) -> list[Patte
       the grid), each also in union with the first-frame stripe;
     - ``window1d`` bands of 0.5, 1, 2 and 4 frames.
     """
-    cands: list[Pattern] = [{"kind": "skip"}]
+    cands: list[PatternSpec] = [Skip()]
     ts = radius_ladder(grid.t - 1)
     hs = [v for v in radius_ladder(grid.h - 1) if v <= max(1, grid.h // 2)]
     ws = [v for v in radius_ladder(grid.w - 1) if v <= max(1, grid.w // 2)]
-    first_frame = {"kind": "stripes", "frames": [0], "tokens": []}
+    first_frame = Stripes(frames=(0,))
     if grid.t > 1:
         cands.append(first_frame)
     # frame_periodic before window3d: a window3d spanning every frame is the same mask, so it is
     # left out and the more specific name is kept.
     for h in hs:
         for w in ws:
-            cands.append({"kind": "frame_periodic", "h": h, "w": w, "every": 1})
+            cands.append(FramePeriodic(h, w))
     for t in ts:
         if t >= grid.t - 1 and grid.t > 1:
             continue
         for h in hs:
             for w in ws:
-                win = {"kind": "window3d", "t": t, "h": h, "w": w}
+                win = Window3d(t, h, w)
                 cands.append(win)
                 if with_stripes and grid.t > 1:
-                    cands.append({"kind": "union", "of": [win, first_frame]})
+                    cands.append(Union((win, first_frame)))
     for f in (0.5, 1.0, 2.0, 4.0):
         if f < grid.t:
-            cands.append({"kind": "window1d", "frames": f})
-    cands.append({"kind": "dense"})
-    return [validate_pattern(c) for c in cands]
+            cands.append(Window1d(f))
+    cands.append(DENSE)
+    return cands

@@ -15,7 +15,7 @@ works one query block at a time (a [H, block, S] score slab, never [S, S]):
 Errors are each head's relative L2 error, except for ``skip``, whose error is the head's share of
 the layer's output (:meth:`LayerStats.error`), so that near-silent heads can be skipped.
 
-Token orders (:mod:`vdit_accel.permutation`) make more candidates: with ``orders``, the profiler scores
+Token orders (:mod:`vdit_accel.orders`) make more candidates: with ``orders``, the profiler scores
 every pattern in every static order (``raster``, ``tiled``: the same pass on q, k, v permuted into that
 order, with the patterns' block masks in it) and every dynamic order as one candidate of its own
 (``semantic``, ``segment``: the call's own per-head plan, with its data-chosen block mask). A column is
@@ -26,7 +26,6 @@ rows (they are other tokens in another order), rescaled to the first group's ref
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -34,9 +33,9 @@ import torch
 
 from vdit_accel.block_mask import cdiv
 from vdit_accel.grid import VideoGrid
-from vdit_accel.patterns import Pattern, build_block_mask_for_pattern
-from vdit_accel.permutation import (DYNAMIC_KINDS, Order, block_mask_for_order, gather_tokens, plan_call, static_order,
-                                    validate_order)
+from vdit_accel.orders import (OrderSpec, block_mask_for_order, gather_tokens, is_dynamic, parse_order, plan_call,
+                               static_order)
+from vdit_accel.patterns import DENSE, PatternSpec, build_block_mask_for_pattern
 
 
 @dataclass
@@ -91,20 +90,20 @@ class LayerStats:
         return self.recall / self.count.clamp_min(1)
 
 
-def pattern_volume(p: Pattern, grid: VideoGrid) -> float:
+def pattern_volume(p: PatternSpec, grid: VideoGrid) -> float:
     """Keys one central query reaches under ``p`` (token level): orders patterns by generosity."""
-    kind = p["kind"]
+    kind = p.kind
     clip = lambda r, n: min(2 * r + 1, n)  # noqa: E731
     if kind == "window3d":
-        return clip(p["t"], grid.t) * clip(p["h"], grid.h) * clip(p["w"], grid.w)
+        return clip(p.t, grid.t) * clip(p.h, grid.h) * clip(p.w, grid.w)
     if kind == "frame_periodic":
-        return -(-grid.t // p["every"]) * clip(p["h"], grid.h) * clip(p["w"], grid.w)
+        return -(-grid.t // p.every) * clip(p.h, grid.h) * clip(p.w, grid.w)
     if kind == "window1d":
-        return min(2 * p["frames"] * grid.h * grid.w + 1, grid.video_len)
+        return min(2 * p.frames * grid.h * grid.w + 1, grid.video_len)
     if kind == "stripes":
-        return len(p["frames"]) * grid.h * grid.w + len(p["tokens"])
+        return len(p.frames) * grid.h * grid.w + len(p.tokens)
     if kind == "union":
-        return sum(pattern_volume(q, grid) for q in p["of"])
+        return sum(pattern_volume(q, grid) for q in p.of)
     return float(grid.video_len) if kind == "dense" else 0.0
 
 
@@ -114,7 +113,8 @@ class CandidateMasks:
     on this grid, the most generous one (same cost here, a superset of keys, and at other
     resolutions the parameters that match what the heads do)."""
 
-    def __init__(self, candidates: list[Pattern], grid: VideoGrid, block: int, device, order: Order | None = None):
+    def __init__(self, candidates: list[PatternSpec], grid: VideoGrid, block: int, device,
+                 order: OrderSpec | None = None):
         self.grid, self.block = grid, block
         if order is None:
             self.masks = torch.stack([build_block_mask_for_pattern(p, grid, block, block, device) for p in candidates])
@@ -125,12 +125,12 @@ class CandidateMasks:
         groups: dict[tuple, int] = {}
         self.representative = list(range(len(candidates)))
         for i, p in enumerate(candidates):
-            key = (p["kind"], self.masks[i].cpu().numpy().tobytes())
+            key = (p.kind, self.masks[i].cpu().numpy().tobytes())
             j = groups.setdefault(key, i)
             if pattern_volume(p, grid) > pattern_volume(candidates[j], grid):
                 groups[key] = i
         for i, p in enumerate(candidates):
-            self.representative[i] = groups[(p["kind"], self.masks[i].cpu().numpy().tobytes())]
+            self.representative[i] = groups[(p.kind, self.masks[i].cpu().numpy().tobytes())]
 
 
 @dataclass
@@ -146,7 +146,7 @@ class HeadProfiler:
             columns are exactly ``candidates``.
     """
 
-    candidates: list[Pattern]
+    candidates: list[PatternSpec]
     block_size: int = 128
     sample_blocks: int = 8
     mass_stride: int = 1
@@ -155,27 +155,27 @@ class HeadProfiler:
     _masks: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.orders = [validate_order(o) for o in self.orders]
+        self.orders = [parse_order(o) for o in self.orders]
         if not self.orders:
             raise ValueError("HeadProfiler needs at least one order (None: raster)")
 
     @property
-    def static_orders(self) -> list[Order | None]:
-        return [o for o in self.orders if o is None or o["kind"] not in DYNAMIC_KINDS]
+    def static_orders(self) -> list[OrderSpec | None]:
+        return [o for o in self.orders if not is_dynamic(o)]
 
     @property
-    def dynamic_orders(self) -> list[Order]:
-        return [o for o in self.orders if o is not None and o["kind"] in DYNAMIC_KINDS]
+    def dynamic_orders(self) -> list[OrderSpec]:
+        return [o for o in self.orders if is_dynamic(o)]
 
-    def columns(self) -> list[tuple[Pattern, Order | None]]:
+    def columns(self) -> list[tuple[PatternSpec, OrderSpec | None]]:
         """What each column of the stats is: every candidate pattern in each static order (in the order
         of ``orders``), then each dynamic order (its pattern ``dense``)."""
         cols = [(p, o) for o in self.static_orders for p in self.candidates]
-        return cols + [({"kind": "dense"}, o) for o in self.dynamic_orders]
+        return cols + [(DENSE, o) for o in self.dynamic_orders]
 
-    def masks_for(self, grid: VideoGrid, device, order: Order | None = None) -> CandidateMasks:
+    def masks_for(self, grid: VideoGrid, device, order: OrderSpec | None = None) -> CandidateMasks:
         """The candidates' block masks in a static ``order`` (default raster)."""
-        key = (grid, str(device), json.dumps(order, sort_keys=True))
+        key = (grid, str(device), order)
         if key not in self._masks:
             self._masks[key] = CandidateMasks(self.candidates, grid, self.block_size, device, order)
         return self._masks[key]

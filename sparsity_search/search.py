@@ -24,9 +24,8 @@ from typing import Callable
 
 import torch
 
-from vdit_accel.patterns import Pattern
-from vdit_accel.permutation import DYNAMIC_KINDS, format_order, order_key, order_overhead, validate_order
-from vdit_accel.strategy import Strategy
+from vdit_accel.orders import format_order, is_dynamic, order_overhead, parse_order
+from vdit_accel.strategy import HeadSpec, Strategy
 
 from .candidates import candidate_patterns
 from .profile import HeadProfiler, LayerStats
@@ -51,12 +50,12 @@ class SearchConfig:
     seed: the generation seed for every calibration prompt.
     target_density: instead of an error budget, the mean block density to reach with the least
         error (Lagrangian on density): for comparing with a uniform pattern at equal cost.
-    orders: token orders the search may give a head (:mod:`vdit_accel.permutation`; short forms):
+    orders: token orders the search may give a head (:mod:`vdit_accel.orders`; short forms):
         every pattern is scored in each static order (``raster``, ``tiled``), and each dynamic order
         (``semantic:top_p=0.9``, ``segment``, ...) is one more candidate of its own. Each order costs
         one more profiling pass. A dynamic order's cost is its block density plus its per-call plan and
-        moves (:func:`vdit_accel.permutation.order_overhead`, from ``benchmarks/permutation.py --overhead``,
-        in the same units); static orders cost their density.
+        moves (:func:`vdit_accel.orders.overhead.order_overhead`: measured on the search's GPU once and
+        cached, in the same units); static orders cost their density.
     """
 
     budget: float = 0.05
@@ -71,8 +70,8 @@ class SearchConfig:
     orders: tuple[str, ...] = ("raster",)
 
     def __post_init__(self):
-        specs = [validate_order(o) for o in self.orders]
-        if not any(o is None or o["kind"] not in DYNAMIC_KINDS for o in specs):
+        specs = [parse_order(o) for o in self.orders]
+        if all(is_dynamic(o) for o in specs):
             raise ValueError(f"orders {list(self.orders)} need a static order (raster or tiled) for the patterns")
         self.orders = tuple(format_order(o) for o in specs)
         if not self.budget > 0:
@@ -167,8 +166,8 @@ def search(
     rank profiles ``prompts[rank::world]`` and rank 0's result is the merged search (every rank
     returns it).
     """
-    import vdit_accel
-    from vdit_accel.pipelines import patch_state
+    from vdit_accel._version import __version__
+    from vdit_accel.pipelines import patch, patch_state, unpatch
 
     config = config or SearchConfig()
     call_kwargs = dict(call_kwargs or {})
@@ -190,7 +189,7 @@ def search(
     state = _State.load(state_path, fingerprint) if state_path else _State(fingerprint)
 
     t0 = time.perf_counter()
-    vdit_accel.patch(pipe, vdit_accel.Strategy.dense(), block_size=config.block_size)
+    patch(pipe, Strategy.dense(), block_size=config.block_size)
     pstate = patch_state(transformer)
     profiler: HeadProfiler | None = None
 
@@ -221,7 +220,7 @@ def search(
                 state.save(state_path)
             progress(f"[rank {rank}] prompt {i + 1}/{len(mine)} profiled in {time.perf_counter() - t_prompt:.1f} s: {prompt!r}")
     finally:
-        vdit_accel.unpatch(pipe)
+        unpatch(pipe)
 
     from vdit_accel.grid import VideoGrid
 
@@ -243,7 +242,7 @@ def search(
     if distributed:
         stats = _allreduce(stats, [(l, s) for l in range(num_layers) for s in steps], (num_heads, len(columns)))
     representative, static_density = profiler.column_info(grid, device)  # the observer's masks, if cached
-    skip = [i for i, (p, _) in enumerate(columns) if p["kind"] == "skip"]
+    skip = [i for i, (p, _) in enumerate(columns) if p.kind == "skip"]
 
     def layer_total(layer: int, only_step: int | None = None) -> LayerStats:
         total = LayerStats.zeros(num_heads, len(columns))
@@ -269,7 +268,7 @@ def search(
         cost_model = (measure_cost_model(1, grid.seq_len, num_heads, head_dim, config.block_size, device)
                       if device.type == "cuda" else flops_cost_model(1, grid.seq_len, num_heads, head_dim))
     # Dynamic orders also pay their plan and moves per call (in density units; 0 for static orders).
-    overhead = torch.tensor([order_overhead(o, grid.seq_len) for _, o in columns], dtype=density.dtype)
+    overhead = torch.tensor([order_overhead(o, grid.seq_len, device) for _, o in columns], dtype=density.dtype)
     cost = cost_model.head_cost(density + overhead, num_heads)  # [L, H, C]
     if config.target_density is not None:
         choice = solve_lagrangian(err, density, mean_cost=config.target_density)
@@ -294,15 +293,14 @@ def search(
             else:
                 break
 
-    layers: list[list[Pattern]] = [[columns[int(c)][0] for c in row] for row in choice]
-    orders = [[columns[int(c)][1] for c in row] for row in choice]
+    layers = [[HeadSpec(*columns[int(c)]) for c in row] for row in choice]
     # The default order: the most common static one (a tiled default is applied once per forward).
-    counts: dict[str, int] = {}
-    for row in orders:
-        for o in row:
-            if o is None or o["kind"] not in DYNAMIC_KINDS:
-                counts[order_key(o)] = counts.get(order_key(o), 0) + 1
-    default_order = next((o for row in orders for o in row if counts and order_key(o) == max(counts, key=counts.get)), None)
+    counts: dict = {}
+    for row in layers:
+        for h in row:
+            if not h.dynamic:
+                counts[h.order] = counts.get(h.order, 0) + 1
+    default_order = max(counts, key=counts.get) if counts else None
     head_stats = [[{"error": round(float(err[l, h, choice[l, h]]), 6), "density": round(float(chosen_density[l, h]), 6)}
                    for h in range(num_heads)] for l in range(num_layers)]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -312,15 +310,13 @@ def search(
         "prompts": list(prompts), "steps": steps, "num_inference_steps": n_steps, "budget": config.budget,
         "mode": config.mode, "block_size": config.block_size, "grid": list(grid_t[0]), "world_size": world,
         "candidates": len(candidates), "cost_model": cost_model.source, "gpu": gpu,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "vdit_accel": vdit_accel.__version__},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "vdit_accel": __version__},
         "seconds": round(time.perf_counter() - t0, 2), "error_per_step": per_step,
         "mean_error": float(err.gather(-1, choice[..., None]).mean()), "mean_density": float(chosen_density.mean()),
         "orders": list(config.orders),
     }
-    uniform_orders = all(order_key(o) == order_key(default_order) for row in orders for o in row)
     return Strategy(
-        layers=layers, dense_warmup_steps=int(warmup), head_stats=head_stats, order=default_order,
-        orders=None if uniform_orders else orders,
+        default=HeadSpec(order=default_order), layers=layers, dense_warmup_steps=int(warmup), head_stats=head_stats,
         model={"class": type(transformer).__name__, "num_layers": num_layers, "num_heads": num_heads,
                "head_dim": head_dim},
         search=meta,

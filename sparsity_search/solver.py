@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from dataclasses import dataclass
 
 import torch
+
+from vdit_accel.kernels import measurements
 
 
 @dataclass(frozen=True)
@@ -35,10 +34,7 @@ def flops_cost_model(batch: int, seq_len: int, num_heads: int, head_dim: int, tf
 
 
 def _cost_cache_path(gpu: str, shape: tuple, block: int) -> str:
-    from vdit_accel.kernels.attention_fwd import cache_dir
-
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    return os.path.join(cache_dir(), f"cost-{slug}-{'x'.join(map(str, shape))}-b{block}.json")
+    return measurements.cache_path("cost", gpu, "x".join(map(str, shape)), f"b{block}")
 
 
 def measure_cost_model(batch: int, seq_len: int, num_heads: int, head_dim: int, block: int = 128,
@@ -50,9 +46,8 @@ def measure_cost_model(batch: int, seq_len: int, num_heads: int, head_dim: int, 
         return flops_cost_model(batch, seq_len, num_heads, head_dim)
     gpu = torch.cuda.get_device_name(device)
     path = _cost_cache_path(gpu, (batch, seq_len, num_heads, head_dim), block)
-    if os.path.exists(path):
-        with open(path) as f:
-            d = json.load(f)
+    d = measurements.load(path)
+    if d is not None:
         return CostModel(d["fixed_ms"], d["per_density_ms"], d["source"])
     from triton.testing import do_bench
 
@@ -74,10 +69,8 @@ def measure_cost_model(batch: int, seq_len: int, num_heads: int, head_dim: int, 
     a = torch.stack([torch.ones_like(x), x], 1)
     fixed, slope = torch.linalg.lstsq(a, y[:, None]).solution.flatten().tolist()
     model = CostModel(max(fixed, 0.0), slope, f"measured on {gpu}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"fixed_ms": model.fixed_ms, "per_density_ms": model.per_density_ms, "source": model.source,
-                   "densities": xs, "ms": ys}, f, indent=1)
+    measurements.store(path, {"fixed_ms": model.fixed_ms, "per_density_ms": model.per_density_ms,
+                              "source": model.source, "densities": xs, "ms": ys})
     return model
 
 

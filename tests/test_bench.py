@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from vdit_accel import Strategy, VideoGrid
-from vdit_accel.attention import attention
+from vdit_accel.attention import HeadRun, attention, planned_attention
 from vdit_accel.cli import bench
 from vdit_accel.cli.app import app
 from vdit_accel.patterns import build_block_mask
@@ -69,7 +69,7 @@ def test_flex_attention_runs_our_block_mask():
                              {"kind": "skip"}], grid, 16, 16)
     q, k, v = (torch.randn(1, grid.seq_len, 3, 32) for _ in range(3))
     flex = bench._FlexAttention(compiled=False)
-    out = flex(q, k, v, mask, scale=0.2)
+    out = flex(q, k, v, mask.kv_num_blocks, mask.kv_indices, 16, 16, (HeadRun(0, 3, None),), scale=0.2)
     ref = attention(q, k, v, mask, scale=0.2)
     assert (out - ref).abs().max().item() < 1e-5
     assert flex.rel_err < 1e-6
@@ -107,7 +107,7 @@ def test_rows_tiny(tmp_path, shape, tokens, calls):
     # The window row: the candidate nearest 0.15 on the call grid (text included), the same masks for flex.
     grid = VideoGrid(*info["grid"], info["text_tokens"] if shape == "tiny-hunyuan" else 0,
                      "suffix" if shape == "tiny-hunyuan" else "none")
-    density = build_block_mask([Strategy.from_spec(info["window"]).default] * 2, grid, 16, 16).density()
+    density = build_block_mask([Strategy.from_spec(info["window"]).default.pattern] * 2, grid, 16, 16).density()
     assert by["ours-window3d-0.15"]["density"] == by["flex-window3d-0.15"]["density"] == pytest.approx(density, abs=1e-4)
     assert abs(density - 0.15) < 0.05
     assert by["flex-window3d-0.15"]["rel_err_vs_ours"] < 1e-5
@@ -121,7 +121,7 @@ def test_rows_tiny(tmp_path, shape, tokens, calls):
     assert info["sdpa"] == "default" and info["text_tokens"] == (5 if shape == "tiny-hunyuan" else 8)
     # Everything swapped for the rows is back.
     assert _AttentionBackendRegistry._backends == backends
-    assert op.attention is attention
+    assert op.planned_attention is planned_attention
 
 
 runner = CliRunner()
@@ -197,11 +197,33 @@ def test_readme_table(tmp_path):
         rt.replace_section("no markers", table)
 
 
-def test_readme_table_is_current():
-    """The README's table is what the committed result files give (regenerate with --write)."""
+def test_readme_and_results_md_are_current():
+    """The README's table and benchmarks/RESULTS.md are what the committed result files give (regenerate
+    with ``python benchmarks/readme_tables.py --write``); the README is a guide of at most ~200 lines that
+    starts with the two commands."""
     rt = _load("readme_tables")
     readme = (REPO / "README.md").read_text()
     assert rt.render(readme) == readme
+    assert (REPO / "benchmarks" / "RESULTS.md").read_text() == rt.results_md()
+    assert len(readme.splitlines()) <= 210
+    blocks = readme.split("```bash\n")
+    assert blocks[1].startswith("python3.11 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
+                                "pip install -e . && vdit-accel generate\n")
+    assert blocks[2].startswith("python3.11 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
+                                'pip install -e ".[test]" && python -m pytest -q\n')
+
+
+def test_results_md_lists_every_result_file(tmp_path):
+    rt = _load("readme_tables")
+    (tmp_path / "e2e-gpu-x-20261123.json").write_text(json.dumps(_doc("GPU X", "2026-11-23", [
+        {"shape": "s", "impl": "dense-cudnn", "ms": 10.0, "attn_ms": 5.0}])))
+    (tmp_path / "attention-gpu-x-20261124-quick.json").write_text(json.dumps(
+        {"gpu": "GPU X", "date": "2026-11-24", "command": "python benchmarks/attention.py --quick",
+         "versions": {"torch": "2", "vdit_accel": "abc"}, "rows": [{"shape": "s", "impl": "ours-dense", "ms": 1.5}]}))
+    md = rt.results_md(tmp_path)
+    assert "### `e2e-gpu-x-20261123.json`" in md and "### `attention-gpu-x-20261124-quick.json`" in md
+    assert "| shape | impl | ms |" in md and "| s | ours-dense | 1.5 |" in md
+    assert md.index("## One denoising step") < md.index("## Kernel speed against peers")
 
 
 def test_flex_on_another_mask_is_an_error(monkeypatch):

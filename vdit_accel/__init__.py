@@ -1,15 +1,15 @@
 """vdit-accel: faster video diffusion transformers.
 
-Public surface: :func:`attention`, :func:`patch`, :func:`unpatch`, :class:`Strategy`,
-:class:`VideoGrid`, :class:`BlockMask`.
+Public surface: :func:`attention`, :func:`patch`, :func:`unpatch`, :class:`Strategy`, :func:`search`,
+:class:`VideoGrid`, :class:`BlockMask`. Nothing inside the package imports this module (it re-exports,
+and imports the integration layers lazily): the layers import each other's modules directly.
 """
 
+from ._version import __version__
 from .attention import attention
 from .block_mask import BlockMask
 from .grid import VideoGrid
 from .strategy import Strategy
-
-__version__ = "0.1.0"
 
 
 def patch(pipe_or_transformer, strategy="dense", **kwargs):
@@ -27,4 +27,12 @@ def unpatch(pipe_or_transformer):
     return _unpatch(pipe_or_transformer)
 
 
-__all__ = ["attention", "patch", "unpatch", "Strategy", "VideoGrid", "BlockMask", "__version__"]
+def search(pipe, prompts, config=None, **kwargs):
+    """Search a per-layer, per-head strategy for a diffusers pipeline on calibration prompts. See
+    :func:`vdit_accel.sparsity_search.search`."""
+    from .sparsity_search import search as _search
+
+    return _search(pipe, prompts, config, **kwargs)
+
+
+__all__ = ["attention", "patch", "unpatch", "Strategy", "search", "VideoGrid", "BlockMask", "__version__"]

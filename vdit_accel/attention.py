@@ -1,24 +1,37 @@
-"""The public attention entry point: our Triton kernel on CUDA, PyTorch on the CPU."""
+"""The public attention entry point: our Triton kernel on CUDA, PyTorch on the CPU.
+
+Two ways in, one path: :func:`attention` validates what a user passes (a :class:`BlockMask`, quant
+modes as names, a query order) and :func:`planned_attention` takes the same data as a compiled
+:class:`~vdit_accel.plan.LayerPlan` holds it (mask tensors, head runs, indices), already checked when
+the plan was built -- the per-call path of a patched model, which builds nothing.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .block_mask import BlockMask
+from .kernels import use_triton
+from .orders.gather import gather_tokens, gather_tokens_many, scatter_tokens
+from .quant import QuantMode
 from .reference import reference_attention
 
 logger = logging.getLogger("vdit_accel")
 
 
-def _use_triton(q: torch.Tensor) -> bool:
-    if q.device.type == "cuda":
-        return True
-    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("VDIT_CPU_TRITON") == "1"
+class HeadRun(NamedTuple):
+    """Heads ``[start, stop)`` of one call that share a quantization mode (None: unquantized): one
+    kernel launch each."""
+
+    start: int
+    stop: int
+    mode: QuantMode | None
 
 
 def attention(
@@ -40,7 +53,7 @@ def attention(
             Its batch dim may be 1 (shared) or B.
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the natural log-sum-exp, float32 ``(B, H, S)``.
-        quant: ``None`` (fp16/bf16 throughout), a mode of :data:`vdit_accel.quant.QUANT_MODES`
+        quant: ``None`` (fp16/bf16 throughout), a :class:`~vdit_accel.quant.QuantMode` or its name
             (``"fp8"``, ``"int8"``, ``"int4"``) for every head, or a sequence of H modes (``None``
             entries unquantized): runs of heads with one mode each go to one kernel launch.
         q_index: int ``[B or 1, H, S]``, a permutation of the tokens per (batch, head): the kernel's
@@ -55,7 +68,7 @@ def attention(
     On CUDA this runs the Triton kernel (fp16/bf16; head_dim 64, 96, 128, ...). On the CPU it runs
     PyTorch SDPA (with the block mask expanded to tokens; the float32 reference when the LSE is
     asked for; quantized heads through :func:`vdit_accel.quant.reference_quant_attention`, the
-    float64 simulation of the kernel's arithmetic at the H100's tile sizes), so the whole
+    float64 simulation of the kernel's arithmetic at the Hopper defaults' tile sizes), so the whole
     toolkit works without a GPU, slowly. ``VDIT_CPU_TRITON=1`` with ``TRITON_INTERPRET=1`` runs the
     Triton kernel on the CPU instead (for tests). ``VDIT_AUTOTUNE=1`` times a few kernel configs once
     per shape and keeps the fastest (cached on disk); the default path has no tuning cost.
@@ -64,102 +77,111 @@ def attention(
         raise ValueError(
             f"attention expects q, k, v of one shape (B, S, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if block_mask is not None and block_mask.device != q.device:
-        block_mask = block_mask.to(q.device)
-    if q_index is not None and (q_index.dim() != 3 or q_index.shape[0] not in (1, q.shape[0])
-                                or tuple(q_index.shape[1:]) != (q.shape[2], q.shape[1]) or q_index.is_floating_point()):
-        raise ValueError(f"q_index must be an int tensor [1 or B, H, S] = [.., {q.shape[2]}, {q.shape[1]}], "
-                         f"got {tuple(q_index.shape)} {q_index.dtype}")
-    runs = head_runs(quant, q.shape[2])
-    if q_index is not None and not _use_triton(q):  # the PyTorch paths: gather Q, scatter the output
-        from .permutation import gather_tokens, scatter_tokens
-
-        idx = q_index.long()
-        res = attention(gather_tokens(q, idx), k, v, block_mask, scale=scale, return_lse=return_lse, quant=quant)
-        o, lse = res if return_lse else (res, None)
-        out = scatter_tokens(o, idx)
-        if return_lse:
-            lse = torch.empty_like(lse).scatter_(2, idx.expand_as(lse), lse)
-        return (out, lse) if return_lse else out
-    if len(runs) > 1 or runs[0][2] is not None:
-        return _attention_runs(q, k, v, block_mask, scale, return_lse, runs, q_index)
-    if _use_triton(q):
-        from .kernels import attention_fwd
-
-        kw = {}
-        if block_mask is not None:
-            kw = dict(
-                kv_num_blocks=block_mask.kv_num_blocks,
-                kv_indices=block_mask.kv_indices,
-                mask_block_m=block_mask.block_m,
-                mask_block_n=block_mask.block_n,
-            )
-        config = "autotune" if os.environ.get("VDIT_AUTOTUNE") == "1" else None
-        return attention_fwd(q, k, v, scale=scale, return_lse=return_lse, config=config, q_index=q_index, **kw)
-    if return_lse:
-        return reference_attention(q, k, v, block_mask, scale=scale, return_lse=True, compute_dtype=torch.float32)
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    mask = None
+    b, s, h, _ = q.shape
+    num = idx = None
+    block_m = block_n = 128
     if block_mask is not None:
-        mask = block_mask.token_mask()  # [Bm, H, S, S]: the block mask, exactly, at token level
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         scale=scale).transpose(1, 2)
-    if mask is not None:  # rows that attend nothing: zeros (SDPA gives NaN there)
-        out = out.masked_fill(~mask.any(-1).transpose(1, 2)[..., None], 0.0)
-    return out.contiguous()
+        if block_mask.device != q.device:
+            block_mask = block_mask.to(q.device)
+        if block_mask.seq_len != s or block_mask.num_heads != h or block_mask.kv_num_blocks.shape[0] not in (1, b):
+            raise ValueError(f"the block mask is for seq_len={block_mask.seq_len}, {block_mask.num_heads} heads, batch "
+                             f"{block_mask.kv_num_blocks.shape[0]}; the call has S={s}, H={h}, B={b}")
+        num, idx, block_m, block_n = block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_m, block_mask.block_n
+    if q_index is not None and (q_index.dim() != 3 or q_index.shape[0] not in (1, b)
+                                or tuple(q_index.shape[1:]) != (h, s) or q_index.is_floating_point()):
+        raise ValueError(f"q_index must be an int tensor [1 or B, H, S] = [.., {h}, {s}], "
+                         f"got {tuple(q_index.shape)} {q_index.dtype}")
+    if q_index is not None and q_index.device != q.device:
+        raise ValueError(f"q_index is on {q_index.device} but q is on {q.device}")
+    return _run(q, k, v, num, idx, block_m, block_n, head_runs(quant, h), q_index, scale, return_lse)
 
 
-def head_runs(quant, num_heads: int) -> list[tuple[int, int, str | None]]:
-    """``quant`` (None, one mode, or one per head) as maximal runs ``(start, stop, mode)`` of heads."""
-    from .quant import QUANT_MODES
+def planned_attention(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int, runs: Sequence[HeadRun],
+                      q_index=None, k_index=None, scale: float | None = None) -> torch.Tensor:
+    """:func:`attention` on a layer plan's data (:class:`~vdit_accel.plan.LayerPlan`), which were
+    validated when the plan was built for this call's grid: no mask object, no mode parsing.
 
-    modes = [quant] * num_heads if quant is None or isinstance(quant, str) else list(quant)
+    ``k_index`` (``[S]`` for every head, or ``[B or 1, H, S]``): K and V are first moved into the key
+    order (``k[b, i, h] = k[b, k_index[b, h, i], h]``; one launch on the GPU) -- a static token order
+    that differs from the order the tensors arrive in."""
+    if k_index is not None:
+        k, v = gather_tokens_many([k, v], k_index)
+    return _run(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, runs, q_index, scale, False)
+
+
+def head_runs(quant, num_heads: int) -> tuple[HeadRun, ...]:
+    """``quant`` (None, one mode, or one per head; modes or their names) as maximal runs of heads."""
+    if quant is None or isinstance(quant, str):
+        return (HeadRun(0, num_heads, QuantMode.parse(quant)),)
+    modes = [QuantMode.parse(m) for m in quant]
     if len(modes) != num_heads:
         raise ValueError(f"quant lists {len(modes)} modes for {num_heads} heads")
-    for m in modes:
-        if m is not None and m not in QUANT_MODES:
-            raise ValueError(f"unknown quantization mode {m!r}; use None or one of {list(QUANT_MODES)}")
     runs, start = [], 0
     for h in range(1, num_heads + 1):
         if h == num_heads or modes[h] != modes[start]:
-            runs.append((start, h, modes[start]))
+            runs.append(HeadRun(start, h, modes[start]))
             start = h
-    return runs
+    return tuple(runs)
 
 
-def _attention_runs(q, k, v, block_mask, scale, return_lse, runs, q_index=None):
-    """Each run of heads with its own mode, written into one output."""
+def _run(q, k, v, num, idx, block_m, block_n, runs, q_index, scale, return_lse):
+    """Every run of heads with its own mode, written into one output."""
+    if q_index is not None and not use_triton(q):  # the PyTorch paths: gather Q, scatter the output
+        qi = q_index.long()
+        res = _run(gather_tokens(q, qi), k, v, num, idx, block_m, block_n, runs, None, scale, return_lse)
+        o, lse = res if return_lse else (res, None)
+        out = scatter_tokens(o, qi)
+        if return_lse:
+            lse = torch.empty_like(lse).scatter_(2, qi.expand_as(lse), lse)
+        return (out, lse) if return_lse else out
+    if len(runs) == 1:
+        return _run_heads(q, k, v, num, idx, block_m, block_n, runs[0].mode, q_index, scale, return_lse, None)
     b, s, h, d = q.shape
     out = torch.empty((b, s, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device) if return_lse else None
     for h0, h1, mode in runs:
-        sub = None if block_mask is None else block_mask.head_slice(h0, h1)
-        qs, ks, vs = q[:, :, h0:h1], k[:, :, h0:h1], v[:, :, h0:h1]
-        qi = None if q_index is None else q_index[:, h0:h1]
-        if mode is None:
-            res = attention(qs, ks, vs, sub, scale=scale, return_lse=return_lse, q_index=qi)
-        elif _use_triton(q):
-            from .kernels import attention_fwd
-
-            kw = {}
-            if sub is not None:
-                kw = dict(kv_num_blocks=sub.kv_num_blocks, kv_indices=sub.kv_indices,
-                          mask_block_m=sub.block_m, mask_block_n=sub.block_n)
-            config = "autotune" if os.environ.get("VDIT_AUTOTUNE") == "1" else None
-            res = attention_fwd(qs, ks, vs, scale=scale, return_lse=return_lse, config=config, quant=mode,
-                                out=None if return_lse else out[:, :, h0:h1], q_index=qi, **kw)
-        else:
-            res = _simulated(qs, ks, vs, sub, scale, mode, return_lse)
+        sl = slice(h0, h1)
+        res = _run_heads(q[:, :, sl], k[:, :, sl], v[:, :, sl], None if num is None else num[:, sl],
+                         None if idx is None else idx[:, sl], block_m, block_n, mode,
+                         None if q_index is None else q_index[:, sl], scale, return_lse,
+                         out[:, :, sl] if not return_lse else None)
         if return_lse:
-            res, lse[:, h0:h1] = res
-        if res.data_ptr() != out[:, :, h0:h1].data_ptr():
-            out[:, :, h0:h1] = res
+            res, lse[:, sl] = res
+        if res.data_ptr() != out[:, :, sl].data_ptr():
+            out[:, :, sl] = res
     return (out, lse) if return_lse else out
 
 
+def _run_heads(q, k, v, num, idx, block_m, block_n, mode, q_index, scale, return_lse, out):
+    """One launch (or its PyTorch stand-in) for heads of one mode."""
+    if use_triton(q):
+        from .kernels import attention_fwd
+        from .kernels.attention_fwd import _check_qkv, launch
+
+        if os.environ.get("VDIT_AUTOTUNE") == "1":
+            return attention_fwd(q, k, v, num, idx, block_m, block_n, scale=scale, return_lse=return_lse,
+                                 config="autotune", quant=mode, out=out, q_index=q_index)
+        _check_qkv(q, k, v)
+        if mode is not None and q.dtype == torch.float32:
+            raise ValueError("quantized attention takes fp16/bf16 inputs, got float32")
+        return launch(q, k, v, num, idx, block_m, block_n, scale, return_lse, None, mode, out, q_index)
+    mask = None if num is None else BlockMask(num, idx, q.shape[1], block_m, block_n)
+    if mode is not None:
+        return _simulated(q, k, v, mask, scale, mode, return_lse)
+    if return_lse:
+        return reference_attention(q, k, v, mask, scale=scale, return_lse=True, compute_dtype=torch.float32)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    token_mask = None if mask is None else mask.token_mask()  # [Bm, H, S, S]: the block mask, exactly
+    res = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=token_mask,
+                                         scale=scale).transpose(1, 2)
+    if token_mask is not None:  # rows that attend nothing: zeros (SDPA gives NaN there)
+        res = res.masked_fill(~token_mask.any(-1).transpose(1, 2)[..., None], 0.0)
+    return res.contiguous()
+
+
 def _simulated(q, k, v, block_mask, scale, mode, return_lse):
-    """CPU: the quantized kernel's arithmetic, simulated per head at the H100 defaults' tile sizes."""
-    from .kernels.attention_fwd import gpu_tiles
+    """CPU: the quantized kernel's arithmetic, simulated per head at the Hopper defaults' tile sizes."""
+    from .kernels.attention_configs import gpu_tiles
     from .quant import reference_quant_attention
 
     if return_lse:

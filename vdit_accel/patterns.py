@@ -1,7 +1,8 @@
 """The sparse-pattern library: small, resolution-independent descriptions that become block masks.
 
-A pattern is a JSON-able dict with a ``kind`` and parameters in latent units (frames, rows,
-columns of the patched grid), so that one strategy applies at any resolution:
+A pattern is a typed spec (:mod:`vdit_accel.spec`; ``Window3d(t=1, h=2, w=2)``, short form
+``window3d:t=1,h=2,w=2``) with parameters in latent units (frames, rows, columns of the patched grid), so
+that one strategy applies at any resolution:
 
 =================  ==========================================  ================================================
 kind               parameters                                  query token (t, y, x) attends key (t', y', x') iff
@@ -30,141 +31,119 @@ token pair of a visited block. Masks are built by dilating each query block's to
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from .block_mask import BlockMask, cdiv
 from .grid import VideoGrid
-
-Pattern = dict[str, Any]
-
-# kind -> {param: (type, default or REQUIRED)}
-_REQUIRED = object()
-_SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
-    "dense": {},
-    "skip": {},
-    "window1d": {"frames": (float, _REQUIRED)},
-    "window3d": {"t": (int, _REQUIRED), "h": (int, _REQUIRED), "w": (int, _REQUIRED)},
-    "frame_periodic": {"h": (int, _REQUIRED), "w": (int, _REQUIRED), "every": (int, 1)},
-    "stripes": {"frames": (list, []), "tokens": (list, [])},
-    "union": {"of": (list, _REQUIRED)},
-}
-PATTERN_KINDS = tuple(_SCHEMA)
+from .spec import Spec, SpecRegistry
 
 
-def validate_pattern(p: Any) -> Pattern:
-    """Check a pattern against the allow-list and return it normalised (defaults filled, types fixed)."""
-    if isinstance(p, str):
-        return parse_pattern(p)
-    if not isinstance(p, dict) or "kind" not in p:
-        raise ValueError(f"a pattern is a dict with a 'kind' (one of {', '.join(PATTERN_KINDS)}), got {p!r}")
-    kind = p["kind"]
-    if kind not in _SCHEMA:
-        raise ValueError(f"unknown pattern kind {kind!r}; known kinds: {', '.join(PATTERN_KINDS)}")
-    schema = _SCHEMA[kind]
-    extra = set(p) - set(schema) - {"kind"}
-    if extra:
-        raise ValueError(f"pattern {kind!r} takes {sorted(schema) or 'no parameters'}, got unknown {sorted(extra)}")
-    out: Pattern = {"kind": kind}
-    for name, (typ, default) in schema.items():
-        if name not in p:
-            if default is _REQUIRED:
-                raise ValueError(f"pattern {kind!r} needs parameter {name!r} (e.g. {_example(kind)})")
-            out[name] = list(default) if isinstance(default, list) else default
-            continue
-        val = p[name]
-        if typ is int:
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise ValueError(f"pattern {kind!r}: {name!r} must be an int >= 0, got {val!r}")
-        elif typ is float:
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
-                raise ValueError(f"pattern {kind!r}: {name!r} must be a number > 0, got {val!r}")
-            val = float(val)
-        elif typ is list and not isinstance(val, (list, tuple)):
-            raise ValueError(f"pattern {kind!r}: {name!r} must be a list, got {val!r}")
-        out[name] = val
-    if kind == "frame_periodic" and out["every"] < 1:
-        raise ValueError("pattern 'frame_periodic': 'every' must be >= 1")
-    if kind == "stripes":
-        for name in ("frames", "tokens"):
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in out[name]):
-                raise ValueError(f"pattern 'stripes': {name!r} must be a list of ints, got {out[name]!r}")
-            out[name] = [int(x) for x in out[name]]
-    if kind == "union":
-        if not out["of"]:
-            raise ValueError("pattern 'union' needs a non-empty 'of' list")
-        out["of"] = [validate_pattern(q) for q in out["of"]]
-    return out
+class PatternSpec(Spec):
+    """A sparse pattern (base class of the kinds below)."""
+
+    family = "pattern"
 
 
-def _example(kind: str) -> str:
-    return {
-        "window1d": "window1d:frames=1.5",
-        "window3d": "window3d:t=1,h=2,w=2",
-        "frame_periodic": "frame_periodic:h=1,w=1,every=2",
-        "union": "window3d:t=1,h=1,w=1+stripes:frames=0",
-    }.get(kind, kind)
+@dataclass(frozen=True)
+class Dense(PatternSpec):
+    """Every key."""
+
+    kind = "dense"
 
 
-def parse_pattern(text: str) -> Pattern:
-    """Parse the CLI short form: ``kind`` or ``kind:k=v,k=v``; ``+`` joins a union.
+@dataclass(frozen=True)
+class Skip(PatternSpec):
+    """No key: the head's video rows output zeros (its text rows stay dense)."""
 
-    Lists use ``|``: ``stripes:frames=0|-1``. Also accepts a JSON object.
-    Examples: ``dense``, ``window3d:t=1,h=2,w=2``, ``window3d:t=1,h=1,w=1+stripes:frames=0``.
-    """
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            return validate_pattern(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"pattern {text!r} is not valid JSON: {e}") from None
-    parts = [t for t in text.split("+") if t.strip()]
-    if not parts:
-        raise ValueError("empty pattern")
-    if len(parts) > 1:
-        return validate_pattern({"kind": "union", "of": [parse_pattern(t) for t in parts]})
-    kind, _, args = text.partition(":")
-    p: dict[str, Any] = {"kind": kind.strip()}
-    if kind.strip() in _SCHEMA:
-        schema = _SCHEMA[kind.strip()]
-        for item in filter(None, (a.strip() for a in args.split(","))):
-            name, eq, val = item.partition("=")
-            name = name.strip()
-            if not eq:
-                raise ValueError(f"pattern {text!r}: expected name=value, got {item!r}")
-            typ = schema.get(name, (str, None))[0]
-            try:
-                if typ is list:
-                    p[name] = [int(x) for x in val.split("|") if x.strip()]
-                elif typ is int:
-                    p[name] = int(val)
-                elif typ is float:
-                    p[name] = float(val)
-                else:
-                    p[name] = val
-            except ValueError:
-                raise ValueError(f"pattern {text!r}: bad value for {name!r}: {val!r}") from None
-    return validate_pattern(p)
+    kind = "skip"
 
 
-def format_pattern(p: Pattern) -> str:
-    """Inverse of :func:`parse_pattern` (short, human-readable)."""
-    if p["kind"] == "union":
-        return "+".join(format_pattern(q) for q in p["of"])
-    args = []
-    for k, v in p.items():
-        if k == "kind":
-            continue
-        if isinstance(v, list):
-            if not v:
-                continue
-            v = "|".join(str(x) for x in v)
-        elif isinstance(v, float) and v.is_integer():
-            v = int(v)
-        args.append(f"{k}={v}")
-    return p["kind"] + (":" + ",".join(args) if args else "")
+@dataclass(frozen=True)
+class Window1d(PatternSpec):
+    """A diagonal band in raster order, ``frames`` frames' worth of tokens each side."""
+
+    kind = "window1d"
+    frames: float
+
+    def check(self):
+        if not self.frames > 0:
+            raise self.invalid("frames", "a number > 0", self.frames)
+
+
+@dataclass(frozen=True)
+class Window3d(PatternSpec):
+    """Keys within ``t`` frames, ``h`` rows and ``w`` columns of the query."""
+
+    kind = "window3d"
+    t: int
+    h: int
+    w: int
+
+    def check(self):
+        for name in ("t", "h", "w"):
+            if getattr(self, name) < 0:
+                raise self.invalid(name, "an int >= 0", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class FramePeriodic(PatternSpec):
+    """The same ``h`` x ``w`` neighbourhood in every ``every``-th frame."""
+
+    kind = "frame_periodic"
+    h: int
+    w: int
+    every: int = 1
+
+    def check(self):
+        for name in ("h", "w"):
+            if getattr(self, name) < 0:
+                raise self.invalid(name, "an int >= 0", getattr(self, name))
+        if self.every < 1:
+            raise self.invalid("every", "an int >= 1", self.every)
+
+
+@dataclass(frozen=True)
+class Stripes(PatternSpec):
+    """Global key columns: whole frames (negative: from the end) and single video tokens."""
+
+    kind = "stripes"
+    frames: tuple[int, ...] = ()
+    tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Union(PatternSpec):
+    """Any of several patterns (short form: joined by ``+``)."""
+
+    kind = "union"
+    joins = True
+    of: tuple[PatternSpec, ...]
+
+    def check(self):
+        if not self.of:
+            raise self.invalid("of", "a non-empty list", list(self.of))
+
+
+PATTERNS = SpecRegistry("pattern", [Dense, Skip, Window1d, Window3d, FramePeriodic, Stripes, Union], examples={
+    "window1d": "window1d:frames=1.5", "window3d": "window3d:t=1,h=2,w=2",
+    "frame_periodic": "frame_periodic:h=1,w=1,every=2", "union": "window3d:t=1,h=1,w=1+stripes:frames=0"},
+    join=Union)
+PATTERN_KINDS = PATTERNS.names
+DENSE = Dense()
+
+
+def parse_pattern(x) -> PatternSpec:
+    """A pattern from its short form (``kind`` or ``kind:k=v,k=v``; ``+`` joins a union; lists with
+    ``|``: ``stripes:frames=0|-1``), its JSON object (a dict or its text), or a pattern (returned as it
+    is). Examples: ``dense``, ``window3d:t=1,h=2,w=2``, ``window3d:t=1,h=1,w=1+stripes:frames=0``."""
+    return PATTERNS.parse(x)
+
+
+def format_pattern(p: PatternSpec) -> str:
+    """The short form of ``p`` (inverse of :func:`parse_pattern`)."""
+    return PATTERNS.format(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,14 +164,14 @@ def _dilate(x: torch.Tensor, dim: int, r: int) -> torch.Tensor:
     return (c.index_select(dim, hi) - c.index_select(dim, lo)) > 0
 
 
-def _video_reach(p: Pattern, grid: VideoGrid, q_onehot: torch.Tensor) -> torch.Tensor:
+def _video_reach(p: PatternSpec, grid: VideoGrid, q_onehot: torch.Tensor) -> torch.Tensor:
     """Which video keys some query of each group reaches.
 
     ``q_onehot``: float ``[G, T, H, W]`` — 1 where the group (a query block) has a video token.
     Returns bool ``[G, T, H, W]`` over the keys.
     """
     g, t, h, w = q_onehot.shape
-    kind = p["kind"]
+    kind = p.kind
     if kind == "dense":
         any_q = q_onehot.flatten(1).amax(1) > 0
         return any_q.view(g, 1, 1, 1).expand(g, t, h, w).clone()
@@ -200,17 +179,17 @@ def _video_reach(p: Pattern, grid: VideoGrid, q_onehot: torch.Tensor) -> torch.T
         return torch.zeros(g, t, h, w, dtype=torch.bool, device=q_onehot.device)
     if kind == "union":
         out = torch.zeros(g, t, h, w, dtype=torch.bool, device=q_onehot.device)
-        for sub in p["of"]:
+        for sub in p.of:
             out |= _video_reach(sub, grid, q_onehot)
         return out
     if kind == "window3d":
         x = q_onehot > 0
-        for dim, r in ((1, p["t"]), (2, p["h"]), (3, p["w"])):
+        for dim, r in ((1, p.t), (2, p.h), (3, p.w)):
             x = _dilate(x, dim, r)
         return x
     if kind == "frame_periodic":
-        x = _dilate(_dilate(q_onehot > 0, 2, p["h"]), 3, p["w"])
-        every = p["every"]
+        x = _dilate(_dilate(q_onehot > 0, 2, p.h), 3, p.w)
+        every = p.every
         # Frames grouped by residue mod `every`: key frame t' is reached if any query frame t with
         # t = t' (mod every) reaches (y', x').
         pad = cdiv(t, every) * every - t
@@ -219,7 +198,7 @@ def _video_reach(p: Pattern, grid: VideoGrid, q_onehot: torch.Tensor) -> torch.T
         return xr.repeat(1, cdiv(t, every), 1, 1)[:, :t]
     if kind == "window1d":
         flat = q_onehot.reshape(g, -1)
-        radius = int(round(p["frames"] * h * w))
+        radius = int(round(p.frames * h * w))
         pos = torch.arange(flat.shape[1], device=flat.device)
         big = flat.shape[1] + radius + 1
         lo = torch.where(flat > 0, pos, big).amin(1)
@@ -229,10 +208,10 @@ def _video_reach(p: Pattern, grid: VideoGrid, q_onehot: torch.Tensor) -> torch.T
     if kind == "stripes":
         any_q = (q_onehot.flatten(1).amax(1) > 0).view(g, 1)
         cols = torch.zeros(t * h * w, dtype=torch.bool, device=q_onehot.device)
-        for f in p["frames"]:
+        for f in p.frames:
             if -t <= f < t:
                 cols.view(t, h * w)[f] = True
-        for i in p["tokens"]:
+        for i in p.tokens:
             if -cols.numel() <= i < cols.numel():
                 cols[i] = True
         return (any_q & cols.view(1, -1)).view(g, t, h, w)
@@ -289,39 +268,39 @@ def _near(qlo, qhi, klo, khi, r):
     return (qlo[:, None, :, None] <= khi[None, :, None, :] + r) & (klo[None, :, None, :] <= qhi[:, None, :, None] + r)
 
 
-def _block_reach(p: Pattern, grid: VideoGrid, q, k, q_range, k_range, device) -> torch.Tensor:
+def _block_reach(p: PatternSpec, grid: VideoGrid, q, k, q_range, k_range, device) -> torch.Tensor:
     """Bool [Mb, Nb]: some video query of block m reaches some video key of block n under p."""
     (qlo, qhi, qv), (klo, khi, kv) = q, k
     both = qv[:, None, :, None] & kv[None, :, None, :]
     has_q = qv.any(1)[:, None]
     has_k = kv.any(1)[None, :]
-    kind = p["kind"]
+    kind = p.kind
     if kind == "dense":
         return has_q & has_k
     if kind == "skip":
         return torch.zeros(qv.shape[0], kv.shape[0], dtype=torch.bool, device=device)
     if kind == "union":
         out = torch.zeros(qv.shape[0], kv.shape[0], dtype=torch.bool, device=device)
-        for sub in p["of"]:
+        for sub in p.of:
             out |= _block_reach(sub, grid, q, k, q_range, k_range, device)
         return out
     if kind == "window3d":
         ok = both
-        for axis, r in ((0, p["t"]), (1, p["h"]), (2, p["w"])):
+        for axis, r in ((0, p.t), (1, p.h), (2, p.w)):
             ok = ok & _near(qlo[..., axis], qhi[..., axis], klo[..., axis], khi[..., axis], r)
         return ok.flatten(2).any(-1)
     if kind == "frame_periodic":
         ok = both
-        for axis, r in ((1, p["h"]), (2, p["w"])):
+        for axis, r in ((1, p.h), (2, p.w)):
             ok = ok & _near(qlo[..., axis], qhi[..., axis], klo[..., axis], khi[..., axis], r)
         # Some t - t' in [qlo_t - khi_t, qhi_t - klo_t] is a multiple of `every`.
         dmin = qlo[:, None, :, None, 0] - khi[None, :, None, :, 0]
         dmax = qhi[:, None, :, None, 0] - klo[None, :, None, :, 0]
-        every = p["every"]
+        every = p.every
         ok = ok & (torch.div(dmax, every, rounding_mode="floor") * every >= dmin)
         return ok.flatten(2).any(-1)
     if kind == "window1d":
-        radius = int(round(p["frames"] * grid.h * grid.w))
+        radius = int(round(p.frames * grid.h * grid.w))
         (qa, qb), (ka, kb) = q_range, k_range  # video index ranges [a, b)
         ok = (qa[:, None] <= kb[None, :] - 1 + radius) & (ka[None, :] <= qb[:, None] - 1 + radius)
         return ok & has_q & has_k
@@ -329,10 +308,10 @@ def _block_reach(p: Pattern, grid: VideoGrid, q, k, q_range, k_range, device) ->
         vl = grid.video_len
         cols = torch.zeros(vl, dtype=torch.bool, device=device)
         frame = cols.view(grid.t, grid.h * grid.w)
-        for f in p["frames"]:
+        for f in p.frames:
             if -grid.t <= f < grid.t:
                 frame[f] = True
-        for i in p["tokens"]:
+        for i in p.tokens:
             if -vl <= i < vl:
                 cols[i] = True
         csum = torch.cat([torch.zeros(1, dtype=torch.long, device=device), cols.long().cumsum(0)])
@@ -383,7 +362,7 @@ def _blocks_of(grid: VideoGrid, block: int, n_blocks: int, device):
 
 
 def build_block_mask_for_pattern(
-    p: Pattern, grid: VideoGrid, block_m: int = 128, block_n: int = 128, device=None
+    p: PatternSpec, grid: VideoGrid, block_m: int = 128, block_n: int = 128, device=None
 ) -> torch.Tensor:
     """Bool ``[Mb, Nb]`` block-level mask of one pattern on one grid (raster token order).
 
@@ -391,7 +370,7 @@ def build_block_mask_for_pattern(
     against :func:`token_pattern_mask`). Each block's tokens are cut into at most 5 boxes of the
     grid, and the pattern is tested box against box: O(Mb * Nb) work, no token-level tensor.
     """
-    p = validate_pattern(p)
+    p = parse_pattern(p)
     s = grid.seq_len
     mb, nb = cdiv(s, block_m), cdiv(s, block_n)
     q_range, q = _blocks_of(grid, block_m, mb, device)
@@ -405,19 +384,20 @@ def build_block_mask_for_pattern(
 
 
 def build_block_mask(
-    patterns: list[Pattern], grid: VideoGrid, block_m: int = 128, block_n: int = 128, device=None
+    patterns: list[PatternSpec], grid: VideoGrid, block_m: int = 128, block_n: int = 128, device=None
 ) -> BlockMask:
     """One :class:`BlockMask` for a layer: ``patterns[h]`` is head h's pattern (batch dim 1).
 
     Cached per (patterns, grid, blocks, device), and each distinct pattern's block mask is cached
     across layers too: a searched strategy costs one build per distinct pattern, not per head.
     """
+    patterns = tuple(parse_pattern(p) for p in patterns)
     dev = str(device)
-    key = (json.dumps(patterns, sort_keys=True), grid, block_m, block_n, dev)
+    key = (patterns, grid, block_m, block_n, dev)
 
     def make():
         rows = [
-            _cached(_PATTERN_CACHE, (json.dumps(p, sort_keys=True), grid, block_m, block_n, dev),
+            _cached(_PATTERN_CACHE, (p, grid, block_m, block_n, dev),
                     lambda p=p: build_block_mask_for_pattern(p, grid, block_m, block_n, device))
             for p in patterns
         ]
@@ -426,9 +406,9 @@ def build_block_mask(
     return _cached(_CACHE, key, make)
 
 
-def token_pattern_mask(p: Pattern, grid: VideoGrid) -> torch.Tensor:
+def token_pattern_mask(p: PatternSpec, grid: VideoGrid) -> torch.Tensor:
     """Bool ``[S, S]``: the token-level pattern itself (for tests and small grids only)."""
-    p = validate_pattern(p)
+    p = parse_pattern(p)
     vl = grid.video_len
     eye = torch.eye(vl).view(vl, grid.t, grid.h, grid.w)
     reach = _video_reach(p, grid, eye).reshape(vl, vl)

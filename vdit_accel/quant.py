@@ -13,7 +13,7 @@ Modes (``QUANT_MODES``), SageAttention-style; the kernels are ``kernels/quantize
   K smoothed as above and Q smoothed per BLOCK_M block (the block mean subtracted; its product with K
   is added back to the scores exactly, as a per-key bias the kernel computes per tile), and the range
   of each channel balanced between Q and K (Q's channel times sqrt(amax K / amax Q), K's divided by
-  it: exact for Q·K, SmoothQuant's migration; 5.0% → 4.0% error on ``dit_like_qkv``); P·V as in
+  it: exact for Q·K, SmoothQuant's migration, which lowers int4's error on ``dit_like_qkv``); P·V as in
   ``fp8``. Hopper has no INT4 tensor cores: the kernel unpacks to int8 and multiplies on the INT8
   ones — int4 halves Q/K memory but is not faster than int8 there.
 
@@ -28,22 +28,24 @@ import math
 
 import torch
 
-from .kernels.quantize import FP8_MAX, QMAX, RECIPES, SMOOTH_ROW_STEP, balance_factors, padded_len
+from .kernels.quantize import FP8_MAX, QMAX, RECIPES, SMOOTH_ROW_STEP, QuantMode, balance_factors, padded_len
 
-QUANT_MODES = tuple(RECIPES)
+QUANT_MODES = tuple(QuantMode)  # fp8, int8, int4 (members compare equal to their names)
 LOG2E = 1.4426950408889634
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in QUANT_MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; use one of {QUANT_MODES}")
+def _check_mode(mode) -> QuantMode:
+    mode = QuantMode.parse(mode)
+    if mode is None:
+        raise ValueError(f"a quantization mode is needed here (one of {[m.value for m in QuantMode]}), got None")
+    return mode
 
 
 def quantize_rows_reference(x: torch.Tensor, mode: str, group: int, s_pad: int, scale_mul: float = 1.0,
                             mean: torch.Tensor | None = None, group_mean: bool = False, rows: int = 64,
                             chan_mul: torch.Tensor | None = None):
     """PyTorch twin of :func:`kernels.quantize.quantize_rows` (same arguments, same outputs)."""
-    _check_mode(mode)
+    mode = _check_mode(mode)
     b, s, h, d = x.shape
     rows = group if group > 1 else rows
     xf = torch.zeros(b, h, s_pad, d, dtype=torch.float32, device=x.device)
@@ -118,7 +120,7 @@ def reference_quant_attention(q, k, v, mode: str, block_mask=None, block_m: int 
     softmax's steps: P is quantized against the running max, block by block, as the kernel does).
     (B, S, H, D) in and out (q's dtype); ``block_mask`` as in :func:`vdit_accel.reference.reference_attention`.
     """
-    _check_mode(mode)
+    mode = _check_mode(mode)
     b, s, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     r = RECIPES[mode]

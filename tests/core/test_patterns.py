@@ -1,16 +1,17 @@
 import itertools
+import json
 
 import pytest
 import torch
 
 from vdit_accel import BlockMask, VideoGrid
+from vdit_accel.patterns import PATTERNS as REGISTRY
 from vdit_accel.patterns import (
     build_block_mask,
     build_block_mask_for_pattern,
     format_pattern,
     parse_pattern,
     token_pattern_mask,
-    validate_pattern,
 )
 
 PATTERNS = [
@@ -44,28 +45,28 @@ def _brute_force(p, grid):
     dy = (y[:, None] - y[None, :]).abs()
     dx = (x[:, None] - x[None, :]).abs()
     v = grid.video_len
-    kind = p["kind"]
+    kind = p.kind
     if kind == "dense":
         return torch.ones(v, v, dtype=torch.bool)
     if kind == "skip":
         return torch.zeros(v, v, dtype=torch.bool)
     if kind == "window1d":
         i = torch.arange(v)
-        return (i[:, None] - i[None, :]).abs() <= round(p["frames"] * grid.h * grid.w)
+        return (i[:, None] - i[None, :]).abs() <= round(p.frames * grid.h * grid.w)
     if kind == "window3d":
-        return (dt <= p["t"]) & (dy <= p["h"]) & (dx <= p["w"])
+        return (dt <= p.t) & (dy <= p.h) & (dx <= p.w)
     if kind == "frame_periodic":
-        return ((t[:, None] - t[None, :]) % p["every"] == 0) & (dy <= p["h"]) & (dx <= p["w"])
+        return ((t[:, None] - t[None, :]) % p.every == 0) & (dy <= p.h) & (dx <= p.w)
     if kind == "stripes":
         col = torch.zeros(v, dtype=torch.bool)
-        for f in p["frames"]:
+        for f in p.frames:
             col |= t == (f % grid.t)
-        for tok in p["tokens"]:
+        for tok in p.tokens:
             col[tok % v] = True
         return col[None, :].expand(v, v)
     if kind == "union":
         out = torch.zeros(v, v, dtype=torch.bool)
-        for q in p["of"]:
+        for q in p.of:
             out |= _brute_force(q, grid)
         return out
     raise AssertionError(kind)
@@ -138,19 +139,21 @@ def test_skip_keeps_text_dense():
         ({"kind": "union", "of": []}, "non-empty"),
         ({"kind": "stripes", "frames": ["a"]}, "list of ints"),
         ("window3d:t=one,h=1,w=1", "bad value"),
-        (42, "a pattern is a dict"),
+        (42, "a pattern is a string or a dict"),
+        ({"kind": "window3d", "t": True, "h": 1, "w": 1}, "'t' must be an int"),
     ],
 )
 def test_validation_errors(bad, match):
     with pytest.raises(ValueError, match=match):
-        validate_pattern(bad)
+        parse_pattern(bad)
 
 
 @pytest.mark.parametrize("spec", PATTERNS)
 def test_short_form_round_trip(spec):
     p = parse_pattern(spec)
-    assert parse_pattern(format_pattern(p)) == p
-    assert validate_pattern(p) == p
+    assert parse_pattern(format_pattern(p)) == p and format_pattern(p) == spec
+    assert parse_pattern(p) is p and parse_pattern(REGISTRY.to_json(p)) == p and hash(p) == hash(parse_pattern(spec))
+    assert parse_pattern(json.dumps(REGISTRY.to_json(p))) == p
 
 
 def test_grid_validation():

@@ -8,6 +8,7 @@ from vdit_accel import attention
 from vdit_accel.attention import head_runs
 from vdit_accel.block_mask import BlockMask
 from vdit_accel.quant import (
+    QuantMode,
     FP8_MAX,
     dequantize_rows,
     dit_like_qkv,
@@ -92,9 +93,9 @@ def test_accuracy_targets_on_dit_like_data(s, d, block_n):
 
 
 def test_head_runs():
-    assert head_runs(None, 3) == [(0, 3, None)]
-    assert head_runs("fp8", 2) == [(0, 2, "fp8")]
-    assert head_runs(["fp8", "fp8", None, "int8"], 4) == [(0, 2, "fp8"), (2, 3, None), (3, 4, "int8")]
+    assert head_runs(None, 3) == ((0, 3, None),)
+    assert head_runs("fp8", 2) == ((0, 2, "fp8"),) and head_runs("fp8", 2)[0].mode is QuantMode.FP8
+    assert head_runs(["fp8", "fp8", None, "int8"], 4) == ((0, 2, "fp8"), (2, 3, None), (3, 4, "int8"))
     with pytest.raises(ValueError, match="3 modes for 2 heads"):
         head_runs(["fp8"] * 3, 2)
     with pytest.raises(ValueError, match="unknown quantization mode"):

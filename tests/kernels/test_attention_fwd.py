@@ -18,11 +18,12 @@ pytest.importorskip("triton")
 from vdit_accel.block_mask import BlockMask  # noqa: E402
 from vdit_accel.reference import reference_attention  # noqa: E402
 
-_mod = importlib.import_module("vdit_accel.kernels.attention_fwd")
-if type(_mod._attn_fwd).__name__ != "InterpretedFunction":
+_kern = importlib.import_module("vdit_accel.kernels.attention")
+if type(_kern._attn_fwd).__name__ != "InterpretedFunction":
     # Imported earlier in this process without TRITON_INTERPRET: rebuild the kernels interpreted.
-    _mod = importlib.reload(_mod)
-attention_fwd = _mod.attention_fwd
+    importlib.reload(_kern)
+_mod = importlib.import_module("vdit_accel.kernels.attention_configs")  # the autotune cache lives there
+attention_fwd = importlib.import_module("vdit_accel.kernels.attention_fwd").attention_fwd
 
 TOL = {torch.float16: 5e-3, torch.float32: 1e-4}
 

@@ -30,7 +30,7 @@ for module, name, types, consts in json.loads(sys.argv[1]):
         failed.append(f"{name} {consts}: {type(e).__name__}: {str(e)[:1500]}")
 print(json.dumps(failed))
 """
-QZ, AT = "vdit_accel.kernels.quantize", "vdit_accel.kernels.attention_fwd"
+QZ, AT = "vdit_accel.kernels.quantize", "vdit_accel.kernels.attention"
 
 
 def _attention(quant, sparse, tma=False, **flags):
@@ -46,15 +46,15 @@ def _attention(quant, sparse, tma=False, **flags):
     consts = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=128, HEAD_DIM=96 if not tma else 128, MASK_BLOCK_M=128,
                   MASK_BLOCK_N=128, SPARSE=sparse, EVEN_N=False, RETURN_LSE=True, INPUT_PRECISION=None,
                   WARP_SPECIALIZE=False, USE_TMA=tma, QUANT=quant, EMULATE_FP8=False)
-    consts.update(dict(PIPELINE_QK=False, EXP_POLY=0, Q_INDEXED=False, PREFETCH_IDX=False), **flags)  # defaults too: else a runtime i32
+    consts.update(dict(PIPELINE_QK=False, Q_INDEXED=False, PREFETCH_IDX=False), **flags)  # defaults too: else a runtime i32
     return [AT, "_attn_fwd", types, consts]
 
 
 VARIANTS = [_attention(0, False), _attention(0, True), _attention(1, False), _attention(1, True),
             _attention(2, True), _attention(3, True)]
-# The speed variants (config keys pipeline_qk, exp_poly), as the GPU sweep runs them (benchmarks/quant_sweep.py).
-VARIANTS += [_attention(1, False, tma=True, PIPELINE_QK=True, EXP_POLY=2), _attention(1, True, tma=True, EXP_POLY=1),
-             _attention(2, True, PIPELINE_QK=True, EXP_POLY=4), _attention(0, False, tma=True, PIPELINE_QK=True, EXP_POLY=2)]
+# Q·K^T one block ahead (config pipeline_qk; the int8 default on Hopper), as the GPU runs it.
+VARIANTS += [_attention(1, False, tma=True, PIPELINE_QK=True), _attention(2, True, tma=True, PIPELINE_QK=True),
+             _attention(2, True, PIPELINE_QK=True), _attention(0, False, tma=True, PIPELINE_QK=True)]
 # Queries read and outputs written through a token index (q_index), as the semantic order runs it.
 VARIANTS += [_attention(0, True, tma=True, Q_INDEXED=True), _attention(1, True, tma=True, Q_INDEXED=True),
              _attention(3, True, Q_INDEXED=True)]

@@ -10,7 +10,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from vdit_accel import permutation as P  # noqa: E402
+from vdit_accel.orders import parse_order, plan_call  # noqa: E402
+from vdit_accel.orders import semantic as P  # noqa: E402
 from vdit_accel.grid import VideoGrid  # noqa: E402
 from vdit_accel.block_mask import BlockMask  # noqa: E402
 from vdit_accel.kernels.permute import gather_rows, kmeans_assign, kmeans_cluster_order, semantic_block_mask  # noqa: E402
@@ -212,7 +213,7 @@ def test_plans_through_the_kernels_match_the_torch_path(monkeypatch):
         for spec in ("semantic:q_clusters=6,k_clusters=8", "segment:size=64"):
             memory = {}
             for _ in range(2):  # cold, then warm
-                plan = P.plan_call(q, k, grid, [P.validate_order(spec)] * h, None, 16, None, memory)
+                plan = plan_call(q, k, grid, [parse_order(spec)] * h, None, 16, None, memory)
                 out.append((plan.q_index, plan.k_index, plan.mask))
             qq, kk, vv = plan.gather(q, k, v)
             out.append((plan.scatter(qq), kk, vv))

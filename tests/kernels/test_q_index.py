@@ -22,9 +22,11 @@ from vdit_accel.attention import attention  # noqa: E402
 from vdit_accel.block_mask import BlockMask  # noqa: E402
 from vdit_accel.reference import reference_attention  # noqa: E402
 
+_kern = importlib.import_module("vdit_accel.kernels.attention")
+if type(_kern._attn_fwd).__name__ != "InterpretedFunction":
+    # Imported earlier in this process without TRITON_INTERPRET: rebuild the kernels interpreted.
+    importlib.reload(_kern)
 _fwd = importlib.import_module("vdit_accel.kernels.attention_fwd")
-if type(_fwd._attn_fwd).__name__ != "InterpretedFunction":
-    _fwd = importlib.reload(_fwd)
 
 
 def _perms(bi, h, s, seed):

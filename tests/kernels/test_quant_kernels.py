@@ -26,11 +26,12 @@ from vdit_accel.quant import (  # noqa: E402
     reference_quant_attention,
 )
 
-_fwd = importlib.import_module("vdit_accel.kernels.attention_fwd")
 _qz = importlib.import_module("vdit_accel.kernels.quantize")
-if type(_fwd._attn_fwd).__name__ != "InterpretedFunction":
+_kern = importlib.import_module("vdit_accel.kernels.attention")
+if type(_kern._attn_fwd).__name__ != "InterpretedFunction":  # imported earlier without TRITON_INTERPRET
     _qz = importlib.reload(_qz)
-    _fwd = importlib.reload(_fwd)
+    importlib.reload(_kern)
+_fwd = importlib.import_module("vdit_accel.kernels.attention_fwd")
 
 
 def _rel(out, ref):

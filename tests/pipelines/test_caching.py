@@ -45,7 +45,7 @@ def _run(pipe, family, **kw):
 
     def observe(layer, step, q, k, v):
         calls[layer, step] += 1
-        masks.setdefault(step, set()).add(state.block_mask(layer, q) is None)
+        masks.setdefault(step, set()).add(state.plan(layer, q).block_mask() is None)
 
     def step_end(p, i, t, kwargs):
         steps.append((i, state.step))

@@ -1,6 +1,7 @@
 """torch.compile of a patched transformer: one graph for all layers (whole model and
-``compile_repeated_blocks``), each layer's own block mask honoured (masks are graph inputs through the
-``vdit::attention`` custom op), output equal to eager, no recompile across calls or layers."""
+``compile_repeated_blocks``), each layer's own block mask honoured (a layer plan's tensors are graph
+inputs through the ``vdit::attention`` custom op), output equal to eager, no recompile across calls or
+layers."""
 
 import copy
 
@@ -56,7 +57,7 @@ def _op_nodes(graphs):
 
 
 def _check_masks_differ_per_layer(tr):
-    masks = [(p._vdit_kv_num_blocks, p._vdit_kv_indices) for p in patch_state(tr).processors]
+    masks = [(p._vdit_plan.kv_num_blocks, p._vdit_plan.kv_indices) for p in patch_state(tr).processors]
     assert all(m[0] is not None and m[0].shape == (1, 4, 3) and m[1].shape == (1, 4, 3, 3) for m in masks)
     assert len({(tuple(n.flatten().tolist()), tuple(i.flatten().tolist())) for n, i in masks}) == 4
 
@@ -124,11 +125,11 @@ def test_attention_op_checks(sparse):
         from vdit_accel.block_mask import BlockMask
 
         mask = BlockMask.from_dense(torch.rand(1, 2, 3, 3) < 0.6, 37, 16, 16)
-    args = (q, k, v, *((mask.kv_num_blocks, mask.kv_indices) if sparse else (None, None)), 16, 16, 0.3)
-    torch.library.opcheck(vdit_attention, args)
-    assert torch.equal(vdit_attention(*args), vdit_accel.attention(q, k, v, mask, scale=0.3))
+    args = (q, k, v, *((mask.kv_num_blocks, mask.kv_indices) if sparse else (None, None)), 16, 16)
+    torch.library.opcheck(vdit_attention, args, {"scale": 0.3})
+    assert torch.equal(vdit_attention(*args, scale=0.3), vdit_accel.attention(q, k, v, mask, scale=0.3))
     with pytest.raises(ValueError, match="together"):
-        vdit_attention(q, k, v, None, torch.zeros(1, 2, 3, 3, dtype=torch.int32), 16, 16, None)
+        vdit_attention(q, k, v, None, torch.zeros(1, 2, 3, 3, dtype=torch.int32), 16, 16)
 
 
 def test_fused_prologue_compiles_into_one_graph(wan, monkeypatch):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import vdit_accel
 from vdit_accel import Strategy, VideoGrid
 from vdit_accel.pipelines import ADAPTERS, TINY_FAMILIES, adapter_for, build_tiny_pipeline, patch_state, tiny_defaults
-from vdit_accel.pipelines.backend import _active, _vdit_backend
+from vdit_accel.pipelines.backend import _vdit_backend, running
 
 # Sizes with a (3, 4, 4) video token grid where the family allows it (LTX needs multiples of 32: 3x8x8).
 SIZES = {"wan": (64, 64, 9), "wan2.2": (64, 64, 9), "skyreels_v2": (64, 64, 9)}
@@ -64,7 +64,7 @@ def test_dense_sparse_unpatch(family):
     try:
         state = patch_state(pipe.transformer)
         masks = []
-        state.observers.append(lambda layer, step, q, k, v: masks.append(state.block_mask(layer, q)))
+        state.observers.append(lambda layer, step, q, k, v: masks.append(state.plan(layer, q).block_mask()))
         sparse = _run(pipe, family)
     finally:
         vdit_accel.unpatch(pipe)
@@ -182,12 +182,12 @@ def test_key_padding_mask_is_exact():
     lengths = [48 + 5, 48 + 16]
     valid = torch.arange(s)[None] < torch.tensor(lengths)[:, None]
     tr, state = _layer_ctx(grid)
-    _active.proc = state.processors[0]  # as the patched processor of layer 0 does around its call
     try:
         for mask in (valid[:, None, None, :], (valid[:, :, None] & valid[:, None, :])[:, None]):
-            out = _vdit_backend(q, k, v, attn_mask=mask)
+            with running(state.processors[0]):  # as the patched processor of layer 0 does around its call
+                out = _vdit_backend(q, k, v, attn_mask=mask)
             for b, n in enumerate(lengths):
-                bm = state.block_mask(0, q[:, :n])
+                bm = state.plan(0, q[:, :n]).block_mask()
                 assert bm is not None and bm.seq_len == n and bm.density() < 1
                 ref = vdit_accel.attention(q[b : b + 1, :n], k[b : b + 1, :n], v[b : b + 1, :n], bm)
                 assert (out[b, :n] - ref[0]).abs().max().item() <= 1e-5
@@ -196,7 +196,6 @@ def test_key_padding_mask_is_exact():
                                                     v[b : b + 1].transpose(1, 2), attn_mask=rows).transpose(1, 2)
                 assert torch.equal(out[b : b + 1, n:], sd)
     finally:
-        _active.proc = None
         vdit_accel.unpatch(tr)
 
 
@@ -211,15 +210,13 @@ def test_other_masks_fall_back_to_sdpa(caplog, monkeypatch):
     holes[..., 10] = False  # a masked video key: not a trailing text pad
     additive = torch.zeros(1, 1, grid.seq_len, grid.seq_len)
     tr, state = _layer_ctx(grid)
-    _active.proc = state.processors[0]  # as the patched processor of layer 0 does around its call
     try:
-        with caplog.at_level(logging.WARNING, logger="vdit_accel"):
+        with caplog.at_level(logging.WARNING, logger="vdit_accel"), running(state.processors[0]):
             for mask in (holes, additive):
                 want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                       attn_mask=mask).transpose(1, 2)
                 assert torch.equal(_vdit_backend(q, k, v, attn_mask=mask), want)
     finally:
-        _active.proc = None
         vdit_accel.unpatch(tr)
     assert "not a key-padding mask of trailing text tokens: falling back to PyTorch SDPA" in caplog.text
 

@@ -8,7 +8,8 @@ import vdit_accel
 from vdit_accel import Strategy
 from vdit_accel.pipelines import build_tiny_pipeline, patch_state, tiny_defaults
 from vdit_accel.pipelines import permute as permute_mod
-from vdit_accel.permutation import parse_order, tiled_order
+from vdit_accel.orders import Tiled, tiled_order
+from vdit_accel.strategy import HeadSpec
 
 # A (3, 8, 8) token grid (192 tokens); no classifier-free guidance: one transformer call per step.
 CALL = dict(prompt="a red circle moving left", height=128, width=128, num_frames=9, num_inference_steps=2,
@@ -79,19 +80,20 @@ def test_tiled_sparse_frame_equals_per_call_gathers(pipe, base, monkeypatch):
 
 
 def test_uniform_tiled_layers_share_one_mask_and_unpatch_frees_it(pipe):
-    """A uniform strategy in the tiled order builds one block mask for all layers (per-layer copies cost
-    ~12 GB on HunyuanVideo 720p); unpatch drops the masks at once (the runtime and the patch state refer
-    to each other, so waiting for the garbage collector kept a previous patch's masks alive)."""
+    """A uniform strategy in the tiled order compiles one plan (one block mask) for all layers (per-layer
+    copies cost ~12 GB on HunyuanVideo 720p); unpatch drops the plans at once (the runtime and the patch
+    state refer to each other, so waiting for the garbage collector kept a previous patch's masks alive)."""
     vdit_accel.patch(pipe, Strategy.uniform("window3d:t=0,h=1,w=1", order="tiled"), block_size=32)
     state = patch_state(pipe.transformer)
     try:
         pipe(**{**CALL, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(0))
-        masks = {id(m) for m in state._masks.values() if m is not None}
-        assert len(state._masks) == len(pipe.transformer.blocks) and len(masks) == 1
-        assert len(state.orders._shared) == 1
+        plans = {id(p._vdit_plan) for p in state.processors}
+        assert len(plans) == 1 and state.processors[0]._vdit_plan.kv_indices is not None
+        assert len(state._plans) == 1
     finally:
         vdit_accel.unpatch(pipe)
-    assert not state._masks and not state.orders._shared and not state.orders._static and not state.orders.memory
+    assert not state._plans and not state._forward_plans and not state.orders.memory
+    assert all(p._vdit_plan is None for p in state.processors)
 
 
 def test_per_token_timesteps_wan22_ti2v(pipe):
@@ -117,7 +119,7 @@ def test_dynamic_and_mixed_orders_dense_equal_unpatched(pipe, base):
     """Per-head orders (raster, tiled, semantic, segment in one layer) in a tiled frame: with top_p = 1
     every block is kept, so the output is the unpatched one. (With text: the CogVideoX test below.)"""
     heads = ["raster", "tiled", "semantic:top_p=1,q_clusters=4,k_clusters=6", "segment:top_p=1,size=64"]
-    strat = Strategy(layers=[[{"kind": "dense"}] * 4] * 4, order="tiled", orders=[[parse_order(h) for h in heads]] * 4)
+    strat = Strategy(default=HeadSpec(order="tiled"), layers=[[HeadSpec(order=h) for h in heads]] * 4)
     out = _run(pipe, strat, num_inference_steps=1)
     assert (out - _run(pipe, num_inference_steps=1)).abs().max().item() <= 1e-5
 
@@ -148,7 +150,7 @@ def test_semantic_heads_run_sparse_and_warm_start(pipe, base):
 def test_semantic_plans_once_per_step_under_guidance(pipe, monkeypatch, refresh, plans_per_layer):
     """With classifier-free guidance (two transformer calls per step), the uncond call reuses the step's
     plan: a layer plans once per step at refresh=1 (3 steps: 3 plans, not 6), every 2nd step at 2."""
-    from vdit_accel import permutation as P
+    from vdit_accel.orders import plan as P
 
     made = []
     orig = P.semantic_orders
@@ -389,8 +391,8 @@ def test_text_families_per_call_orders(cog, monkeypatch):
     a frame tiled heads gather per call too, text in place."""
     call = _tiny_call("cogvideox")
     base = _run(cog, call=call)
-    strat = Strategy(layers=[[{"kind": "dense"}] * 2] * 2, order="tiled",
-                     orders=[[parse_order("tiled"), parse_order("semantic:top_p=1,q_clusters=3,k_clusters=5")]] * 2)
+    strat = Strategy(default=HeadSpec(order="tiled"),
+                     layers=[[HeadSpec(order="tiled"), HeadSpec(order="semantic:top_p=1,q_clusters=3,k_clusters=5")]] * 2)
     for framed in (True, False):
         if not framed:
             monkeypatch.setattr(permute_mod, "FRAME_FAMILIES", ())
@@ -423,7 +425,7 @@ def test_patch_order_shortcut(pipe, base):
     """``patch(pipe, strategy, order=...)`` sets every head's order, as Strategy.uniform(..., order=...) does."""
     vdit_accel.patch(pipe, "dense", block_size=32, order="tiled")
     try:
-        assert patch_state(pipe.transformer).strategy.order == parse_order("tiled")
+        assert patch_state(pipe.transformer).strategy.default.order == Tiled()
         out = pipe(**CALL, generator=torch.Generator().manual_seed(0)).frames
     finally:
         vdit_accel.unpatch(pipe)

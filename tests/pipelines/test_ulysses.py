@@ -14,7 +14,7 @@ import vdit_accel
 from vdit_accel import Strategy, VideoGrid
 from vdit_accel.patterns import build_block_mask
 from vdit_accel.pipelines import build_tiny_pipeline, patch_state
-from vdit_accel.pipelines.backend import _active, _ulysses_forward_op, _vdit_backend, local_heads
+from vdit_accel.pipelines.backend import _ulysses_forward_op, _vdit_backend, local_heads, running
 from vdit_accel.pipelines.op import vdit_attention
 
 WORKER = Path(__file__).with_name("ulysses_worker.py")
@@ -69,8 +69,8 @@ def test_local_heads():
 
 
 def test_head_slice_with_mocked_parallel_config():
-    """No processes: a processor given a Ulysses config (rank 1 of 2) prepares the mask of global heads
-    2-3, and the templated forward op (what runs after the all-to-all) attends them with it."""
+    """No processes: a processor given a Ulysses config (rank 1 of 2) gets the plan of global heads 2-3,
+    and the templated forward op (what runs after the all-to-all) attends them with it."""
     tr = build_tiny_pipeline("wan", seed=0).transformer
     vdit_accel.patch(tr, Strategy(layers=[PER_HEAD] * 4), block_size=32)
     try:
@@ -80,27 +80,24 @@ def test_head_slice_with_mocked_parallel_config():
         proc = state.processors[1]
         proc._parallel_config = _ulysses(2, 1)
         state._prepare(torch.device("cpu"))
-        assert proc._vdit_heads == (2, 4) and state.processors[0]._vdit_heads == (0, 4)
-        full = build_block_mask([state.strategy.layers[1][h] for h in range(4)], grid, 32, 32)
+        assert proc._vdit_plan.heads == (2, 4) and state.processors[0]._vdit_plan.heads == (0, 4)
+        full = build_block_mask([state.strategy.layers[1][h].pattern for h in range(4)], grid, 32, 32)
         local = full.head_slice(2, 4)
-        assert torch.equal(proc._vdit_kv_num_blocks, local.kv_num_blocks)
-        assert torch.equal(proc._vdit_kv_indices, local.kv_indices)
+        assert torch.equal(proc._vdit_plan.kv_num_blocks, local.kv_num_blocks)
+        assert torch.equal(proc._vdit_plan.kv_indices, local.kv_indices)
 
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, grid.seq_len, 4, 64, generator=g) for _ in range(3))
-        want = vdit_attention(q, k, v, full.kv_num_blocks, full.kv_indices, 32, 32, None)[:, :, 2:]
-        prev, _active.proc = _active.proc, proc
-        try:
+        want = vdit_attention(q, k, v, full.kv_num_blocks, full.kv_indices, 32, 32)[:, :, 2:]
+        with running(proc):
             got = _ulysses_forward_op(None, q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], _parallel_config=proc._parallel_config)
-            # A call the pre-hook did not prepare (other length) looks the global heads' mask up itself.
-            proc._vdit_seq_len = -1
+            # A call the pre-hook did not prepare (no plan) looks the global heads' plan up itself.
+            proc._vdit_plan = None
             looked_up = _ulysses_forward_op(None, q[:, :, 2:], k[:, :, 2:], v[:, :, 2:],
                                             _parallel_config=proc._parallel_config)
-        finally:
-            _active.proc = prev
         assert torch.allclose(got, want, atol=1e-5)
         assert torch.allclose(looked_up, want, atol=1e-5)
-        wrong = vdit_attention(q, k, v, full.kv_num_blocks, full.kv_indices, 32, 32, None)[:, :, :2]
+        wrong = vdit_attention(q, k, v, full.kv_num_blocks, full.kv_indices, 32, 32)[:, :, :2]
         assert not torch.allclose(got, wrong, atol=1e-3)
     finally:
         vdit_accel.unpatch(tr)

@@ -63,9 +63,9 @@ def test_sparse_runs_changes_output_and_tracks_steps(pipe):
     assert 0 < density < 0.7
     # 3 steps x (cond + uncond) x 4 layers; the first step dense by warm-up.
     assert sorted({s for s, _ in calls}) == [0, 1, 2] and len(calls) == 3 * 2 * 4
-    masks = [state.block_mask(0, torch.empty(1, 192, 4, 64)) for state.step in (0, 1)]
-    assert masks[0] is None and masks[1] is not None
-    assert state.block_mask(0, torch.empty(1, 192, 4, 64)) is masks[1]  # built once, then cached
+    plans = [state.plan(0, torch.empty(1, 192, 4, 64)) for state.step in (0, 1)]
+    assert plans[0].block_mask() is None and plans[1].block_mask() is not None
+    assert state.plan(0, torch.empty(1, 192, 4, 64)) is plans[1]  # compiled once, then cached
 
 
 def test_patch_errors(pipe):
@@ -94,7 +94,7 @@ def test_strategy_file_with_per_head_patterns(pipe, tmp_path):
     vdit_accel.patch(pipe.transformer, str(path), block_size=32)
     try:
         out = _run(pipe, num_inference_steps=2)
-        mask = patch_state(pipe.transformer).block_mask(0, torch.empty(1, 192, 4, 64))
+        mask = patch_state(pipe.transformer).plan(0, torch.empty(1, 192, 4, 64)).block_mask()
     finally:
         vdit_accel.unpatch(pipe.transformer)
     d = mask.density_per_head()
@@ -136,14 +136,15 @@ def test_quantized_strategy_and_its_bf16_steps():
         ref = tr(x, t, enc, return_dict=False)[0]
         vdit_accel.patch(pipe, Strategy.uniform("dense", quant="fp8", quant_bf16_steps=(1, 1)))
         state = patch_state(tr)
-        assert state.layer_quant(0) == ""  # step 0: in the first unquantized steps
         out0 = tr(x, t, enc, return_dict=False)[0]
+        q = torch.empty(1, 48, 4, 64)
+        assert state.plan(0, q).quant_modes == (None,) * 4  # step 0: in the first unquantized steps
         torch.testing.assert_close(out0, ref, atol=1e-4, rtol=1e-4)
         pipe.scheduler.set_timesteps(4)
         out1 = tr(x, torch.tensor([400]), enc, return_dict=False)[0]  # step 1 of 4: quantized
-        assert state.step == 1 and state.layer_quant(0) == "fp8"
+        assert state.step == 1 and state.plan(0, q).quant_modes == ("fp8",) * 4
         state.step = 3  # the last step: unquantized again
-        assert state.layer_quant(0) == ""
+        assert state.plan(0, q).quant_modes == (None,) * 4
         vdit_accel.unpatch(pipe)
         ref1 = tr(x, torch.tensor([400]), enc, return_dict=False)[0]
     err = ((out1 - ref1).norm() / ref1.norm()).item()

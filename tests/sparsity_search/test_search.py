@@ -31,7 +31,7 @@ def test_planted_pattern_recovery():
     cands = candidate_patterns(grid)
     prof = HeadProfiler(cands, block_size=block, sample_blocks=8, mass_stride=8)
     prof.observe(0, 0, grid, q, k, v)
-    skip = next(i for i, c in enumerate(cands) if c["kind"] == "skip")
+    skip = next(i for i, c in enumerate(cands) if c.kind == "skip")
     masks = prof.masks_for(grid, "cpu")
     err = prof.merged()[0].error(skip)
     rung = radius_ladder(1 << 20).index
@@ -39,7 +39,8 @@ def test_planted_pattern_recovery():
         chosen = [cands[masks.representative[i]] for i in solve_per_head(err, masks.density, budget).tolist()]
         good = 0
         for (kind, radii), c in zip(plan, chosen):
-            if c["kind"] == {"silent": "skip"}.get(kind, kind) and all(abs(rung(c[a]) - rung(r)) <= 1 for a, r in radii.items()):
+            if c.kind == {"silent": "skip"}.get(kind, kind) and all(abs(rung(getattr(c, a)) - rung(r)) <= 1
+                                                                    for a, r in radii.items()):
                 good += 1
         assert good >= 0.95 * len(plan), (budget, list(zip(plan, chosen)))
 

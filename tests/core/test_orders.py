@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from vdit_accel import BlockMask, VideoGrid
+from vdit_accel.orders import (ORDERS, CallPlan, Semantic, Tiled, attend_planned, block_density, block_mask_for_order,
+                               block_mass, blocks_for_recall, format_order, gather_tokens, gather_tokens_many, inverse,
+                               kmeans, parse_order, plan_call, raster_order, scatter_tokens, segment_key_order,
+                               semantic_block_mask, semantic_orders, tile_shape, tiled_order)
 from vdit_accel.patterns import build_block_mask_for_pattern, parse_pattern, token_pattern_mask
-from vdit_accel.permutation import (CallPlan, attend_planned, block_density, block_mask_for_order, block_mass,
-                                    blocks_for_recall, format_order, gather_tokens, gather_tokens_many, inverse, kmeans,
-                                    parse_order, plan_call, raster_order, scatter_tokens, segment_key_order,
-                                    semantic_block_mask, semantic_orders, tile_shape, tiled_order, validate_order)
 from vdit_accel.reference import reference_attention
 
 
@@ -112,15 +112,16 @@ def test_block_mask_under_an_order_is_exact(spec):
 
 
 def test_order_specs():
-    assert validate_order(None) is None and validate_order("raster") is None
-    assert validate_order("tiled") == {"kind": "tiled", "t": None, "h": None}
+    assert parse_order(None) is None and parse_order("raster") is None and format_order(None) == "raster"
+    assert parse_order("tiled") == Tiled() == parse_order({"kind": "tiled"}) and Tiled().t is None
     o = parse_order("semantic:top_p=0.9,k_clusters=32")
-    assert o == {"kind": "semantic", "q_clusters": None, "k_clusters": 32, "top_p": 0.9, "iters": 0, "refresh": 1}
-    assert parse_order(format_order(o)) == o and validate_order(o) == o
+    assert o == Semantic(k_clusters=32, top_p=0.9) and (o.q_clusters, o.iters, o.refresh) == (None, 0, 1)
+    assert parse_order(format_order(o)) == o and parse_order(o) is o and o.dynamic and not Tiled().dynamic
+    assert ORDERS.to_json(o) == {"kind": "semantic", "k_clusters": 32, "top_p": 0.9} and parse_order(ORDERS.to_json(o)) == o
     for bad, match in [("spiral", "unknown order kind"), ("tiled:t=0", "int >= 1"), ("semantic:top_p=1.5", r"\(0, 1\]"),
                        ({"kind": "segment", "width": 3}, "unknown"), (3, "a string or a dict")]:
         with pytest.raises(ValueError, match=match):
-            validate_order(bad)
+            parse_order(bad)
 
 
 def test_gather_scatter_per_head_round_trip():
@@ -143,9 +144,9 @@ def test_dense_attention_is_order_invariant_for_every_kind():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, s, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
     ref = reference_attention(q, k, v)
-    orders = [None, validate_order("tiled"), validate_order("semantic:top_p=1,q_clusters=3,k_clusters=5"),
-              validate_order("segment:size=20,top_p=1")]
-    for frame in (None, validate_order("tiled")):
+    orders = [None, parse_order("tiled"), parse_order("semantic:top_p=1,q_clusters=3,k_clusters=5"),
+              parse_order("segment:size=20,top_p=1")]
+    for frame in (None, parse_order("tiled")):
         qf, kf, vf = q, k, v
         if frame is not None:  # tensors arrive in the tiled frame (permuted once per forward)
             fp = tiled_order(grid, 8)
@@ -169,7 +170,7 @@ def test_sparse_tiled_equals_the_token_pattern_in_raster_order():
     s = grid.seq_len
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, s, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    plan = plan_call(q, k, grid, [validate_order("tiled")] * 2, None, block, blocks.expand(1, 2, *blocks.shape), {})
+    plan = plan_call(q, k, grid, [parse_order("tiled")] * 2, None, block, blocks.expand(1, 2, *blocks.shape), {})
     out = attend_planned(q, k, v, plan, block, _attend)
     # The same pairs as a token mask in raster order (blocks of one token).
     pos = inverse(perm)
@@ -296,7 +297,7 @@ def test_segment_key_order_needs_no_output_inverse_and_packs_heavy_keys():
     torch.testing.assert_close(reference_attention(q, k[:, kperm], v[:, kperm]), reference_attention(q, k, v))
     # The runtime plan of a segment head gathers keys only.
     grid = VideoGrid(4, 8, 8)
-    plan = plan_call(q, k, grid, [validate_order("segment:size=64,top_p=0.9")], None, block, None, {})
+    plan = plan_call(q, k, grid, [parse_order("segment:size=64,top_p=0.9")], None, block, None, {})
     assert plan.q_index is None and plan.k_index.shape == (1, 1, s)
 
 
@@ -320,16 +321,16 @@ def test_refresh_reuses_the_last_plan():
     g = torch.Generator().manual_seed(5)
     q, k = (torch.randn(1, grid.seq_len, 2, 8, generator=g) for _ in range(2))
     for spec in ("semantic:refresh=3,q_clusters=4,k_clusters=4", "segment:refresh=3,size=32"):
-        o, memory = validate_order(spec), {}
+        o, memory = parse_order(spec), {}
         plans = [plan_call(q + i, k * (i + 1), grid, [o, o], None, 16, None, memory) for i in range(4)]
         assert plans[1].k_index is plans[0].k_index and plans[2].k_index is plans[0].k_index  # calls 2, 3 reuse
         assert plans[3].k_index is not plans[0].k_index  # the 4th plans again
     # With the denoising step known, a plan serves the calls of its step (guidance's two) and of the
     # next refresh - 1 steps; a step back (a new generation) plans again.
-    o = validate_order("semantic:q_clusters=4,k_clusters=4,refresh=2")
+    o = parse_order("semantic:q_clusters=4,k_clusters=4,refresh=2")
     memory, steps = {}, [0, 0, 1, 1, 2, 2, 0]
     plans = [plan_call(q + i, k * (i + 1), grid, [o, o], None, 16, None, memory, step=t) for i, t in enumerate(steps)]
     made = [i == 0 or plans[i].k_index is not plans[i - 1].k_index for i in range(len(steps))]
     assert made == [True, False, False, False, True, False, True]
     with pytest.raises(ValueError, match="'refresh' must be an int >= 1"):
-        validate_order("semantic:refresh=0")
+        parse_order("semantic:refresh=0")
