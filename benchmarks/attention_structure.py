@@ -70,12 +70,13 @@ def _coords(grid) -> torch.Tensor:
 
 def _orders(q: torch.Tensor, k: torch.Tensor, grid, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per order, ``(q_perm, k_perm)`` ``[H, S]``: position -> token."""
-    from vdit_accel import permutation as P
+    from vdit_accel.orders.semantic import default_clusters, semantic_orders
+    from vdit_accel.orders.static import tiled_order
 
     s, h = q.shape[1], q.shape[2]
     raster = torch.arange(s, device=device).expand(h, s)
-    tiled = P.tiled_order(grid, BLOCK, device=device).expand(h, s)
-    plan = P.semantic_orders(q, k, grid, *P.default_clusters(grid, BLOCK), init_iters=8)
+    tiled = tiled_order(grid, BLOCK, device=device).expand(h, s)
+    plan = semantic_orders(q, k, grid, *default_clusters(grid, BLOCK), init_iters=8)
     return {"raster": (raster, raster), "tiled": (tiled, tiled), "semantic": (plan.q_perm[0], plan.k_perm[0])}
 
 
@@ -285,8 +286,8 @@ def measure_share(pipe, spec, size, grid, device) -> dict:
 def measure_oracle(pipe, spec, captions, size, steps, grid, recall, warmup_frac, dense_videos, log) -> dict:
     """Generate ``captions`` with the per-call oracle block mask (see the module docstring)."""
     from vdit_accel import attention
-    from vdit_accel import permutation as P
     from vdit_accel.block_mask import BlockMask
+    from vdit_accel.orders.static import tiled_order
     from vdit_accel.video import psnr, ssim
 
     warm = int(round(warmup_frac * steps))
@@ -298,7 +299,7 @@ def measure_oracle(pipe, spec, captions, size, steps, grid, recall, warmup_frac,
     def on_call(forward, layer, q, k, v):
         if forward // calls_per_step < warm:
             return None
-        perm = P.tiled_order(grid, BLOCK, device=q.device)
+        perm = tiled_order(grid, BLOCK, device=q.device)
         m = tiled_block_mass(q, k, perm)
         srt, idx = m.sort(-1, descending=True)
         need = (srt.cumsum(-1) < recall - 1e-6).sum(-1, keepdim=True) + 1
