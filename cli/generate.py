@@ -15,7 +15,6 @@ beside ``--out``::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -94,6 +93,7 @@ class Plan:
     dtype: str
     strategy: object  # vdit_accel.Strategy
     strategy_source: str  # where the strategy came from, in words
+    shipped: bool  # the model's shipped strategy (its measured figures are in its file)
     outputs: Outputs
 
 
@@ -119,27 +119,31 @@ def prepare(opts: GenerateOptions, say) -> Plan:
     if opts.large and model != "wan-trained":
         raise ValueError(f"--large is the size of the built-in 'wan-trained' model; with {model!r} give "
                          "--frames, --height and --width")
-    strategy, source = _strategy(opts, model)
-    return Plan(opts, model, device, dtype, strategy, source, outputs)
+    return Plan(opts, model, device, dtype, *_strategy(opts, model), outputs)
 
 
 def _strategy(opts: GenerateOptions, model: str):
-    """``(Strategy, where it came from)``: ``--strategy``, else the model's shipped strategy, else the
-    uniform default; ``--order`` / ``--dense-warmup-steps`` / ``--quant`` applied."""
+    """``(Strategy, where it came from, whether it is the model's shipped one)``: ``--strategy``, else the
+    model's shipped strategy, else the uniform default; ``--order`` / ``--dense-warmup-steps`` / ``--quant``
+    applied."""
     import vdit_accel
     from vdit_accel.permutation import DYNAMIC_KINDS, validate_order
     from vdit_accel.quant import QUANT_MODES
 
     order = validate_order(opts.order) if opts.order is not None else None
-    spec, source = opts.strategy, f"--strategy {opts.strategy}"
+    spec, source, shipped = opts.strategy, f"--strategy {opts.strategy}", False
     if spec is None and order is not None and order["kind"] in DYNAMIC_KINDS:
         spec, source = "dense", "dense (a semantic or segment --order chooses its own key blocks)"
     elif spec is None and model in SHIPPED_STRATEGIES:
         spec, source = SHIPPED_STRATEGIES[model], f"shipped for {model} ({SHIPPED_STRATEGIES[model].name})"
+        changed = [o for o, v in (("--dense-warmup-steps", opts.dense_warmup_steps), ("--quant", opts.quant),
+                                  ("--order", opts.order)) if v is not None]
+        shipped = not changed  # as measured; with overrides it is another strategy
+        source += f", changed by {', '.join(changed)}" if changed else ""
     elif spec is None:
         spec, source = UNIFORM_DEFAULT, f"uniform default {UNIFORM_DEFAULT}"
     quant = opts.quant if opts.quant in QUANT_MODES else None
-    return vdit_accel.Strategy.from_spec(spec, opts.dense_warmup_steps, quant=quant, order=opts.order), source
+    return vdit_accel.Strategy.from_spec(spec, opts.dense_warmup_steps, quant=quant, order=opts.order), source, shipped
 
 
 # -- the runs ------------------------------------------------------------------------------------
@@ -191,11 +195,32 @@ class _Runner:
         return torch.Generator(device="cpu").manual_seed(self.seed)
 
     def warm_up(self):
-        """One untimed step: kernel compilation, library set-up, allocator, first touch."""
-        self.pipe(**{**self.call, "num_inference_steps": 1}, generator=self._generator())
+        """One untimed step (not decoded): kernel compilation, library set-up, allocator, first touch."""
+        self.pipe(**{**self.call, "num_inference_steps": 1, "output_type": "latent"}, generator=self._generator())
 
-    def timed(self, label: str):
-        """``(frames [T, H, W, 3] float in [0, 1], timing)`` of one whole generation, with a bar."""
+    def checked_warm_up(self, strategy, block_size: int):
+        """The untimed step patched with ``strategy`` with every step sparse (so its kernels compile
+        here, not in the timed run): :func:`vdit_accel.patch` validates the strategy against the model,
+        the step reads the token grid, and every layer's block masks are built on it. Returns ``(grid,
+        mean block density)``; the pipeline is left unpatched."""
+        import vdit_accel
+        from vdit_accel.pipelines import patch_state
+
+        vdit_accel.patch(self.pipe, vdit_accel.Strategy.from_spec(strategy, dense_warmup_steps=0), block_size=block_size)
+        try:
+            self.warm_up()
+            state = patch_state(self.transformers[0])
+            return state.grid, state.mean_density(state.grid)
+        finally:
+            vdit_accel.unpatch(self.pipe)
+
+    def timed(self, label: str, strategy=None, block_size: int = 128):
+        """``(frames [T, H, W, 3] float in [0, 1], timing)`` of one whole generation, with a bar; patched
+        with ``strategy`` if given (unpatched after)."""
+        import vdit_accel
+
+        if strategy is not None:
+            vdit_accel.patch(self.pipe, strategy, block_size=block_size)
         timer = _StepTimer(self.transformers)
         bars = self._progress.bars("steps", self.console)
         try:
@@ -208,16 +233,16 @@ class _Runner:
                 bars.update(task, completed=self.steps, total=self.steps)
         finally:
             timer.remove()
+            if strategy is not None:
+                vdit_accel.unpatch(self.pipe)
         return video, {"transformer_s_per_step": timer.seconds / self.steps, "transformer_calls": timer.calls,
                        "total_s": total}
 
 
 def run(plan: Plan, console) -> dict:
     """Load the model, finish the checks, run dense and accelerated, write the outputs; the report."""
-    import numpy as np
-
     import vdit_accel
-    from vdit_accel.pipelines import patch_state, trained
+    from vdit_accel.pipelines import trained
     from vdit_accel.quant import QUANT_MODES
     from vdit_accel.video import comparison_frames, difference, frame_strip, psnr, ssim, write_mp4, write_png
 
@@ -238,19 +263,8 @@ def run(plan: Plan, console) -> dict:
     if plan.model in _builtin_names():
         call.update(max_sequence_length=defaults.max_sequence_length, **defaults.call_kwargs)
     runner = _Runner(pipe, call, opts.seed, console)
-    transformer = runner.transformers[0]
 
-    # The strategy on this model and grid, before any long run: patch() validates it against the
-    # model's structure; a one-step warm-up with every step sparse compiles its kernels and reads the
-    # grid, on which every layer's block masks are then built.
-    vdit_accel.patch(pipe, dataclasses.replace(strat, dense_warmup_steps=0), block_size=opts.block_size)
-    try:
-        runner.warm_up()
-        state = patch_state(transformer)
-        grid = state.grid
-        density = state.mean_density(grid)
-    finally:
-        vdit_accel.unpatch(pipe)
+    grid, density = runner.checked_warm_up(strat, opts.block_size)  # before any long run
     report: dict = {"model": plan.model, "prompt": opts.prompt, "seed": opts.seed, "frames": frames, "height": height,
                     "width": width, "steps": steps, "device": plan.device, "dtype": plan.dtype,
                     "grid": {"t": grid.t, "h": grid.h, "w": grid.w, "tokens": grid.seq_len},
@@ -262,19 +276,15 @@ def run(plan: Plan, console) -> dict:
         f"{steps} steps, seed {opts.seed}, {plan.device} {plan.dtype}")
     say(f"strategy: {plan.strategy_source}: {strat.describe()}; block density {density:.2f} on the sparse steps, "
         f"{report['density_with_warmup']:.2f} over the run")
-    measured = strat.search.get("measured") if strat.search else None
-    if measured and opts.strategy is None:
-        say(f"  measured on this model: {measured['summary']}")
+    if plan.shipped:
+        report["strategy_measured"] = measured_summary(strat, [frames, height, width], steps)
+        say("  " + report["strategy_measured"])
 
     dense_video = None
     if opts.compare:
         runner.warm_up()
         dense_video, report["dense"] = runner.timed("dense")
-    vdit_accel.patch(pipe, strat, block_size=opts.block_size)
-    try:
-        video, report["accelerated"] = runner.timed("accelerated")
-    finally:
-        vdit_accel.unpatch(pipe)
+    video, report["accelerated"] = runner.timed("accelerated", strat, opts.block_size)
     if dense_video is not None:
         report["psnr_db"] = psnr(video, dense_video)
         report["ssim"] = ssim(video, dense_video)
@@ -283,12 +293,8 @@ def run(plan: Plan, console) -> dict:
         report["quant"] = {}
         for mode in QUANT_MODES:
             qstrat = vdit_accel.Strategy.from_spec(strat, quant=mode)
-            vdit_accel.patch(pipe, qstrat, block_size=opts.block_size)
-            try:
-                runner.warm_up()
-                qvideo, timing = runner.timed(mode)
-            finally:
-                vdit_accel.unpatch(pipe)
+            runner.checked_warm_up(qstrat, opts.block_size)
+            qvideo, timing = runner.timed(mode, qstrat, opts.block_size)
             entry = {**timing, "psnr_db_vs_unquantized": psnr(qvideo, video)}
             if dense_video is not None:
                 entry["psnr_db"] = psnr(qvideo, dense_video)
@@ -353,6 +359,19 @@ def _caption_check(model: str, prompt: str, videos: dict) -> dict | None:
     except ValueError:
         return None
     return {name: toyvideo.check_video(v, prompt) for name, v in videos.items() if v is not None}
+
+
+def measured_summary(strategy, size: list[int], steps: int) -> str:
+    """What a shipped strategy's file says was measured (``search.measured``, written from
+    ``benchmarks/demo_strategy.py``'s result), and whether this run is at that size."""
+    m = (strategy.search or {}).get("measured")
+    if not m:
+        return "not measured on this model"
+    n = m["prompts"]
+    at = "" if list(size) == m["size"] and steps == m["steps"] else "; this run's size or steps differ: not measured here"
+    return (f"measured on this model at {'x'.join(map(str, m['size']))}, {m['steps']} steps ({m['file']}): "
+            f"PSNR {m['psnr_db_mean']:.1f} dB mean, {m['psnr_db_min']:.1f} min against dense over {n} prompts; "
+            f"caption check {m['same_verdict_as_dense']} of {n} the same as dense's{at}")
 
 
 def gpu_figure() -> str:

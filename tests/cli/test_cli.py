@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import cv2
-import pytest
 from typer.testing import CliRunner
 
 from vdit_accel.cli.app import app
