@@ -15,6 +15,8 @@ from typing import Optional
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
+from .generate import DEFAULT_PROMPT  # light: the module imports torch only inside its functions
+
 try:  # typer >= 0.26 carries its own click, whose exceptions derive from TyperException
     from typer import TyperException as _ParseError
 except ImportError:  # earlier typer runs on click
@@ -90,7 +92,7 @@ def _deprecated(command: str, old: str, new: str, value, current):
 
 @_command()
 def generate(
-    prompt: str = typer.Option("a red circle moving left on a blue background", metavar="TEXT", help="Text prompt."),
+    prompt: str = typer.Option(DEFAULT_PROMPT, metavar="TEXT", help="Text prompt."),
     model: Optional[str] = typer.Option(None, metavar="NAME|PATH", show_default="wan-trained",
                                         help="A built-in model (see `vdit-accel models`) or a diffusers pipeline folder or hub id."),
     large: bool = typer.Option(False, "--large", help="The built-in model's large size (wan-trained: 17x256x256, 5,120 video "
@@ -230,7 +232,7 @@ def search(
         check_at_least("--dense-warmup-steps", dense_warmup_steps, 0)
         check_block_size(block_size)
         if prompts is None:
-            prompt_list = ["a red circle moving left on a blue background", "two squares bouncing off the walls"]
+            prompt_list = [DEFAULT_PROMPT, "two squares bouncing off the walls"]
         elif not prompts.is_file():
             raise ValueError(f"--prompts {str(prompts)!r}: no such file")
         else:
