@@ -17,11 +17,13 @@ from rich.text import Text
 
 
 class _Rate(ProgressColumn):
-    """Steps per second of a task (``-- it/s`` until rich has two samples)."""
+    """Steps per second of a task so far: done / elapsed (``-- it/s`` before the first step)."""
 
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- it/s" if speed is None else f"{speed:.2f} it/s")
+        elapsed = task.finished_time if task.finished else task.elapsed
+        if not task.completed or not elapsed:
+            return Text("-- it/s")
+        return Text(f"{task.completed / elapsed:.2f} it/s")
 
 
 def bars(unit: str = "steps", console: Console | None = None) -> Progress:
