@@ -1,18 +1,76 @@
-"""The ``vdit-accel`` command line: thin commands over the library."""
+"""The ``vdit-accel`` command line: thin commands over the library.
+
+Start-up imports only typer: torch, diffusers and the library load inside the commands, so ``--help``
+and ``version`` answer at once. Errors are one line (``error: ...``) with exit status 2.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import time
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Faster video diffusion transformers.")
+from .generate import DEFAULT_PROMPT  # light: the module imports torch only inside its functions
+
+try:  # typer >= 0.26 carries its own click, whose exceptions derive from TyperException
+    from typer import TyperException as _ParseError
+except ImportError:  # earlier typer runs on click
+    from click.exceptions import ClickException as _ParseError
 
 _USER_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, OSError, RuntimeError)
+_METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}
+
+
+class _Command(TyperCommand):
+    """Conventional help: positional arguments in UPPER case, a value label only on options that take a
+    value (flags have none), the usage line ``[OPTIONS] ARG``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for p in self.params:
+            if isinstance(p, TyperArgument):
+                p.metavar = p.metavar or p.name.upper()
+                p.display_type_rich = lambda ctx: None
+            elif not getattr(p, "is_flag", False) and p.metavar is None and p.name != "help":
+                annotation = getattr(getattr(p, "type_descriptor", None), "annotation", None)
+                p.metavar = _METAVARS.get(annotation, "VALUE")
+
+    def collect_usage_pieces(self, ctx):
+        args = [p.metavar if p.required else f"[{p.metavar}]" for p in self.params if isinstance(p, TyperArgument)]
+        return [self.options_metavar, *args]
+
+
+class _Group(TyperGroup):
+    """Usage errors (an unknown option, a value that is not a number) on one line, exit status 2."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            rv = super().main(args, prog_name or "vdit-accel", standalone_mode=False, **extra)
+        except _ParseError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare command: its help, as asked for
+                typer.echo(e.format_message(), err=True)
+                sys.exit(getattr(e, "exit_code", 2))
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(getattr(e, "exit_code", 2))
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Faster video diffusion transformers.")
+
+
+def _command(*args, **kwargs):
+    return app.command(*args, cls=_Command, **kwargs)
 
 
 def _fail(msg: str) -> None:
@@ -20,223 +78,102 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-class _StepTimer:
-    """Wall time of a transformer's forward calls (synchronising CUDA around each)."""
-
-    def __init__(self, transformers):
-        import torch
-
-        self._torch = torch
-        self.seconds = 0.0
-        self.calls = 0
-        self._t0 = 0.0
-        self._handles = []
-        for tr in transformers:
-            self._handles.append(tr.register_forward_pre_hook(self._pre))
-            self._handles.append(tr.register_forward_hook(self._post))
-
-    def _sync(self):
-        if self._torch.cuda.is_available():
-            self._torch.cuda.synchronize()
-
-    def _pre(self, *_):
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def _post(self, *_):
-        self._sync()
-        self.seconds += time.perf_counter() - self._t0
-        self.calls += 1
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
 
 
-def _default_model() -> str:
-    """The built-in model a command uses without ``--model``: the trained tiny Wan where its weights are
-    installed, else the random-weight tiny Wan (said on stderr)."""
-    from vdit_accel.pipelines import trained
-
-    if trained.weights_available():
-        return "wan-trained"
-    typer.echo(f"no trained weights in {trained.WEIGHTS_DIR}: using the random-weight tiny Wan", err=True)
-    return "wan"
+def _deprecated(command: str, old: str, new: str, value, current):
+    """The value of ``new`` given under its deprecated spelling ``old`` (said on stderr)."""
+    if value is None:
+        return current
+    _say(f"warning: {command} {old} is deprecated, use {new} (same meaning)")
+    return value
 
 
-def _builtin(model: Optional[str]) -> bool:
-    from vdit_accel.pipelines.tiny import TINY_FAMILIES, TRAINED_FAMILIES
-
-    return model in TINY_FAMILIES + TRAINED_FAMILIES
-
-
-def _load_pipeline(model: Optional[str], device: str, dtype_name: str):
-    """``(pipe, defaults)`` of a built-in model (a tiny family name) or a diffusers directory / hub id."""
-    import torch
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-    if _builtin(model):
-        from vdit_accel.pipelines import build_tiny_pipeline, tiny_defaults
-
-        return build_tiny_pipeline(model, dtype=dtype).to(device), tiny_defaults(model)
-    from diffusers import DiffusionPipeline
-
-    from vdit_accel.pipelines.tiny import TinyDefaults
-
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    except Exception as e:  # diffusers raises many kinds here; report them on one line
-        raise ValueError(f"could not load a diffusers pipeline from {model!r}: {type(e).__name__}: {e}") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), TinyDefaults(height=480, width=832, frames=81, steps=50, max_sequence_length=512)
-
-
-@app.command()
+@_command()
 def generate(
-    prompt: str = typer.Option("a red circle moving left on a blue background", help="Text prompt."),
-    model: Optional[str] = typer.Option(None, help="A built-in model (see `vdit-accel models`) or a diffusers pipeline directory or "
-                                        "hub id; default: the trained tiny Wan, 'wan-trained'."),
+    prompt: str = typer.Option(DEFAULT_PROMPT, metavar="TEXT", help="Text prompt."),
+    model: Optional[str] = typer.Option(None, metavar="NAME|PATH", show_default="wan-trained",
+                                        help="A built-in model (see `vdit-accel models`) or a diffusers pipeline folder or hub id."),
     large: bool = typer.Option(False, "--large", help="The built-in model's large size (wan-trained: 17x256x256, 5,120 video "
                                "tokens, where sparsity matters) instead of its quick default."),
-    strategy: Optional[str] = typer.Option(None, help="Strategy file (.json), 'dense', or a uniform pattern such as 'window3d:t=1,h=2,w=2' "
-                                           "(default: that pattern; 'dense' with a semantic or segment --order)."),
-    order: Optional[str] = typer.Option(None, help="Token order for every head, overriding the strategy's: raster, tiled, semantic "
-                                        "or segment, with parameters in short form ('semantic:top_p=0.9,refresh=4')."),
-    frames: Optional[int] = typer.Option(None, help="Number of frames (4k+1)."),
-    height: Optional[int] = typer.Option(None, help="Height in pixels (multiple of 16)."),
-    width: Optional[int] = typer.Option(None, help="Width in pixels (multiple of 16)."),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps."),
-    seed: int = typer.Option(0, help="Random seed (the same for the dense and the accelerated run)."),
-    dense_warmup_steps: Optional[int] = typer.Option(None, help="Override the strategy's dense warm-up steps."),
-    block_size: int = typer.Option(128, help="Tokens per block of the sparse masks."),
-    quant: Optional[str] = typer.Option(None, help="Quantized attention for every head: fp8, int8 or int4; 'all' runs each "
-                                        "mode after the unquantized one and reports its PSNR against dense."),
-    compare: bool = typer.Option(True, help="Also run dense (unpatched) with the same seed and report the difference."),
-    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda if available)."),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)."),
-    out: Path = typer.Option(Path("out/video.mp4"), help="Where to write the accelerated video; the report goes beside it (.json)."),
+    strategy: Optional[str] = typer.Option(None, metavar="SPEC", show_default="the model's shipped strategy, else window3d:t=1,h=2,w=2",
+                                           help="Strategy file (.json), 'dense', or a uniform pattern such as "
+                                           "'window3d:t=1,h=2,w=2' ('dense' with a semantic or segment --order)."),
+    order: Optional[str] = typer.Option(None, metavar="ORDER", help="Token order for every head, overriding the strategy's: "
+                                        "raster, tiled, semantic or segment, with parameters in short form "
+                                        "('semantic:top_p=0.9,refresh=4')."),
+    frames: Optional[int] = typer.Option(None, metavar="N", show_default="the model's; 17 for wan-trained",
+                                         help="Number of video frames (4k+1 for Wan)."),
+    height: Optional[int] = typer.Option(None, metavar="PIXELS", show_default="the model's; 128 for wan-trained",
+                                         help="Height in pixels (a multiple of one token: 8 for wan-trained)."),
+    width: Optional[int] = typer.Option(None, metavar="PIXELS", show_default="the model's; 128 for wan-trained",
+                                        help="Width in pixels."),
+    steps: Optional[int] = typer.Option(None, metavar="N", show_default="the model's; 40 for wan-trained",
+                                        help="Denoising steps."),
+    seed: int = typer.Option(0, metavar="INT", help="Random seed (the same for the dense and the accelerated run)."),
+    dense_warmup_steps: Optional[int] = typer.Option(None, metavar="N", show_default="the strategy's",
+                                                     help="Run the first N denoising steps dense."),
+    block_size: int = typer.Option(128, metavar="TOKENS", help="Tokens per block of the sparse masks."),
+    quant: Optional[str] = typer.Option(None, metavar="MODE", help="Quantized attention for every head: fp8, int8 or int4; "
+                                        "'all' runs each mode after the unquantized one and reports its PSNR against dense."),
+    compare: bool = typer.Option(True, help="Also run dense (unpatched) with the same seed: its video, a side-by-side "
+                                 "comparison and the PSNR."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", show_default="cuda if available, else cpu", help="cuda or cpu."),
+    dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="bfloat16 on cuda, float32 on cpu",
+                                        help="float32, bfloat16 or float16."),
+    out: Path = typer.Option(Path("out/video.mp4"), metavar="PATH",
+                             help="The accelerated video; beside it NAME-dense.mp4, NAME-compare.mp4 (dense | accelerated | "
+                             "difference), NAME-frames.png and the report NAME.json."),
 ):
-    """Generate a video with accelerated attention; report speed and PSNR against dense."""
+    """Generate a video dense and accelerated; write both, a comparison and a report of speed and PSNR."""
+    from .generate import GenerateOptions, prepare, run
+
+    opts = GenerateOptions(prompt=prompt, model=model, large=large, strategy=strategy, order=order, frames=frames,
+                           height=height, width=width, steps=steps, seed=seed, dense_warmup_steps=dense_warmup_steps,
+                           block_size=block_size, quant=quant, compare=compare, device=device, dtype=dtype, out=out)
     try:
-        import torch
+        from rich.console import Console
 
-        import vdit_accel
-        from vdit_accel.pipelines import patch_state
-        from vdit_accel.video import psnr, write_mp4
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        from vdit_accel.quant import QUANT_MODES
-
-        if quant is not None and quant != "all" and quant not in QUANT_MODES:
-            raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)} or all, got {quant!r}")
-        from vdit_accel.orders import is_dynamic, parse_order
-
-        order_spec = parse_order(order) if order is not None else None
-        if strategy is None:  # semantic and segment choose their own key blocks: their pattern is dense
-            strategy = "dense" if is_dynamic(order_spec) else "window3d:t=1,h=2,w=2"
-        strat = vdit_accel.Strategy.from_spec(strategy, dense_warmup_steps,
-                                              quant=quant if quant in QUANT_MODES else None, order=order)
-        if out.suffix != ".mp4":
-            raise ValueError(f"--out must end in .mp4, got {str(out)!r}")
-        model = model or _default_model()
-        if large and model != "wan-trained":
-            raise ValueError(f"--large is the size of the built-in 'wan-trained' model; with {model!r} give "
-                             "--frames, --height and --width")
-        pipe, defaults = _load_pipeline(model, device, dtype)
-        if large:
-            from vdit_accel.pipelines import trained
-
-            frames = frames or trained.LARGE_SIZE["num_frames"]
-            height, width = height or trained.LARGE_SIZE["height"], width or trained.LARGE_SIZE["width"]
-        frames = frames or defaults.frames
-        height, width, steps = height or defaults.height, width or defaults.width, steps or defaults.steps
-        if frames < 1 or (frames - 1) % 4:
-            raise ValueError(f"--frames must be 4k+1 (1, 5, 9, 13, 17, ...), got {frames}")
-        if height < 16 or width < 16 or height % 16 or width % 16:
-            raise ValueError(f"--height and --width must be positive multiples of 16, got {height}x{width}")
-        if steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {steps}")
-
-        transformers = [t for t in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if t is not None]
-        call = dict(prompt=prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps, output_type="np")
-        if _builtin(model):
-            call.update(max_sequence_length=defaults.max_sequence_length, **defaults.call_kwargs)
-
-        def run():
-            # Untimed one-step warm-up: kernel compilation, library set-up, allocator, first touch.
-            pipe(**{**call, "num_inference_steps": 1}, generator=torch.Generator(device="cpu").manual_seed(seed))
-            timer = _StepTimer(transformers)
-            try:
-                t0 = time.perf_counter()
-                video = pipe(**call, generator=torch.Generator(device="cpu").manual_seed(seed)).frames[0]
-                total = time.perf_counter() - t0
-            finally:
-                timer.remove()
-            return video, {"transformer_s_per_step": timer.seconds / steps, "transformer_calls": timer.calls, "total_s": total}
-
-        report: dict = {"model": model, "prompt": prompt, "seed": seed,
-                        "frames": frames, "height": height, "width": width, "steps": steps, "device": device, "dtype": dtype}
-        dense_video = None
-        if compare:
-            typer.echo(f"dense run ({steps} steps) ...", err=True)
-            dense_video, report["dense"] = run()
-        vdit_accel.patch(pipe, strat, block_size=block_size)
-        typer.echo(f"accelerated run ({strat.describe()}) ...", err=True)
-        video, report["accelerated"] = run()
-        state = patch_state(transformers[0])
-        grid = state.grid
-        report["strategy"] = strat.describe()
-        report["grid"] = {"t": grid.t, "h": grid.h, "w": grid.w, "tokens": grid.seq_len}
-        report["block_size"] = block_size
-        report["density"] = state.mean_density(grid)
-        vdit_accel.unpatch(pipe)
-        if dense_video is not None:
-            report["psnr_db"] = psnr(video, dense_video)
-            report["speedup"] = report["dense"]["transformer_s_per_step"] / report["accelerated"]["transformer_s_per_step"]
-        if quant == "all":  # the same strategy once per quantized mode
-            report["quant"] = {}
-            for mode in QUANT_MODES:
-                vdit_accel.patch(pipe, strat, block_size=block_size, quant=mode)
-                typer.echo(f"accelerated run, {mode} ...", err=True)
-                qvideo, timing = run()
-                vdit_accel.unpatch(pipe)
-                entry = {**timing, "psnr_db_vs_unquantized": psnr(qvideo, video)}
-                if dense_video is not None:
-                    entry["psnr_db"] = psnr(qvideo, dense_video)
-                    entry["speedup"] = report["dense"]["transformer_s_per_step"] / timing["transformer_s_per_step"]
-                report["quant"][mode] = entry
-        write_mp4(out, video)
-        report["video"] = str(out)
-        report_path = out.with_suffix(".json")
-        report_path.write_text(json.dumps(report, indent=1) + "\n")
+        console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+        plan = prepare(opts, console.print)
+        report = run(plan, console)
     except _USER_ERRORS as e:
         _fail(str(e))
     summary = {k: report[k] for k in ("video", "density", "psnr_db", "speedup") if k in report}
     if "quant" in report:
         summary["quant_psnr_db"] = {m: round(e.get("psnr_db", e["psnr_db_vs_unquantized"]), 2) for m, e in report["quant"].items()}
     typer.echo(json.dumps(summary))
-    typer.echo(f"report: {report_path}", err=True)
 
 
-@app.command()
+@_command()
 def inspect(
     strategy: str = typer.Argument(..., help="Strategy file (.json), 'dense' or a uniform pattern."),
-    frames: int = typer.Option(21, help="Latent frames of the grid to measure density on."),
-    height: int = typer.Option(30, help="Latent rows (after patchification)."),
-    width: int = typer.Option(52, help="Latent columns (after patchification)."),
-    heads: int = typer.Option(12, help="Heads per layer (for a uniform strategy)."),
-    block_size: int = typer.Option(128, help="Tokens per block."),
+    latent_frames: int = typer.Option(21, metavar="N", help="Latent frames of the token grid to measure density on."),
+    latent_height: int = typer.Option(30, metavar="N", help="Token rows (latent rows after patchification)."),
+    latent_width: int = typer.Option(52, metavar="N", help="Token columns (latent columns after patchification)."),
+    heads: int = typer.Option(12, metavar="N", help="Heads per layer (for a uniform strategy)."),
+    block_size: int = typer.Option(128, metavar="TOKENS", help="Tokens per block."),
+    frames: Optional[int] = typer.Option(None, hidden=True),
+    height: Optional[int] = typer.Option(None, hidden=True),
+    width: Optional[int] = typer.Option(None, hidden=True),
 ):
     """Describe a strategy and its block density on a token grid (default: Wan 480x832, 81 frames)."""
     try:
+        from .inputs import check_at_least, check_block_size
+
+        latent_frames = _deprecated("inspect", "--frames", "--latent-frames", frames, latent_frames)
+        latent_height = _deprecated("inspect", "--height", "--latent-height", height, latent_height)
+        latent_width = _deprecated("inspect", "--width", "--latent-width", width, latent_width)
+        for option, value in (("--latent-frames", latent_frames), ("--latent-height", latent_height),
+                              ("--latent-width", latent_width), ("--heads", heads)):
+            check_at_least(option, value)
+        check_block_size(block_size)
         from vdit_accel import Strategy, VideoGrid
         from vdit_accel.patterns import build_block_mask, format_pattern
 
         st = Strategy.from_spec(strategy)
-        grid = VideoGrid(frames, height, width)
+        grid = VideoGrid(latent_frames, latent_height, latent_width)
         n_layers = len(st.layers) if st.layers is not None else 1
         n_heads = len(st.layers[0]) if st.layers is not None else heads
         typer.echo(st.describe())
@@ -253,64 +190,90 @@ def inspect(
         _fail(str(e))
 
 
-@app.command()
+@_command()
 def search(
-    prompts: Optional[Path] = typer.Option(None, help="Text file with one calibration prompt per line (default: two built-in prompts)."),
-    model: Optional[str] = typer.Option(None, help="A built-in model or a diffusers pipeline directory or hub id; default: 'wan-trained'."),
-    budget: float = typer.Option(0.05, help="Error budget: relative L2 error of a head's output against dense."),
-    mode: str = typer.Option("global", help="global: one budget over all heads (Lagrangian); per_head: every head within budget."),
-    target_density: Optional[float] = typer.Option(None, help="Instead of a budget: the mean block density to reach with least error."),
-    steps: Optional[str] = typer.Option(None, help="Comma-separated denoising steps to profile (default: first, middle, last)."),
-    num_inference_steps: Optional[int] = typer.Option(None, help="Denoising steps of each calibration run."),
-    frames: Optional[int] = typer.Option(None, help="Frames (4k+1)."),
-    height: Optional[int] = typer.Option(None, help="Height in pixels."),
-    width: Optional[int] = typer.Option(None, help="Width in pixels."),
-    dense_warmup_steps: Optional[int] = typer.Option(None, help="Fix the dense warm-up (default: chosen by the search)."),
-    block_size: int = typer.Option(128, help="Block size the strategy will run with."),
-    sample_blocks: int = typer.Option(8, help="Query blocks per call on which candidate errors are measured."),
-    state_dir: Optional[Path] = typer.Option(None, help="Save progress here after every prompt; rerun to resume."),
-    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda if available)."),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16."),
-    out: Path = typer.Option(Path("strategy.json"), help="Where to write the strategy file."),
+    prompts: Optional[Path] = typer.Option(None, metavar="FILE", show_default="two built-in prompts",
+                                           help="Text file with one calibration prompt per line."),
+    model: Optional[str] = typer.Option(None, metavar="NAME|PATH", show_default="wan-trained",
+                                        help="A built-in model or a diffusers pipeline folder or hub id."),
+    budget: float = typer.Option(0.05, metavar="FLOAT", help="Error budget: relative L2 error of a head's output against dense."),
+    mode: str = typer.Option("global", metavar="MODE", help="global: one budget over all heads (Lagrangian); per_head: every head within budget."),
+    target_density: Optional[float] = typer.Option(None, metavar="FLOAT", help="Instead of a budget: the mean block density to reach with least error."),
+    profile_steps: Optional[str] = typer.Option(None, metavar="I,J,...", show_default="first, middle, last",
+                                                help="Comma-separated denoising steps (0-based) to profile."),
+    num_inference_steps: Optional[int] = typer.Option(None, metavar="N", show_default="the model's", help="Denoising steps of each calibration run."),
+    frames: Optional[int] = typer.Option(None, metavar="N", show_default="the model's", help="Number of video frames (4k+1 for Wan)."),
+    height: Optional[int] = typer.Option(None, metavar="PIXELS", show_default="the model's", help="Height in pixels."),
+    width: Optional[int] = typer.Option(None, metavar="PIXELS", show_default="the model's", help="Width in pixels."),
+    dense_warmup_steps: Optional[int] = typer.Option(None, metavar="N", show_default="chosen by the search",
+                                                     help="Run the first N denoising steps dense."),
+    block_size: int = typer.Option(128, metavar="TOKENS", help="Block size the strategy will run with."),
+    sample_blocks: int = typer.Option(8, metavar="N", help="Query blocks per call on which candidate errors are measured."),
+    state_dir: Optional[Path] = typer.Option(None, metavar="DIR", help="Save progress here after every prompt; rerun to resume."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", show_default="cuda if available, else cpu", help="cuda or cpu."),
+    dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="bfloat16 on cuda, float32 on cpu",
+                                        help="float32, bfloat16 or float16."),
+    out: Path = typer.Option(Path("strategy.json"), metavar="PATH", help="Where to write the strategy file."),
+    steps: Optional[str] = typer.Option(None, hidden=True),
 ):
     """Search a per-layer, per-head sparse strategy on calibration prompts (torchrun for several GPUs)."""
     import os
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch = None
     try:
+        from .inputs import check_at_least, check_block_size, check_model, check_writable, default_model, load_pipeline, \
+            resolve_device_dtype
+
+        profile_steps = _deprecated("search", "--steps", "--profile-steps", steps, profile_steps)
+        for option, value in (("--num-inference-steps", num_inference_steps), ("--frames", frames), ("--height", height),
+                              ("--width", width), ("--sample-blocks", sample_blocks)):
+            check_at_least(option, value)
+        check_at_least("--dense-warmup-steps", dense_warmup_steps, 0)
+        check_block_size(block_size)
+        if prompts is None:
+            prompt_list = [DEFAULT_PROMPT, "two squares bouncing off the walls"]
+        elif not prompts.is_file():
+            raise ValueError(f"--prompts {str(prompts)!r}: no such file")
+        else:
+            prompt_list = [l.strip() for l in prompts.read_text().splitlines() if l.strip()]
+            if not prompt_list:
+                raise ValueError(f"--prompts {str(prompts)!r} has no prompt (one per line)")
+        try:
+            step_list = [int(x) for x in profile_steps.split(",")] if profile_steps else None
+        except ValueError:
+            raise ValueError(f"--profile-steps must be comma-separated step numbers such as 0,20,39, got {profile_steps!r}") from None
+        if out.suffix != ".json":
+            raise ValueError(f"--out must end in .json, got {str(out)!r}")
+        check_writable("--out", out, [out])
+        model = model or default_model(_say)
+        check_model(model)
+
         import torch
 
         from vdit_accel.sparsity_search import SearchConfig
         from vdit_accel.sparsity_search import search as run_search
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        config = SearchConfig(budget=budget, mode=mode, steps=step_list, dense_warmup_steps=dense_warmup_steps,
+                              block_size=block_size, sample_blocks=sample_blocks, target_density=target_density)
         if world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
             torch.distributed.init_process_group(backend)
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         rank = torch.distributed.get_rank() if world > 1 else 0
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        if prompts is None:
-            prompt_list = ["a red circle moving left on a blue background", "two squares bouncing off the walls"]
-        elif not prompts.is_file():
-            raise ValueError(f"--prompts {str(prompts)!r} is not a file")
-        else:
-            prompt_list = [l.strip() for l in prompts.read_text().splitlines() if l.strip()]
-        step_list = [int(x) for x in steps.split(",")] if steps else None
-        config = SearchConfig(budget=budget, mode=mode, steps=step_list, dense_warmup_steps=dense_warmup_steps,
-                              block_size=block_size, sample_blocks=sample_blocks, target_density=target_density)
-        model = model or _default_model()
-        pipe, defaults = _load_pipeline(model, device, dtype)
+        device, dtype = resolve_device_dtype(device, dtype)
+        pipe, defaults = load_pipeline(model, device, dtype)
         call = dict(height=height or defaults.height, width=width or defaults.width,
                     num_frames=frames or defaults.frames, num_inference_steps=num_inference_steps or defaults.steps,
                     output_type="latent")
-        if _builtin(model):
+        from .inputs import builtin_models, check_size
+
+        check_size(pipe, call["num_frames"], call["height"], call["width"])
+        if model in builtin_models():
             call.update(max_sequence_length=defaults.max_sequence_length, **defaults.call_kwargs)
-        strategy = run_search(pipe, prompt_list, config, call_kwargs=call, state_dir=state_dir,
-                              progress=lambda msg: typer.echo(msg, err=True))
+        strategy = _search_with_bars(run_search, pipe, prompt_list[rank::world] if world > 1 else prompt_list,
+                                     prompt_list, config, call, state_dir, rank)
         if rank == 0:
             strategy.save(out)
             typer.echo(json.dumps({"out": str(out), "strategy": strategy.describe(),
@@ -319,11 +282,33 @@ def search(
     except _USER_ERRORS as e:
         _fail(str(e))
     finally:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
+        if world > 1 and torch is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-@app.command()
+def _search_with_bars(run_search, pipe, mine, prompt_list, config, call, state_dir, rank):
+    """The search with two bars on rank 0: calibration prompts (this rank's), and the steps of the one
+    in flight. The search reports each prompt, done or resumed, through ``progress`` once."""
+    from . import progress
+
+    if rank != 0:
+        return run_search(pipe, prompt_list, config, call_kwargs=call, state_dir=state_dir, progress=_say)
+    bars = progress.bars("")
+    with bars:
+        prompts_task = bars.add_task("prompts", total=len(mine))
+        steps_task = bars.add_task("steps", total=call["num_inference_steps"])
+
+        def done(msg: str):
+            bars.console.print(msg, markup=False, highlight=False)
+            bars.advance(prompts_task)
+            bars.reset(steps_task)
+
+        if progress.takes_step_callback(pipe):
+            call = {**call, "callback_on_step_end": progress.step_callback(bars, steps_task)}
+        return run_search(pipe, prompt_list, config, call_kwargs=call, state_dir=state_dir, progress=done)
+
+
+@_command()
 def models():
     """List the supported model families: their diffusers transformer classes and tiny offline pipelines."""
     from vdit_accel.pipelines import supported_models
@@ -332,36 +317,37 @@ def models():
         typer.echo(f"{family:<18} {', '.join(classes)}")
 
 
-@app.command()
+@_command()
 def version():
     """Print versions of vdit-accel and the libraries it runs on."""
-    import torch
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
     import vdit_accel
 
-    parts = [f"vdit-accel {vdit_accel.__version__}", f"torch {torch.__version__}"]
-    for mod in ("triton", "diffusers"):
+    parts = [f"vdit-accel {vdit_accel.__version__}"]
+    for dist in ("torch", "triton", "diffusers"):
         try:
-            parts.append(f"{mod} {__import__(mod).__version__}")
-        except ImportError:
-            parts.append(f"{mod} (not installed)")
+            parts.append(f"{dist} {installed(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} (not installed)")
     typer.echo(", ".join(parts))
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: real-size steps on a GPU, tiny ones on the CPU.")
+bench_app = typer.Typer(cls=TyperGroup, no_args_is_help=True, rich_markup_mode=None, help="Benchmarks: real-size steps on a GPU, tiny ones on the CPU.")
 app.add_typer(bench_app, name="bench")
 
 
-@bench_app.command("pipeline")
+@bench_app.command("pipeline", cls=_Command)
 def bench_pipeline(
-    shape: list[str] = typer.Option(..., "--shape", help="Shape to run (repeat for several): wan2.1-1.3b-480p, wan2.1-1.3b-720p, wan2.1-14b-720p, hunyuan-720p; tiny-wan, tiny-hunyuan on the CPU."),
-    variants: list[str] = typer.Option(None, "--variants", help="Rows to run, comma-separated or repeated (default: all): noop-attention, dense-cudnn, ours-dense, ours-window3d-0.15, flex-window3d-0.15, ours-window3d-0.15-fp8, ours-window3d-0.15-tiled, flex-window3d-0.15-tiled, ours-window3d-0.15-tiled-fp8, ours-searched."),
-    reps: Optional[int] = typer.Option(None, help="Timed forwards per row (default: per shape, 1 to 3)."),
-    searched_strategy: Optional[Path] = typer.Option(None, help="Strategy file from `vdit-accel search` for the ours-searched row (skipped when it does not fit the model)."),
-    block_size: int = typer.Option(128, help="Tokens per block of the sparse masks."),
-    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda if available)."),
-    git_sha: Optional[str] = typer.Option(None, help="Commit recorded in the result file (default: the package version)."),
-    out_dir: Path = typer.Option(Path("."), help="Where e2e-<gpu>-<yyyymmdd>.json is written."),
+    shape: list[str] = typer.Option(..., "--shape", metavar="SHAPE", help="Shape to run (repeat for several): wan2.1-1.3b-480p, wan2.1-1.3b-720p, wan2.1-14b-720p, hunyuan-720p; tiny-wan, tiny-hunyuan on the CPU."),
+    variants: list[str] = typer.Option(None, "--variants", metavar="ROWS", help="Rows to run, comma-separated or repeated (default: all): noop-attention, dense-cudnn, ours-dense, ours-window3d-0.15, flex-window3d-0.15, ours-window3d-0.15-fp8, ours-window3d-0.15-tiled, flex-window3d-0.15-tiled, ours-window3d-0.15-tiled-fp8, ours-searched."),
+    reps: Optional[int] = typer.Option(None, metavar="N", help="Timed forwards per row (default: per shape, 1 to 3)."),
+    searched_strategy: Optional[Path] = typer.Option(None, metavar="FILE", help="Strategy file from `vdit-accel search` for the ours-searched row (skipped when it does not fit the model)."),
+    block_size: int = typer.Option(128, metavar="TOKENS", help="Tokens per block of the sparse masks."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", show_default="cuda if available, else cpu", help="cuda or cpu."),
+    git_sha: Optional[str] = typer.Option(None, metavar="SHA", help="Commit recorded in the result file (default: the package version)."),
+    out_dir: Path = typer.Option(Path("."), metavar="DIR", help="Where e2e-<gpu>-<yyyymmdd>.json is written."),
 ):
     """Time one denoising step (one transformer forward, batch 1) of real-config transformers with
     random weights: diffusers' attention, ours dense and sparse, FlexAttention on the same masks."""

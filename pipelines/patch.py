@@ -328,7 +328,9 @@ def unpatch(pipe_or_transformer):
     """Restore the original attention processors exactly and remove our hooks."""
     transformers = _transformers_of(pipe_or_transformer)
     if not any(hasattr(tr, _STATE_ATTR) for tr in transformers):
-        raise RuntimeError("not patched by vdit-accel")
+        names = " and ".join(type(t).__name__ for t in transformers)
+        owner = "" if isinstance(pipe_or_transformer, torch.nn.Module) else f"{type(pipe_or_transformer).__name__}'s "
+        raise RuntimeError(f"{owner}{names} is not patched by vdit-accel: nothing to unpatch (patch() it first)")
     for tr in transformers:
         state: PatchState | None = getattr(tr, _STATE_ATTR, None)
         if state is None:

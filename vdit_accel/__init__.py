@@ -3,13 +3,52 @@
 Public surface: :func:`attention`, :func:`patch`, :func:`unpatch`, :class:`Strategy`, :func:`search`,
 :class:`VideoGrid`, :class:`BlockMask`. Nothing inside the package imports this module (it re-exports,
 and imports the integration layers lazily): the layers import each other's modules directly.
+
+The names are imported on first use (PEP 562), so that ``import vdit_accel`` — and the command line's
+``--help`` and ``version`` — do not pay for importing torch.
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
 from ._version import __version__
-from .attention import attention
-from .block_mask import BlockMask
-from .grid import VideoGrid
-from .strategy import Strategy
+
+_LAZY = {"attention": ".attention", "BlockMask": ".block_mask", "VideoGrid": ".grid", "Strategy": ".strategy"}
+
+if TYPE_CHECKING:
+    from .attention import attention
+    from .block_mask import BlockMask
+    from .grid import VideoGrid
+    from .strategy import Strategy
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``vdit_accel.attention`` sets the package's ``attention`` to that module
+    (the import system does); the public name stays the function, as an eager import left it."""
+
+    def __setattr__(self, name, value):
+        if name == "attention" and isinstance(value, types.ModuleType):
+            value = value.attention
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def patch(pipe_or_transformer, strategy="dense", **kwargs):

@@ -376,8 +376,15 @@ class Strategy:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"strategy file {str(path)!r} does not exist")
+        data = path.read_bytes()
         try:
-            d = json.loads(path.read_text())
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\x00" in text:
+            raise ValueError(f"strategy file {str(path)!r} is not a JSON strategy file (binary data; pickles are never loaded)")
+        try:
+            d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"strategy file {str(path)!r} is not valid JSON: {e}") from None
         return cls.from_dict(d)

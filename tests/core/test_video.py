@@ -34,3 +34,18 @@ def test_ssim_matches_the_formula_on_constant_frames():
 def test_ssim_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="one shape"):
         ssim(np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 9, 3)))
+
+
+def test_comparison_frames_and_strip_layout():
+    from vdit_accel.video import comparison_frames, difference, frame_strip
+
+    a = _video(0, (5, 32, 40, 3))
+    b = np.clip(a + 0.05, 0, 1)
+    frames = comparison_frames(a, b, gain=8.0, min_width=80)  # 40 px panels doubled: 80 wide
+    assert frames.shape == (5, 14 + 64, 3 * 80 + 2 * 4, 3) and frames.dtype == np.uint8
+    assert frames[:, :14].std() > 0  # the labels are drawn in the band
+    assert not difference(a, a).any() and difference(a, b).mean() > 50  # 0.05 * 255 * 8 ~ 100 where unclipped
+    strip = frame_strip({"dense": a, "accelerated": b}, count=3, min_width=40)
+    assert strip.shape == (2 * (14 + 32) + 4, 3 * 40 + 2 * 4, 3)
+    with pytest.raises(ValueError, match="one length"):
+        frame_strip({"dense": a, "short": a[:2]})
