@@ -64,6 +64,7 @@ NUM_CONSUMERS = gl.constexpr(2)  # consumer warpgroups per CTA (the ping-pong pa
 PRODUCER_WARPS = gl.constexpr(1)
 PRODUCER_REGS = gl.constexpr(24)  # setmaxnreg floor: the producer holds only scalars
 CONSUMER_REGS = gl.constexpr(240)  # FA3's consumer budget: 64-row S and O tiles plus the next S in flight
+MAX_REGS = 168  # launch maxnreg: 12 warps (3 warpgroups) x 32 x 168 <= 64K registers, one CTA per SM
 
 
 @constexpr_function

@@ -84,6 +84,78 @@ VARIANTS += [
 ]
 
 
+# The Gluon Hopper kernel (kernels/attention_hopper.py): compiled to PTX and cubin for sm_90 with the installed
+# triton and, where a second interpreter with triton 3.6 (the GPU machine's) is found, with that one too.
+_GLUON_COMPILE = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+fwd = importlib.import_module("vdit_accel.kernels.attention_fwd")
+kern = importlib.import_module("vdit_accel.kernels.attention_hopper")
+fn = kern._attn_fwd_hopper
+failed, shown = [], []
+for d, dt, sparse, q_indexed, block_n, even_n in json.loads(sys.argv[1]):
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dt]
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gdt)
+        return f"tensordesc<{dt}[1,{rows},1,{d}],{layout!r}>"
+    consts = dict(BLOCK_M=fwd._HOPPER_BLOCK_M, BLOCK_N=block_n, HEAD_DIM=d, MASK_BLOCK_M=128, MASK_BLOCK_N=128,
+                  SPARSE=sparse, EVEN_N=even_n, RETURN_LSE=True, Q_INDEXED=q_indexed, NUM_STAGES=fwd._HOPPER_STAGES[d])
+    sig = {n: "constexpr" if n in consts else "i32" for n in fn.arg_names}
+    sig.update(q_desc=desc(fwd._HOPPER_BLOCK_M), k_desc=desc(block_n), v_desc=desc(block_n), Q="*" + dt, Out="*" + dt,
+               Lse="*fp32", KV_num="*i32", KV_idx="*i32", QIdx="*i32", qk_scale="fp32")
+    try:
+        c = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=4, maxnreg=kern.MAX_REGS))
+        ptx = c.asm["ptx"]
+        # The schedule survived lowering: async wgmma with one group left in flight, TMA, mbarriers,
+        # register reallocation between the partitions, and no spills to local memory.
+        for needle in ("wgmma.mma_async", "wgmma.wait_group.sync.aligned 1", "cp.async.bulk.tensor",
+                       "mbarrier.try_wait", "setmaxnreg"):
+            if needle not in ptx:
+                failed.append(f"D{d} {dt} sparse={sparse} q_indexed={q_indexed}: no {needle!r} in the PTX")
+        if "ld.local" in ptx or "st.local" in ptx:
+            failed.append(f"D{d} {dt} sparse={sparse}: local memory (spills) in the PTX")
+    except Exception as e:
+        failed.append(f"D{d} {dt} sparse={sparse} q_indexed={q_indexed} block_n={block_n}: {type(e).__name__}: {str(e)[:1500]}")
+print(json.dumps([triton.__version__, failed]))
+"""
+GLUON_VARIANTS = [  # (head_dim, dtype, sparse, q_indexed, BLOCK_N, EVEN_N)
+    (128, "bf16", False, False, 128, False), (128, "bf16", True, True, 128, False), (64, "bf16", False, False, 128, True),
+    (64, "fp16", True, False, 128, False), (128, "fp16", True, False, 64, True), (64, "bf16", True, True, 64, False),
+]
+
+
+def _triton36_python():
+    """An interpreter with triton 3.6 (the GPU machine's version): $VDIT_TRITON36_PYTHON, or .venv36/ in the
+    checkout (``python -m venv .venv36 && .venv36/bin/pip install triton==3.6.0`` plus a .pth line to the
+    main venv's site-packages for torch, and ``pip install --no-deps -e .``)."""
+    from pathlib import Path
+
+    cand = os.environ.get("VDIT_TRITON36_PYTHON") or str(Path(__file__).resolve().parents[2] / ".venv36" / "bin" / "python")
+    return cand if os.path.exists(cand) else None
+
+
+@pytest.mark.parametrize("which", ["installed", "triton-3.6"])
+def test_gluon_hopper_kernel_compiles_for_sm90(which):
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    python = sys.executable if which == "installed" else _triton36_python()
+    if python is None:
+        pytest.skip("no triton 3.6 interpreter: set VDIT_TRITON36_PYTHON or make .venv36 (see _triton36_python)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([python, "-c", _GLUON_COMPILE, json.dumps(GLUON_VARIANTS)], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    version, failed = json.loads(res.stdout.strip().splitlines()[-1])
+    if which == "triton-3.6":
+        assert version.startswith("3.6"), version
+    if failed and all("ptxas" in f.lower() and "not found" in f.lower() for f in failed):
+        pytest.skip("no ptxas on this machine")
+    assert not failed, "\n".join(failed)
+
+
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(VARIANTS)], capture_output=True, text=True,
