@@ -313,16 +313,23 @@ def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale
         if qz["q"] is not None:  # int4: Q quantized ahead (fp8 / int8 quantize Q's tile in the kernel)
             q, q_scale, qk_scale = qz["q"].permute(0, 2, 1, 3), qz["q_scale"], 1.0
             q_mean = qz["q_mean"]
-        # (B, H, S_pad, D') viewed as (B, S_pad, H, D'); V (B, H, D, S_pad) likewise (stride_vd = S_pad).
+        # (B, H, S_pad, D') viewed as (B, S_pad, H, D'); V (B, H, D, S_pad) likewise (stride_vd = S_pad);
+        # a recipe with 16-bit P V (int8) reads V as given.
         k = qz["k"].permute(0, 2, 1, 3)
-        v, stride_vd = qz["v"].permute(0, 3, 1, 2), s_pad
+        if qz["v"] is not None:
+            v, stride_vd = qz["v"].permute(0, 3, 1, 2), s_pad
+        else:
+            v_scale = out
     k_desc, v_desc = k, v  # unused pointers unless tma
     if cfg["tma"] and quant is not None:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         kq, vq = qz["k"], qz["v"]
         k_desc = TensorDescriptor(kq, list(kq.shape), list(kq.stride()), [1, 1, cfg["BLOCK_N"], block_d])
-        v_desc = TensorDescriptor(vq, list(vq.shape), list(vq.stride()), [1, 1, block_d, cfg["BLOCK_N"]])
+        if vq is not None:
+            v_desc = TensorDescriptor(vq, list(vq.shape), list(vq.stride()), [1, 1, block_d, cfg["BLOCK_N"]])
+        else:
+            v_desc = _tensor_descriptor(v, cfg["BLOCK_N"], block_d)
     elif cfg["tma"]:
         k_desc, v_desc = (_tensor_descriptor(x, cfg["BLOCK_N"], block_d) for x in (k, v))
     grid = (-(-s // cfg["BLOCK_M"]), bsz * h)

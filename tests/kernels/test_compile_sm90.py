@@ -36,13 +36,13 @@ QZ, AT = "vdit_accel.kernels.quantize", "vdit_accel.kernels.attention"
 def _attention(quant, sparse, tma=False, **flags):
     q = {0: "*bf16", 1: "*bf16", 2: "*bf16", 3: "*u8"}[quant]
     k = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8", 3: "*u8"}[quant]
-    v = "*fp8e4nv" if quant else "*bf16"
+    v = "*fp8e4nv" if quant in (1, 3) else "*bf16"  # int8 keeps V as given (16-bit P V)
     types = {"Q": q, "K": k, "V": v, "Out": "*bf16", "Lse": "*fp32", "KV_num": "*i32", "KV_idx": "*i32",
              "K_desc": k, "V_desc": v, "QScale": "*fp32", "KScale": "*fp32", "VScale": "*fp32", "QMean": "*fp32",
              "QIdx": "*i32", "qk_scale": "fp32"}
     if tma:  # host-side descriptors, one box per load (the launcher's shapes: quantized (B, H, S_pad, D) K, (B, H, D, S_pad) V)
         types["K_desc"] = f"tensordesc<{k[1:]}[1,1,128,128]>" if quant else "tensordesc<bf16[1,128,1,128]>"
-        types["V_desc"] = f"tensordesc<{v[1:]}[1,1,128,128]>" if quant else "tensordesc<bf16[1,128,1,128]>"
+        types["V_desc"] = f"tensordesc<{v[1:]}[1,1,128,128]>" if quant in (1, 3) else "tensordesc<bf16[1,128,1,128]>"
     consts = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=128, HEAD_DIM=96 if not tma else 128, MASK_BLOCK_M=128,
                   MASK_BLOCK_N=128, SPARSE=sparse, EVEN_N=False, RETURN_LSE=True, INPUT_PRECISION=None,
                   WARP_SPECIALIZE=False, USE_TMA=tma, QUANT=quant, EMULATE_FP8=False)
