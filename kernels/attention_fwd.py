@@ -284,16 +284,8 @@ def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale
             lse.fill_(float("-inf"))
         return (out, lse) if return_lse else out
 
-    if sparse:
-        bm = kv_num_blocks.shape[0]
-        num_strides = (0 if bm == 1 else kv_num_blocks.stride(0),) + tuple(kv_num_blocks.stride()[1:])
-        idx_strides = (0 if bm == 1 else kv_indices.stride(0),) + tuple(kv_indices.stride()[1:])
-        mask_m, mask_n = mask_block_m, mask_block_n
-    else:
-        # Dummies: never read when SPARSE=False. Mask block = kernel block keeps one compiled variant.
-        kv_num_blocks = kv_indices = out
-        num_strides, idx_strides = (0, 0, 0), (0, 0, 0, 0)
-        mask_m, mask_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    kv_num_blocks, kv_indices, num_strides, idx_strides, mask_m, mask_n = _mask_args(
+        kv_num_blocks, kv_indices, mask_block_m, mask_block_n, out, cfg["BLOCK_M"], cfg["BLOCK_N"])
 
     block_d = max(16, 1 << (d - 1).bit_length())
     qk_scale = float(scale) * 1.4426950408889634
@@ -361,6 +353,18 @@ def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale
     return (out, lse) if return_lse else out
 
 
+def _mask_args(kv_num_blocks, kv_indices, mask_block_m, mask_block_n, dummy, tile_m, tile_n):
+    """The block mask as the kernels take it: (num, idx, num strides, idx strides, mask_m, mask_n), a batch-1
+    mask broadcast by stride 0. Dense: dummies never read, and mask blocks = kernel tiles (one compiled
+    variant)."""
+    if kv_num_blocks is None:
+        return dummy, dummy, (0, 0, 0), (0, 0, 0, 0), tile_m, tile_n
+    bm = kv_num_blocks.shape[0]
+    num_strides = (0 if bm == 1 else kv_num_blocks.stride(0),) + tuple(kv_num_blocks.stride()[1:])
+    idx_strides = (0 if bm == 1 else kv_indices.stride(0),) + tuple(kv_indices.stride()[1:])
+    return kv_num_blocks, kv_indices, num_strides, idx_strides, mask_block_m, mask_block_n
+
+
 def _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale, return_lse, out, q_index):
     """:func:`launch` through the Gluon Hopper kernel (inputs already accepted by :func:`_hopper_reason`)."""
     from triton.experimental.gluon import language as gl
@@ -386,15 +390,8 @@ def _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_
         layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gdtype)
         return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, d], layout)
 
-    if sparse:
-        bm = kv_num_blocks.shape[0]
-        num_strides = (0 if bm == 1 else kv_num_blocks.stride(0),) + tuple(kv_num_blocks.stride()[1:])
-        idx_strides = (0 if bm == 1 else kv_indices.stride(0),) + tuple(kv_indices.stride()[1:])
-        mask_m, mask_n = mask_block_m, mask_block_n
-    else:
-        kv_num_blocks = kv_indices = out
-        num_strides, idx_strides = (0, 0, 0), (0, 0, 0, 0)
-        mask_m, mask_n = 2 * _HOPPER_BLOCK_M, block_n
+    kv_num_blocks, kv_indices, num_strides, idx_strides, mask_m, mask_n = _mask_args(
+        kv_num_blocks, kv_indices, mask_block_m, mask_block_n, out, 2 * _HOPPER_BLOCK_M, block_n)
     qi_strides = (0, 0) if q_index is None else (0 if q_index.shape[0] == 1 else q_index.stride(0), q_index.stride(1))
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     grid = (triton.cdiv(s, 2 * _HOPPER_BLOCK_M), bsz * h)
