@@ -11,8 +11,9 @@ median), dense-equivalent TFLOP/s = 4*B*H*S^2*D / time. Sparse rows use one loca
 on ~256 sampled query rows (all batches and heads, the last row always included) against a float64
 reference over all keys with the block mask applied.
 
-``ours-*`` rows run what the launcher picks (the Gluon Hopper kernel on sm_90, else Triton; the row's
-``backend`` says which); ``ours-triton-dense`` / ``ours-triton-sparse`` force the Triton kernel in the same
+``ours-*`` rows run what the launcher picks (``VDIT_ATTENTION_BACKEND``: with ``auto``, as
+benchmarks/gpu_hopper.sh sets it, the Gluon Hopper kernel on sm_90, else Triton; the row's ``backend`` says
+which); ``ours-triton-dense`` / ``ours-triton-sparse`` force the Triton kernel in the same
 run. ``fa4-dense`` / ``fa4-sparse``: flash-attn-4 (CuTe DSL), sparse with our block lists as its full blocks
 (``BlockSparseTensorsTorch``); ``sage1``: SageAttention 1.0.6 (INT8 Q·K, fp16 P·V), on its own copy of K (it
 smooths K in place). A peer that is not installed gives a row with ``skipped`` and the reason

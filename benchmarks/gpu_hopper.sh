@@ -29,7 +29,10 @@ site() {  # this checkout as a package in /tmp/site (from /tmp: the checkout's v
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
   echo "$sha-$(git rev-parse HEAD 2>/dev/null)" > /tmp/site/.sha
 }
-env_peers() { export PYTHONPATH=/tmp/site:$PEERS:$PEERS/nvidia_cutlass_dsl/dsl_packages PYTHONUNBUFFERED=1 TRITON_INTERPRET=0; }
+# ours-* rows with the launcher's full choice (the default back end stays triton until the Gluon kernel's GPU
+# tests pass: kernels/attention_fwd.py DEFAULT_BACKEND).
+env_peers() { export PYTHONPATH=/tmp/site:$PEERS:$PEERS/nvidia_cutlass_dsl/dsl_packages PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 \
+  VDIT_ATTENTION_BACKEND=${VDIT_ATTENTION_BACKEND:-auto}; }
 bench() {  # bench SHAPE...: one benchmarks/attention.py run (result file suffixed by the first shape)
   ( cd /tmp && timeout 560 python3 "$REPO/benchmarks/attention.py" --shapes "$@" --impls $IMPLS --masks local perhead \
       --densities 0.5 0.25 0.1 --no-checks --out-dir "$OUT/$1" --git-sha "$sha" ${EXTRA:-} 2>&1 | tee "$OUT/bench-$1.log" \
