@@ -200,9 +200,9 @@ def test_key_padding_mask_is_exact():
 
 
 def test_other_masks_fall_back_to_sdpa(caplog, monkeypatch):
-    from vdit_accel.pipelines import backend
+    from vdit_accel.pipelines import notice
 
-    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(notice, "_warned", set())
     torch.manual_seed(1)
     grid = VideoGrid(3, 4, 4, text_len=16, text_at="suffix")
     q, k, v = (torch.randn(1, grid.seq_len, 2, 16) for _ in range(3))
