@@ -91,6 +91,8 @@ def run_mode(mode: str, checkout: Path, files: list[str], work: Path, timeout: i
     start = time.time()
     with open(log, "w") as out:
         rc = subprocess.run(cmd, cwd=checkout, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if rc not in (0, 1):  # 1: some tests failed; anything else: pytest itself did not get through
+        raise RuntimeError(f"pytest exited with {rc} in mode {mode}; its log: {log}\n" + log.read_text()[-3000:])
     return {"mode": mode, "returncode": rc, "seconds": round(time.time() - start, 1)}
 
 

@@ -46,8 +46,11 @@ _depth = [0]
 def _count_calls():
     """Wrap ``vdit_accel.attention._run``: every call of :func:`vdit_accel.attention` and of a layer plan
     (``planned_attention``, what the ``vdit`` backend and the ``vdit::attention`` op run) goes through it."""
-    import vdit_accel.attention as core
+    import importlib
+
     from vdit_accel.pipelines import backend
+
+    core = importlib.import_module("vdit_accel.attention")  # the package's ``attention`` is the function
 
     run = core._run
 
