@@ -5,8 +5,8 @@ valid_j): the text after the video is padded per sample. Each sample's valid tok
 through our attention exactly, with the layer plan of the forward's grid restricted to its first ``n``
 tokens (:func:`truncate_block_mask`); the padded query rows, whose outputs diffusers discards, get what
 PyTorch's SDPA gives them under the original mask rows. The lengths are data (read from the mask), so
-this runs eagerly: called directly from eager code, and as the ``vdit::attention_key_padded`` op
-(:mod:`.op`) under ``torch.compile``, where the op is one opaque node and ``fullgraph=True`` holds.
+this runs eagerly: called directly from eager code, and as the ``vdit::attention`` op given the
+mask (:mod:`.op`) under ``torch.compile``, where the op is one opaque node and ``fullgraph=True`` holds.
 """
 
 from __future__ import annotations

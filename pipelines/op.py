@@ -13,8 +13,8 @@ Inference only: the ops' autograd formulas raise :data:`INFERENCE_ONLY` on backw
 have no backward; without a formula PyTorch's own message would not say what to do). A call from eager
 code that records autograd (grad enabled, an input requiring grad) goes through the op for that reason.
 
-``vdit::attention_key_padded`` is the same attention under a key-padding mask of trailing text
-(:mod:`.key_padding`): the valid lengths are data, so the whole per-sample computation is one opaque op.
+Under a key-padding mask of trailing text (:mod:`.key_padding`) the op takes the mask: the valid lengths
+are data, so the whole per-sample computation is one opaque call.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def run_dense(q, k, v, scale: float | None) -> torch.Tensor:
 def run_key_padded(q, k, v, attn_mask: torch.Tensor, plan: LayerPlan | None, scale: float | None,
                    padding_allowed: bool) -> torch.Tensor:
     """Attention under a bool key-padding ``attn_mask`` (:func:`.key_padding.key_padded_attention`) with
-    ``plan``'s mask over the whole sequence (None: dense): the ``vdit::attention_key_padded`` op while
+    ``plan``'s mask over the whole sequence (None: dense): the ``vdit::attention`` op, given the mask, while
     torch.compile traces (or autograd records), else its implementation directly."""
     if plan is None:
         num = idx = None
@@ -71,8 +71,8 @@ def run_key_padded(q, k, v, attn_mask: torch.Tensor, plan: LayerPlan | None, sca
         num, idx, bm, bn, op_runs = plan.kv_num_blocks, plan.kv_indices, plan.block_size, plan.block_size, plan.op_runs
         runs = plan.runs
     if torch.compiler.is_compiling() or _records_grad(q, k, v):
-        return vdit_attention_key_padded(q, k, v, attn_mask, num, idx, bm, bn, op_runs, scale=scale,
-                                         padding_allowed=padding_allowed)
+        return vdit_attention(q, k, v, num, idx, bm, bn, op_runs, scale=scale, key_padding_mask=attn_mask,
+                              padding_allowed=padding_allowed)
     return key_padded_attention(q, k, v, attn_mask, num, idx, bm, bn, runs, scale, padding_allowed)
 
 
@@ -105,6 +105,8 @@ def vdit_attention(
     q_index: torch.Tensor | None = None,
     k_index: torch.Tensor | None = None,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    padding_allowed: bool = True,
 ) -> torch.Tensor:
     """Non-causal attention over ``(B, S, H, D)`` q, k, v; a contiguous ``(B, S, H, D)`` out in q's dtype.
 
@@ -116,49 +118,30 @@ def vdit_attention(
     ``q_index``: int ``[B or 1, H, S]``, the queries' token order (see :func:`vdit_accel.attention`);
     ``k_index``: ``[S]`` or ``[B or 1, H, S]``, K and V gathered into the keys' order first. The output
     stays in q's order.
+    ``key_padding_mask``: a bool ``[B or 1, 1, 1 or S, S]`` mask of trailing padded tokens (no token orders
+    then; :func:`.key_padding.key_padded_attention`: each sample over its valid tokens, the block mask
+    restricted to them; other masks go to SDPA, with a warning); ``padding_allowed`` False takes only
+    an all-valid mask.
     """
     if (kv_num_blocks is None) != (kv_indices is None):
         raise ValueError("vdit::attention takes kv_num_blocks and kv_indices together (both None = dense)")
-    return planned_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, _head_runs(quant_runs, q.shape[2]),
-                             q_index, k_index, scale).contiguous()
+    runs = _head_runs(quant_runs, q.shape[2])
+    if key_padding_mask is not None:
+        if q_index is not None or k_index is not None:
+            raise ValueError("vdit::attention takes a key_padding_mask only without token orders (q_index, k_index)")
+        return key_padded_attention(q, k, v, key_padding_mask, kv_num_blocks, kv_indices, block_m, block_n, runs,
+                                    scale, padding_allowed).contiguous()
+    return planned_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, runs, q_index, k_index,
+                             scale).contiguous()
 
 
 @vdit_attention.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, quant_runs=None, q_index=None, k_index=None, scale=None):
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, quant_runs=None, q_index=None, k_index=None, scale=None,
+      key_padding_mask=None, padding_allowed=True):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 vdit_attention.register_autograd(_refuse_backward, setup_context=_no_context)
-
-
-@torch.library.custom_op("vdit::attention_key_padded", mutates_args=())
-def vdit_attention_key_padded(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor,
-    kv_num_blocks: torch.Tensor | None,
-    kv_indices: torch.Tensor | None,
-    block_m: int,
-    block_n: int,
-    quant_runs: Sequence[int] | None = None,
-    scale: float | None = None,
-    padding_allowed: bool = True,
-) -> torch.Tensor:
-    """:func:`vdit_attention` (no token orders) under a bool key-padding ``attn_mask`` ``[B or 1, 1, 1 or S, S]``
-    of trailing tokens, ``kv_num_blocks`` / ``kv_indices`` being the mask over all ``S`` tokens
-    (:func:`.key_padding.key_padded_attention`; other masks: SDPA, with a warning)."""
-    return key_padded_attention(q, k, v, attn_mask, kv_num_blocks, kv_indices, block_m, block_n,
-                                _head_runs(quant_runs, q.shape[2]), scale, padding_allowed).contiguous()
-
-
-@vdit_attention_key_padded.register_fake
-def _(q, k, v, attn_mask, kv_num_blocks, kv_indices, block_m, block_n, quant_runs=None, scale=None,
-      padding_allowed=True):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-
-
-vdit_attention_key_padded.register_autograd(_refuse_backward, setup_context=_no_context)
 
 
 @torch.library.custom_op("vdit::qk_norm_rope", mutates_args=())

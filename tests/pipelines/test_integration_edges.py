@@ -52,10 +52,11 @@ def test_fallback_warning_first_hit_under_fullgraph_compile():
     set_attention_backend) is traced by torch.compile(fullgraph=True): the warning is logged, once, and
     the compiled model equals the eager one."""
     res = _python("""
-        import logging, torch, vdit_accel
+        import copy, logging, torch, vdit_accel
         from vdit_accel.pipelines import build_tiny_pipeline
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        models = [build_tiny_pipeline("wan", seed=0).transformer for _ in range(2)]
+        tr = build_tiny_pipeline("wan", seed=0).transformer
+        models = [tr, copy.deepcopy(tr)]
         for tr in models:
             vdit_accel.patch(tr, "window3d:t=0,h=0,w=0", block_size=16)
             tr.set_attention_backend("vdit")  # attn2 (cross-attention) too: the backend falls back to SDPA
@@ -182,8 +183,9 @@ def test_hunyuan_padded_text_compiles_fullgraph(family, inputs):
             tr.compile_repeated_blocks(backend=counter, fullgraph=True)
             compiled = tr(**inputs(), return_dict=False)[0]
         assert counter.frame_count >= 1
-        ops = sum(n.target is torch.ops.vdit.attention_key_padded.default for g in counter.graphs for n in g.graph.nodes)
-        assert ops >= 1
+        masked = [n for g in counter.graphs for n in g.graph.nodes
+                  if n.target is torch.ops.vdit.attention.default and n.kwargs.get("key_padding_mask") is not None]
+        assert masked
         torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     finally:
         vdit_accel.unpatch(tr)
@@ -229,3 +231,24 @@ def test_diffusers_attn_backend_env_selects_vdit(first):
     assert res.returncode == 0, res.stderr[-3000:]
     _, name, calls, diff = res.stdout.split()[-4:]
     assert (name, calls) == ("vdit", "1") and float(diff) < 1e-5
+
+
+def test_attention_op_with_key_padding_mask_checks():
+    """The op given a key-padding mask: PyTorch's custom-op checks, and each sample's valid rows equal our
+    attention over its valid prefix with the block mask restricted to it."""
+    from vdit_accel.block_mask import BlockMask
+    from vdit_accel.pipelines.op import vdit_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 37, 2, 16) for _ in range(3))
+    bm = BlockMask.from_dense(torch.rand(1, 2, 3, 3) < 0.6, 37, 16, 16)
+    mask = (torch.arange(37)[None] < torch.tensor([29, 37])[:, None])[:, None, None, :]
+    args = (q, k, v, bm.kv_num_blocks, bm.kv_indices, 16, 16)
+    torch.library.opcheck(vdit_attention, args, {"scale": 0.3, "key_padding_mask": mask})
+    out = vdit_attention(*args, scale=0.3, key_padding_mask=mask)
+    num, idx = truncate_block_mask(bm.kv_num_blocks, bm.kv_indices, 29, 16, 16)
+    want = vdit_accel.attention(q[:1, :29], k[:1, :29], v[:1, :29], BlockMask(num, idx, 29, 16, 16), scale=0.3)
+    assert torch.equal(out[:1, :29], want)
+    assert torch.equal(out[1:], vdit_accel.attention(q[1:], k[1:], v[1:], bm, scale=0.3))
+    with pytest.raises(ValueError, match="without token orders"):
+        vdit_attention(*args, q_index=torch.zeros(1, 2, 37, dtype=torch.int32), key_padding_mask=mask)
