@@ -43,6 +43,7 @@ from .notice import warn_once
 from .op import INFERENCE_ONLY, run_dense, run_key_padded, run_plan
 
 BACKEND_NAME = "vdit"
+STATE_ATTR = "_vdit_state"  # where a patched transformer holds its PatchState (.patch)
 
 
 class _Running(threading.local):
@@ -86,9 +87,10 @@ def _vdit_backend(
 
     A boolean key-padding ``attn_mask`` whose valid keys are a prefix of the sequence (HunyuanVideo's
     ``[B, 1, 1, S]``, HunyuanVideo 1.5's ``[B, 1, S, S]`` = valid_i & valid_j) is honoured exactly:
-    each sample's valid tokens go through our attention with the grid of its true text length, and
-    the padded query rows (whose outputs diffusers discards) through SDPA with the original mask
-    rows. Any other mask, causal attention, dropout or GQA falls back to SDPA, with a warning.
+    each sample's valid tokens go through our attention with the layer's mask restricted to them
+    (:mod:`.key_padding`), and the padded query rows (whose outputs diffusers discards) through SDPA
+    with the original mask rows. Any other mask, causal attention, dropout or GQA falls back to SDPA,
+    with a warning. A call that records autograd warns once: a backward through our attention raises.
 
     Under diffusers' Ulysses context parallelism (``_parallel_config`` set by ``enable_parallelism``)
     the call is diffusers' templated one: an all-to-all gives this rank the whole sequence for its
@@ -265,9 +267,6 @@ def _sdpa_through_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_c
     out = _vdit_backend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
                         dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return out.transpose(1, 2)
-
-
-STATE_ATTR = "_vdit_state"  # where a patched transformer holds its PatchState (.patch)
 
 
 def register_backend():

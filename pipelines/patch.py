@@ -50,9 +50,10 @@ def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
         return member
 
     def set_backend(self, value) -> None:
-        if str(getattr(value, "value", value)).lower() == BACKEND_NAME:
+        name = str(getattr(value, "value", value))
+        if name.lower() == BACKEND_NAME:
             return
-        what = "reset_attention_backend()" if value is None else f"set_attention_backend({str(getattr(value, 'value', value))!r})"
+        what = "reset_attention_backend()" if value is None else f"set_attention_backend({name!r})"
         warn_once(f"vdit-accel: {what} on a model patched by vdit-accel: its patched self-attention layers keep "
                   "vdit-accel's attention (the others follow the call); vdit_accel.unpatch() the model first to "
                   "use another backend there")

@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from result_files import RESULTS, run_header  # noqa: E402
+from result_files import RESULTS, git_sha, run_header  # noqa: E402
 from vdit_suite_plugin import SPARSE_BLOCK, SPARSE_STRATEGY  # noqa: E402
 
 # diffusers' tests of the model classes vdit-accel has adapters for (pipelines/adapters.py). Left out:
@@ -94,7 +94,8 @@ def run_mode(mode: str, checkout: Path, files: list[str], work: Path, timeout: i
     if rc not in (0, 1):  # 1: some tests failed; anything else: pytest itself did not get through
         raise RuntimeError(f"pytest exited with {rc} in mode {mode}; its log: {log}\n" + log.read_text()[-3000:])
     pytest = " ".join(["python", *cmd[1:]])
-    return {"mode": mode, "returncode": rc, "seconds": round(time.time() - start, 1), "pytest": pytest}
+    return {"mode": mode, "returncode": rc, "seconds": round(time.time() - start, 1), "pytest": pytest,
+            "vdit_accel": git_sha()}  # the commit that ran (a later --reuse may be run from another)
 
 
 def load(work: Path, mode: str) -> dict[str, dict]:
@@ -177,14 +178,17 @@ def markdown(doc: dict) -> str:
            f"Command: `{doc['command']}`", "",
            f"diffusers tests: {doc['diffusers_tests']}; installed diffusers {doc['versions'].get('diffusers')}, torch "
            f"{doc['versions']['torch']}, vdit-accel {doc['versions']['vdit_accel']}; device {doc['gpu']}.", "",
-           "Modes: " + "; ".join(f"{r['mode']} {r['seconds']:.0f} s (pytest rc {r['returncode']})"
+           "Modes: " + "; ".join(f"{r['mode']} {r['seconds']:.0f} s (pytest rc {r['returncode']}"
+                                 + (f", vdit-accel {r['vdit_accel']}" if r['mode'] != "plain" and r.get("vdit_accel")
+                                    else "") + ")"
                                  for r in doc["runs"].values()) + ".", "",
            "Per file: pass / fail (failed + error) / skip; for dense and sparse, failures the plain run does "
            "not have (`new`; training tests apart), tests with at least one attention call through vdit-accel "
            "(`reached us`), passed tests without one (`passed untouched`: they run no forward, or only a "
-           "class-scoped fixture's forward, counted for the test that built it); for sparse, passed tests whose masks skipped blocks (`sparse`), whose latent grid "
-           f"fits in one {SPARSE_BLOCK}-token block (`grid<=block`), or whose window covered the whole grid "
-           "(`mask full`): the last two ran dense in effect.", "",
+           "class-scoped fixture's forward, counted for the test that built it); for sparse, passed tests "
+           "whose masks skipped blocks (`sparse`), whose latent grid fits in one "
+           f"{SPARSE_BLOCK}-token block (`grid<=block`), or whose window covered the whole grid (`mask full`): "
+           "the last two ran dense in effect.", "",
            "| file | tests | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
     for row in doc["files"]:
         name = row["file"].replace("tests/", "")
@@ -231,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, tests = compare(records)
 
     tag, date, doc = run_header("external/diffusers_suite.py", argv, "cpu")
-    git = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    git = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                         text=True)
     stamp = checkout / "MIRROR_COMMIT"  # a checkout exported without .git may say where it came from
     doc["diffusers_tests"] = (git.stdout.strip() if git.returncode == 0 else
                               stamp.read_text().strip() if stamp.exists() else "unknown") + f" ({len(files)} files)"
