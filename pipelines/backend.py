@@ -30,25 +30,33 @@ differs from the forward's grid), so one graph serves every layer of a block sha
 from __future__ import annotations
 
 import contextlib
-import logging
+import functools
+import os
+import sys
 import threading
 
 import torch
 import torch.nn.functional as F
 
-from .op import run_dense, run_plan
-
-logger = logging.getLogger("vdit_accel")
+from .key_padding import key_padded, sdpa
+from .notice import warn_once
+from .op import INFERENCE_ONLY, run_dense, run_key_padded, run_plan
 
 BACKEND_NAME = "vdit"
-
+STATE_ATTR = "_vdit_state"  # where a patched transformer holds its PatchState (.patch)
 
 
 class _Running(threading.local):
     """The patched processor whose call is in flight in this thread (``proc``), or None outside patched
-    layers. A patched processor sets it to itself around its call and restores the previous value."""
+    layers. A patched processor sets it to itself around its call and restores the previous value.
 
-    proc = None
+    Set in ``__init__`` (which ``threading.local`` runs in each thread on first use), not as a class
+    default: dynamo guards on whether the slot's ``__dict__`` holds ``proc``, and a compiled frame that
+    wrote it there for the first time failed its own guard ("Guard failed on the same frame it was
+    created", torch 2.13, 2026-12): a fresh process compiling before any eager call died on it."""
+
+    def __init__(self):
+        self.proc = None
 
 
 _running = _Running()
@@ -62,21 +70,6 @@ def running(proc):
         yield
     finally:
         _running.proc = prev
-_warned: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        logger.warning(msg)
-
-
-def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale):
-    out = F.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-    )
-    return out.transpose(1, 2)
 
 
 def _vdit_backend(
@@ -94,9 +87,10 @@ def _vdit_backend(
 
     A boolean key-padding ``attn_mask`` whose valid keys are a prefix of the sequence (HunyuanVideo's
     ``[B, 1, 1, S]``, HunyuanVideo 1.5's ``[B, 1, S, S]`` = valid_i & valid_j) is honoured exactly:
-    each sample's valid tokens go through our attention with the grid of its true text length, and
-    the padded query rows (whose outputs diffusers discards) through SDPA with the original mask
-    rows. Any other mask, causal attention, dropout or GQA falls back to SDPA, with a warning.
+    each sample's valid tokens go through our attention with the layer's mask restricted to them
+    (:mod:`.key_padding`), and the padded query rows (whose outputs diffusers discards) through SDPA
+    with the original mask rows. Any other mask, causal attention, dropout or GQA falls back to SDPA,
+    with a warning. A call that records autograd warns once: a backward through our attention raises.
 
     Under diffusers' Ulysses context parallelism (``_parallel_config`` set by ``enable_parallelism``)
     the call is diffusers' templated one: an all-to-all gives this rank the whole sequence for its
@@ -116,8 +110,11 @@ def _local(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
                                     ("enable_gqa", enable_gqa)) if bad]
     if unsupported or key.shape != query.shape or value.shape != query.shape:
         why = ", ".join(unsupported) or "cross-attention shapes"
-        _warn_once(f"vdit-accel: attention call with {why}: falling back to PyTorch SDPA for such calls")
-        return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
+        warn_once(f"vdit-accel: attention call with {why}: falling back to PyTorch SDPA for such calls")
+        return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        warn_once("vdit-accel: a forward with autograd recording (grad enabled, e.g. in train() mode) runs "
+                  f"through vdit-accel's attention; a backward through it will raise. {INFERENCE_ONLY}")
     proc = _running.proc
     if attn_mask is None:
         return _attend(query, key, value, scale, proc, head_start)
@@ -175,56 +172,33 @@ def _ulysses_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, i
 
 
 def _ulysses_backward_op(ctx, grad_out, *args, **kwargs):
-    raise NotImplementedError("vdit-accel attention is inference-only (no backward)")
+    raise RuntimeError(INFERENCE_ONLY)
+
+
+def _attend_masked(query, key, value, attn_mask, scale, proc, head_start: int = 0) -> torch.Tensor:
+    """A call with a key-padding ``attn_mask`` (see :mod:`.key_padding`): the processor's plan for the
+    forward's grid, restricted per sample to its valid tokens, through one opaque op under
+    torch.compile. Calls the plan cannot serve that way (observers installed, token orders, per-call
+    heads, no plan prepared) run per sample through :func:`_attend`, eagerly."""
+    state = proc._vdit_state if proc is not None else None
+    plan = None
+    if state is not None:
+        plan = proc._vdit_plan
+        heads = (head_start, head_start + query.shape[2])
+        if (state.observers or plan is None or not plan.serves(query.shape[1], heads) or plan.dynamic is not None
+                or plan.q_index is not None or plan.k_index is not None):
+            return _attend_masked_per_call(query, key, value, attn_mask, scale, proc, head_start)
+    padding_allowed = state is None or (state.grid is not None and state.grid.text_at == "suffix")
+    return run_key_padded(query, key, value, attn_mask, plan, scale, padding_allowed)
 
 
 @torch.compiler.disable
-def _attend_masked(query, key, value, attn_mask, scale, proc, head_start: int = 0) -> torch.Tensor:
-    """A call with a key-padding ``attn_mask``: per sample over its valid tokens (eager: the lengths are
-    data, read from the mask)."""
-    state = proc._vdit_state if proc is not None else None
-    lengths = _valid_prefix_lengths(attn_mask, query.shape[0], query.shape[1])
-    text_at = state.grid.text_at if state is not None and state.grid is not None else None
-    if lengths is None or (text_at != "suffix" and state is not None and min(lengths) < query.shape[1]):
-        _warn_once(
-            f"vdit-accel: attention mask of shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype} is not a "
-            "key-padding mask of trailing text tokens: falling back to PyTorch SDPA for such calls"
-        )
-        return _sdpa(query, key, value, attn_mask, 0.0, False, scale)
-    seq = query.shape[1]
-    out = torch.empty_like(query)
-    for b, n in enumerate(lengths):
-        s = slice(b, b + 1)
-        out[s, :n] = _attend(query[s, :n], key[s, :n], value[s, :n], scale, proc, head_start)
-        if n < seq:  # padded query rows: exactly what SDPA gives them under the original mask
-            mb = attn_mask[b : b + 1] if attn_mask.shape[0] > 1 else attn_mask
-            rows = mb[:, :, n:] if mb.shape[2] == seq else mb
-            out[s, n:] = _sdpa(query[s, n:], key[s], value[s], rows, 0.0, False, scale)
-    return out
-
-
-def _valid_prefix_lengths(mask: torch.Tensor, batch: int, seq: int) -> list[int] | None:
-    """Per sample, the n such that the mask lets queries [0, n) see exactly keys [0, n); else None.
-
-    Accepts bool masks of shape [B or 1, 1, 1 or S, S]; rows from n on may hold anything (they are
-    padded queries). Cost: one pass over the mask (which diffusers has already materialised).
-    """
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] != 1:
-        return None
-    if mask.shape[3] != seq or mask.shape[2] not in (1, seq):
-        return None
-    first = mask[:, 0, 0]  # [Bm, S]: the first query row (a video token, never padding)
-    n = first.sum(-1)
-    if not torch.equal(first, torch.arange(seq, device=mask.device) < n.unsqueeze(1)):
-        return None
-    lengths = [int(x) for x in n.tolist()]
-    if mask.shape[2] == seq:
-        for m, length in zip(mask[:, 0], lengths):
-            if not m[:length, :length].all() or m[:length, length:].any():
-                return None
-    if min(lengths) < 1:
-        return None
-    return lengths * batch if len(lengths) == 1 and batch > 1 else lengths
+def _attend_masked_per_call(query, key, value, attn_mask, scale, proc, head_start: int = 0) -> torch.Tensor:
+    """Each sample's valid tokens as an attention call of their own (observers see them so, with the
+    sample's true text length), planned per call; eager (the lengths are data, read from the mask)."""
+    grid = proc._vdit_state.grid
+    return key_padded(query, key, value, attn_mask, scale, grid is not None and grid.text_at == "suffix",
+                      lambda q, k, v, n: _attend(q, k, v, scale, proc, head_start))
 
 
 def _attend(query, key, value, scale, proc, head_start: int = 0) -> torch.Tensor:
@@ -296,9 +270,12 @@ def _sdpa_through_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_c
 
 
 def register_backend():
-    """Add ``"vdit"`` to diffusers' attention registry (idempotent). Returns the enum member."""
-    from diffusers.models import attention_dispatch as ad
+    """Add ``"vdit"`` to diffusers' attention registry (idempotent). Returns the enum member.
 
+    Also, once: ``DIFFUSERS_ATTN_BACKEND=vdit`` (:func:`_import_dispatch`) makes ``"vdit"`` diffusers'
+    default backend, and ``set_attention_backend("vdit")`` refuses models our backend cannot reach
+    (:func:`_refuse_unreachable`)."""
+    ad, env_default = _import_dispatch()
     names = ad.AttentionBackendName
     member = names._value2member_map_.get(BACKEND_NAME)
     if member is None:
@@ -315,4 +292,68 @@ def register_backend():
         ad._AttentionBackendRegistry.register(member, supports_context_parallel=True)(_vdit_backend)
     # Ulysses context parallelism (enable_parallelism) checks this set; ring raises in the backend.
     ad._AttentionBackendRegistry._supports_context_parallel.add(BACKEND_NAME)
+    if env_default:
+        ad._AttentionBackendRegistry.set_active_backend(member)
+    _guard_set_attention_backend()
     return member
+
+
+def _import_dispatch():
+    """``(diffusers' attention_dispatch module, whether DIFFUSERS_ATTN_BACKEND names our backend)``.
+
+    diffusers reads ``DIFFUSERS_ATTN_BACKEND`` once, when ``attention_dispatch`` is first imported, as a
+    member of its backend enum -- which has no ``"vdit"`` before we add it, so ``DIFFUSERS_ATTN_BACKEND=vdit``
+    makes that import raise ``ValueError: 'vdit' is not a valid AttentionBackendName``. If we get there
+    first (``import vdit_accel`` before diffusers' models), the module is imported with the default
+    ``"native"``, and :func:`register_backend` then makes ours the default. If diffusers got there first,
+    its import has already failed: nothing of ours ran."""
+    wanted = os.environ.get("DIFFUSERS_ATTN_BACKEND", "").lower() == BACKEND_NAME
+    if not wanted or "diffusers.models.attention_dispatch" in sys.modules:
+        from diffusers.models import attention_dispatch as ad
+
+        return ad, False
+    import diffusers.utils.constants as constants
+
+    saved = os.environ["DIFFUSERS_ATTN_BACKEND"], constants.DIFFUSERS_ATTN_BACKEND
+    os.environ["DIFFUSERS_ATTN_BACKEND"] = constants.DIFFUSERS_ATTN_BACKEND = "native"
+    try:
+        from diffusers.models import attention_dispatch as ad
+    finally:
+        os.environ["DIFFUSERS_ATTN_BACKEND"], constants.DIFFUSERS_ATTN_BACKEND = saved
+    return ad, True
+
+
+def _guard_set_attention_backend() -> None:
+    """Wrap diffusers' ``ModelMixin.set_attention_backend`` once, so that ``"vdit"`` on a model whose
+    attention our backend cannot reach raises instead of silently doing nothing."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    original = ModelMixin.set_attention_backend
+    if getattr(original, "_vdit_guard", False):
+        return
+
+    @functools.wraps(original)
+    def set_attention_backend(self, backend: str) -> None:
+        if str(getattr(backend, "value", backend)).lower() == BACKEND_NAME:
+            _refuse_unreachable(self)
+        return original(self, backend)
+
+    set_attention_backend._vdit_guard = True
+    ModelMixin.set_attention_backend = set_attention_backend
+
+
+def _refuse_unreachable(model) -> None:
+    """CogVideoX and Mochi processors call ``F.scaled_dot_product_attention`` themselves, not diffusers'
+    dispatcher: a backend never sees their calls (``patch`` routes them, see :class:`_SDPAToBackend`)."""
+    from .adapters import adapter_for
+
+    try:
+        adapter = adapter_for(model)
+    except NotImplementedError:
+        return
+    if adapter.calls_sdpa and not hasattr(model, STATE_ATTR):
+        raise NotImplementedError(
+            f"vdit-accel: set_attention_backend('vdit') cannot reach {type(model).__name__}'s attention: its "
+            "processors call F.scaled_dot_product_attention directly, not diffusers' attention dispatcher. "
+            "Use vdit_accel.patch(model) instead (dense by default: the same attention)"
+        )

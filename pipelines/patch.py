@@ -13,13 +13,13 @@ from vdit_accel.plan import LayerPlan, compile_layer_plan, layer_signature
 from vdit_accel.strategy import Strategy
 
 from .adapters import Adapter, adapter_for
-from .backend import _running, _SDPAToBackend, _warn_once, local_heads, register_backend
+from .backend import BACKEND_NAME, STATE_ATTR, _running, _SDPAToBackend, local_heads, register_backend
+from .notice import warn_once
 from .permute import OrderRuntime
 from .prologue import fused_body
 
 logger = logging.getLogger("vdit_accel")
 
-_STATE_ATTR = "_vdit_state"
 _processor_classes: dict[type, type] = {}
 
 
@@ -34,11 +34,29 @@ def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
     diffusers' ``Attention.forward`` drops keyword arguments the processor does not name. With
     ``route_sdpa`` (processors that call ``F.scaled_dot_product_attention`` themselves) the call runs
     under :class:`~.backend._SDPAToBackend`, which sends that one op to our backend.
+
+    ``_attention_backend`` is our backend, whatever diffusers sets it to: ``set_attention_backend(...)`` or
+    ``reset_attention_backend()`` on a patched model leave its patched layers on our attention (with a
+    warning: :func:`unpatch` first to use another backend) rather than sending them to another backend
+    while the patch state still says patched.
     """
     cls = _processor_classes.get((base, route_sdpa))
     if cls is not None:
         return cls
     fused = None if route_sdpa else fused_body(base)
+    member = register_backend()
+
+    def get_backend(self):
+        return member
+
+    def set_backend(self, value) -> None:
+        name = str(getattr(value, "value", value))
+        if name.lower() == BACKEND_NAME:
+            return
+        what = "reset_attention_backend()" if value is None else f"set_attention_backend({name!r})"
+        warn_once(f"vdit-accel: {what} on a model patched by vdit-accel: its patched self-attention layers keep "
+                  "vdit-accel's attention (the others follow the call); vdit_accel.unpatch() the model first to "
+                  "use another backend there")
 
     @functools.wraps(base.__call__)
     def __call__(self, *args, **kwargs):
@@ -55,7 +73,8 @@ def _patched_processor_class(base: type, route_sdpa: bool = False) -> type:
         finally:
             _running.proc = prev
 
-    cls = type(f"Vdit{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__})
+    cls = type(f"Vdit{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__,
+                                                  "_attention_backend": property(get_backend, set_backend)})
     _processor_classes[(base, route_sdpa)] = cls
     return cls
 
@@ -174,7 +193,7 @@ class PatchState:
             return sparse, False
         num_steps = self.num_steps()
         if num_steps is None and self.strategy.quant_bf16_steps[1]:
-            _warn_once(
+            warn_once(
                 "vdit-accel: the strategy runs its last denoising steps unquantized, but the step count is unknown "
                 "(patch the pipeline, not only its transformer): quantizing them"
             )
@@ -225,7 +244,7 @@ class PatchState:
         plan = self._plans.get(key)
         if plan is None:
             if grid is None and phase[0] and not self.strategy.is_dense():
-                _warn_once(
+                warn_once(
                     f"vdit-accel: {self.adapter.family}: the transformer's forward "
                     "did not tell the token grid (e.g. LTX given video_coords only); running such calls dense"
                 )
@@ -292,7 +311,7 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
     transformers = _transformers_of(pipe_or_transformer)
     for tr in transformers:
-        if hasattr(tr, _STATE_ATTR):
+        if hasattr(tr, STATE_ATTR):
             raise RuntimeError(f"{type(tr).__name__} is already patched by vdit-accel; call unpatch() first")
     plans = []
     for tr in transformers:  # validate everything before changing anything
@@ -300,7 +319,6 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
         layers = adapter.layers(tr)
         strategy.validate_for(type(tr).__name__, len(layers), adapter.num_heads(tr), adapter.head_dim(tr))
         plans.append((tr, adapter))
-    backend = register_backend()
     steps = _StepTracker()
     for tr, adapter in plans:
         state = PatchState(tr, adapter, strategy, block_size, steps)
@@ -309,8 +327,6 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
             orig = attn.processor
             proc = object.__new__(_patched_processor_class(type(orig), adapter.calls_sdpa))
             proc.__dict__.update(orig.__dict__)
-            if not adapter.calls_sdpa:
-                proc._attention_backend = backend
             proc._vdit_state, proc._vdit_layer, proc._vdit_plan = state, i, None
             proc._vdit_fused_prologue = bool(fused_prologue)
             state.originals[name] = orig
@@ -319,7 +335,7 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
         state.hook = tr.register_forward_pre_hook(state.on_forward, with_kwargs=True)
         if strategy.uses_orders():
             state.orders = OrderRuntime(tr, state)  # its hooks run after state.on_forward
-        setattr(tr, _STATE_ATTR, state)
+        setattr(tr, STATE_ATTR, state)
     logger.info("vdit-accel: patched %d transformer(s) with %s", len(plans), strategy.describe())
     return pipe_or_transformer
 
@@ -327,12 +343,12 @@ def patch(pipe_or_transformer, strategy: Strategy | str | Path = "dense", *, blo
 def unpatch(pipe_or_transformer):
     """Restore the original attention processors exactly and remove our hooks."""
     transformers = _transformers_of(pipe_or_transformer)
-    if not any(hasattr(tr, _STATE_ATTR) for tr in transformers):
+    if not any(hasattr(tr, STATE_ATTR) for tr in transformers):
         names = " and ".join(type(t).__name__ for t in transformers)
         owner = "" if isinstance(pipe_or_transformer, torch.nn.Module) else f"{type(pipe_or_transformer).__name__}'s "
         raise RuntimeError(f"{owner}{names} is not patched by vdit-accel: nothing to unpatch (patch() it first)")
     for tr in transformers:
-        state: PatchState | None = getattr(tr, _STATE_ATTR, None)
+        state: PatchState | None = getattr(tr, STATE_ATTR, None)
         if state is None:
             continue
         for name, attn in state.layers:
@@ -346,10 +362,10 @@ def unpatch(pipe_or_transformer):
         if state.orders is not None:
             state.orders.remove()
         state.clear()  # the plans' masks, freed now rather than at the next garbage collection
-        delattr(tr, _STATE_ATTR)
+        delattr(tr, STATE_ATTR)
     return pipe_or_transformer
 
 
 def patch_state(transformer) -> PatchState | None:
     """The :class:`PatchState` of a patched transformer (None if not patched)."""
-    return getattr(transformer, _STATE_ATTR, None)
+    return getattr(transformer, STATE_ATTR, None)

@@ -25,7 +25,7 @@ import torch
 
 from vdit_accel.kernels import use_triton
 
-from .backend import _warn_once
+from .notice import warn_once
 
 logger = logging.getLogger("vdit_accel")
 
@@ -75,7 +75,7 @@ def fused_body(base: type):
         cos, sin = rotary_emb
         why = rope_tables_problem(cos, sin, *hidden_states.shape[:2], attn.inner_dim // attn.heads)
         if why is not None:
-            _warn_once(f"vdit-accel: {type(proc).__name__}'s rotary tables do not suit the fused prologue ({why}): "
+            warn_once(f"vdit-accel: {type(proc).__name__}'s rotary tables do not suit the fused prologue ({why}): "
                        "the processor's own prologue runs")
             return None
         query, key, value = mod._get_qkv_projections(attn, hidden_states, None)

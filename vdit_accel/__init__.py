@@ -75,3 +75,9 @@ def search(pipe, prompts, config=None, **kwargs):
 
 
 __all__ = ["attention", "patch", "unpatch", "Strategy", "search", "VideoGrid", "BlockMask", "__version__"]
+
+if __import__("os").environ.get("DIFFUSERS_ATTN_BACKEND", "").lower() == "vdit":
+    # diffusers reads DIFFUSERS_ATTN_BACKEND once, when its attention registry is first imported, and knows
+    # "vdit" only after we registered it: register it now, before diffusers' models are imported
+    # (vdit_accel.pipelines.backend._import_dispatch).
+    importlib.import_module(".pipelines", __name__)

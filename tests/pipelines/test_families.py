@@ -172,9 +172,12 @@ def _layer_ctx(grid: VideoGrid, strategy: str = SPARSE):
     return tr, state
 
 
-def test_key_padding_mask_is_exact():
+@pytest.mark.parametrize("prepared", [True, False])
+def test_key_padding_mask_is_exact(prepared):
     """Padded text keys are excluded exactly; each sample gets its true text length; padded query
-    rows get what SDPA gives them. Checked against the block-masked reference of each valid prefix."""
+    rows get what SDPA gives them. Checked against the block-masked reference of each valid prefix,
+    with the forward's plan prepared (restricted per sample, one op under compile) and without (each
+    sample planned per call)."""
     torch.manual_seed(0)
     grid = VideoGrid(3, 4, 4, text_len=16, text_at="suffix")
     s, h, d = grid.seq_len, 2, 16
@@ -182,6 +185,9 @@ def test_key_padding_mask_is_exact():
     lengths = [48 + 5, 48 + 16]
     valid = torch.arange(s)[None] < torch.tensor(lengths)[:, None]
     tr, state = _layer_ctx(grid)
+    if prepared:
+        state._prepare(torch.device("cpu"))
+        assert state.processors[0]._vdit_plan.serves(s, (0, h))
     try:
         for mask in (valid[:, None, None, :], (valid[:, :, None] & valid[:, None, :])[:, None]):
             with running(state.processors[0]):  # as the patched processor of layer 0 does around its call
@@ -200,9 +206,9 @@ def test_key_padding_mask_is_exact():
 
 
 def test_other_masks_fall_back_to_sdpa(caplog, monkeypatch):
-    from vdit_accel.pipelines import backend
+    from vdit_accel.pipelines import notice
 
-    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(notice, "_warned", set())
     torch.manual_seed(1)
     grid = VideoGrid(3, 4, 4, text_len=16, text_at="suffix")
     q, k, v = (torch.randn(1, grid.seq_len, 2, 16) for _ in range(3))
