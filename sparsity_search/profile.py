@@ -102,6 +102,13 @@ def pattern_volume(p: PatternSpec, grid: VideoGrid) -> float:
         return min(2 * p.frames * grid.h * grid.w + 1, grid.video_len)
     if kind == "stripes":
         return len(p.frames) * grid.h * grid.w + len(p.tokens)
+    if kind == "radial":
+        frame, centre = grid.h * grid.w, grid.t // 2
+        bands = p.bands(grid)
+        keys = sum(min(2 * bands[abs(t - centre)] + 1, frame) for t in range(grid.t) if bands[abs(t - centre)] >= 0)
+        return keys + frame * sum(1 for t in range(min(p.sink, grid.t)) if bands[abs(t - centre)] < 0)
+    if kind == "sta":
+        return math.prod(min(k * side, n) for k, side, n in zip((p.t, p.h, p.w), p.tile, (grid.t, grid.h, grid.w)))
     if kind == "union":
         return sum(pattern_volume(q, grid) for q in p.of)
     return float(grid.video_len) if kind == "dense" else 0.0
