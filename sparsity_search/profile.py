@@ -148,7 +148,8 @@ class HeadProfiler:
         candidates: the patterns to score (``candidates.candidate_patterns``).
         block_size: block size of the masks the strategy will run with.
         sample_blocks: query blocks per call on which output errors are measured (spread evenly).
-        mass_stride: measure the block mass on every ``mass_stride``-th query block (1 = all).
+        mass_stride: measure the block mass on every ``mass_stride``-th query block (1 = all; 0 = on the
+            sampled blocks only: the errors, which the solver uses, need no more).
         orders: token orders to score (see the module docstring); default raster only, where the
             columns are exactly ``candidates``.
     """
@@ -215,7 +216,7 @@ class HeadProfiler:
         bs = self.block_size
         mb, nb = cdiv(s, bs), cdiv(s, bs)
         sampled = set(torch.linspace(0, mb - 1, min(self.sample_blocks, mb)).round().long().tolist())
-        mass_rows = [m for m in range(mb) if m % self.mass_stride == 0 or m in sampled]
+        mass_rows = [m for m in range(mb) if (self.mass_stride and m % self.mass_stride == 0) or m in sampled]
         rows_measured = sum(min(s, (m + 1) * bs) - m * bs for m in mass_rows)
         nc = len(self.candidates)
         for bi in range(b):

@@ -96,21 +96,26 @@ def solve_lagrangian(error: torch.Tensor, cost: torch.Tensor, *, mean_error: flo
     the mean error is at most ``mean_error`` (or the mean cost at most ``mean_cost``). Heads where
     sparsity is cheap in error give more, the others less. Returns candidate indices [...].
     """
-    if (mean_error is None) == (mean_cost is None):
-        raise ValueError("give exactly one of mean_error and mean_cost")
     cost = cost.expand_as(error).double()
     err = error.double()
 
-    def pick(lam: float) -> torch.Tensor:
-        return (cost + lam * err).argmin(-1)
-
     def measure(idx: torch.Tensor) -> tuple[float, float]:
-        e = err.gather(-1, idx[..., None]).mean().item()
-        c = cost.gather(-1, idx[..., None]).mean().item()
-        return e, c
+        return err.gather(-1, idx[..., None]).mean().item(), cost.gather(-1, idx[..., None]).mean().item()
 
+    return bisect_lagrangian(lambda lam: (cost + lam * err).argmin(-1), measure, mean_error=mean_error,
+                             mean_cost=mean_cost, iters=iters)
+
+
+def bisect_lagrangian(pick, measure, *, mean_error: float | None = None, mean_cost: float | None = None,
+                      iters: int = 60):
+    """The Lagrangian relaxation's multiplier, bisected: ``pick(lam)`` minimises ``cost + lam * error``
+    (a larger ``lam``: more accurate, costlier), ``measure(solution) -> (mean error, mean cost)``.
+    With ``mean_error``: the cheapest solution within it; with ``mean_cost``: the most accurate one
+    within that cost (where none is, the cheapest: ``lam = 0``)."""
+    if (mean_error is None) == (mean_cost is None):
+        raise ValueError("give exactly one of mean_error and mean_cost")
     lo, hi = 0.0, 1.0
-    # Grow hi until its solution is feasible (lam large = accurate, costly).
+    # Grow hi until its solution is feasible (error budget) or too costly (cost budget).
     for _ in range(60):
         e, c = measure(pick(hi))
         if (mean_error is not None and e <= mean_error) or (mean_cost is not None and c > mean_cost):
