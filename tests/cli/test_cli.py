@@ -88,7 +88,7 @@ def test_generate_large_is_the_trained_models_large_size(tmp_path, monkeypatch):
 def test_inspect_and_console_script():
     res = runner.invoke(app, ["inspect", "window3d:t=1,h=2,w=2", "--latent-frames", "5", "--latent-height", "8",
                               "--latent-width", "8"])
-    assert res.exit_code == 0 and "mean density" in res.output and "warning" not in res.output
+    assert res.exit_code == 0 and "effective density" in res.output and "warning" not in res.output
     proc = subprocess.run([sys.executable, "-m", "vdit_accel.cli.app", "version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("vdit-accel ") and "torch " in proc.stdout
 

@@ -171,6 +171,6 @@ def test_search_cli_errors(tmp_path):
     from vdit_accel.cli.app import app
 
     res = CliRunner().invoke(app, ["search", "--prompts", str(tmp_path / "none.txt")])
-    assert res.exit_code == 2 and "is not a file" in res.output
+    assert res.exit_code == 2 and "no such file" in res.output
     res = CliRunner().invoke(app, ["search", "--budget", "0"])
     assert res.exit_code == 2 and "budget must be > 0" in res.output
