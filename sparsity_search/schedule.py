@@ -23,9 +23,9 @@ warm-up is chosen inside the solve and paid for, not picked afterwards for free.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .solver import bisect_lagrangian
@@ -80,8 +80,10 @@ class ScheduleProblem:
             raise ValueError(f"phases must be >= 1, got {self.phases}")
         self.error = self.error.double()
         self.cost, self.density = self.cost.double(), self.density.double()
+        # The solve's arithmetic in NumPy: many small reductions, where torch's per-call overhead dominates.
+        self._err, self._cost, self._density = (x.cpu().numpy() for x in (self.error, self.cost, self.density))
         # prefix sums over steps: the error of any step range in one subtraction
-        self._cum = torch.cat([torch.zeros(1, l, h, c, dtype=torch.float64), self.error.cumsum(0)])
+        self._cum = np.concatenate([np.zeros((1, l, h, c)), self._err.cumsum(0)])
 
     @property
     def num_steps(self) -> int:
@@ -121,56 +123,55 @@ def _ranges(boundaries, n: int) -> list[tuple[int, int]]:
     return list(zip(starts, [*boundaries, n]))
 
 
-def _warmups(problem: ScheduleProblem, min_warmup: int) -> torch.Tensor:
+def _warmups(problem: ScheduleProblem, min_warmup: int) -> np.ndarray:
     n = problem.num_steps
-    return torch.tensor(sorted({w for w in ladder(n) if w >= min_warmup} | {min(max(min_warmup, 0), n)}))
+    return np.array(sorted({w for w in ladder(n) if w >= min_warmup} | {min(max(min_warmup, 0), n)}))
 
 
-def _evaluate(problem: ScheduleProblem, lam: float, metric: torch.Tensor, dense_metric: float, boundaries,
-              warmups: torch.Tensor, dense_layers: frozenset):
+def _evaluate(problem: ScheduleProblem, lam: float, metric: np.ndarray, dense_metric: float, boundaries,
+              warmups: np.ndarray, dense_layers: frozenset):
     """For fixed ``lam`` and boundaries: the best warm-up per layer and column per (range, layer, head).
-    Returns ``(objective, warmup index [L], choice [P, L, H])``."""
+    Returns ``(objective, warm-up index [L], choice [P, L, H])``."""
     n = problem.num_steps
     l, h, _ = problem.shape
     k = warmups.shape[0]
-    total = warmups.double()[:, None].expand(k, l) * h * dense_metric  # [K, L]: the warm-up steps, dense
+    total = np.repeat(warmups[:, None] * float(h * dense_metric), l, 1)  # [K, L]: the warm-up steps, dense
     picks = []
     for a, b in _ranges(boundaries, n):
-        start = warmups.clamp(a, b)  # [K]: the range's first step past each warm-up
-        steps = (b - start).double()  # [K]
+        start = np.clip(warmups, a, b)  # [K]: the range's first step past each warm-up
         seg = problem._cum[b][None] - problem._cum[start]  # [K, L, H, C]
-        obj = steps[:, None, None, None] * metric[None] + lam * seg
-        best, idx = obj.min(-1)  # [K, L, H]
-        total = total + best.sum(-1)
+        obj = (b - start)[:, None, None, None] * metric[None] + lam * seg
+        idx = obj.argmin(-1)  # [K, L, H]
+        total = total + np.take_along_axis(obj, idx[..., None], -1)[..., 0].sum(-1)
         picks.append(idx)
     if dense_layers:  # forced dense throughout: only the warm-up of the whole run
-        forced = torch.tensor(sorted(dense_layers))
-        mask = warmups[:, None] != n
-        total[:, forced] = torch.where(mask[:, :1].expand(k, len(forced)), math.inf, total[:, forced])
-    best_total, wi = total.min(0)  # [L]
-    choice = torch.stack([p.gather(0, wi[None, :, None].expand(1, l, h))[0] for p in picks])  # [P, L, H]
-    return float(best_total.sum()), wi, choice
+        forced = sorted(dense_layers)
+        total[:, forced] = np.where((warmups != n)[:, None], np.inf, total[:, forced])
+    wi = total.argmin(0)  # [L]
+    choice = np.stack([pk[wi, np.arange(l)] for pk in picks])  # [P, L, H]
+    return float(total[wi, np.arange(l)].sum()), wi, choice
 
 
-def _summarise(problem: ScheduleProblem, warmup: torch.Tensor, boundaries, choice: torch.Tensor) -> Schedule:
+def _summarise(problem: ScheduleProblem, warmup: np.ndarray, boundaries, choice: np.ndarray) -> Schedule:
     n = problem.num_steps
     l, h, _ = problem.shape
-    err_steps = torch.zeros(n, dtype=torch.float64)
-    err_layers = torch.zeros(l, dtype=torch.float64)
-    cost = float(warmup.double().sum()) * h * problem.dense_cost
-    density = float(warmup.double().sum()) * h
+    err_steps = np.zeros(n)
+    err_layers = np.zeros(l)
+    cost = float(warmup.sum()) * h * problem.dense_cost
+    density = float(warmup.sum()) * h
     for p, (a, b) in enumerate(_ranges(boundaries, n)):
         cols = choice[p]  # [L, H]
-        e = problem.error[a:b].gather(-1, cols[None, ..., None].expand(b - a, l, h, 1))[..., 0]  # [b-a, L, H]
-        live = (torch.arange(a, b)[:, None] >= warmup[None, :]).double()  # [b-a, L]: past the layer's warm-up
-        err_steps[a:b] = (e * live[..., None]).sum((1, 2)) / (l * h)
-        err_layers += (e * live[..., None]).sum((0, 2)) / (n * l * h)
+        e = np.take_along_axis(problem._err[a:b], np.broadcast_to(cols[None, ..., None], (b - a, l, h, 1)), -1)[..., 0]
+        live = (np.arange(a, b)[:, None] >= warmup[None, :]).astype(np.float64)  # [b-a, L]: past the layer's warm-up
+        e = e * live[..., None]
+        err_steps[a:b] = e.sum((1, 2)) / (l * h)
+        err_layers += e.sum((0, 2)) / (n * l * h)
         steps = live.sum(0)  # [L]
-        cost += float((steps[:, None] * problem.cost.gather(-1, cols[..., None])[..., 0]).sum())
-        density += float((steps[:, None] * problem.density.gather(-1, cols[..., None])[..., 0]).sum())
+        cost += float((steps[:, None] * np.take_along_axis(problem._cost, cols[..., None], -1)[..., 0]).sum())
+        density += float((steps[:, None] * np.take_along_axis(problem._density, cols[..., None], -1)[..., 0]).sum())
     dense_total = n * l * h
-    return Schedule(tuple(int(w) for w in warmup), tuple(boundaries), choice, float(err_steps.mean()),
-                    cost / (dense_total * problem.dense_cost), density / dense_total,
+    return Schedule(tuple(int(w) for w in warmup), tuple(boundaries), torch.from_numpy(np.ascontiguousarray(choice)),
+                    float(err_steps.mean()), cost / (dense_total * problem.dense_cost), density / dense_total,
                     tuple(float(x) for x in err_steps), tuple(float(x) for x in err_layers))
 
 
@@ -184,7 +185,7 @@ def solve(problem: ScheduleProblem, *, mean_error: float | None = None, mean_cos
     if sum(x is not None for x in (mean_error, mean_cost, mean_density)) != 1:
         raise ValueError("give exactly one of mean_error, mean_cost and mean_density")
     by_density = mean_density is not None
-    metric = problem.density if by_density else problem.cost
+    metric = problem._density if by_density else problem._cost
     dense_metric = 1.0 if by_density else problem.dense_cost
     warmups = _warmups(problem, min_warmup)
     dense_layers = frozenset(int(x) for x in dense_layers)
@@ -203,7 +204,7 @@ def solve(problem: ScheduleProblem, *, mean_error: float | None = None, mean_cos
         return sol.error, (sol.density if by_density else sol.cost)
 
     cap = mean_density if by_density else mean_cost
-    return bisect_lagrangian(pick, measure, mean_error=mean_error, mean_cost=cap)
+    return bisect_lagrangian(pick, measure, mean_error=mean_error, mean_cost=cap, rel_tol=1e-4)
 
 
 def solve_per_head(problem: ScheduleProblem, budget: float, warmup: int = 0) -> Schedule:
@@ -214,15 +215,15 @@ def solve_per_head(problem: ScheduleProblem, budget: float, warmup: int = 0) -> 
 
     n = problem.num_steps
     l, h, _ = problem.shape
-    warm = torch.full((l,), min(warmup, n), dtype=torch.long)
+    warm = np.full(l, min(warmup, n))
     best = None
     for bs in problem.boundary_sets():
         cols = []
         for a, b in _ranges(bs, n):
-            a = max(a, int(warm[0]))
-            err = (problem._cum[b] - problem._cum[a]) / max(b - a, 1)
-            cols.append(per_head(err, problem.cost, budget))
-        sol = _summarise(problem, warm, bs, torch.stack(cols))
+            a = min(max(a, int(warm[0])), b)
+            err = torch.from_numpy((problem._cum[b] - problem._cum[a]) / max(b - a, 1))
+            cols.append(per_head(err, problem.cost, budget).numpy())
+        sol = _summarise(problem, warm, bs, np.stack(cols))
         if best is None or sol.cost < best.cost - 1e-12:
             best = sol
     return best

@@ -107,11 +107,12 @@ def solve_lagrangian(error: torch.Tensor, cost: torch.Tensor, *, mean_error: flo
 
 
 def bisect_lagrangian(pick, measure, *, mean_error: float | None = None, mean_cost: float | None = None,
-                      iters: int = 60):
+                      iters: int = 60, rel_tol: float = 1e-9):
     """The Lagrangian relaxation's multiplier, bisected: ``pick(lam)`` minimises ``cost + lam * error``
     (a larger ``lam``: more accurate, costlier), ``measure(solution) -> (mean error, mean cost)``.
     With ``mean_error``: the cheapest solution within it; with ``mean_cost``: the most accurate one
-    within that cost (where none is, the cheapest: ``lam = 0``)."""
+    within that cost (where none is, the cheapest: ``lam = 0``). Stops when ``lam`` is known to ``rel_tol``
+    (the answer is feasible either way; a coarser ``lam`` can only leave a little on the table)."""
     if (mean_error is None) == (mean_cost is None):
         raise ValueError("give exactly one of mean_error and mean_cost")
     lo, hi = 0.0, 1.0
@@ -131,6 +132,6 @@ def bisect_lagrangian(pick, measure, *, mean_error: float | None = None, mean_co
             lo, hi = (lo, mid) if feasible else (mid, hi)
         else:
             lo, hi = (mid, hi) if feasible else (lo, mid)
-        if hi - lo < 1e-9 * max(hi, 1e-30):
+        if hi - lo < rel_tol * max(hi, 1e-30):
             break
     return pick(hi if mean_error is not None else lo)

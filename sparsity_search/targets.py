@@ -7,11 +7,12 @@ people judge is the final video after the whole trajectory, so the cap is tuned 
 
 1. **the budget**: the cost cap ``c`` (the run's attention cost as a fraction of dense), bisected over a
    geometric ladder for the cheapest ``c`` whose calibration videos keep ``min_psnr`` (every prompt,
-   and no caption check regressing);
+   and no caption check regressing); the top of the ladder is probed only if nothing below it holds;
 2. **warm-up steps**: the same bisection with every layer dense for at least ``W`` steps, for ``W``
    on a ladder of eighths of the run up to half, each only below the cheapest ``c`` found so far (a
    longer warm-up can buy more quality per cost than denser patterns: errors of early steps compound);
-3. then the held-out **validation** prompts: if they miss the target, ``c`` climbs the ladder;
+3. then the held-out **validation** prompts: if they miss the target, ``c`` is bisected again over the
+   rungs above (calibration and validation prompts together); 3 of ``max_probes`` are kept for this;
 4. and if nothing under the cap (``1 / attention_speedup``) holds: **the most sensitive layers dense**
    (by their share of the solution's proxy error), one, then two.
 
@@ -121,11 +122,31 @@ def tune(solve_at: Callable[..., Schedule], measure: Callable[[Schedule, str], o
     return out
 
 
+RESERVED = 3  # probes kept back from the calibration bisection for the held-out prompts
+
+
+def _cheapest(rungs: list[float], test, left) -> "Probe | None":
+    """The cheapest rung whose probe holds, by bisection (holding is taken to be monotone in the rung); the
+    top rung is probed only when nothing below it held. None when none held (or no probe was left)."""
+    lo, hi, best = -1, len(rungs) - 1, None
+    while hi - lo > 1 and left():
+        mid = (lo + hi) // 2
+        p = test(rungs[mid])
+        if p.holds:
+            hi, best = mid, p
+        else:
+            lo = mid
+    if best is None and rungs and left():
+        p = test(rungs[hi])
+        best = p if p.holds else None
+    return best
+
+
 def _tune_under(cap: float, probe, targets: Targets, num_steps: int, budget: int, probes: list) -> Outcome:
     start = len(probes)
 
-    def left() -> bool:
-        return len(probes) - start < budget
+    def left(reserve: int = 0) -> bool:
+        return len(probes) - start < budget - reserve
 
     if targets.min_psnr is None:  # a speed target alone: its cap, verified
         p = probe(cap, 0, (), "all")
@@ -133,55 +154,44 @@ def _tune_under(cap: float, probe, targets: Targets, num_steps: int, budget: int
                    f"{p.schedule.density:.3f}" if p.holds else "does not hold: the speed-up at the cap falls short")
         return Outcome(p.schedule, p.holds, verdict, final=p.measurement)
     ladder = sorted({c for c in COST_LADDER if c < cap} | {cap})
-    warmups = sorted({round(k * num_steps / 8) for k in range(0, 5)})
     best: Probe | None = None
-    for w in warmups:
-        cands = [c for c in ladder if c > w / num_steps + 1e-9 and (best is None or c < best.cost_cap)]
-        if not cands or not left():
-            continue
-        top = probe(cands[-1], w, (), "calibration")
-        if not top.holds:
-            continue
-        lo, hi, hi_probe = -1, len(cands) - 1, top
-        while hi - lo > 1 and left():
-            mid = (lo + hi) // 2
-            p = probe(cands[mid], w, (), "calibration")
-            if p.holds:
-                hi, hi_probe = mid, p
-            else:
-                lo = mid
-        best = hi_probe
-    if best is not None:  # held-out prompts: climb the ladder until they hold too
-        for c in [x for x in ladder if x >= best.cost_cap]:
-            if c == best.cost_cap:  # the calibration prompts held here: the validation ones alone
-                p = probe(c, best.min_warmup, (), "validation")
-                final = best.measurement + p.measurement
-            elif left():
-                p = probe(c, best.min_warmup, (), "all")
-                final = p.measurement
-            else:
-                break
-            if p.holds:
-                return Outcome(p.schedule, True, f"holds on the validation prompts at cost cap {c:.3f}, warm-up >= "
-                                                  f"{best.min_warmup}", final=final)
-    # Nothing under the cap: the most sensitive layers dense (their share of the proxy error at the cap).
-    base = best.schedule if best is not None else (probes[-1].schedule if len(probes) > start else None)
-    if base is not None:
+    for w in sorted({round(k * num_steps / 8) for k in range(0, 5)}):  # 1. the budget, 2. warm-up steps
+        rungs = [c for c in ladder if c > w / num_steps + 1e-9 and (best is None or c < best.cost_cap)]
+        found = _cheapest(rungs, lambda c: probe(c, w, (), "calibration"), lambda: left(RESERVED))
+        best = found or best
+    if best is not None:  # 3. the held-out prompts: where they miss, up the ladder (calibration and validation)
+        p = probe(best.cost_cap, best.min_warmup, (), "validation")
+        if p.holds:
+            return Outcome(p.schedule, True, f"holds on the validation prompts at cost cap {best.cost_cap:.3f}, "
+                                             f"warm-up >= {best.min_warmup}", final=best.measurement + p.measurement)
+        above = [c for c in ladder if c > best.cost_cap]
+        p = _cheapest(above, lambda c: probe(c, best.min_warmup, (), "all"), left)
+        if p is not None:
+            return Outcome(p.schedule, True, f"holds on the validation prompts at cost cap {p.cost_cap:.3f}, warm-up >= "
+                                             f"{best.min_warmup}", final=p.measurement)
+    elif cap < 1.0:  # 4. nothing held under a speed cap: the most sensitive layers dense (by their error at the cap)
+        base = probes[-1].schedule if len(probes) > start else None
         for k in (1, 2):
-            if not left():
+            if base is None or not left():
                 break
             dense = tuple(sorted(_sensitive_layers(base)[:k]))
-            p = probe(cap, best.min_warmup if best else 0, dense, "all")
+            p = probe(cap, 0, dense, "all")
             if p.holds:
-                return Outcome(p.schedule, True, f"holds on the validation prompts with layers {list(dense)} dense",
-                               final=p.measurement)
+                return Outcome(p.schedule, True, f"holds on the validation prompts at cost cap {cap:.3f} with layers "
+                                                 f"{list(dense)} dense", final=p.measurement)
     tried = probes[start:]
     if not tried:
         return Outcome(None, False, "cannot: no probe ran (max_probes)")
-    closest = max(tried, key=lambda p: (p.measurement.summary().get("psnr_db_min", -1e9)))
+    def worst(p: Probe) -> float:  # judged on the held-out prompts where they were measured
+        s = p.measurement.summary("validation") or {"psnr_db_min": -1e9 + p.measurement.summary()["psnr_db_min"]}
+        return s["psnr_db_min"]
+
+    closest = max(tried, key=lambda p: (worst(p), -p.cost_cap))
+    why = (f"within {budget} probes (more with max_probes)" if not left() else f"under cost cap {cap:.3f}")
     return Outcome(closest.schedule, False,
-                   f"cannot: no strategy under cost cap {cap:.3f} kept the target on every prompt in {len(tried)} probes; "
-                   f"the closest (cost cap {closest.cost_cap:.3f}) is kept", final=closest.measurement)
+                   f"cannot: no strategy kept the target on every prompt {why}; kept the closest probed "
+                   f"(cost cap {closest.cost_cap:.3f}, {closest.split} PSNR min "
+                   f"{closest.measurement.summary().get('psnr_db_min', float('nan')):.2f} dB)", final=closest.measurement)
 
 
 def _sensitive_layers(schedule: Schedule) -> list[int]:
