@@ -392,11 +392,12 @@ def _tune(pipe, prompts, validation_prompts, check, verifier, config, call_kwarg
     def measure(sched, split):
         return verifier.measure(strategy_of(sched), [j for j in jobs if split == "all" or j.split == split])
 
-    def expected(sched):
-        return strategy_of(sched).search["accounting"]["expected_attention_speedup"]
+    def info(sched):
+        acc = strategy_of(sched).search["accounting"]
+        return acc["expected_attention_speedup"], acc["effective_density"]
 
     on_gpu = next(pipe.transformer.parameters()).device.type == "cuda"
-    out = tune(solve_at, measure, config.targets, problem.num_steps, expected_speedup=expected, on_gpu=on_gpu,
+    out = tune(solve_at, measure, config.targets, problem.num_steps, info=info, on_gpu=on_gpu,
                max_probes=config.max_probes, progress=progress)
     final = out.final
     meta = {"verification": {
@@ -413,7 +414,7 @@ def _tune(pipe, prompts, validation_prompts, check, verifier, config, call_kwarg
         "probes": [p.to_json() for p in out.probes],
         "generations": verifier.generations,
     }}
-    schedule = out.schedule if out.schedule is not None else solve(problem, mean_cost=1.0)
+    schedule = out.candidate if out.candidate is not None else solve(problem, mean_cost=1.0)
     return schedule, meta
 
 

@@ -20,16 +20,18 @@ With ``attention_speedup`` alone the solve runs at its cap and is verified (its 
 the speed-up is the measured ratio of self-attention time; if it falls short, the cap shrinks by the
 shortfall and the tuning runs again. On a CPU, whose attention runs the reference path, the expected
 (cost-model) speed-up stands in, and the record says so. Every probe is recorded.
+
+:func:`tune_ladder` is steps 1-4 over any ladder of candidates (the benchmarks tune uniform patterns with it,
+so that they meet a target the same way the search does).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
-from .schedule import Schedule
+from typing import Any, Callable
 
 COST_LADDER = (0.03, 0.045, 0.065, 0.09, 0.13, 0.18, 0.25, 0.35, 0.5, 0.7, 1.0)
+RESERVED = 3  # probes kept back from the calibration bisection for the held-out prompts
 
 
 @dataclass(frozen=True)
@@ -52,82 +54,73 @@ class Targets:
 
 @dataclass
 class Probe:
-    """One solve verified on one set of prompts."""
+    """One candidate (a schedule, or a strategy) verified on one set of prompts. ``rung``: where on the
+    ladder it is (a cost cap, or a uniform pattern's configuration)."""
 
-    cost_cap: float
+    rung: Any
     min_warmup: int
     dense_layers: tuple[int, ...]
-    schedule: Schedule
+    candidate: Any
     split: str
     measurement: object  # verify.Measurement
     expected_speedup: float
+    effective_density: float
     holds: bool
 
     def to_json(self) -> dict:
         m = self.measurement
-        return {"cost_cap": round(self.cost_cap, 4), "min_warmup": self.min_warmup, "dense_layers": list(self.dense_layers),
-                "split": self.split, "effective_density": round(self.schedule.density, 4),
+        rung = round(self.rung, 4) if isinstance(self.rung, float) else str(self.rung)
+        return {"rung": rung, "min_warmup": self.min_warmup, "dense_layers": list(self.dense_layers),
+                "split": self.split, "effective_density": round(self.effective_density, 4),
                 "expected_attention_speedup": round(self.expected_speedup, 3), **m.summary(), **m.speedups(),
                 "holds": self.holds}
 
 
 @dataclass
 class Outcome:
-    schedule: Schedule | None
+    candidate: Any
     holds: bool
     verdict: str
     probes: list[Probe] = field(default_factory=list)
-    final: object | None = None  # the chosen schedule's Measurement on calibration + validation
+    final: object | None = None  # the chosen candidate's Measurement on calibration + validation
 
 
-def tune(solve_at: Callable[..., Schedule], measure: Callable[[Schedule, str], object], targets: Targets,
-         num_steps: int, *, expected_speedup: Callable[[Schedule], float], on_gpu: bool, max_probes: int = 12,
-         progress: Callable[[str], None] = print) -> Outcome:
-    """Tune as the module docstring says. ``solve_at(cost_cap, min_warmup, dense_layers)`` -> a schedule;
-    ``measure(schedule, split)`` -> a :class:`~.verify.Measurement` (``split``: ``"calibration"``,
-    ``"validation"`` or ``"all"``); ``expected_speedup(schedule)``: the cost model's."""
-    probes: list[Probe] = []
+class Prober:
+    """Makes, measures and records probes: ``make(rung, min_warmup, dense_layers) -> candidate``,
+    ``measure(candidate, split) -> Measurement`` (``split``: calibration, validation or all),
+    ``info(candidate) -> (expected speed-up, effective density)``."""
 
-    def probe(c: float, w: int, dense: tuple[int, ...], split: str) -> Probe:
-        sched = solve_at(c, w, dense)
-        m = measure(sched, split)
-        exp = expected_speedup(sched)
-        quality = targets.min_psnr is None or m.meets(targets.min_psnr, None if split == "all" else split)
-        ok = quality and speed_ok(exp, m)
-        p = Probe(c, w, dense, sched, split, m, exp, ok)
-        probes.append(p)
+    def __init__(self, make: Callable, measure: Callable, info: Callable, targets: Targets, on_gpu: bool,
+                 progress: Callable[[str], None] = print):
+        self.make, self.measure, self.info, self.targets, self.on_gpu = make, measure, info, targets, on_gpu
+        self.progress = progress
+        self.probes: list[Probe] = []
+
+    def speed_ok(self, expected: float, m) -> bool:
+        if self.targets.attention_speedup is None:
+            return True
+        got = m.speedups()["attention_speedup_measured"] if self.on_gpu else expected
+        return got >= self.targets.attention_speedup * (1 - 1e-9)
+
+    def __call__(self, rung, w: int, dense: tuple[int, ...], split: str) -> Probe:
+        cand = self.make(rung, w, dense)
+        m = self.measure(cand, split)
+        expected, density = self.info(cand)
+        quality = self.targets.min_psnr is None or m.meets(self.targets.min_psnr, None if split == "all" else split)
+        p = Probe(rung, w, dense, cand, split, m, expected, density, quality and self.speed_ok(expected, m))
+        self.probes.append(p)
         s = m.summary()
-        progress(f"probe {len(probes)}: cost cap {c:.3f}, warm-up >= {w}, dense layers {list(dense)} -> effective density "
-                 f"{sched.density:.3f}, {split} PSNR min {s.get('psnr_db_min', float('nan')):.2f} dB: "
-                 f"{'holds' if ok else 'misses'}")
+        rung_text = f"cost cap {rung:.3f}" if isinstance(rung, float) else str(rung)
+        self.progress(f"probe {len(self.probes)}: {rung_text}, warm-up >= {w}, dense layers {list(dense)} -> effective "
+                      f"density {density:.3f}, {split} PSNR min {s.get('psnr_db_min', float('nan')):.2f} dB: "
+                      f"{'holds' if p.holds else 'misses'}")
         return p
 
-    def speed_ok(expected: float, m) -> bool:
-        if targets.attention_speedup is None:
-            return True
-        got = m.speedups()["attention_speedup_measured"] if on_gpu else expected
-        return got >= targets.attention_speedup * (1 - 1e-9)
 
-    cap = 1.0 if targets.attention_speedup is None else 1.0 / targets.attention_speedup
-    for attempt in range(3):
-        out = _tune_under(cap, probe, targets, num_steps, max_probes - len(probes), probes)
-        if out.holds or not on_gpu or targets.attention_speedup is None or out.schedule is None:
-            break
-        got = out.final.speedups()["attention_speedup_measured"]
-        if got >= targets.attention_speedup:
-            break
-        cap *= got / targets.attention_speedup  # the measured shortfall, taken off the cap
-        progress(f"measured attention speed-up {got:.2f}x < {targets.attention_speedup:.2f}x: cost cap lowered to {cap:.3f}")
-    out.probes = probes
-    return out
-
-
-RESERVED = 3  # probes kept back from the calibration bisection for the held-out prompts
-
-
-def _cheapest(rungs: list[float], test, left) -> "Probe | None":
-    """The cheapest rung whose probe holds, by bisection (holding is taken to be monotone in the rung); the
-    top rung is probed only when nothing below it held. None when none held (or no probe was left)."""
+def cheapest_holding(rungs: list, test: Callable[[Any], Probe], left: Callable[[], bool]) -> Probe | None:
+    """The cheapest rung (``rungs`` ascending in cost) whose probe holds, by bisection (holding taken to be
+    monotone along the ladder); the top rung is probed only when nothing below it held. None when none
+    held (or no probe was left)."""
     lo, hi, best = -1, len(rungs) - 1, None
     while hi - lo > 1 and left():
         mid = (lo + hi) // 2
@@ -142,59 +135,100 @@ def _cheapest(rungs: list[float], test, left) -> "Probe | None":
     return best
 
 
-def _tune_under(cap: float, probe, targets: Targets, num_steps: int, budget: int, probes: list) -> Outcome:
-    start = len(probes)
+def tune_ladder(probe: Prober, rungs_at: Callable, above: Callable, warmups: list[int], budget: int, *,
+                fallback: Callable | None = None) -> Outcome:
+    """Steps 1-4 of the module docstring over a ladder. ``rungs_at(w, best)``: the rungs to try with warm-up
+    ``w`` (ascending in cost, cheaper than the best probe so far, which may be None); ``above(best)``: the
+    rungs costlier than ``best``'s at its warm-up; ``fallback(last probe)``: ``(rung, dense_layers)`` pairs
+    to try when nothing held (the most sensitive layers dense), or None."""
+    start = len(probe.probes)
 
     def left(reserve: int = 0) -> bool:
-        return len(probes) - start < budget - reserve
+        return len(probe.probes) - start < budget - reserve
 
-    if targets.min_psnr is None:  # a speed target alone: its cap, verified
-        p = probe(cap, 0, (), "all")
-        verdict = (f"holds: expected attention speed-up {p.expected_speedup:.2f}x at effective density "
-                   f"{p.schedule.density:.3f}" if p.holds else "does not hold: the speed-up at the cap falls short")
-        return Outcome(p.schedule, p.holds, verdict, final=p.measurement)
-    ladder = sorted({c for c in COST_LADDER if c < cap} | {cap})
     best: Probe | None = None
-    for w in sorted({round(k * num_steps / 8) for k in range(0, 5)}):  # 1. the budget, 2. warm-up steps
-        rungs = [c for c in ladder if c > w / num_steps + 1e-9 and (best is None or c < best.cost_cap)]
-        found = _cheapest(rungs, lambda c: probe(c, w, (), "calibration"), lambda: left(RESERVED))
+    for w in warmups:  # 1. the budget, 2. warm-up steps
+        found = cheapest_holding(rungs_at(w, best), lambda r: probe(r, w, (), "calibration"), lambda: left(RESERVED))
         best = found or best
     if best is not None:  # 3. the held-out prompts: where they miss, up the ladder (calibration and validation)
-        p = probe(best.cost_cap, best.min_warmup, (), "validation")
+        p = probe(best.rung, best.min_warmup, (), "validation")
         if p.holds:
-            return Outcome(p.schedule, True, f"holds on the validation prompts at cost cap {best.cost_cap:.3f}, "
-                                             f"warm-up >= {best.min_warmup}", final=best.measurement + p.measurement)
-        above = [c for c in ladder if c > best.cost_cap]
-        p = _cheapest(above, lambda c: probe(c, best.min_warmup, (), "all"), left)
+            return Outcome(p.candidate, True, f"holds on the validation prompts at {_rung(best)}, warm-up >= "
+                                              f"{best.min_warmup}", final=best.measurement + p.measurement)
+        p = cheapest_holding(above(best), lambda r: probe(r, best.min_warmup, (), "all"), left)
         if p is not None:
-            return Outcome(p.schedule, True, f"holds on the validation prompts at cost cap {p.cost_cap:.3f}, warm-up >= "
-                                             f"{best.min_warmup}", final=p.measurement)
-    elif cap < 1.0:  # 4. nothing held under a speed cap: the most sensitive layers dense (by their error at the cap)
-        base = probes[-1].schedule if len(probes) > start else None
-        for k in (1, 2):
-            if base is None or not left():
+            return Outcome(p.candidate, True, f"holds on the validation prompts at {_rung(p)}, warm-up >= "
+                                              f"{best.min_warmup}", final=p.measurement)
+    elif fallback is not None and len(probe.probes) > start:  # 4. the most sensitive layers dense
+        for rung, dense in fallback(probe.probes[-1]):
+            if not left():
                 break
-            dense = tuple(sorted(_sensitive_layers(base)[:k]))
-            p = probe(cap, 0, dense, "all")
+            p = probe(rung, 0, dense, "all")
             if p.holds:
-                return Outcome(p.schedule, True, f"holds on the validation prompts at cost cap {cap:.3f} with layers "
-                                                 f"{list(dense)} dense", final=p.measurement)
-    tried = probes[start:]
+                return Outcome(p.candidate, True, f"holds on the validation prompts at {_rung(p)} with layers "
+                                                  f"{list(dense)} dense", final=p.measurement)
+    tried = probe.probes[start:]
     if not tried:
         return Outcome(None, False, "cannot: no probe ran (max_probes)")
+
     def worst(p: Probe) -> float:  # judged on the held-out prompts where they were measured
         s = p.measurement.summary("validation") or {"psnr_db_min": -1e9 + p.measurement.summary()["psnr_db_min"]}
         return s["psnr_db_min"]
 
-    closest = max(tried, key=lambda p: (worst(p), -p.cost_cap))
-    why = (f"within {budget} probes (more with max_probes)" if not left() else f"under cost cap {cap:.3f}")
-    return Outcome(closest.schedule, False,
-                   f"cannot: no strategy kept the target on every prompt {why}; kept the closest probed "
-                   f"(cost cap {closest.cost_cap:.3f}, {closest.split} PSNR min "
+    closest = max(tried, key=lambda p: (worst(p), -p.effective_density))
+    why = f"within {budget} probes (more with max_probes)" if not left() else "under the cap"
+    return Outcome(closest.candidate, False,
+                   f"cannot: no candidate kept the target on every prompt {why}; kept the closest probed "
+                   f"({_rung(closest)}, {closest.split} PSNR min "
                    f"{closest.measurement.summary().get('psnr_db_min', float('nan')):.2f} dB)", final=closest.measurement)
 
 
-def _sensitive_layers(schedule: Schedule) -> list[int]:
+def _rung(p: Probe) -> str:
+    return f"cost cap {p.rung:.3f}" if isinstance(p.rung, float) else str(p.rung)
+
+
+def warmup_ladder(num_steps: int) -> list[int]:
+    """Dense warm-ups tried: 0 to half the run, in eighths."""
+    return sorted({round(k * num_steps / 8) for k in range(0, 5)})
+
+
+def tune(solve_at: Callable, measure: Callable, targets: Targets, num_steps: int, *, info: Callable, on_gpu: bool,
+         max_probes: int = 12, progress: Callable[[str], None] = print) -> Outcome:
+    """Tune the search's solve as the module docstring says. ``solve_at(cost_cap, min_warmup, dense_layers)``
+    -> a schedule; ``measure(schedule, split)`` -> a :class:`~.verify.Measurement`; ``info(schedule)`` ->
+    (expected speed-up, effective density)."""
+    probe = Prober(solve_at, measure, info, targets, on_gpu, progress)
+    cap = 1.0 if targets.attention_speedup is None else 1.0 / targets.attention_speedup
+    out = None
+    for _ in range(3):
+        if targets.min_psnr is None:  # a speed target alone: its cap, verified
+            p = probe(cap, 0, (), "all")
+            verdict = (f"holds: expected attention speed-up {p.expected_speedup:.2f}x at effective density "
+                       f"{p.effective_density:.3f}" if p.holds else "does not hold: the speed-up at the cap falls short")
+            out = Outcome(p.candidate, p.holds, verdict, final=p.measurement)
+        else:
+            ladder = sorted({c for c in COST_LADDER if c < cap} | {cap})
+
+            def rungs_at(w, best):
+                return [c for c in ladder if c > w / num_steps + 1e-9 and (best is None or c < best.rung)]
+
+            def fallback(last):
+                return [(cap, tuple(sorted(_sensitive_layers(last.candidate)[:k]))) for k in (1, 2)] if cap < 1.0 else []
+
+            out = tune_ladder(probe, rungs_at, lambda best: [c for c in ladder if c > best.rung],
+                              warmup_ladder(num_steps), max_probes - len(probe.probes), fallback=fallback)
+        if out.holds or not on_gpu or targets.attention_speedup is None or out.final is None:
+            break
+        got = out.final.speedups()["attention_speedup_measured"]
+        if got >= targets.attention_speedup or len(probe.probes) >= max_probes:
+            break
+        cap *= got / targets.attention_speedup  # the measured shortfall, taken off the cap
+        progress(f"measured attention speed-up {got:.2f}x < {targets.attention_speedup:.2f}x: cost cap lowered to {cap:.3f}")
+    out.probes = probe.probes
+    return out
+
+
+def _sensitive_layers(schedule) -> list[int]:
     """Layers by their share of the schedule's proxy error, largest first (ties: lower index)."""
     share = schedule.layer_error
     return sorted(range(len(share)), key=lambda l: (-share[l], l))

@@ -105,3 +105,30 @@ def test_accounting_of_a_schedule():
     semantic = Strategy.uniform("dense", order="semantic")
     assert account(semantic, grid, 4, block_size=32).effective_density > 1.0  # no measured density: dense plus its plan
     assert flops_cost_model(1, 100, 2, 64).fixed_ms == 0.0
+
+
+def test_cost_model_fit_is_smoothed_and_cached(tmp_path, monkeypatch):
+    """Noisy timings fit one line (medians, 3 significant digits), stored once per GPU and shape and read
+    back by every later search: the same model, so the same choices."""
+    from vdit_accel.kernels import measurements
+    from vdit_accel.sparsity_search.solver import fit_cost_model, measure_cost_model
+
+    g = torch.Generator().manual_seed(0)
+    dens = [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25]
+    clean = [0.2 + 10.0 * d for d in dens]
+    models = []
+    for _ in range(4):
+        noisy = [y * (1 + 0.01 * float(torch.randn((), generator=g))) for y in clean]
+        noisy[0] *= 1.5  # a burst in one round: the median ignores it
+        models.append(fit_cost_model(dens, noisy, "test"))
+    assert all(m.per_density_ms == pytest.approx(10.0, rel=0.03) for m in models)
+    assert max(m.per_density_ms for m in models) - min(m.per_density_ms for m in models) <= 0.2
+    monkeypatch.setenv("VDIT_AUTOTUNE_CACHE", str(tmp_path))
+    calls = []
+    timer = lambda fn: calls.append(1) or 1.0 + len(calls) * 1e-3  # noqa: E731
+    first = measure_cost_model(1, 256, 2, 16, 32, device="cpu", dtype=torch.float32, timer=timer)
+    n = len(calls)
+    again = measure_cost_model(1, 256, 2, 16, 32, device="cpu", dtype=torch.float32, timer=timer)
+    assert again == first and len(calls) == n == 15  # read back, not measured again
+    assert list(tmp_path.glob("cost-test-*.json"))
+    assert measurements.load(str(next(tmp_path.glob("cost-test-*.json"))))["ms"]

@@ -174,3 +174,24 @@ def test_search_cli_errors(tmp_path):
     assert res.exit_code == 2 and "no such file" in res.output
     res = CliRunner().invoke(app, ["search", "--budget", "0"])
     assert res.exit_code == 2 and "budget must be > 0" in res.output
+    res = CliRunner().invoke(app, ["search", "--min-psnr", "30", "--target-density", "0.3"])
+    assert res.exit_code == 2 and "leave out target_density" in res.output
+    res = CliRunner().invoke(app, ["search", "--attention-speedup", "0.5"])
+    assert res.exit_code == 2 and "attention_speedup must be >= 1" in res.output
+    res = CliRunner().invoke(app, ["search", "--validation-prompts", str(tmp_path / "none.txt")])
+    assert res.exit_code == 2 and "--validation-prompts" in res.output and "no such file" in res.output
+
+
+def test_same_model_prompts_and_seed_give_the_same_strategy(pipe):
+    """Stable: with a fixed cost model, two searches of the same inputs write the same strategy (and the
+    error budget bounds the run's mean error, warm-ups charged)."""
+    from vdit_accel.sparsity_search.solver import CostModel
+
+    cfg = SearchConfig(block_size=32, budget=0.1, sample_blocks=2)
+    cost = CostModel(0.5, 10.0, "fixed for the test")
+    runs = [search(pipe, ["a red circle moving left"], cfg, call_kwargs=CALL, progress=lambda m: None, cost_model=cost)
+            for _ in range(2)]
+    a, b = (dict(r.to_dict(), search={k: v for k, v in r.search.items() if k != "seconds"}) for r in runs)
+    assert a == b
+    assert runs[0].search["mean_error"] <= 0.1 + 1e-9 and runs[0].search["cost_model"]["source"] == "fixed for the test"
+    assert len(runs[0].search["error_per_step"]) == 3 and runs[0].search["profiled_steps"] == [0, 1, 2]

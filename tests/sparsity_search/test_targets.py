@@ -42,34 +42,34 @@ def _fake_measure(offset_validation=0.0, calls=None):
 def _tune(targets, measure, max_probes=12):
     p = _problem()
     return tune(lambda c, w, dense: solve(p, mean_cost=c, min_warmup=w, dense_layers=dense), measure, targets, N,
-                expected_speedup=lambda s: 1.0 / s.cost, on_gpu=False, max_probes=max_probes, progress=lambda m: None)
+                info=lambda s: (1.0 / s.cost, s.density), on_gpu=False, max_probes=max_probes, progress=lambda m: None)
 
 
 def test_min_psnr_finds_a_cheap_schedule_that_holds_and_records_every_probe():
     calls = []
     out = _tune(Targets(min_psnr=46.0), _fake_measure(calls=calls))
     assert out.holds and out.final.meets(46.0, "validation") and out.final.meets(46.0, "calibration")
-    assert out.schedule.cost < 0.7  # cheaper than dense by a margin
+    assert out.candidate.cost < 0.7  # cheaper than dense by a margin
     probes = [p.to_json() for p in out.probes]
     assert len(probes) == len(calls) <= 12 and all("psnr_db_min" in p and "effective_density" in p for p in probes)
     # No cheaper probe held on the calibration prompts at the chosen warm-up's ladder rung below it.
     held = [p for p in out.probes if p.holds and p.split == "calibration"]
-    assert min(p.schedule.cost for p in held) == pytest.approx(out.schedule.cost, rel=0.3)
+    assert min(p.candidate.cost for p in held) == pytest.approx(out.candidate.cost, rel=0.3)
 
 
 def test_validation_harder_than_calibration_climbs_the_ladder():
     easy = _tune(Targets(min_psnr=46.0), _fake_measure())
     margin = easy.final.summary("validation")["psnr_db_min"] - 46.0  # what the easy choice has to spare
     hard = _tune(Targets(min_psnr=46.0), _fake_measure(offset_validation=margin + 0.3))
-    assert hard.holds and hard.schedule.cost > easy.schedule.cost
+    assert hard.holds and hard.candidate.cost > easy.candidate.cost
     assert any(p.split == "validation" and not p.holds for p in hard.probes)
 
 
 def test_cannot_is_said_and_speed_targets_use_the_cost_model_on_a_cpu():
     out = _tune(Targets(min_psnr=49.9, attention_speedup=4.0), _fake_measure())
-    assert not out.holds and out.verdict.startswith("cannot") and out.schedule is not None
+    assert not out.holds and out.verdict.startswith("cannot") and out.candidate is not None
     fast = _tune(Targets(attention_speedup=2.0), _fake_measure())
-    assert fast.holds and 1.0 / fast.schedule.cost >= 2.0 - 1e-9 and len(fast.probes) == 1
+    assert fast.holds and 1.0 / fast.candidate.cost >= 2.0 - 1e-9 and len(fast.probes) == 1
     with pytest.raises(ValueError, match="give a target"):
         Targets()
 
