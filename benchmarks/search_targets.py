@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default=None)
     ap.add_argument("--ship", type=Path, help="write the searched strategy of the highest target that held here")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--suffix", default="", help="appended to the result file's name (one file per target: '-30db')")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec = trained.model_spec(args.model)
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = row_of("searched", target, st, v, m, st.search["accounting"], len(v["probes"]))
         row["seconds"] = round(time.perf_counter() - t0, 1)
         doc["rows"].append(row)
-        write_result(args.out_dir, "search-targets", tag, date, doc)
+        write_result(args.out_dir, "search-targets", tag, date, doc, args.suffix)
         if v["holds"]:
             shipped = (target, st, row)
         for family in args.families:
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             doc["rows"].append(row)
             print(markdown(doc))
-            write_result(args.out_dir, "search-targets", tag, date, doc)
-    path = write_result(args.out_dir, "search-targets", tag, date, doc)
+            write_result(args.out_dir, "search-targets", tag, date, doc, args.suffix)
+    path = write_result(args.out_dir, "search-targets", tag, date, doc, args.suffix)
     if args.ship and shipped is not None:
         target, st, row = shipped
         rows = [r for r in row["prompt_rows"] if r["split"] == "validation"]

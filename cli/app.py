@@ -315,8 +315,11 @@ def search(
             prompt_list = prompt_list or builtin_cal
             held_out = held_out or builtin_val
         if world > 1 and not torch.distributed.is_initialized():
+            import datetime
+
             backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-            torch.distributed.init_process_group(backend)
+            # (with targets rank 0 verifies end to end while the others wait for its strategy: a long wait)
+            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=3))
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         rank = torch.distributed.get_rank() if world > 1 else 0
