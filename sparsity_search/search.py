@@ -343,15 +343,12 @@ def _profile(pipe, prompts, config: SearchConfig, call_kwargs: dict, state_dir, 
 def _problem(stats, columns, density, grid, num_layers, num_heads, n_steps, config, cost_model, device) -> ScheduleProblem:
     """The profiled errors at every step (interpolated where not profiled) and each column's costs."""
     skip = [i for i, (p, _) in enumerate(columns) if p.kind == "skip"]
-    profiled = sorted({s for (_, s) in stats})
-    per_step = []
-    for s in profiled:
-        rows = []
-        for l in range(num_layers):
-            st = stats.get((l, s))
-            rows.append(st.error(skip) if st is not None and float(st.count) > 0
-                        else torch.zeros(num_heads, len(columns), dtype=torch.float64))
-        per_step.append(torch.stack(rows))
+    # A step counts as profiled where every layer was observed; the others are interpolated.
+    profiled = sorted(s for s in {s for (_, s) in stats}
+                      if all((l, s) in stats and float(stats[(l, s)].count) > 0 for l in range(num_layers)))
+    if not profiled:
+        raise RuntimeError("no step was profiled in every layer: check `steps` against num_inference_steps")
+    per_step = [torch.stack([stats[(l, s)].error(skip) for l in range(num_layers)]) for s in profiled]
     error = interpolate_steps(profiled, torch.stack(per_step), n_steps)  # [N, L, H, C]
     overhead = torch.tensor([order_overhead(o, grid.seq_len, device) for _, o in columns], dtype=torch.float64)
     equivalent = density + overhead  # dense-attention units

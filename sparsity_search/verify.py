@@ -166,17 +166,17 @@ class Verifier:
 
     def _warm_up(self, strategy=None) -> None:
         """One untimed step (kernels compiled, masks built), every step sparse."""
-        import vdit_accel
-        from vdit_accel import Strategy
+        from vdit_accel.pipelines import patch, unpatch
+        from vdit_accel.strategy import Strategy
 
         call = {**self.call, "num_inference_steps": 1, "output_type": "latent"}
         if strategy is not None:
-            vdit_accel.patch(self.pipe, Strategy.from_spec(strategy, dense_warmup_steps=0), block_size=self.block_size)
+            patch(self.pipe, Strategy.from_spec(strategy, dense_warmup_steps=0), block_size=self.block_size)
         try:
             self.pipe(prompt="warm-up", **call, generator=torch.Generator("cpu").manual_seed(0))
         finally:
             if strategy is not None:
-                vdit_accel.unpatch(self.pipe)
+                unpatch(self.pipe)
 
     def dense(self, job: Job) -> Run:
         key = (job.prompt, job.seed)
@@ -189,17 +189,17 @@ class Verifier:
 
     def measure(self, strategy, jobs: list[Job]) -> Measurement:
         """``strategy`` (a :class:`~vdit_accel.Strategy`) on ``jobs``, against their dense videos."""
-        import vdit_accel
+        from vdit_accel.pipelines import patch, unpatch
         from vdit_accel.video import psnr, ssim
 
         dense = [self.dense(j) for j in jobs]
         self._warm_up(strategy)
         out = Measurement(device="cuda" if self.cuda else "cpu")
-        vdit_accel.patch(self.pipe, strategy, block_size=self.block_size)
+        patch(self.pipe, strategy, block_size=self.block_size)
         try:
             runs = [self._run(j) for j in jobs]
         finally:
-            vdit_accel.unpatch(self.pipe)
+            unpatch(self.pipe)
         for job, d, r in zip(jobs, dense, runs):
             row = {"prompt": job.prompt, "seed": job.seed, "split": job.split,
                    "psnr_db": _psnr_for_json(psnr(r.video, d.video)), "ssim": round(ssim(r.video, d.video), 5)}
@@ -221,7 +221,7 @@ def caption_check_for(model: str | None) -> Callable | None:
 
     if model not in TRAINED_FAMILIES:
         return None
-    from vdit_accel import toyvideo
+    import vdit_accel.toyvideo as toyvideo
 
     def check(video: np.ndarray, prompt: str):
         try:

@@ -118,7 +118,7 @@ def test_search_beats_uniform_at_equal_density(pipe, tmp_path):
     uniform = Strategy.uniform("window3d:t=1,h=1,w=1")
     ref, _ = _generate(pipe, None, **size)
     uni, d_uni = _generate(pipe, uniform, **size)
-    cfg = SearchConfig(block_size=32, steps=[0, 1, 2], target_density=d_uni, dense_warmup_steps=0)
+    cfg = SearchConfig(block_size=32, steps=[0, 1, 2], target_density=d_uni, dense_warmup_steps=0, orders=("raster",))
     found = search(pipe, ["a red circle moving left", "a blue square bouncing"], cfg, call_kwargs={**CALL, **size},
                    progress=lambda m: None)
     path = tmp_path / "searched.json"
