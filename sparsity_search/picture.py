@@ -25,6 +25,7 @@ KIND_COLOURS = {  # RGB
     "frame_periodic": (40, 160, 60), "stripes": (220, 180, 0), "union": (140, 60, 190), "radial": (240, 120, 20),
     "sta": (210, 40, 50), "dynamic": (230, 80, 170),
 }
+_SCALE = (70, 70, 160)  # the shade legend's colour (no kind's)
 ORDER_MARK = {"tiled": "T", "semantic": "S", "segment": "G"}
 QUANT_MARK = {"fp8": "8", "int8": "i", "int4": "4"}
 _FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
@@ -121,7 +122,7 @@ def _legend(img, kinds: list[str], y: int, width: int) -> None:
         x += 30 + 8 * (len(kind) + (14 if kind == "dynamic" else 0))
     y += 24
     for i, d in enumerate((0.1, 0.5, 1.0)):
-        cv2.rectangle(img, (10 + i * 22, y), (10 + i * 22 + 18, y + 14), _shade(KIND_COLOURS["window3d"], d), -1)
+        cv2.rectangle(img, (10 + i * 22, y), (10 + i * 22 + 18, y + 14), _shade(_SCALE, d), -1)
     _text(img, "shade: block density 0.1 / 0.5 / 1.   Letters: 8 fp8, i int8, 4 int4 (top right); T tiled, "
                "S semantic, G segment order (bottom left).", 82, y + 12, 0.34)
     _text(img, "w12: the layer runs dense for its first 12 steps; dense: throughout; hatched: its warm-up covers "

@@ -111,6 +111,9 @@ def test_search_with_progress_bars(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["format"] == "vdit-accel-strategy"
     assert "prompts" in res.stderr and "2/2" in res.stderr and "prompt 2/2 profiled" in res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["picture"] == str(out.with_suffix(".png")) and out.with_suffix(".png").is_file()
+    assert 0 < summary["effective_density"] <= 1 and "effective density" in summary["summary"]
 
 
 def test_search_old_steps_option_warns(tmp_path):
