@@ -32,9 +32,7 @@ stdout. GPU or CPU.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_files import RESULTS, run_header, write_result  # noqa: E402
 
 
 def contact_sheet(videos: list[np.ndarray], path: Path, thumb: int = 128, labels: list[str] | None = None,
@@ -107,27 +106,6 @@ def generate(pipe, jobs: list[tuple[str, int]], size: dict, steps: int, guidance
                    **size).frames
         videos += [(np.clip(np.asarray(v), 0, 1) * 255 + 0.5).astype(np.uint8) for v in out]
     return videos
-
-
-def run_header(script: str, argv: list[str] | None, device: str) -> tuple[str, datetime.date, dict]:
-    """``(file tag of the device, today, the result document's head: gpu, date, command, versions)`` of a
-    run of ``benchmarks/<script>``."""
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    tag = "cpu" if device == "cpu" else gpu.lower().replace(" ", "-")
-    date = datetime.date.today()
-    doc = {"gpu": gpu, "date": date.isoformat(),
-           "command": "python " + " ".join([f"benchmarks/{script}"] + (sys.argv[1:] if argv is None else list(argv))),
-           "versions": {"torch": torch.__version__, "python": platform.python_version()}}
-    return tag, date, doc
-
-
-def write_result(out_dir: Path, what: str, tag: str, date: datetime.date, doc: dict) -> Path:
-    """``doc`` as ``<out_dir>/<what>-<tag>-<yyyymmdd>.json`` (the results/ naming); prints and returns the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{what}-{tag}-{date.strftime('%Y%m%d')}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print("wrote", path)
-    return path
 
 
 _TRUTH: dict = {}  # (caption, frames, height, width) -> the checker on the ground-truth clip

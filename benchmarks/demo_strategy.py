@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_trained import run_header, write_result  # noqa: E402
+from result_files import RESULTS, run_header, write_result  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEMO_PROMPT = "a red circle moving left on a blue background"
 
 

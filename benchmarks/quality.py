@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_trained import run_check, run_header, write_result  # noqa: E402
+from check_trained import run_check  # noqa: E402
+from result_files import run_header, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("dense", "ours-dense", "window3d-0.50", "window3d-0.25", "window3d-0.10", "fp8", "int8", "int4", "semantic",

@@ -8,9 +8,9 @@ processors, the scheduler, the VAE decode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
+
+from .defaults import TinyDefaults, cast_pipeline
 
 TINY_FAMILIES = (
     "wan", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video_1_5", "cogvideox", "cogvideox_1_5", "ltx", "mochi",
@@ -18,22 +18,6 @@ TINY_FAMILIES = (
 # Pipelines with trained weights shipped in the package (pipelines/trained.py), also built by
 # build_tiny_pipeline; apart from TINY_FAMILIES because they need their weight files.
 TRAINED_FAMILIES = ("wan-trained", "wan-rich")
-
-
-@dataclass(frozen=True)
-class TinyDefaults:
-    """The default generation size of a tiny pipeline (its token grid is printed in the report).
-
-    ``call_kwargs``: extra pipeline-call arguments a tiny pipeline needs (e.g. HunyuanVideo's prompt
-    template, sized for its byte-level tokenizer).
-    """
-
-    height: int
-    width: int
-    frames: int
-    steps: int
-    max_sequence_length: int
-    call_kwargs: dict = field(default_factory=dict)
 
 
 # 17 frames at 192x192: a (5, 12, 12) token grid, 720 video tokens, 6 blocks of 128.
@@ -262,24 +246,6 @@ def build_tiny_pipeline(family: str = "wan", seed: int = 0, dtype: torch.dtype =
         if isinstance(m, torch.nn.Module):
             m.eval().requires_grad_(False)
     return cast_pipeline(pipe, dtype)
-
-
-def cast_pipeline(pipe, dtype: torch.dtype):
-    """``pipe`` in ``dtype`` the way ``from_pretrained(torch_dtype=dtype)`` leaves a diffusers model: the
-    parameters and buffers under each model's ``_keep_in_fp32_modules`` stay float32 (Wan: the rotary
-    tables, the time embedder, the norms and scale-shift tables). A plain ``pipe.to(dtype)`` rounds the
-    rotary tables too, and our fused Q/K prologue then leaves them to the processor's own (slower) path."""
-    if dtype == torch.float32:
-        return pipe
-    for m in pipe.components.values():
-        if not isinstance(m, torch.nn.Module):
-            continue
-        torch.nn.Module.to(m, dtype=dtype)  # not diffusers' override: it warns of what is undone below
-        keep = getattr(m, "_keep_in_fp32_modules", None) or ()
-        for name, t in [*m.named_parameters(), *m.named_buffers()]:
-            if t.is_floating_point() and any(k in name.split(".") for k in keep):
-                t.data = t.data.float()
-    return pipe
 
 
 # Tiny families that are a version of another family's architecture (same adapter).

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import TinyDefaults, cast_pipeline
+from .defaults import TinyDefaults, cast_pipeline
 
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
 COMPONENTS = ("transformer", "vae", "text_encoder")

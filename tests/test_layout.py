@@ -17,8 +17,6 @@ REPO = Path(__file__).resolve().parent.parent
 FOLDERS = {"vdit_accel": "vdit_accel", "kernels": "vdit_accel.kernels", "pipelines": "vdit_accel.pipelines",
            "sparsity_search": "vdit_accel.sparsity_search", "cli": "vdit_accel.cli"}
 LAYERS = ["vdit_accel.kernels", "vdit_accel", "vdit_accel.pipelines", "vdit_accel.sparsity_search", "vdit_accel.cli"]
-# Cycles owned elsewhere: the trained toy model's loader and the tiny pipelines (issue 18 relocates them).
-KNOWN_CYCLES = [{"vdit_accel.pipelines.tiny", "vdit_accel.pipelines.trained"}]
 
 
 def _modules() -> dict[str, Path]:
@@ -121,7 +119,7 @@ def _layer(module: str) -> int:
 
 def test_no_import_cycles():
     _, graph = _graph()
-    cycles = [c for c in _cycles(graph) if c not in KNOWN_CYCLES]
+    cycles = _cycles(graph)
     assert not cycles, f"import cycles: {cycles}"
 
 

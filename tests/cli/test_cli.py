@@ -72,11 +72,14 @@ def test_generate_with_a_token_order(tmp_path):
 
 
 def test_generate_large_is_the_trained_models_large_size(tmp_path, monkeypatch):
-    """--large takes frames, height and width from trained.LARGE_SIZE (made small here for speed);
-    explicit sizes still win."""
+    """--large takes frames, height and width from the trained model's ``large`` size (made small here for
+    speed); explicit sizes still win."""
+    import dataclasses
+
     from vdit_accel.pipelines import trained
 
-    monkeypatch.setattr(trained, "LARGE_SIZE", dict(num_frames=5, height=48, width=80))
+    small = dataclasses.replace(trained.WAN_TRAINED, large=dict(num_frames=5, height=48, width=80))
+    monkeypatch.setitem(trained.MODELS, "wan-trained", small)
     out = tmp_path / "clip.mp4"
     res = runner.invoke(app, ["generate", "--large", "--height", "64", "--steps", "1", "--strategy", "window3d:t=1,h=1,w=1",
                               "--no-compare", "--out", str(out)])

@@ -47,7 +47,7 @@ def _one_line_error(res, match):
         (["--device", "tpu"], "--device must be cuda"),
         (["--order", "spiral"], "unknown order kind"),
         (["--order", "semantic", "--strategy", "window3d:t=1,h=1,w=1"], "must be 'dense'"),
-        (["--large", "--model", "wan"], "--large is the size of the built-in 'wan-trained'"),
+        (["--large", "--model", "wan"], "--large is a size of the built-in trained models"),
         (["--model", "/nonexistent"], "--model '/nonexistent': no such folder"),
         (["--model", "not a/model/id"], "no such folder, and not a built-in model"),
     ],
