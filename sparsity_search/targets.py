@@ -12,7 +12,8 @@ people judge is the final video after the whole trajectory, so the cap is tuned 
    on a ladder of eighths of the run up to half, each only below the cheapest ``c`` found so far (a
    longer warm-up can buy more quality per cost than denser patterns: errors of early steps compound);
 3. then the held-out **validation** prompts: if they miss the target, ``c`` is bisected again over the
-   rungs above (calibration and validation prompts together); 3 of ``max_probes`` are kept for this;
+   rungs above (calibration and validation prompts together), at the chosen warm-up, then at longer ones
+   below the cheapest found; 3 of ``max_probes`` are kept for this;
 4. and if nothing under the cap (``1 / attention_speedup``) holds: **the most sensitive layers dense**
    (by their share of the solution's proxy error), one, then two.
 
@@ -155,10 +156,16 @@ def tune_ladder(probe: Prober, rungs_at: Callable, above: Callable, warmups: lis
         if p.holds:
             return Outcome(p.candidate, True, f"holds on the validation prompts at {_rung(best)}, warm-up >= "
                                               f"{best.min_warmup}", final=best.measurement + p.measurement)
-        p = cheapest_holding(above(best), lambda r: probe(r, best.min_warmup, (), "all"), left)
-        if p is not None:
-            return Outcome(p.candidate, True, f"holds on the validation prompts at {_rung(p)}, warm-up >= "
-                                              f"{best.min_warmup}", final=p.measurement)
+        # Up from the calibration's choice: at its warm-up first, then at longer ones (they tend to carry
+        # to other prompts better), each only below the cheapest found so far.
+        found = None
+        for w in [best.min_warmup] + [w for w in warmups if w > best.min_warmup]:
+            rungs = [r for r in above(best) if r in rungs_at(w, found)]
+            p = cheapest_holding(rungs, lambda r: probe(r, w, (), "all"), left)
+            found = p or found
+        if found is not None:
+            return Outcome(found.candidate, True, f"holds on the validation prompts at {_rung(found)}, warm-up >= "
+                                                  f"{found.min_warmup}", final=found.measurement)
     elif fallback is not None and len(probe.probes) > start:  # 4. the most sensitive layers dense
         for rung, dense in fallback(probe.probes[-1]):
             if not left():

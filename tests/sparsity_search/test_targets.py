@@ -24,7 +24,7 @@ def _problem():
     return ScheduleProblem(err, density, density, 1.0)
 
 
-def _fake_measure(offset_validation=0.0, calls=None):
+def _fake_measure(offset_validation=0.0, calls=None, short_warmup_penalty=0.0):
     """PSNR as a function of the schedule's proxy error and warm-up (early errors hurt more): a stand-in
     for generating videos, with the validation prompts ``offset_validation`` dB harder."""
     def measure(sched, split):
@@ -33,7 +33,8 @@ def _fake_measure(offset_validation=0.0, calls=None):
         psnr = 50.0 - 60.0 * sched.error - 8.0 * early
         rows = []
         for s in (["calibration", "validation"] if split == "all" else [split]):
-            p = psnr - (offset_validation if s == "validation" else 0.0)
+            p = psnr - (offset_validation + (short_warmup_penalty if min(sched.warmup) < 4 else 0.0)
+                        if s == "validation" else 0.0)
             rows += [{"prompt": f"{s} {i}", "seed": i, "split": s, "psnr_db": p - i * 0.1, "ssim": 0.99} for i in range(2)]
         return Measurement(rows, 1.0, sched.cost, 2.0, 1.0 + sched.cost, "cpu")
     return measure
@@ -63,6 +64,13 @@ def test_validation_harder_than_calibration_climbs_the_ladder():
     hard = _tune(Targets(min_psnr=46.0), _fake_measure(offset_validation=margin + 0.3))
     assert hard.holds and hard.candidate.cost > easy.candidate.cost
     assert any(p.split == "validation" and not p.holds for p in hard.probes)
+
+
+def test_validation_that_needs_a_longer_warmup_gets_one():
+    """Held-out prompts that only hold with a longer dense warm-up than the calibration prompts needed: the
+    climb tries longer warm-ups and finds one (cheaper than going dense)."""
+    out = _tune(Targets(min_psnr=46.0), _fake_measure(short_warmup_penalty=20.0), max_probes=16)
+    assert out.holds and min(out.candidate.warmup) >= 4 and out.candidate.cost < 1.0
 
 
 def test_cannot_is_said_and_speed_targets_use_the_cost_model_on_a_cpu():
