@@ -1,5 +1,5 @@
-"""Attention forward on the GPU: our Triton kernel (dense, block-sparse) against cuDNN, SDPA flash and
-FlexAttention, on the shapes of shared/BENCHMARKS.md, with errors against a reference.
+"""Attention forward on the GPU: our kernels (dense, block-sparse) against cuDNN, SDPA flash, FlexAttention,
+FlashAttention-4 and SageAttention 1.0.6, on the shapes of shared/BENCHMARKS.md, with errors against a reference.
 
     python benchmarks/attention.py                       # all shapes, densities 0.5 0.25 0.1
     python benchmarks/attention.py --quick               # one shape, short timing: a smoke run
@@ -10,6 +10,14 @@ median), dense-equivalent TFLOP/s = 4*B*H*S^2*D / time. Sparse rows use one loca
 128x128 blocks per density, the same for flex-sparse and ours-sparse. rel_err = ||out - ref|| / ||ref||
 on ~256 sampled query rows (all batches and heads, the last row always included) against a float64
 reference over all keys with the block mask applied.
+
+``ours-*`` rows run what the launcher picks (``VDIT_ATTENTION_BACKEND``: with ``auto``, as
+benchmarks/gpu_hopper.sh sets it, the Gluon Hopper kernel on sm_90, else Triton; the row's ``backend`` says
+which); ``ours-triton-dense`` / ``ours-triton-sparse`` force the Triton kernel in the same
+run. ``fa4-dense`` / ``fa4-sparse``: flash-attn-4 (CuTe DSL), sparse with our block lists as its full blocks
+(``BlockSparseTensorsTorch``); ``sage1``: SageAttention 1.0.6 (INT8 Q·K, fp16 P·V), on its own copy of K (it
+smooths K in place). A peer that is not installed gives a row with ``skipped`` and the reason
+(benchmarks/gpu_peers.sh brings both to the GPU machine).
 
 Needs only torch and triton (no diffusers). Runs from a plain checkout: if vdit_accel is not
 installed, the repository's folders are mapped to their package names here.
@@ -39,8 +47,8 @@ SHAPES = {  # name: (B, H, S, D)
     "wan1.3b-81f-480p": (1, 12, 32760, 128),
     "hunyuan-129f-720p": (1, 24, 119040, 128),
 }
-DENSE_IMPLS = ("cudnn", "sdpa-flash", "flex-dense", "ours-dense")
-SPARSE_IMPLS = ("flex-sparse", "ours-sparse")
+DENSE_IMPLS = ("cudnn", "sdpa-flash", "flex-dense", "fa4-dense", "ours-dense", "ours-triton-dense")
+SPARSE_IMPLS = ("flex-sparse", "fa4-sparse", "ours-sparse", "ours-triton-sparse")
 QUANT_MODES = ("fp8", "int8", "int4")
 # Quantized: ours-<mode> (dense), ours-sparse-<mode>, quantize-<mode> (the quantizers alone: part of
 # ours-<mode>'s time), sage1 (SageAttention 1.0.6, Triton, INT8 Q·K + fp16 P·V; pip sageattention==1.0.6).
@@ -208,6 +216,11 @@ def make_impl(name: str, q, k, v, mask, flex_mask, scale: float, ours_config=Non
         compiled = torch.compile(flex_attention, dynamic=False)
         block_mask = flex_mask if name == "flex-sparse" else None
         return lambda: compiled(qt, kt, vt, block_mask=block_mask, scale=scale).transpose(1, 2)
+    if name in ("fa4-dense", "fa4-sparse"):
+        return _fa4_impl(q, k, v, mask if name == "fa4-sparse" else None, scale)
+    if name.startswith("ours-triton-"):  # the portable kernel, forced, in the same run
+        inner = make_impl(name.replace("ours-triton-", "ours-"), q, k, v, mask, flex_mask, scale, ours_config)
+        return _with_backend(inner, "triton")
     quant = next((m for m in QUANT_MODES if name.endswith("-" + m)), None)
     if name in ("ours-dense", f"ours-{quant}"):
         return lambda: attention_fwd(q, k, v, scale=scale, config=ours_config, quant=quant)
@@ -223,10 +236,63 @@ def make_impl(name: str, q, k, v, mask, flex_mask, scale: float, ours_config=Non
         cfg = ours_config or default_config(q.shape[-1], q.device, q.dtype, quant)
         return lambda: (quantize_qkv(q, k, v, quant, cfg["BLOCK_M"], cfg["BLOCK_N"], scale * 1.4426950408889634), q)[1]
     if name == "sage1":
-        from sageattention import sageattn
+        try:
+            from sageattention import sageattn
+        except ImportError as exc:
+            raise PeerMissing(f"sageattention 1.0.6 is not installed ({exc}): benchmarks/gpu_peers.sh") from None
+        k_own = k.clone()  # sageattn subtracts K's mean from K in place
 
-        return lambda: sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)
+        return lambda: sageattn(q, k_own, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)
     raise ValueError(f"unknown impl {name!r}")
+
+
+class PeerMissing(RuntimeError):
+    """A peer that cannot run here (not installed, unsupported): its row says why and the run goes on."""
+
+
+def _with_backend(fn, backend: str):
+    """``fn`` with ``VDIT_ATTENTION_BACKEND`` set for the call (the launcher reads it per launch)."""
+    import os
+
+    def call():
+        old = os.environ.get("VDIT_ATTENTION_BACKEND")
+        os.environ["VDIT_ATTENTION_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["VDIT_ATTENTION_BACKEND"]
+            else:
+                os.environ["VDIT_ATTENTION_BACKEND"] = old
+
+    return call
+
+
+def _fa4_impl(q, k, v, mask, scale):
+    """FlashAttention-4 (flash_attn.cute) on (B, S, H, D); with ``mask``: its block lists as FA4's full blocks
+    (no partially masked blocks), batch expanded to B, 128 x 128 blocks."""
+    try:
+        from flash_attn.cute.interface import flash_attn_func
+    except ImportError as exc:
+        raise PeerMissing(f"flash-attn-4 is not installed ({exc}): benchmarks/gpu_peers.sh") from None
+    kwargs = {}
+    if mask is not None:
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+        if (mask.block_m, mask.block_n) != (128, 128):
+            raise PeerMissing(f"FA4's block sparsity here takes 128 x 128 blocks, the mask has {mask.block_m} x {mask.block_n}")
+        b = q.shape[0]
+        num = mask.kv_num_blocks.expand(b, -1, -1).contiguous()
+        idx = mask.kv_indices.expand(b, -1, -1, -1).contiguous()
+        kwargs["block_sparse_tensors"] = BlockSparseTensorsTorch(
+            mask_block_cnt=torch.zeros_like(num), mask_block_idx=torch.zeros_like(idx), full_block_cnt=num,
+            full_block_idx=idx, block_size=(128, 128))
+
+    def fn():
+        res = flash_attn_func(q, k, v, softmax_scale=scale, causal=False, **kwargs)
+        return res[0] if isinstance(res, tuple) else res
+
+    return fn
 
 
 def bench(fn, quick: bool) -> float:
@@ -308,7 +374,7 @@ def run_quant_checks(device) -> list[dict]:
                 if mode == "sage1":
                     from sageattention import sageattn
 
-                    out = sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+                    out = sageattn(q, k.clone(), v, tensor_layout="NHD", is_causal=False)  # it smooths K in place
                 else:
                     out = attention_fwd(q, k, v, quant=mode)
                 err = ((out.double() - exact).norm() / exact.norm()).item()
@@ -329,6 +395,49 @@ def run_quant_checks(device) -> list[dict]:
             checks.append(row)
             print(f"check {name}: {row}", flush=True)
     free_memory()
+    return checks
+
+
+def run_quant_families(device, b=1, s=4099, h=4, d=128) -> list[dict]:
+    """The quantized modes against SageAttention 1.0.6 in one run, on the four input families of
+    vdit_accel.quant.accuracy_inputs (bf16, all rows, float64 reference): rel_err and its ratio to sage1's
+    (the issue-22 target: <= 1.25), and the CPU simulation's error of the same recipe on the same inputs."""
+    from vdit_accel.kernels.attention_configs import gpu_tiles
+    from vdit_accel.quant import ACCURACY_FAMILIES, accuracy_inputs, reference_quant_attention
+
+    checks = []
+    for family in ACCURACY_FAMILIES:
+        q, k, v = accuracy_inputs(family, b, s, h, d, seed=0, device=device)
+        exact = reference_attention(q.double(), k.double(), v.double())
+        errs = {}
+        for mode in (None,) + QUANT_MODES + ("sage1",):
+            name = mode or "bf16"
+            row = dict(check=f"family-{family}-{name}", family=family, impl=name)
+            try:
+                if mode == "sage1":
+                    from sageattention import sageattn
+
+                    out = sageattn(q, k.clone(), v, tensor_layout="NHD", is_causal=False)
+                else:
+                    out = attention_fwd(q, k, v, quant=mode)
+                errs[name] = row["rel_err"] = ((out.double() - exact).norm() / exact.norm()).item()
+                if mode in QUANT_MODES:
+                    bm, bn = gpu_tiles(d, mode)
+                    sim = reference_quant_attention(q.cpu(), k.cpu(), v.cpu(), mode, block_m=bm, block_n=bn)
+                    row["sim_rel_err"] = ((sim.double() - exact.cpu()).norm() / exact.cpu().norm()).item()
+                row["ok"] = True
+            except ImportError as exc:
+                row.update(ok=True, skipped=f"{exc}")
+            except Exception as exc:
+                row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+                traceback.print_exc()
+            checks.append(row)
+        for row in checks[-len(QUANT_MODES) - 2:]:
+            if "rel_err" in row and "sage1" in errs:
+                row["vs_sage1"] = row["rel_err"] / errs["sage1"]
+            print(f"check {row['check']}: {row}", flush=True)
+        del q, k, v, exact
+        free_memory()
     return checks
 
 
@@ -369,6 +478,8 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
             fn = make_impl(impl, q, k, v, mask, flex_mask, scale, ours_config)
             if ours_config is not None and impl.startswith("ours"):
                 row["config"] = ours_config
+            if impl.startswith("ours-"):
+                row["backend"] = _ours_backend(impl, q, k, v, mask, ours_config)
             t0 = time.perf_counter()
             out = fn()  # compiles
             torch.cuda.synchronize()
@@ -380,6 +491,8 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
             row["ms"] = ms
             if not impl.startswith("quantize-"):
                 row["tflops"] = flops / (ms * 1e-3) / 1e12
+        except PeerMissing as exc:
+            row["skipped"] = str(exc)[:500]
         except Exception as exc:  # a failing peer records an error row and the run goes on
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             traceback.print_exc()
@@ -390,6 +503,20 @@ def run_shape(name, shape, densities, impls, quick, sample_n, device, ours_confi
     torch._dynamo.reset()
     free_memory()
     return rows_out
+
+
+def _ours_backend(impl, q, k, v, mask, ours_config) -> str:
+    """The back end an ``ours-*`` row runs (launcher's choice, or triton where forced / quantized)."""
+    from vdit_accel.kernels.attention_fwd import backend_for
+
+    if impl.startswith("ours-triton-"):
+        return "triton"
+    quant = next((m for m in QUANT_MODES if impl.endswith("-" + m)), None)
+    args = (mask.kv_num_blocks, mask.block_m, mask.block_n) if mask is not None and "sparse" in impl else (None,)
+    try:
+        return backend_for(q, k, v, *args, quant=quant, config=ours_config)
+    except ValueError as exc:
+        return f"error: {exc}"
 
 
 def run_sweep(name, shape, quick, device, quant=None) -> list[dict]:
@@ -430,7 +557,7 @@ def _fmt(x, spec):
 
 
 def _fmt_row(row) -> str:
-    err = f" ERROR {row['error']}" if "error" in row else ""
+    err = f" ERROR {row['error']}" if "error" in row else (f" skipped: {row['skipped']}" if "skipped" in row else "")
     return (f"| {row['shape']} | {row['impl']} | {row.get('mask', '—')} | {row['density']:.3f} | {_fmt(row['ms'], '.2f')} | "
             f"{_fmt(row['tflops'], '.0f')} | {_fmt(row['rel_err'], '.2e')} |{err}")
 
@@ -455,6 +582,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="time ours-dense over the kernel's autotune candidates (rel_err vs cuDNN) instead")
     p.add_argument("--sweep-quant", choices=QUANT_MODES, default=None, help="with --sweep: sweep ours-<mode> instead")
     p.add_argument("--quant-checks", action="store_true", help="also run the quantized modes' accuracy checks")
+    p.add_argument("--quant-families", action="store_true",
+                   help="also the quantized modes vs SageAttention 1.0.6 on the four input families (issue 22)")
     p.add_argument("--quick", action="store_true", help="one shape, short timing (warmup 5 ms, rep 20 ms)")
     p.add_argument("--sample-rows", type=int, default=256, help="query rows checked against the reference")
     p.add_argument("--no-checks", action="store_true", help="skip the small full-reference bf16 checks")
@@ -511,6 +640,9 @@ def main(argv=None):
         write()
     if args.quant_checks:
         checks += run_quant_checks(device)
+        write()
+    if args.quant_families:
+        checks += run_quant_families(device)
         write()
     rows = result["rows"]
     for name in shapes:

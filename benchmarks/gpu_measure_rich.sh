@@ -2,9 +2,12 @@
 # One device-machine command that measures the wan-rich testbed (carry .whl): the caption check at its native
 # size with three seed sets and at half the tokens (benchmarks/check_trained.py), then the attention structure,
 # the self-attention share of a dense step and the per-call oracle (benchmarks/attention_structure.py).
-# Usage: bash benchmarks/gpu_measure_rich.sh [WEIGHTS_DIR]   (default: the committed pipelines/weights/wan-rich,
-# or /tmp/ckpt-wan-rich when a training command just left it on this warm machine). Results land in $OUT
-# (four files: check-rich-*.json/.png, attention-structure-wan-rich-*.json/.png).
+# Usage: [PARTS="check structure quality"] bash benchmarks/gpu_measure_rich.sh [WEIGHTS_DIR]
+# (default weights: /tmp/ckpt-wan-rich when a training command just left it on this warm machine, else the
+# committed pipelines/weights/wan-rich; default PARTS: check structure). Results land in $OUT: check-rich-*.json/.png,
+# attention-structure-wan-rich-*.json/.png, and with quality the quality table (benchmarks/quality.py at the
+# native size, quality-*.json; QUALITY_ARGS passes more arguments, e.g. "--only oracle-0.25,oracle-0.25+warmup
+# --name quality-oracle" to split the table over commands of at most 10 minutes).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -18,9 +21,15 @@ if [ -z "$weights" ]; then
 fi
 echo "weights: $weights"
 out=$(realpath "$OUT")
+parts=${PARTS:-check structure}
 cd /tmp  # not the checkout: its vdit_accel/ would shadow the installed package
+case " $parts " in *" check "*)
 python3 "$repo/benchmarks/check_trained.py" --model wan-rich --weights "$weights" --size default half \
-  --seed-base 1000 2000 3000 --out-dir "$out" 2>&1 | grep -v "^  \(ok \|BAD\)\|Warning\|rms_norm"
+  --seed-base 1000 2000 3000 --out-dir "$out" 2>&1 | grep -v "^  \(ok \|BAD\)\|Warning\|rms_norm";; esac
+case " $parts " in *" structure "*)
 python3 "$repo/benchmarks/attention_structure.py" --model wan-rich --weights "$weights" --share --oracle \
-  --out-dir "$out" 2>&1 | grep -v " layer [0-9]: \|Warning\|rms_norm"
+  --out-dir "$out" 2>&1 | grep -v " layer [0-9]: \|Warning\|rms_norm";; esac
+case " $parts " in *" quality "*)
+python3 "$repo/benchmarks/quality.py" --model wan-rich --weights "$weights" --out-dir "$out" ${QUALITY_ARGS:-} 2>&1 \
+  | grep -v "Warning\|rms_norm";; esac
 ls -la "$out"

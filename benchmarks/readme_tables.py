@@ -135,21 +135,30 @@ def quality_table(results: Path = RESULTS) -> str:
 
 def _quality(path: Path, doc: dict) -> str:
     size = doc["size"]
-    lines = [f"{doc['gpu']}, {doc['date']}, `{path.name}`: `wan-trained`, {size['num_frames']}x{size['height']}x"
-             f"{size['width']} ({doc['tokens']} video tokens), {doc['steps']} steps, guidance {doc['guidance_scale']}, "
-             f"{doc['dtype']}, {doc['prompts']} check captions; PSNR / SSIM against the dense generation of the same "
-             "prompt and seed; agreement = the caption check on the accelerated videos.", "",
-             "| row | strategy | block density | PSNR dB (min) | SSIM | check agreement |", "|---|---|---|---|---|---|"]
+    timed = any("attn_speedup" in r for r in doc["rows"])
+    lines = [f"{doc['gpu']}, {doc['date']}, `{path.name}`: `{doc.get('model', 'wan-trained')}`, {size['num_frames']}x"
+             f"{size['height']}x{size['width']} ({doc['tokens']} video tokens), {doc['steps']} steps, guidance "
+             f"{doc['guidance_scale']}, {doc['dtype']}, {doc['prompts']} check captions; PSNR / SSIM against the dense "
+             "generation of the same prompt and seed; agreement = the caption check on the row's videos"
+             + ("; attention / generation = dense's time over the row's, in the same run." if timed else "."), "",
+             "| row | strategy | block density (run) | PSNR dB (min) | SSIM | check agreement |"
+             + (" attention | generation |" if timed else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if timed else "")]
     for r in doc["rows"]:
         if "error" in r:
-            lines.append(f"| {r['impl']} | error: {r['error']} | | | | |")
-        elif r["impl"] == "dense":
-            lines.append(f"| dense | diffusers' attention | 1.000 | — | — | {r['agreement']:.2f} |")
-        else:
-            strat = r["strategy"] + (f", {r['quant']}" if r.get("quant") else "")
-            strat += f", order {r['order']}" if r.get("order") else ""
-            lines.append(f"| {r['impl']} | {strat} | {r['density']:.3f} | {r['psnr_db']:.1f} ({r['psnr_db_min']:.1f}) | "
-                         f"{r['ssim']:.3f} | {r['agreement']:.2f} |")
+            lines.append(f"| {r['impl']} | error: {r['error']} | | | | |" + (" | |" if timed else ""))
+            continue
+        strat = r.get("strategy") or "diffusers' attention"
+        strat += f", {r['quant']}" if r.get("quant") else ""
+        strat += f", order {r['order']}" if r.get("order") else ""
+        strat += f", {r['warmup_steps']} steps dense" if r.get("warmup_steps") else ""
+        dens = f"{r['density']:.3f}" + (f" ({r['effective_density']:.3f})" if "effective_density" in r else "")
+        quality = (f"{r['psnr_db']:.1f} ({r['psnr_db_min']:.1f}) | {r['ssim']:.3f}" if "psnr_db" in r else "— | —")
+        speed = ""
+        if timed:
+            speed = (f" {r['attn_speedup']:.2f}× | {r['gen_speedup']:.2f}× |" if "attn_speedup" in r
+                     else " 1.00× | 1.00× |" if r["impl"] == "dense" else " — | — |")
+        lines.append(f"| {r['impl']} | {strat} | {dens} | {quality} | {r['agreement']:.2f} |{speed}")
     return "\n".join(lines) + "\n"
 
 

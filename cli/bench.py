@@ -200,17 +200,28 @@ def call_grid(model, inputs, shape: str):
     return VideoGrid(grid.t, grid.h, grid.w, valid, grid.text_at if valid else "none")
 
 
-def window_near(grid, target: float = TARGET_DENSITY, block_size: int = 128, device=None) -> str:
-    """The uniform ``window3d`` (short form) whose block density on ``grid`` is nearest ``target``."""
-    from vdit_accel.patterns import build_block_mask_for_pattern
+_LADDER_DENSITY: dict = {}  # (grid, block_size, order) -> [((t, h, w), density)]: one build per ladder
 
-    best, best_gap = None, None
-    for t in _WINDOW_T:
-        for h, w in _WINDOW_HW:
-            p = {"kind": "window3d", "t": t, "h": h, "w": w}
-            gap = abs(build_block_mask_for_pattern(p, grid, block_size, block_size, device).float().mean().item() - target)
-            if best_gap is None or gap < best_gap:
-                best, best_gap = (t, h, w), gap
+
+def window_near(grid, target: float = TARGET_DENSITY, block_size: int = 128, device=None, order: str | None = None) -> str:
+    """The uniform ``window3d`` (short form) whose block density on ``grid`` is nearest ``target``, its
+    blocks counted in ``order`` (``None``: raster; ``"tiled"``: the tiled order's blocks)."""
+    from vdit_accel.orders.spec import parse_order
+    from vdit_accel.orders.static import block_mask_for_order, static_order
+    from vdit_accel.patterns import Window3d, build_block_mask_for_pattern
+
+    key = (grid, block_size, order)
+    if key not in _LADDER_DENSITY:
+        perm = None if order is None else static_order(parse_order(order), grid, block_size, device)
+        ladder = []
+        for t in _WINDOW_T:
+            for h, w in _WINDOW_HW:
+                p = Window3d(t=t, h=h, w=w)
+                mask = (build_block_mask_for_pattern(p, grid, block_size, block_size, device) if perm is None
+                        else block_mask_for_order(p, grid, perm, block_size, block_size))
+                ladder.append(((t, h, w), mask.float().mean().item()))
+        _LADDER_DENSITY[key] = ladder
+    best = min(_LADDER_DENSITY[key], key=lambda e: abs(e[1] - target))[0]
     return f"window3d:t={best[0]},h={best[1]},w={best[2]}"
 
 

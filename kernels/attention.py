@@ -35,6 +35,10 @@ LOG2_FP8_MAX: tl.constexpr = tl.constexpr(8.807354922057604)  # log2(448): e4m3'
 #                   default; fp16/bf16 dots are exact products with fp32 accumulation anyway)
 #   qk_scale        softmax scale * log2(e): scores live in the log2 domain so exp2 replaces exp
 #   QUANT           0: q/k/v as given (fp16/bf16/fp32). 1 fp8, 2 int8, 3 int4: q/k/v are the buffers of
+#                   kernels/quantize.py -- except that int8 (2) keeps V as given and P V in 16 bits (P in
+#                   V's dtype, fp32 accumulation; V8 below is False): SageAttention's recipe, whose
+#                   accuracy e4m3 P and V cannot reach (benchmarks/results/quant-accuracy-cpu-*.json).
+#                   Otherwise
 #                   kernels/quantize.py (Q, K (B, H, S_pad, D) viewed as (B, S_pad, H, D); V e4m3
 #                   (B, H, D, S_pad) viewed the same way, so stride_vd = S_pad and its rows are
 #                   contiguous), zero past S; Q/K scales per tile (per row for int4) carry qk_scale,
@@ -135,11 +139,12 @@ def _load_v(
     V_desc, b, h, USE_TMA: tl.constexpr, QUANT: tl.constexpr,
 ):
     """The V tile ([BLOCK_N, BLOCK_D]) of the key block at start_n (see _load_kv)."""
-    if USE_TMA and QUANT > 0:
+    V8: tl.constexpr = QUANT == 1 or QUANT == 3  # V in e4m3, transposed (B, H, D, S_pad)
+    if USE_TMA and V8:
         v = tl.trans(V_desc.load([b, h, 0, start_n.to(tl.int32)]).reshape(BLOCK_D, BLOCK_N))
     elif USE_TMA:
         v = V_desc.load([b, start_n.to(tl.int32), h, 0]).reshape(BLOCK_N, BLOCK_D)
-    elif QUANT > 0:
+    elif V8:
         rows = start_n.to(tl.int64) + offs_n
         if BLOCK_D != HEAD_DIM:
             v = tl.load(V_bh + rows[:, None] + offs_d[None, :] * stride_vd, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
@@ -215,7 +220,7 @@ def _scores(q, k, start_n, qk_scale, offs_n, KScale_bh, q_rows, q_mean,
 def _softmax_pv(qk, tile_scale, v, start_n, acc, l_i, m_i, offs_n, S, MASK_TAIL: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr, EMULATE_FP8: tl.constexpr):
     """Online softmax of one score tile, then acc += P·V."""
-    if QUANT == 0:
+    if QUANT == 0 or QUANT == 2:  # P V in V's 16-bit dtype
         p, acc, l_i, m_i = _softmax_step(qk, start_n, acc, l_i, m_i, offs_n, S, tile_scale, MASK_TAIL, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
     else:
@@ -411,7 +416,8 @@ def _attn_fwd(
     # Rows that visited nothing (l_i == 0) write zeros and lse = -inf.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    if QUANT > 0:  # P and l_i both in units of 1/448; V in units of its channel scale
+    V8: tl.constexpr = QUANT == 1 or QUANT == 3
+    if V8:  # P and l_i both in units of 1/448; V in units of its channel scale
         v_scale = tl.load(VScale + bh * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
         out = acc * v_scale[None, :] / l_safe[:, None]
     else:
@@ -430,7 +436,7 @@ def _attn_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     if RETURN_LSE:
         LN2: tl.constexpr = 0.6931471805599453
-        if QUANT > 0:
+        if V8:
             lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe) - LOG2_FP8_MAX) * LN2)
         else:
             lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)

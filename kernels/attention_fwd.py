@@ -1,18 +1,109 @@
-"""The attention kernel's launcher: checks the inputs, picks the configuration, quantizes K and V where a
-mode asks for it, and launches :func:`.attention._attn_fwd`. Takes and returns raw tensors."""
+"""The attention kernels' launcher: checks the inputs, picks the back end and the configuration,
+quantizes K and V where a mode asks for it, and launches. Takes and returns raw tensors.
+
+Two back ends, one contract: the Hopper kernel in Gluon (:mod:`.attention_hopper`, FlashAttention-3's
+schedule) where it can run, else the portable Triton kernel (:func:`.attention._attn_fwd`). The
+choice (:func:`backend_for`): ``VDIT_ATTENTION_BACKEND`` = ``triton`` (default: see
+:data:`DEFAULT_BACKEND`), ``auto`` or ``gluon`` (forced: an input it cannot take raises, with the
+reason). ``auto`` takes Gluon on an sm_90
+GPU with triton >= 3.6 for fp16 / bf16, head_dim 64 or 128, unquantized, TMA-aligned q / k / v, mask
+query blocks that are multiples of 128 and no explicit Triton ``config``; otherwise the Triton kernel,
+and the reason is logged once per reason (a warning on sm_90, where the fast path was expected).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
+import os
 
 import torch
+import triton
 
 from . import attention as _kernels
 from .attention_configs import (_DTYPES, _MAX_HEAD_DIM, _MIN_HEAD_DIM, _autotune, _check_config, _fit_default_to_mask,
                                 _int4_config, _interpreting, _launch_config, _tma_ok)
 from .quantize import QuantMode
 
+logger = logging.getLogger("vdit_accel")
+BACKENDS = ("auto", "triton", "gluon")
+# The Gluon kernel compiles for sm_90 and its twin matches the reference on the CPU, but it has not yet
+# run on a GPU: until its GPU tests pass there (tests/kernels/test_attention_hopper.py), the portable
+# kernel is the default and ``auto`` / ``gluon`` are opt-in.
+DEFAULT_BACKEND = "triton"
+_HOPPER_HEAD_DIMS = (64, 128)
+_HOPPER_BLOCK_M = 64  # rows per consumer warpgroup; a CTA has two (128 rows)
+_HOPPER_STAGES = {64: 3, 128: 2}  # K / V ring depth by head_dim (shared memory: 112 KB / 160 KB)
+_MIN_GLUON_TRITON = (3, 6)  # the warp_specialize signature and Hopper ops this kernel is written against
+_logged: set[str] = set()
+
+
+def _requested_backend() -> str:
+    name = os.environ.get("VDIT_ATTENTION_BACKEND", DEFAULT_BACKEND).strip().lower() or DEFAULT_BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"VDIT_ATTENTION_BACKEND={name!r}: use one of {BACKENDS}")
+    return name
+
+
+@functools.cache
+def _gluon_import_error() -> str | None:
+    """Why the Gluon kernel cannot be built with the installed triton (None: it can)."""
+    try:
+        version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return f"unparsed triton version {triton.__version__}"
+    if version < _MIN_GLUON_TRITON:
+        return f"triton {triton.__version__} < 3.6 (Gluon's warp_specialize / Hopper API differ)"
+    try:
+        from . import attention_hopper  # noqa: F401
+    except Exception as exc:  # any failure to build the module is a reason to take the portable path
+        return f"the Gluon module does not import with triton {triton.__version__}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _hopper_reason(q, k, v, kv_num_blocks, mask_block_m, mask_block_n, quant, config) -> str | None:
+    """Why the Hopper Gluon kernel cannot take this call (None: it can)."""
+    if q.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "not a CUDA device (Gluon's Hopper ops do not run in Triton's interpreter)"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major != 9:
+        return f"GPU sm_{major}{minor} is not Hopper (sm_90)"
+    err = _gluon_import_error()
+    if err:
+        return err
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (the Gluon kernel takes fp16 / bf16)"
+    if quant is not None:
+        return f"quant={quant} (the quantized modes are Triton kernels)"
+    if config is not None:
+        return "an explicit Triton config (or autotune) was given"
+    if q.shape[-1] not in _HOPPER_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (the Gluon kernel has 64 and 128)"
+    if kv_num_blocks is not None and (mask_block_m % (2 * _HOPPER_BLOCK_M) or mask_block_n % 64):
+        return f"mask blocks ({mask_block_m}, {mask_block_n}): it needs multiples of (128, 64)"
+    if not all(_tma_ok(x) for x in (q, k, v)):
+        return "q, k or v strides / base are not 16-byte aligned (TMA)"
+    return None
+
+
+def backend_for(q, k, v, kv_num_blocks=None, mask_block_m=128, mask_block_n=128, quant=None, config=None) -> str:
+    """``"gluon"`` or ``"triton"``: the kernel :func:`launch` runs for this call (see the module docstring)."""
+    requested = _requested_backend()
+    if requested == "triton":
+        return "triton"
+    reason = _hopper_reason(q, k, v, kv_num_blocks, mask_block_m, mask_block_n, quant, config)
+    if reason is None:
+        return "gluon"
+    if requested == "gluon":
+        raise ValueError(f"VDIT_ATTENTION_BACKEND=gluon, but the Hopper kernel cannot take this call: {reason}")
+    if reason not in _logged:
+        _logged.add(reason)
+        on_hopper = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9
+        (logger.warning if on_hopper else logger.info)(
+            "attention: the portable Triton kernel runs (the Hopper Gluon kernel cannot: %s)", reason)
+    return "triton"
 
 
 def _tensor_descriptor(x: torch.Tensor, block_n: int, block_d: int):
@@ -177,6 +268,9 @@ def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale
     compiled layer plan, whose masks were built for the call's grid."""
     sparse = kv_num_blocks is not None
     bsz, s, h, d = q.shape
+    if backend_for(q, k, v, kv_num_blocks, mask_block_m, mask_block_n, quant, config) == "gluon":
+        return _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale, return_lse,
+                              out, q_index)
     if config is None:
         cfg = _launch_config(d, q.device, q.dtype, quant, mask_block_m, mask_block_n, sparse, True)
         if cfg["tma"] and not (_tma_ok(k) and _tma_ok(v)):
@@ -195,16 +289,8 @@ def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale
             lse.fill_(float("-inf"))
         return (out, lse) if return_lse else out
 
-    if sparse:
-        bm = kv_num_blocks.shape[0]
-        num_strides = (0 if bm == 1 else kv_num_blocks.stride(0),) + tuple(kv_num_blocks.stride()[1:])
-        idx_strides = (0 if bm == 1 else kv_indices.stride(0),) + tuple(kv_indices.stride()[1:])
-        mask_m, mask_n = mask_block_m, mask_block_n
-    else:
-        # Dummies: never read when SPARSE=False. Mask block = kernel block keeps one compiled variant.
-        kv_num_blocks = kv_indices = out
-        num_strides, idx_strides = (0, 0, 0), (0, 0, 0, 0)
-        mask_m, mask_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    kv_num_blocks, kv_indices, num_strides, idx_strides, mask_m, mask_n = _mask_args(
+        kv_num_blocks, kv_indices, mask_block_m, mask_block_n, out, cfg["BLOCK_M"], cfg["BLOCK_N"])
 
     block_d = max(16, 1 << (d - 1).bit_length())
     qk_scale = float(scale) * 1.4426950408889634
@@ -224,16 +310,23 @@ def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale
         if qz["q"] is not None:  # int4: Q quantized ahead (fp8 / int8 quantize Q's tile in the kernel)
             q, q_scale, qk_scale = qz["q"].permute(0, 2, 1, 3), qz["q_scale"], 1.0
             q_mean = qz["q_mean"]
-        # (B, H, S_pad, D') viewed as (B, S_pad, H, D'); V (B, H, D, S_pad) likewise (stride_vd = S_pad).
+        # (B, H, S_pad, D') viewed as (B, S_pad, H, D'); V (B, H, D, S_pad) likewise (stride_vd = S_pad);
+        # a recipe with 16-bit P V (int8) reads V as given.
         k = qz["k"].permute(0, 2, 1, 3)
-        v, stride_vd = qz["v"].permute(0, 3, 1, 2), s_pad
+        if qz["v"] is not None:
+            v, stride_vd = qz["v"].permute(0, 3, 1, 2), s_pad
+        else:
+            v_scale = out
     k_desc, v_desc = k, v  # unused pointers unless tma
     if cfg["tma"] and quant is not None:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         kq, vq = qz["k"], qz["v"]
         k_desc = TensorDescriptor(kq, list(kq.shape), list(kq.stride()), [1, 1, cfg["BLOCK_N"], block_d])
-        v_desc = TensorDescriptor(vq, list(vq.shape), list(vq.stride()), [1, 1, block_d, cfg["BLOCK_N"]])
+        if vq is not None:
+            v_desc = TensorDescriptor(vq, list(vq.shape), list(vq.stride()), [1, 1, block_d, cfg["BLOCK_N"]])
+        else:
+            v_desc = _tensor_descriptor(v, cfg["BLOCK_N"], block_d)
     elif cfg["tma"]:
         k_desc, v_desc = (_tensor_descriptor(x, cfg["BLOCK_N"], block_d) for x in (k, v))
     grid = (-(-s // cfg["BLOCK_M"]), bsz * h)
@@ -262,4 +355,61 @@ def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale
     if return_lse and quant is not None and qz["k_mean"] is not None:
         # K smoothing shifted every score of a row by -q . mean(K): the outputs ignore it, the LSE not.
         lse += float(scale) * torch.einsum("bshd,bhd->bhs", q_orig.float(), qz["k_mean"])
+    return (out, lse) if return_lse else out
+
+
+def _mask_args(kv_num_blocks, kv_indices, mask_block_m, mask_block_n, dummy, tile_m, tile_n):
+    """The block mask as the kernels take it: (num, idx, num strides, idx strides, mask_m, mask_n), a batch-1
+    mask broadcast by stride 0. Dense: dummies never read, and mask blocks = kernel tiles (one compiled
+    variant)."""
+    if kv_num_blocks is None:
+        return dummy, dummy, (0, 0, 0), (0, 0, 0, 0), tile_m, tile_n
+    bm = kv_num_blocks.shape[0]
+    num_strides = (0 if bm == 1 else kv_num_blocks.stride(0),) + tuple(kv_num_blocks.stride()[1:])
+    idx_strides = (0 if bm == 1 else kv_indices.stride(0),) + tuple(kv_indices.stride()[1:])
+    return kv_num_blocks, kv_indices, num_strides, idx_strides, mask_block_m, mask_block_n
+
+
+def _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale, return_lse, out, q_index):
+    """:func:`launch` through the Gluon Hopper kernel (inputs already accepted by :func:`_hopper_reason`)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from . import attention_hopper as _hopper
+
+    bsz, s, h, d = q.shape
+    sparse = kv_num_blocks is not None
+    block_n = math.gcd(128, mask_block_n) if sparse else 128
+    if out is None:
+        out = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((bsz, h, s), dtype=torch.float32, device=q.device) if return_lse else None
+    if out.numel() == 0:
+        if return_lse:
+            lse.fill_(float("-inf"))
+        return (out, lse) if return_lse else out
+    if q_index is not None and q_index.stride(2) != 1:
+        q_index = q_index.contiguous()
+    gdtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+
+    def desc(x, rows):  # the whole (B, S, H, D) tensor, one (1, rows, 1, D) box a load; rows past S read as 0
+        layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gdtype)
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, d], layout)
+
+    kv_num_blocks, kv_indices, num_strides, idx_strides, mask_m, mask_n = _mask_args(
+        kv_num_blocks, kv_indices, mask_block_m, mask_block_n, out, 2 * _HOPPER_BLOCK_M, block_n)
+    qi_strides = (0, 0) if q_index is None else (0 if q_index.shape[0] == 1 else q_index.stride(0), q_index.stride(1))
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    grid = (triton.cdiv(s, 2 * _HOPPER_BLOCK_M), bsz * h)
+    with torch.cuda.device(q.device):
+        _hopper._attn_fwd_hopper[grid](
+            desc(q, _HOPPER_BLOCK_M), desc(k, block_n), desc(v, block_n), q, out, lse if return_lse else out,
+            kv_num_blocks, kv_indices, out if q_index is None else q_index,
+            q.stride(0), q.stride(1), q.stride(2), *qi_strides,
+            out.stride(0), out.stride(1), out.stride(2),
+            *num_strides, *idx_strides,
+            s, h, float(scale) * 1.4426950408889634,
+            BLOCK_M=_HOPPER_BLOCK_M, BLOCK_N=block_n, HEAD_DIM=d, MASK_BLOCK_M=mask_m, MASK_BLOCK_N=mask_n,
+            SPARSE=sparse, EVEN_N=(s % block_n == 0), RETURN_LSE=bool(return_lse), Q_INDEXED=q_index is not None,
+            NUM_STAGES=_HOPPER_STAGES[d], num_warps=4, maxnreg=_hopper.MAX_REGS,
+        )
     return (out, lse) if return_lse else out

@@ -8,7 +8,8 @@ the same tensors on the GPU, in the layouts the attention kernel reads:
   ``(B, H, S_pad // group)`` (``group = 1``: one per row). The scale carries ``scale_mul`` (the softmax
   scale times log2 e for Q), so dequantised scores come out in the kernel's log2 domain.
 - V: e4m3, transposed to ``(B, H, D, S_pad)`` (Hopper's FP8 tensor cores want P·V's right operand
-  K-major, i.e. contiguous along the sequence), one scale per channel ``(B, H, D)``.
+  K-major, i.e. contiguous along the sequence), one scale per channel ``(B, H, D)`` -- where the mode's
+  recipe has P V in e4m3 (``pv="fp8"``); with ``pv="16"`` (int8) V is not quantized (``v`` is None).
 
 :func:`channel_stats` gives the per-channel mean (K smoothing) and absolute max (V's scale) in one
 pass. This module imports only torch and triton.
@@ -394,31 +395,33 @@ def _kv_quantize_kernel(K, V, Part, K8, KScale, KMean, V8, VScale,
             tl.store(VScale + pid_bh * HEAD_DIM + offs_d, v_amax / 448.0, mask=d_mask)
 
 
-def _quantize_kv_fused(k, v, mode: str, block_n: int, s_pad: int):
-    """fp8 / int8 K (smoothed, per tile of block_n rows) and V (e4m3, per channel) in two launches."""
+def _quantize_kv_fused(k, v, mode: str, block_n: int, s_pad: int, with_v: bool = True):
+    """fp8 / int8 K (smoothed, per tile of block_n rows) and, ``with_v``, V (e4m3, per channel) in two
+    launches (without V: its programs are not launched and V's outputs are None)."""
     mode = QuantMode.parse(mode)
     b, s, h, d = k.shape
     k_rows = triton.cdiv(s, SMOOTH_ROW_STEP)
     n_chunks = max(1, triton.cdiv(s, _KV_CHUNK))  # V's; K (subsampled) uses the first ones
     part = torch.empty(2, 3, b * h, n_chunks, d, dtype=torch.float32, device=k.device)
     k8 = torch.empty(b, h, s_pad, d, dtype=torch.float8_e4m3fn if mode == "fp8" else torch.int8, device=k.device)
-    v8 = torch.empty(b, h, d, s_pad, dtype=torch.float8_e4m3fn, device=k.device)
     k_scale = torch.empty(b, h, s_pad // block_n, dtype=torch.float32, device=k.device)
     k_mean = torch.empty(b, h, d, dtype=torch.float32, device=k.device)
-    v_scale = torch.empty(b, h, d, dtype=torch.float32, device=k.device)
+    v8 = torch.empty(b, h, d, s_pad, dtype=torch.float8_e4m3fn, device=k.device) if with_v else k_scale
+    v_scale = torch.empty(b, h, d, dtype=torch.float32, device=k.device) if with_v else k_scale
+    which = 2 if with_v else 1  # the programs' third grid dim: 0 = K, 1 = V
     block_d = triton.next_power_of_2(d)
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     with _device_ctx(k):
-        _kv_stats_kernel[(n_chunks, b * h, 2)](
+        _kv_stats_kernel[(n_chunks, b * h, which)](
             k, v, part, *strides, s, h, n_chunks, SMOOTH_ROW_STEP,
             CHUNK=_KV_CHUNK, ROWS=_STAT_ROWS, BLOCK_D=block_d, HEAD_DIM=d,
         )
-        _kv_quantize_kernel[(s_pad // block_n, b * h, 2)](
+        _kv_quantize_kernel[(s_pad // block_n, b * h, which)](
             k, v, part, k8, k_scale, k_mean, v8, v_scale, *strides, s, h, s_pad, n_chunks, k_rows,
             ROWS=block_n, MODE=mode.kernel_id, PART_STEP=_KV_PART_STEP, BLOCK_D=block_d, HEAD_DIM=d,
             EMULATE_FP8=interpreting(), num_warps=4,
         )
-    return k8, k_scale, k_mean, v8, v_scale
+    return (k8, k_scale, k_mean) + ((v8, v_scale) if with_v else (None, None))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,11 +433,14 @@ def _quantize_kv_fused(k, v, mode: str, block_n: int, s_pad: int):
 # smooth_k: subtract K's per-channel mean (estimated from every SMOOTH_ROW_STEP-th token, except for
 # int4 whose channel balancing needs K's exact range anyway); smooth_q: subtract each Q tile's mean (added back as a
 # per-key bias); balance: multiply Q's channels by sqrt(amax K / amax Q) and divide K's by it
-# (SmoothQuant's exact migration of range between the two operands of Q·K).
+# (SmoothQuant's exact migration of range between the two operands of Q·K). pv: "fp8" = P and V in e4m3
+# (V per channel, P times 448), "16" = P in V's 16-bit dtype and V as given, fp32 accumulation (int8:
+# SageAttention's P V; e4m3 P and V alone cost ~3-4% relative error on random inputs, three times
+# SageAttention's total: benchmarks/results/quant-accuracy-cpu-*.json).
 RECIPES = {
-    QuantMode.FP8: dict(q_group="block_m", k_group="block_n", smooth_k=True, smooth_q=False, balance=False),
-    QuantMode.INT8: dict(q_group="block_m", k_group="block_n", smooth_k=True, smooth_q=False, balance=False),
-    QuantMode.INT4: dict(q_group=1, k_group=1, smooth_k=True, smooth_q=True, balance=True),
+    QuantMode.FP8: dict(q_group="block_m", k_group="block_n", smooth_k=True, smooth_q=False, balance=False, pv="fp8"),
+    QuantMode.INT8: dict(q_group="block_m", k_group="block_n", smooth_k=True, smooth_q=False, balance=False, pv="16"),
+    QuantMode.INT4: dict(q_group=1, k_group=1, smooth_k=True, smooth_q=True, balance=True, pv="fp8"),
 }
 
 
@@ -467,7 +473,7 @@ def quantize_qkv(q, k, v, mode: str, block_m: int, block_n: int, qk_scale: float
     s_pad = padded_len(q.shape[1], block_m, block_n)
     # fp8 / int8: Q's tiles are quantized inside the attention kernel; K and V in two fused launches.
     if r["q_group"] == "block_m" and r["k_group"] == "block_n" and r["smooth_k"] and not r["balance"]:
-        k8, k_scale, k_mean, v8, v_scale = _quantize_kv_fused(k, v, mode, block_n, s_pad)
+        k8, k_scale, k_mean, v8, v_scale = _quantize_kv_fused(k, v, mode, block_n, s_pad, r["pv"] == "fp8")
         return dict(q=None, k=k8, v=v8, q_scale=None, k_scale=k_scale, v_scale=v_scale, q_mean=None, s_pad=s_pad,
                     k_mean=k_mean)
     k_mean, k_max, k_min = channel_stats(k, 1 if r["balance"] else SMOOTH_ROW_STEP) if r["smooth_k"] else (None,) * 3
@@ -481,7 +487,9 @@ def quantize_qkv(q, k, v, mode: str, block_m: int, block_n: int, qk_scale: float
                                             group_mean=r["smooth_q"], rows=block_m, chan_mul=q_mul)
     k8, k_scale, _ = quantize_rows(k, mode, _group(r["k_group"], block_m, block_n), s_pad, 1.0,
                                    mean=k_mean if r["smooth_k"] else None, chan_mul=k_mul)
-    _, v_max, v_min = channel_stats(v)
-    v8, v_scale = quantize_v(v, torch.maximum(v_max.abs(), v_min.abs()), s_pad)
+    v8 = v_scale = None  # pv "16": the kernel reads V as given
+    if r["pv"] == "fp8":
+        _, v_max, v_min = channel_stats(v)
+        v8, v_scale = quantize_v(v, torch.maximum(v_max.abs(), v_min.abs()), s_pad)
     return dict(q=q8, k=k8, v=v8, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, q_mean=q_mean, s_pad=s_pad,
                 k_mean=k_mean if r["smooth_k"] else None)

@@ -290,25 +290,51 @@ def test_check_script_sweep(smoke, tmp_path):
     assert rows[0]["digest"] != rows[1]["digest"] and rows[0]["digest"] == rows[2]["digest"]
 
 
+def test_window_near_counts_blocks_in_the_order():
+    """The quality table's windows: the ladder's window nearest a density, its blocks counted in raster or
+    in the tiled order (where the same window covers fewer blocks)."""
+    from vdit_accel.cli.bench import window_near
+    from vdit_accel.orders.static import block_mask_for_order, tiled_order
+    from vdit_accel.patterns import build_block_mask_for_pattern, parse_pattern
+
+    g = vdit_accel.VideoGrid(4, 16, 32)
+    for target in (0.5, 0.25):
+        raster, tiled = window_near(g, target), window_near(g, target, order="tiled")
+        d_raster = build_block_mask_for_pattern(parse_pattern(raster), g, 128, 128).float().mean().item()
+        d_tiled = block_mask_for_order(parse_pattern(tiled), g, tiled_order(g, 128)).float().mean().item()
+        assert abs(d_raster - target) < 0.1 and abs(d_tiled - target) < 0.1, (raster, d_raster, tiled, d_tiled)
+
+
 def test_quality_script_runs(smoke, tmp_path, monkeypatch):
-    """benchmarks/quality.py on the smoke weights at a toy size: dense, three window3d densities and the
-    quantized modes, each with PSNR / SSIM against dense and the check's agreement, written as JSON."""
+    """benchmarks/quality.py on the smoke weights at a toy size of four 128-token blocks: the oracle with
+    the dense warm-up, a window and a strategy file, each with PSNR / SSIM
+    against dense, the check's agreement, the densities and the time ratios; written as JSON after
+    every row. (Every row kind is planned: see the row list of the --only error.)"""
     out, _ = smoke
-    monkeypatch.setattr(trained, "TRAINED_DEFAULTS", trained.TinyDefaults(height=64, width=64, frames=5, steps=1,
-                                                                          max_sequence_length=128))
-    doc = _load("quality").main(["--weights", str(out), "--size", "default", "--prompts", "1", "--steps", "1",
-                                 "--no-search", "--device", "cpu", "--out-dir", str(tmp_path)])
+    small = dataclasses.replace(trained.WAN_TRAINED, defaults=trained.TinyDefaults(
+        height=128, width=128, frames=5, steps=2, max_sequence_length=128, call_kwargs={"guidance_scale": 5.0}))
+    monkeypatch.setitem(trained.MODELS, "wan-trained", small)
+    strategy = tmp_path / "mine.json"
+    vdit_accel.Strategy.uniform("window3d:t=0,h=1,w=1", dense_warmup_steps=1).save(strategy)
+    only = "oracle-0.25+warmup,window3d-0.25,searched-mine"
+    doc = _load("quality").main(["--weights", str(out), "--size", "default", "--prompts", "1", "--device", "cpu",
+                                 "--warmup", "0.5", "--strategy", str(strategy), "--only", only, "--out-dir", str(tmp_path)])
     rows = {r["impl"]: r for r in doc["rows"]}
-    assert list(rows) == ["dense", "ours-dense", "window3d-0.50", "window3d-0.25", "window3d-0.10", "fp8", "int8", "int4",
-                          "semantic", "semantic-refresh2", "semantic-refresh8", "semantic-iters1"]
-    for name in ("semantic", "semantic-refresh2", "semantic-refresh8", "semantic-iters1"):  # the plans' own density
-        assert rows[name]["order"].startswith("semantic") and 0 < rows[name]["density"] <= 1
-    assert doc["tokens"] == 2 * 8 * 8  # 5x64x64: 2 latent frames of 16x16, patches of 2x2
-    for name in ("fp8", "int8", "int4"):
-        assert rows[name]["quant"] == name and 10 < rows[name]["psnr_db"] < 200 and 0 < rows[name]["ssim"] <= 1
-    assert json.loads((tmp_path / "quality-cpu-" f"{doc['date'].replace('-', '')}.json").read_text())["rows"] == doc["rows"]
-    some = _load("quality").main(["--weights", str(out), "--size", "default", "--prompts", "1", "--steps", "1",
-                                  "--device", "cpu", "--out-dir", str(tmp_path), "--only", "semantic", "--name", "q2"])
-    assert [r["impl"] for r in some["rows"]] == ["dense", "semantic"] and (tmp_path / f"q2-cpu-{some['date'].replace('-', '')}.json").exists()
-    with pytest.raises(SystemExit, match="no row named nope"):
-        _load("quality").main(["--weights", str(out), "--device", "cpu", "--only", "semantic,nope"])
+    assert list(rows) == ["dense", *only.split(",")], [r.get("error") for r in doc["rows"]]
+    assert doc["tokens"] == 2 * 16 * 16 and doc["steps"] == 2 and doc["warmup_steps"] == 1
+    assert rows["dense"]["attn_calls"] > 0 and "psnr_db" not in rows["dense"]
+    for name, r in rows.items():
+        if name != "dense":
+            assert 0 < r["ssim"] <= 1 and r["psnr_db_min"] <= r["psnr_db"] and 0 <= r["agreement"] <= 1, r
+        if name != "dense":  # sparse: some blocks skipped on the sparse steps
+            assert 0 < r["density"] < 1 and r["effective_density"] == pytest.approx(
+                (r["warmup_steps"] + (2 - r["warmup_steps"]) * r["density"]) / 2, abs=1e-3), r
+        if not name.startswith("oracle"):  # every other row is timed against dense
+            assert r["attn_calls"] == rows["dense"]["attn_calls"] and r.get("attn_speedup", 1) > 0, r
+    assert rows["oracle-0.25+warmup"]["density"] == pytest.approx(0.25)
+    assert rows["window3d-0.25"]["order"] is None and rows["window3d-0.25"]["warmup_steps"] == 0
+    assert rows["searched-mine"]["warmup_steps"] == 1
+    assert json.loads((tmp_path / "quality-cpu-" f"{doc['date'].replace('-', '')}.json").read_text()) == doc
+    with pytest.raises(SystemExit, match="no row named nope.*dense-other-seed.*window3d-0.50-tiled.*oracle-0.10"
+                                         ".*semantic[+]warmup.*fp8.*int8"):
+        _load("quality").main(["--weights", str(out), "--device", "cpu", "--size", "default", "--only", "semantic,nope"])

@@ -1,4 +1,4 @@
-"""The public attention entry point: our Triton kernel on CUDA, PyTorch on the CPU.
+"""The public attention entry point: our kernels on CUDA, PyTorch on the CPU.
 
 Two ways in, one path: :func:`attention` validates what a user passes (a :class:`BlockMask`, quant
 modes as names, a query order) and :func:`planned_attention` takes the same data as a compiled
@@ -65,7 +65,9 @@ def attention(
     Returns:
         ``out`` ``(B, S, H, D)`` in q's dtype; plus ``lse`` when asked.
 
-    On CUDA this runs the Triton kernel (fp16/bf16; head_dim 64, 96, 128, ...). On the CPU it runs
+    On CUDA this runs our kernels (fp16/bf16; head_dim 64, 96, 128, ...): on an sm_90 GPU the Gluon
+    Hopper kernel where it applies, else the portable Triton kernel (``VDIT_ATTENTION_BACKEND`` forces
+    one; see :mod:`vdit_accel.kernels.attention_fwd`). On the CPU it runs
     PyTorch SDPA (with the block mask expanded to tokens; the float32 reference when the LSE is
     asked for; quantized heads through :func:`vdit_accel.quant.reference_quant_attention`, the
     float64 simulation of the kernel's arithmetic at the Hopper defaults' tile sizes), so the whole

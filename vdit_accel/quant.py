@@ -113,17 +113,19 @@ def quantize_v_reference(v: torch.Tensor, s_pad: int):
 
 
 def reference_quant_attention(q, k, v, mode: str, block_mask=None, block_m: int = 128, block_n: int = 128,
-                              scale: float | None = None) -> torch.Tensor:
+                              scale: float | None = None, recipe: dict | None = None) -> torch.Tensor:
     """What the quantized kernel computes, simulated (float64 arithmetic on the quantized operands).
 
     ``block_m`` / ``block_n`` are the KERNEL's tiles (they set the scale grain and the online
     softmax's steps: P is quantized against the running max, block by block, as the kernel does).
     (B, S, H, D) in and out (q's dtype); ``block_mask`` as in :func:`vdit_accel.reference.reference_attention`.
+    ``recipe``: entries that override ``RECIPES[mode]`` (accuracy studies of recipes the kernels do
+    not have: ``pv="16"`` for P and V in q's 16-bit dtype with fp32 accumulation instead of e4m3).
     """
     mode = _check_mode(mode)
     b, s, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    r = RECIPES[mode]
+    r = {**RECIPES[mode], **(recipe or {})}
     grain = {"block_m": block_m, "block_n": block_n}
     s_pad = padded_len(s, block_m, block_n)
     step = 1 if r["balance"] else SMOOTH_ROW_STEP  # K smoothing's estimate of the mean (see kernels/quantize.py)
@@ -144,8 +146,12 @@ def reference_quant_attention(q, k, v, mode: str, block_mask=None, block_m: int 
         scores = scores + (qmean.double() @ kf.transpose(-1, -2))[:, :, rows]
     if block_mask is not None:
         scores = scores.masked_fill(~block_mask.token_mask().to(q.device), float("-inf"))
-    v8, vsc = quantize_v_reference(v, s_pad)
-    vf = v8.double()[..., :s].transpose(-1, -2)  # (B, H, S, D), units of vsc
+    pv16 = r.get("pv", "fp8") == "16"
+    if pv16:  # V as given, P rounded to q's dtype
+        vf, vsc = v.double().transpose(1, 2), torch.ones((b, h, d), dtype=torch.float64, device=q.device)
+    else:
+        v8, vsc = quantize_v_reference(v, s_pad)
+        vf = v8.double()[..., :s].transpose(-1, -2)  # (B, H, S, D), units of vsc
     m = torch.full((b, h, s, 1), float("-inf"), dtype=torch.float64, device=q.device)
     l = torch.zeros_like(m)
     acc = torch.zeros(b, h, s, d, dtype=torch.float64, device=q.device)
@@ -156,7 +162,10 @@ def reference_quant_attention(q, k, v, mode: str, block_mask=None, block_m: int 
         p = torch.exp2(sc - m_safe)
         alpha = torch.exp2(torch.where(torch.isinf(m), float("-inf"), m - m_safe))
         l = l * alpha + p.sum(-1, keepdim=True)
-        p8 = (p.float() * FP8_MAX).to(torch.float8_e4m3fn).double()
+        if pv16:
+            p8 = (p.float() * FP8_MAX).to(q.dtype).double()
+        else:
+            p8 = (p.float() * FP8_MAX).to(torch.float8_e4m3fn).double()
         acc = acc * alpha + p8 @ vf[:, :, n0 : n0 + block_n]
         m = m_new
     out = acc * vsc.double()[:, :, None, :] / FP8_MAX / torch.where(l > 0, l, 1.0)
@@ -190,3 +199,77 @@ def dit_like_qkv(b: int, s: int, h: int, d: int, *, peak: float = 1.5, seed: int
     k[..., outliers] = k[..., outliers] * 2.0 + (10.0 + 10.0 * torch.rand(4, generator=g)) * peak
     v = heads(feature(), 0.5) + 0.3 * torch.randn(b, h, 1, d, generator=g)
     return [x.transpose(1, 2).contiguous().to(dtype=dtype, device=device) for x in (q, k, v)]
+
+
+def reference_sage1_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
+    """SageAttention 1.0.6's Triton recipe (``sageattn``, head_dim 64 / 128), simulated in float64 on its
+    quantized operands, to compare recipes on the CPU (read from its source, 1.0.6):
+
+    - K smoothed by its exact mean over the sequence, the difference rounded to the input dtype;
+    - Q (times scale * log2 e) and K quantized to int8 per block of 128 and 64 tokens, scale = amax / 127,
+      rounded half away from zero; scores = int32 dot * q_scale * k_scale, online softmax (exp2) in fp32;
+    - V cast to fp16 (bf16 inputs), P to fp16; each 64-key block's P V accumulated in fp16 (simulated:
+      rounded to fp16 after every 16 keys, the MMA's k step), blocks summed in fp32.
+
+    (B, S, H, D) in and out (q's dtype).
+    """
+    b, s, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    blk_q, blk_k = 128, 64
+
+    def int8_blocks(x, blk, mul):  # x (B, H, S, D) float64 -> dequantised values
+        n = -(-s // blk) * blk
+        xp = torch.zeros(b, h, n, d, dtype=torch.float64)
+        xp[:, :, :s] = x * mul
+        blocks = xp.view(b, h, n // blk, blk * d)
+        sc = (blocks.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-30)
+        y = blocks / sc
+        y = torch.trunc(y + 0.5 * torch.sign(y)).clamp(-127, 127)
+        return (y * sc).view(b, h, n, d)[:, :, :s]
+
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    ks = (kh - kh.float().mean(2, keepdim=True).to(kh.dtype)).to(kh.dtype)  # smoothing, in the input dtype
+    qf = int8_blocks(qh.double(), blk_q, scale * LOG2E)
+    kf = int8_blocks(ks.double(), blk_k, 1.0)
+    scores = (qf @ kf.transpose(-1, -2)).float().double()  # int32-exact, scales applied in fp32
+    v16 = vh.to(torch.float16).double()
+    m = torch.full((b, h, s, 1), float("-inf"), dtype=torch.float64)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(b, h, s, d, dtype=torch.float64)
+    for n0 in range(0, s, blk_k):
+        sc = scores[..., n0 : n0 + blk_k]
+        m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
+        p = torch.exp2(sc - m_new).float().to(torch.float16).double()
+        alpha = torch.exp2(torch.where(torch.isinf(m), float("-inf"), m - m_new))
+        l = l * alpha + torch.exp2(sc - m_new).sum(-1, keepdim=True)
+        part = torch.zeros(b, h, s, d, dtype=torch.float64)
+        for c0 in range(0, sc.shape[-1], 16):  # fp16 accumulation inside the block's MMA
+            part = (part + p[..., c0 : c0 + 16] @ v16[:, :, n0 + c0 : n0 + min(c0 + 16, sc.shape[-1])]).half().double()
+        acc = acc * alpha + part
+        m = m_new
+    return (acc / l).transpose(1, 2).to(q.dtype)
+
+
+ACCURACY_FAMILIES = ("normal", "k-bias", "k-outlier", "peaked")
+
+
+def accuracy_inputs(family: str, b: int, s: int, h: int, d: int, *, seed: int = 0, dtype=torch.bfloat16, device=None):
+    """The four input families the quantized modes are judged on against SageAttention (issue 22), (B, S, H, D):
+
+    - ``normal``: q, k, v standard normal;
+    - ``k-bias``: K + 20 on 4 channels (a per-channel offset: what K smoothing removes);
+    - ``k-outlier``: K x 20 on 4 channels (outliers smoothing cannot remove);
+    - ``peaked``: q = k / 2 + noise / 2 (each query most similar to its own key: strongly peaked attention).
+    """
+    if family not in ACCURACY_FAMILIES:
+        raise ValueError(f"unknown accuracy family {family!r}; use one of {ACCURACY_FAMILIES}")
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, s, h, d, generator=g) for _ in range(3))
+    chans = torch.randperm(d, generator=g)[:4]
+    if family == "k-bias":
+        k[..., chans] += 20.0
+    elif family == "k-outlier":
+        k[..., chans] *= 20.0
+    elif family == "peaked":
+        q = 0.5 * k + 0.5 * torch.randn(b, s, h, d, generator=g)
+    return [x.to(dtype=dtype, device=device) for x in (q, k, v)]
