@@ -43,6 +43,8 @@ KINDS = {
                  "(`python benchmarks/prologue.py`)."),
     "mask-build": ("Block-mask build time", "A layer's cold mask build (`python benchmarks/mask_build.py`)."),
     "search": ("Search time", "The offline search of Wan2.1-1.3B's real config (`python benchmarks/search_speed.py`)."),
+    "search-targets": ("Searched strategy against uniform families at PSNR targets", "Each row tuned to keep the "
+                       "target on every validation prompt, verified end to end (`python benchmarks/search_targets.py`)."),
     "check-trained": ("Caption check of the trained tiny Wan", "Held-out captions, colour and direction read "
                       "back from the frames (`python benchmarks/check_trained.py`)."),
     "sweep-trained-validation": ("Sampling settings of the trained tiny Wan", "Validation captions per setting "
@@ -238,9 +240,31 @@ def replace_section(text: str, table: str, name: str = "e2e-table") -> str:
     return f"{head}{begin}\n{table}{end}{tail}"
 
 
+def search_targets_summary(results: Path = RESULTS) -> str:
+    """Markdown for the README: the newest GPU date's search-targets files (one per target), as
+    ``benchmarks/search_targets.py`` tabulates them."""
+    import importlib.util
+
+    docs = [(p, json.loads(p.read_text())) for p in sorted(Path(results).glob("search-targets-*.json"))]
+    docs = [(p, d) for p, d in docs if d["gpu"] != "cpu"]
+    if not docs:
+        return ("(no GPU run yet: `bash benchmarks/gpu_search_targets.sh 30`, then `35 --ship`, on a GPU; a CPU run at "
+                "a small size is in [`benchmarks/RESULTS.md`](benchmarks/RESULTS.md))\n")
+    newest = max(d["date"] for _, d in docs)
+    spec = importlib.util.spec_from_file_location("search_targets", Path(__file__).resolve().parent / "search_targets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = []
+    for path, doc in docs:
+        if doc["date"] == newest:
+            out.append(f"`{path.name}`, commit {doc['versions']['vdit_accel']}: " + mod.markdown(doc))
+    return "\n".join(out)
+
+
 def render(text: str, results: Path = RESULTS) -> str:
-    """``text`` (the README) with its generated section current."""
-    return replace_section(text, e2e_summary(results), "e2e-summary")
+    """``text`` (the README) with its generated sections current."""
+    text = replace_section(text, e2e_summary(results), "e2e-summary")
+    return replace_section(text, search_targets_summary(results), "search-targets")
 
 
 def main(argv=None):

@@ -1,11 +1,13 @@
 """Time the offline search on a real-size transformer: Wan2.1-1.3B's config with random weights,
-480x832, 81 frames (a 21x30x52 token grid), one prompt, three profiled denoising steps.
+480x832, 81 frames (a 21x30x52 token grid), one prompt, every denoising step profiled, the schedule
+solved and, with ``--min-psnr``, verified end to end (decoded videos, dense and accelerated) and tuned.
 
-    python benchmarks/search_speed.py [--out-dir benchmarks/results]
+    python benchmarks/search_speed.py [--steps 50] [--min-psnr 30] [--max-probes 6] [--out-dir benchmarks/results]
 
-Weights are random (no hub here), which does not change the time. The text encoder is a tiny UMT5
-with Wan's text width; the VAE is only used for its scale factors (the search asks for latents).
-Writes benchmarks/results/search-<gpu>-<date>.json (rows with `seconds`) and the strategy beside it.
+Weights are random (no hub here), which does not change the time (the PSNRs it reaches mean nothing). The
+text encoder is a tiny UMT5 with Wan's text width; the VAE is Wan's config, random, decoding real-size
+videos for the verification. Writes benchmarks/results/search-<gpu>-<date>.json (rows with `seconds`, and
+the probes and generations the tuning spent) and the strategy beside it.
 """
 
 from __future__ import annotations
@@ -47,27 +49,34 @@ def main(argv=None):
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps (every one profiled)")
+    ap.add_argument("--min-psnr", type=float, default=30.0, help="the target to verify and tune to (0: no verification)")
+    ap.add_argument("--max-probes", type=int, default=6)
     args = ap.parse_args(argv)
     from vdit_accel.sparsity_search import SearchConfig, search
 
     t0 = time.perf_counter()
     pipe = build_pipeline()
     build_s = time.perf_counter() - t0
-    call = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=3,
+    call = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                 max_sequence_length=64, output_type="latent")
     t0 = time.perf_counter()
-    strategy = search(pipe, ["a red fox running through fresh snow"], SearchConfig(budget=0.05, steps=[0, 1, 2]),
-                      call_kwargs=call)
+    config = SearchConfig(min_psnr=args.min_psnr or None, max_probes=args.max_probes)
+    strategy = search(pipe, ["a red fox running through fresh snow"], config, call_kwargs=call)
     seconds = time.perf_counter() - t0
+    verification = strategy.search.get("verification", {})
     tag, today, result = run_header("search_speed.py", None, "cuda", args.git_sha)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     strategy.save(result_path(args.out_dir, "search-strategy-wan1.3b", tag, today))
     result.update({
-        "rows": [{"shape": "wan1.3b-81f-480p", "impl": "search", "seconds": round(seconds, 1),
-                  "pipeline_build_s": round(build_s, 1), "prompts": 1, "profiled_steps": 3,
-                  "grid": strategy.search["grid"], "candidates": strategy.search["candidates"],
-                  "mean_density": strategy.search["mean_density"], "mean_error": strategy.search["mean_error"],
-                  "dense_warmup_steps": strategy.dense_warmup_steps, "cost_model": strategy.search["cost_model"]}],
+        "rows": [{"shape": "wan1.3b-81f-480p", "impl": "search" + ("-verified" if verification else ""),
+                  "seconds": round(seconds, 1), "pipeline_build_s": round(build_s, 1), "prompts": 1,
+                  "profiled_steps": len(strategy.search["profiled_steps"]), "grid": strategy.search["grid"],
+                  "candidates": strategy.search["candidates"],
+                  "effective_density": strategy.search["accounting"]["effective_density"],
+                  "mean_error": strategy.search["mean_error"], "dense_warmup_steps": strategy.dense_warmup_steps,
+                  "cost_model": strategy.search["cost_model"]["source"], "probes": len(verification.get("probes", [])),
+                  "generations": verification.get("generations", 0), "verdict": verification.get("verdict")}],
     })
     print(json.dumps(result["rows"][0]))
     write_result(args.out_dir, "search", tag, today, result)

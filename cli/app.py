@@ -149,74 +149,129 @@ def generate(
 @_command()
 def inspect(
     strategy: str = typer.Argument(..., help="Strategy file (.json), 'dense' or a uniform pattern."),
-    latent_frames: int = typer.Option(21, metavar="N", help="Latent frames of the token grid to measure density on."),
-    latent_height: int = typer.Option(30, metavar="N", help="Token rows (latent rows after patchification)."),
-    latent_width: int = typer.Option(52, metavar="N", help="Token columns (latent columns after patchification)."),
+    latent_frames: Optional[int] = typer.Option(None, metavar="N", show_default="the search's grid, else 21",
+                                                help="Latent frames of the token grid to measure density on."),
+    latent_height: Optional[int] = typer.Option(None, metavar="N", show_default="the search's grid, else 30",
+                                                help="Token rows (latent rows after patchification)."),
+    latent_width: Optional[int] = typer.Option(None, metavar="N", show_default="the search's grid, else 52",
+                                               help="Token columns (latent columns after patchification)."),
+    num_steps: Optional[int] = typer.Option(None, "--num-steps", metavar="N", show_default="the search's, else 50",
+                                            help="Denoising steps of the run to account (dense warm-ups included)."),
     heads: int = typer.Option(12, metavar="N", help="Heads per layer (for a uniform strategy)."),
-    block_size: int = typer.Option(128, metavar="TOKENS", help="Tokens per block."),
+    block_size: Optional[int] = typer.Option(None, metavar="TOKENS", show_default="the search's, else 128",
+                                             help="Tokens per block."),
+    png: Optional[Path] = typer.Option(None, "--png", metavar="FILE", help="Also draw the strategy (layers x heads: "
+                                       "kind as colour, density as shade, warm-ups and quant marked) into FILE."),
     frames: Optional[int] = typer.Option(None, hidden=True),
     height: Optional[int] = typer.Option(None, hidden=True),
     width: Optional[int] = typer.Option(None, hidden=True),
 ):
-    """Describe a strategy and its block density on a token grid (default: Wan 480x832, 81 frames)."""
+    """Describe a strategy: what every head does per step range, and what the whole run costs (effective
+    density, expected attention speed-up) on a token grid (default: the search's, else Wan 480x832, 81 frames)."""
     try:
-        from .inputs import check_at_least, check_block_size
+        from .inputs import check_at_least, check_block_size, check_writable
 
         latent_frames = _deprecated("inspect", "--frames", "--latent-frames", frames, latent_frames)
         latent_height = _deprecated("inspect", "--height", "--latent-height", height, latent_height)
         latent_width = _deprecated("inspect", "--width", "--latent-width", width, latent_width)
         for option, value in (("--latent-frames", latent_frames), ("--latent-height", latent_height),
-                              ("--latent-width", latent_width), ("--heads", heads)):
+                              ("--latent-width", latent_width), ("--heads", heads), ("--num-steps", num_steps)):
             check_at_least(option, value)
-        check_block_size(block_size)
+        if png is not None:
+            if png.suffix != ".png":
+                raise ValueError(f"--png must end in .png, got {str(png)!r}")
+            check_writable("--png", png, [png])
         from vdit_accel import Strategy, VideoGrid
-        from vdit_accel.patterns import build_block_mask, format_pattern
+        from vdit_accel.sparsity_search.accounting import HeadDensity, account
+        from vdit_accel.sparsity_search.solver import CostModel
 
         st = Strategy.from_spec(strategy)
-        grid = VideoGrid(latent_frames, latent_height, latent_width)
-        n_layers = len(st.layers) if st.layers is not None else 1
-        n_heads = len(st.layers[0]) if st.layers is not None else heads
-        typer.echo(st.describe())
-        densities = []
-        for layer in range(n_layers):
-            pats = [h.pattern for h in st.layer_heads(layer, n_heads)]
-            d = build_block_mask(pats, grid, block_size, block_size).density_per_head().tolist()
-            densities += d
-            if st.layers is not None:
-                typer.echo(f"layer {layer:3d}: " + "  ".join(f"{format_pattern(p)} ({x:.2f})" for p, x in zip(pats, d)))
-        typer.echo(f"grid {grid.t}x{grid.h}x{grid.w} = {grid.seq_len} tokens, blocks of {block_size}: "
-                   f"mean density {sum(densities) / len(densities):.3f}")
+        meta = st.search or {}
+        searched = meta.get("grid") or [21, 30, 52, 0, "none"]
+        block_size = block_size or meta.get("block_size") or 128
+        check_block_size(block_size)
+        given = (latent_frames, latent_height, latent_width)
+        t, h, w = (g if g is not None else d for g, d in zip(given, searched[:3]))
+        grid = VideoGrid(t, h, w, *(searched[3:5] if given == (None, None, None) else (0, "none")))
+        steps = num_steps or meta.get("num_inference_steps") or 50
+        n_layers = st.model.get("num_layers") or (len(st.layers) if st.layers is not None else 1)
+        n_heads = st.model.get("num_heads") or (len(st.layers[0]) if st.layers is not None else heads)
+        cm = meta.get("cost_model")
+        same = [grid.t, grid.h, grid.w, grid.text_len, grid.text_at] == searched and block_size == meta.get("block_size")
+        cost_model = CostModel(cm["fixed_ms"], cm["per_density_ms"], cm["source"]) if isinstance(cm, dict) and same else None
+        density = HeadDensity(grid, block_size)
+        acc = account(st, grid, steps, num_layers=n_layers, num_heads=n_heads, block_size=block_size,
+                      cost_model=cost_model, density=density)
+        typer.echo(st.describe(num_steps=steps))
+        if not acc.dense_throughout and (st.layers is not None or st.phases or st.layer_warmup_steps is not None):
+            ranges = [(st, st.dense_warmup_steps)] + [(ph, ph.from_step) for ph in st.phases]
+            for part, start in ranges:
+                if len(ranges) > 1:
+                    typer.echo(f"from step {start}:")
+                for layer in range(n_layers):
+                    warm = st.layer_warmup(layer)
+                    tag = f" (dense for its first {warm} steps)" if warm > st.dense_warmup_steps else ""
+                    cells = "  ".join(f"{h.describe()} ({density(h):.2f})" for h in part.layer_heads(layer, n_heads))
+                    typer.echo(f"layer {layer:3d}{tag}: {cells}")
+        typer.echo(acc.line())
+        v = meta.get("verification")
+        if v:
+            val = v.get("validation") or {}
+            typer.echo(f"verified ({'target holds' if v.get('holds') else 'target missed'}): {v.get('verdict')}; "
+                       f"validation PSNR min {val.get('psnr_db_min', float('nan')):.2f} dB over {val.get('prompts', 0)} prompts")
+        if png is not None:
+            from vdit_accel.sparsity_search.picture import write_strategy_picture
+
+            write_strategy_picture(png, st, grid, steps, num_layers=n_layers, num_heads=n_heads, block_size=block_size)
+            _say(f"wrote {png}")
     except _USER_ERRORS as e:
         _fail(str(e))
 
 
 @_command()
 def search(
-    prompts: Optional[Path] = typer.Option(None, metavar="FILE", show_default="two built-in prompts",
+    prompts: Optional[Path] = typer.Option(None, metavar="FILE", show_default="the model's built-in prompts",
                                            help="Text file with one calibration prompt per line."),
     model: Optional[str] = typer.Option(None, metavar="NAME|PATH", show_default="wan-trained",
                                         help="A built-in model or a diffusers pipeline folder or hub id."),
-    budget: float = typer.Option(0.05, metavar="FLOAT", help="Error budget: relative L2 error of a head's output against dense."),
+    min_psnr: Optional[float] = typer.Option(None, metavar="DB", help="Target: every validation video at least this PSNR "
+                                             "against dense (and no caption check regressing); the search verifies end to "
+                                             "end and tunes until it holds, or says it cannot."),
+    attention_speedup: Optional[float] = typer.Option(None, metavar="X", help="Target: the run's self-attention time, dense "
+                                                      "over accelerated (measured on a GPU; the cost model's on a CPU)."),
+    validation_prompts: Optional[Path] = typer.Option(None, metavar="FILE", show_default="the model's held-out captions, "
+                                                      "else the calibration prompts with other seeds",
+                                                      help="Held-out prompts the targets must hold on, one per line."),
+    budget: float = typer.Option(0.05, metavar="FLOAT", help="Without targets: the error budget, a head's relative L2 output "
+                                 "error against dense, averaged over every step, layer and head of the run."),
     mode: str = typer.Option("global", metavar="MODE", help="global: one budget over all heads (Lagrangian); per_head: every head within budget."),
-    target_density: Optional[float] = typer.Option(None, metavar="FLOAT", help="Instead of a budget: the mean block density to reach with least error."),
-    profile_steps: Optional[str] = typer.Option(None, metavar="I,J,...", show_default="first, middle, last",
+    target_density: Optional[float] = typer.Option(None, metavar="FLOAT", help="Instead of a budget: the effective density "
+                                                   "over the whole run (dense warm-ups at 1) to reach with least error."),
+    profile_steps: Optional[str] = typer.Option(None, metavar="I,J,...", show_default="every step",
                                                 help="Comma-separated denoising steps (0-based) to profile."),
+    orders: str = typer.Option("raster,tiled", metavar="ORDERS", help="Token orders the search may give a head, "
+                               "comma-separated (raster, tiled, semantic:top_p=0.9, ...)."),
+    phases: int = typer.Option(2, metavar="N", help="Step ranges with a pattern each (1: one pattern per head for the run)."),
+    max_probes: int = typer.Option(12, metavar="N", help="With targets: the most solve-and-generate probes to spend."),
     num_inference_steps: Optional[int] = typer.Option(None, metavar="N", show_default="the model's", help="Denoising steps of each calibration run."),
     frames: Optional[int] = typer.Option(None, metavar="N", show_default="the model's", help="Number of video frames (4k+1 for Wan)."),
     height: Optional[int] = typer.Option(None, metavar="PIXELS", show_default="the model's", help="Height in pixels."),
     width: Optional[int] = typer.Option(None, metavar="PIXELS", show_default="the model's", help="Width in pixels."),
-    dense_warmup_steps: Optional[int] = typer.Option(None, metavar="N", show_default="chosen by the search",
-                                                     help="Run the first N denoising steps dense."),
+    dense_warmup_steps: Optional[int] = typer.Option(None, metavar="N", show_default="chosen by the search, per layer",
+                                                     help="Run at least the first N denoising steps dense."),
     block_size: int = typer.Option(128, metavar="TOKENS", help="Block size the strategy will run with."),
     sample_blocks: int = typer.Option(8, metavar="N", help="Query blocks per call on which candidate errors are measured."),
     state_dir: Optional[Path] = typer.Option(None, metavar="DIR", help="Save progress here after every prompt; rerun to resume."),
     device: Optional[str] = typer.Option(None, metavar="DEVICE", show_default="cuda if available, else cpu", help="cuda or cpu."),
     dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="bfloat16 on cuda, float32 on cpu",
                                         help="float32, bfloat16 or float16."),
-    out: Path = typer.Option(Path("strategy.json"), metavar="PATH", help="Where to write the strategy file."),
+    out: Path = typer.Option(Path("strategy.json"), metavar="PATH", help="Where to write the strategy file; its picture "
+                             "(and per-step curve) goes beside it as NAME.png."),
+    png: bool = typer.Option(True, help="Write the strategy's picture beside it."),
     steps: Optional[str] = typer.Option(None, hidden=True),
 ):
-    """Search a per-layer, per-head sparse strategy on calibration prompts (torchrun for several GPUs)."""
+    """Search a per-layer, per-head strategy over the whole denoising schedule on calibration prompts;
+    with --min-psnr / --attention-speedup verify it end to end and tune it (torchrun for several GPUs)."""
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -227,25 +282,21 @@ def search(
 
         profile_steps = _deprecated("search", "--steps", "--profile-steps", steps, profile_steps)
         for option, value in (("--num-inference-steps", num_inference_steps), ("--frames", frames), ("--height", height),
-                              ("--width", width), ("--sample-blocks", sample_blocks)):
+                              ("--width", width), ("--sample-blocks", sample_blocks), ("--phases", phases),
+                              ("--max-probes", max_probes)):
             check_at_least(option, value)
         check_at_least("--dense-warmup-steps", dense_warmup_steps, 0)
         check_block_size(block_size)
-        if prompts is None:
-            prompt_list = [DEFAULT_PROMPT, "two squares bouncing off the walls"]
-        elif not prompts.is_file():
-            raise ValueError(f"--prompts {str(prompts)!r}: no such file")
-        else:
-            prompt_list = [l.strip() for l in prompts.read_text().splitlines() if l.strip()]
-            if not prompt_list:
-                raise ValueError(f"--prompts {str(prompts)!r} has no prompt (one per line)")
+        prompt_list = _prompt_file("--prompts", prompts)
+        held_out = _prompt_file("--validation-prompts", validation_prompts)
         try:
             step_list = [int(x) for x in profile_steps.split(",")] if profile_steps else None
         except ValueError:
             raise ValueError(f"--profile-steps must be comma-separated step numbers such as 0,20,39, got {profile_steps!r}") from None
         if out.suffix != ".json":
             raise ValueError(f"--out must end in .json, got {str(out)!r}")
-        check_writable("--out", out, [out])
+        picture = out.with_suffix(".png")
+        check_writable("--out", out, [out, picture] if png else [out])
         model = model or default_model(_say)
         check_model(model)
 
@@ -253,12 +304,22 @@ def search(
 
         from vdit_accel.sparsity_search import SearchConfig
         from vdit_accel.sparsity_search import search as run_search
+        from vdit_accel.sparsity_search.verify import caption_check_for
 
         config = SearchConfig(budget=budget, mode=mode, steps=step_list, dense_warmup_steps=dense_warmup_steps,
-                              block_size=block_size, sample_blocks=sample_blocks, target_density=target_density)
+                              block_size=block_size, sample_blocks=sample_blocks, target_density=target_density,
+                              orders=tuple(o.strip() for o in orders.split(",") if o.strip()), phases=phases,
+                              min_psnr=min_psnr, attention_speedup=attention_speedup, max_probes=max_probes)
+        if prompt_list is None or (config.targets is not None and held_out is None):
+            builtin_cal, builtin_val = _builtin_prompts(model)
+            prompt_list = prompt_list or builtin_cal
+            held_out = held_out or builtin_val
         if world > 1 and not torch.distributed.is_initialized():
+            import datetime
+
             backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-            torch.distributed.init_process_group(backend)
+            # (with targets rank 0 verifies end to end while the others wait for its strategy: a long wait)
+            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=3))
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         rank = torch.distributed.get_rank() if world > 1 else 0
@@ -273,12 +334,10 @@ def search(
         if model in builtin_models():
             call.update(max_sequence_length=defaults.max_sequence_length, **defaults.call_kwargs)
         strategy = _search_with_bars(run_search, pipe, prompt_list[rank::world] if world > 1 else prompt_list,
-                                     prompt_list, config, call, state_dir, rank)
+                                     prompt_list, config, call, state_dir, rank,
+                                     dict(validation_prompts=held_out, check=caption_check_for(model)))
         if rank == 0:
-            strategy.save(out)
-            typer.echo(json.dumps({"out": str(out), "strategy": strategy.describe(),
-                                   "mean_density": strategy.search["mean_density"],
-                                   "mean_error": strategy.search["mean_error"], "seconds": strategy.search["seconds"]}))
+            _report_search(strategy, out, picture if png else None, block_size)
     except _USER_ERRORS as e:
         _fail(str(e))
     finally:
@@ -286,13 +345,67 @@ def search(
             torch.distributed.destroy_process_group()
 
 
-def _search_with_bars(run_search, pipe, mine, prompt_list, config, call, state_dir, rank):
+def _report_search(strategy, out: Path, picture: Optional[Path], block_size: int) -> None:
+    """Write the strategy (and its picture), print the one-line JSON summary; exit 1 when a target missed."""
+    strategy.save(out)
+    meta = strategy.search
+    acc = meta["accounting"]
+    summary = {"out": str(out), "strategy": strategy.describe(num_steps=meta["num_inference_steps"]),
+               "summary": meta["summary"], "effective_density": acc["effective_density"],
+               "expected_attention_speedup": acc["expected_attention_speedup"], "mean_error": meta["mean_error"],
+               "seconds": meta["seconds"]}
+    if picture is not None:
+        from vdit_accel import VideoGrid
+        from vdit_accel.sparsity_search.picture import write_strategy_picture
+
+        write_strategy_picture(picture, strategy, VideoGrid(*meta["grid"]), meta["num_inference_steps"],
+                               block_size=block_size)
+        summary["picture"] = str(picture)
+    v = meta.get("verification")
+    if v:
+        summary["verification"] = {k: v[k] for k in ("holds", "verdict", "calibration", "validation",
+                                                     "attention_speedup_measured", "run_speedup_measured", "timed_on")}
+    typer.echo(json.dumps(summary))
+    if v and not v["holds"]:
+        _say(f"warning: target not met: {v['verdict']} (written to {out} for inspection)")
+        raise typer.Exit(1)
+
+
+def _prompt_file(option: str, path: Optional[Path]) -> Optional[list[str]]:
+    """The prompts of a file given to ``option``, one per line (None when not given)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ValueError(f"{option} {str(path)!r}: no such file")
+    found = [l.strip() for l in path.read_text().splitlines() if l.strip()]
+    if not found:
+        raise ValueError(f"{option} {str(path)!r} has no prompt (one per line)")
+    return found
+
+
+def _builtin_prompts(model: str) -> tuple[list[str], list[str] | None]:
+    """(calibration, validation) prompts for a built-in model: the demo's prompt and a training-like
+    caption; for the trained toy models two held-out captions of their validation set (scenes never
+    trained on, the ones sampling settings are chosen on), else none (the calibration prompts, other seeds)."""
+    from vdit_accel.pipelines.tiny import TRAINED_FAMILIES
+
+    calibration = [DEFAULT_PROMPT, "two squares bouncing off the walls"]
+    if model not in TRAINED_FAMILIES:
+        return calibration, None
+    from vdit_accel import toyvideo
+    from vdit_accel.pipelines import trained
+
+    scenes = toyvideo.rich_validation_scenes(2) if trained.model_spec(model).scenes == "rich" else toyvideo.validation_scenes(2)
+    return calibration, [s.caption for s in scenes]
+
+
+def _search_with_bars(run_search, pipe, mine, prompt_list, config, call, state_dir, rank, extra):
     """The search with two bars on rank 0: calibration prompts (this rank's), and the steps of the one
     in flight. The search reports each prompt, done or resumed, through ``progress`` once."""
     from . import progress
 
     if rank != 0:
-        return run_search(pipe, prompt_list, config, call_kwargs=call, state_dir=state_dir, progress=_say)
+        return run_search(pipe, prompt_list, config, call_kwargs=call, state_dir=state_dir, progress=_say, **extra)
     bars = progress.bars("")
     with bars:
         prompts_task = bars.add_task("prompts", total=len(mine))
@@ -305,7 +418,7 @@ def _search_with_bars(run_search, pipe, mine, prompt_list, config, call, state_d
 
         if progress.takes_step_callback(pipe):
             call = {**call, "callback_on_step_end": progress.step_callback(bars, steps_task)}
-        return run_search(pipe, prompt_list, config, call_kwargs=call, state_dir=state_dir, progress=done)
+        return run_search(pipe, prompt_list, config, call_kwargs=call, state_dir=state_dir, progress=done, **extra)
 
 
 @_command()

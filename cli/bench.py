@@ -424,7 +424,7 @@ def _searched_strategy(path: Path | None, model):
         st.validate_for(type(model).__name__, len(a.layers(model)), a.num_heads(model), a.head_dim(model))
     except ValueError as e:
         return None, f"{Path(path).name}: {e}"
-    return dataclasses.replace(st, dense_warmup_steps=0), None
+    return dataclasses.replace(st, dense_warmup_steps=0, layer_warmup_steps=None), None  # its first sparse range
 
 
 def _density(strategy, num_layers: int, num_heads: int, grid, block_size: int, device) -> float:

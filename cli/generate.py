@@ -26,8 +26,11 @@ from .inputs import check_at_least, check_block_size, check_model, check_size, c
 DEFAULT_PROMPT = "a red circle moving left on a blue background"
 UNIFORM_DEFAULT = "window3d:t=1,h=2,w=2"
 # The strategy a built-in model runs without --strategy: measured on that model to keep its videos
-# (benchmarks/demo_strategy.py; the figures are in the file's "search" metadata).
-SHIPPED_STRATEGIES = {"wan-trained": Path(__file__).resolve().parent / "strategies" / "wan-trained.json"}
+# (wan-trained: benchmarks/demo_strategy.py; wan-rich, once searched on a GPU: benchmarks/search_targets.py
+# --ship; the figures are in the file's "search" metadata). A model without its file runs the uniform default.
+_STRATEGIES_DIR = Path(__file__).resolve().parent / "strategies"
+SHIPPED_STRATEGIES = {name: _STRATEGIES_DIR / f"{name}.json" for name in ("wan-trained", "wan-rich")
+                      if (_STRATEGIES_DIR / f"{name}.json").is_file()}
 DIFF_GAIN = 8.0
 
 # Where to see the kernels' speed-up: a committed GPU result (tests/cli check these figures against it).
@@ -270,7 +273,7 @@ def run(plan: Plan, console) -> dict:
                     "grid": {"t": grid.t, "h": grid.h, "w": grid.w, "tokens": grid.seq_len},
                     "strategy": strat.describe(), "strategy_source": plan.strategy_source,
                     "block_size": opts.block_size, "density": density,
-                    "density_with_warmup": (strat.dense_warmup_steps + (steps - strat.dense_warmup_steps) * density) / steps}
+                    "density_with_warmup": _effective_density(strat, grid, steps, opts.block_size)}
     say = console.print
     say(f"{plan.model}: '{opts.prompt}', {frames}x{height}x{width} ({grid.t}x{grid.h}x{grid.w} = {grid.seq_len:,} tokens), "
         f"{steps} steps, seed {opts.seed}, {plan.device} {plan.dtype}")
@@ -329,6 +332,14 @@ def run(plan: Plan, console) -> dict:
         say(note)
     say("wrote " + ", ".join(report["outputs"].values()))
     return report
+
+
+def _effective_density(strategy, grid, steps: int, block_size: int) -> float:
+    """The block density over the whole run: every step's, dense warm-ups (global and per layer) at 1, each
+    step range at its patterns' (the search's accounting)."""
+    from vdit_accel.sparsity_search.accounting import account
+
+    return account(strategy, grid, steps, block_size=block_size).effective_density
 
 
 def _trained_names() -> tuple[str, ...]:

@@ -185,10 +185,10 @@ class PatchState:
         for proc, plan in zip(self.processors, plans):
             proc._vdit_plan = plan
 
-    def phase(self) -> tuple[bool, bool]:
-        """``(sparse, quantized)`` at the current step: past the dense warm-up; outside the strategy's
-        unquantized first and last steps."""
-        sparse = self.step >= self.strategy.dense_warmup_steps
+    def phase(self) -> tuple[int, bool]:
+        """``(sparse, quantized)`` at the current step: the strategy's stage (0 in the dense warm-up;
+        :meth:`Strategy.stage_at`); outside the strategy's unquantized first and last steps."""
+        sparse = self.strategy.stage_at(self.step)  # 0 in the dense warm-up, else the schedule's stage
         if not self.strategy.is_quantized():
             return sparse, False
         num_steps = self.num_steps()

@@ -102,6 +102,13 @@ def pattern_volume(p: PatternSpec, grid: VideoGrid) -> float:
         return min(2 * p.frames * grid.h * grid.w + 1, grid.video_len)
     if kind == "stripes":
         return len(p.frames) * grid.h * grid.w + len(p.tokens)
+    if kind == "radial":
+        frame, centre = grid.h * grid.w, grid.t // 2
+        bands = p.bands(grid)
+        keys = sum(min(2 * bands[abs(t - centre)] + 1, frame) for t in range(grid.t) if bands[abs(t - centre)] >= 0)
+        return keys + frame * sum(1 for t in range(min(p.sink, grid.t)) if bands[abs(t - centre)] < 0)
+    if kind == "sta":
+        return math.prod(min(k * side, n) for k, side, n in zip((p.t, p.h, p.w), p.tile, (grid.t, grid.h, grid.w)))
     if kind == "union":
         return sum(pattern_volume(q, grid) for q in p.of)
     return float(grid.video_len) if kind == "dense" else 0.0
@@ -141,7 +148,8 @@ class HeadProfiler:
         candidates: the patterns to score (``candidates.candidate_patterns``).
         block_size: block size of the masks the strategy will run with.
         sample_blocks: query blocks per call on which output errors are measured (spread evenly).
-        mass_stride: measure the block mass on every ``mass_stride``-th query block (1 = all).
+        mass_stride: measure the block mass on every ``mass_stride``-th query block (1 = all; 0 = on the
+            sampled blocks only: the errors, which the solver uses, need no more).
         orders: token orders to score (see the module docstring); default raster only, where the
             columns are exactly ``candidates``.
     """
@@ -208,7 +216,7 @@ class HeadProfiler:
         bs = self.block_size
         mb, nb = cdiv(s, bs), cdiv(s, bs)
         sampled = set(torch.linspace(0, mb - 1, min(self.sample_blocks, mb)).round().long().tolist())
-        mass_rows = [m for m in range(mb) if m % self.mass_stride == 0 or m in sampled]
+        mass_rows = [m for m in range(mb) if (self.mass_stride and m % self.mass_stride == 0) or m in sampled]
         rows_measured = sum(min(s, (m + 1) * bs) - m * bs for m in mass_rows)
         nc = len(self.candidates)
         for bi in range(b):

@@ -16,12 +16,33 @@ kind               parameters                                  query token (t, y
 ``stripes``        ``frames`` (list of ints, negative from     ``t'`` is one of ``frames`` (global key columns)
                    the end), ``tokens`` (list of video token
                    indices, negative from the end)
+``radial``         ``decay`` (> 0), ``min_band`` (rows, > 0),  Radial Attention's O(n log n) mask: ``t'`` is a
+                   ``sink`` (frames, >= 0)                     sink frame (``t' < sink``), or ``t == t'``, or, at
+                                                               frame distance ``d = |t - t'|`` (group
+                                                               ``g = bit_length(d)``), the in-frame raster indices
+                                                               ``p = y * w + x`` lie within the band
+                                                               ``b = decay * h * w / 2**g`` (halving as ``d``
+                                                               doubles); below ``min_band`` rows the band stays at
+                                                               ``min_band`` rows and only every ``s``-th frame
+                                                               distance is kept (``s`` the power of two that
+                                                               brings ``b * s`` to ``min_band`` rows)
+``sta``            ``t``, ``h``, ``w`` (odd kernel sizes in     sliding tile attention: the grid is cut into tiles
+                   tiles), ``tile`` (frames, rows, columns     of ``tile`` tokens; the key's tile lies in the
+                   of one tile)                                ``t x h x w`` tiles around the query's tile, the
+                                                               window's centre clamped so that it stays inside
+                                                               the grid (as STA does)
 ``skip``           —                                           never: the head's video rows output zeros
 ``union``          ``of`` (list of patterns)                   any of them
 =================  ==========================================  ================================================
 
 Text tokens (joint attention) are always attended densely, rows and columns, whatever the pattern —
 also under ``skip``, which silences only the video rows.
+
+``radial`` and ``sta`` are the peers' masks as pattern kinds (Radial Attention, Li et al. 2025; Sliding
+Tile Attention, Zhang et al. 2025), resolution-independent like the others: the radial bands are
+fractions of a frame, the STA window whole tiles. STA's tiles are compact blocks in the ``tiled``
+order (:mod:`vdit_accel.orders.static`) when ``tile`` is that order's tile (``(2, 8, 8)`` for blocks of
+128 tokens): there every visited block is a whole tile the window covers, no block is partly used.
 
 A block mask visits the (query block, key block) pair iff *some* token pair in it is allowed, so the
 block mask is a superset of the token pattern at block granularity; the kernel then attends every
@@ -105,6 +126,73 @@ class FramePeriodic(PatternSpec):
 
 
 @dataclass(frozen=True)
+class Radial(PatternSpec):
+    """Radial Attention's static mask: the frame itself, sink frames, and bands of the in-frame raster
+    index whose width halves each time the frame distance doubles (see the module docstring). The
+    defaults thin frame pairs where the band would drop under two rows: about where Radial Attention's
+    own mask (its floor is one block of 128 tokens) thins them at Wan 480p."""
+
+    kind = "radial"
+    decay: float = 1.0
+    min_band: float = 2.0
+    sink: int = 1
+
+    def check(self):
+        for name in ("decay", "min_band"):
+            if not getattr(self, name) > 0:
+                raise self.invalid(name, "a number > 0", getattr(self, name))
+        if self.sink < 0:
+            raise self.invalid("sink", "an int >= 0", self.sink)
+
+    def bands(self, grid: VideoGrid) -> list[int]:
+        """Per frame distance ``d`` in ``[0, grid.t)``: the largest in-frame index distance ``|p - p'|``
+        attended (``h * w`` for the frame itself), or -1 where that frame distance is left out."""
+        frame = grid.h * grid.w
+        narrow = self.min_band * grid.w
+        out = [frame]
+        for d in range(1, grid.t):
+            band = self.decay * frame / 2 ** d.bit_length()
+            split = 1
+            while band * split < narrow * (1 - 1e-12):
+                split *= 2
+            out.append(int(band + 1e-9) if split == 1 else (int(narrow + 1e-9) if d % split == 0 else -1))
+        return out
+
+
+@dataclass(frozen=True)
+class Sta(PatternSpec):
+    """Sliding tile attention: whole tiles of ``tile`` = (frames, rows, columns) tokens, a window of
+    ``t x h x w`` tiles (odd sizes) centred on the query's tile and clamped inside the grid."""
+
+    kind = "sta"
+    t: int
+    h: int
+    w: int
+    tile: tuple[int, ...] = (2, 8, 8)
+
+    def check(self):
+        for name in ("t", "h", "w"):
+            v = getattr(self, name)
+            if v < 1 or v % 2 == 0:
+                raise self.invalid(name, "an odd int >= 1 (a window of whole tiles centred on the query's)", v)
+        if len(self.tile) != 3 or min(self.tile) < 1:
+            raise self.invalid("tile", "three ints >= 1 (frames|rows|columns)", list(self.tile))
+
+    def axes(self, grid: VideoGrid) -> list[tuple[int, int, int]]:
+        """Per axis (t, y, x): ``(tile side, tiles on the grid, window radius in tiles)``."""
+        return [(s, cdiv(n, s), k // 2) for s, n, k in zip(self.tile, (grid.t, grid.h, grid.w), (self.t, self.h, self.w))]
+
+
+def _sta_reach_matrix(n: int, r: int, device) -> torch.Tensor:
+    """Bool ``[n, n]``: query tile i reaches key tile j (window of radius r, centre clamped inside)."""
+    i = torch.arange(n, device=device)
+    if 2 * r + 1 >= n:
+        return torch.ones(n, n, dtype=torch.bool, device=device)
+    centre = i.clamp(r, n - 1 - r)
+    return (centre[:, None] - i[None, :]).abs() <= r
+
+
+@dataclass(frozen=True)
 class Stripes(PatternSpec):
     """Global key columns: whole frames (negative: from the end) and single video tokens."""
 
@@ -126,10 +214,11 @@ class Union(PatternSpec):
             raise self.invalid("of", "a non-empty list", list(self.of))
 
 
-PATTERNS = SpecRegistry("pattern", [Dense, Skip, Window1d, Window3d, FramePeriodic, Stripes, Union], examples={
-    "window1d": "window1d:frames=1.5", "window3d": "window3d:t=1,h=2,w=2",
-    "frame_periodic": "frame_periodic:h=1,w=1,every=2", "union": "window3d:t=1,h=1,w=1+stripes:frames=0"},
-    join=Union)
+PATTERNS = SpecRegistry("pattern", [Dense, Skip, Window1d, Window3d, FramePeriodic, Stripes, Radial, Sta, Union],
+                       examples={"window1d": "window1d:frames=1.5", "window3d": "window3d:t=1,h=2,w=2",
+                                 "frame_periodic": "frame_periodic:h=1,w=1,every=2", "sta": "sta:t=3,h=3,w=3",
+                                 "union": "window3d:t=1,h=1,w=1+stripes:frames=0"},
+                       join=Union)
 PATTERN_KINDS = PATTERNS.names
 DENSE = Dense()
 
@@ -205,6 +294,30 @@ def _video_reach(p: PatternSpec, grid: VideoGrid, q_onehot: torch.Tensor) -> tor
         hi = torch.where(flat > 0, pos, -big).amax(1)
         reach = (pos >= (lo - radius).unsqueeze(1)) & (pos <= (hi + radius).unsqueeze(1))
         return reach.view(g, t, h, w)
+    if kind == "radial":
+        x = (q_onehot > 0).reshape(g, t, h * w)
+        bands = p.bands(grid)
+        dist = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).abs()
+        table = torch.tensor(bands)[dist]  # [T, T]: the band between query frame i and key frame j
+        out = torch.zeros(g, t, h * w, dtype=torch.bool, device=q_onehot.device)
+        for band in sorted({b for b in bands if b >= 0}):
+            pairs = (table == band).to(q_onehot.device, torch.float32)  # [T (query), T (key)]
+            out |= torch.einsum("gtf,ts->gsf", _dilate(x, 2, band).float(), pairs) > 0
+        if p.sink:
+            out[:, : p.sink] |= x.flatten(1).any(1)[:, None, None]
+        return out.view(g, t, h, w)
+    if kind == "sta":
+        x = q_onehot > 0
+        for dim, (side, n, r) in zip((1, 2, 3), p.axes(grid)):
+            size = x.shape[dim]
+            pad = n * side - size
+            if pad:
+                x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1:])], dim)
+            tiles = x.unflatten(dim, (n, side)).any(dim + 1)  # the tiles some query of the group is in
+            reach = _sta_reach_matrix(n, r, x.device).float()
+            tiles = torch.tensordot(tiles.float(), reach, dims=([dim], [0])).movedim(-1, dim) > 0
+            x = tiles.repeat_interleave(side, dim).narrow(dim, 0, size)
+        return x
     if kind == "stripes":
         any_q = (q_onehot.flatten(1).amax(1) > 0).view(g, 1)
         cols = torch.zeros(t * h * w, dtype=torch.bool, device=q_onehot.device)
@@ -298,6 +411,34 @@ def _block_reach(p: PatternSpec, grid: VideoGrid, q, k, q_range, k_range, device
         dmax = qhi[:, None, :, None, 0] - klo[None, :, None, :, 0]
         every = p.every
         ok = ok & (torch.div(dmax, every, rounding_mode="floor") * every >= dmin)
+        return ok.flatten(2).any(-1)
+    if kind == "radial":
+        # Every box is a range of frames x a range of in-frame raster indices (one partial row, or
+        # full-width rows), so the achievable frame distances and the nearest in-frame distance of two
+        # boxes are intervals: the pair is allowed iff the widest band over those distances covers it.
+        bands = torch.tensor(p.bands(grid), device=device)
+        widest = torch.stack([torch.cummax(torch.cat([bands[i:], bands.new_full((i,), -1)]), 0).values
+                              for i in range(grid.t)])  # [dmin, dmax - dmin]: max band over [dmin, dmax]
+        qt0, qt1, kt0, kt1 = qlo[:, None, :, None, 0], qhi[:, None, :, None, 0], klo[None, :, None, :, 0], khi[None, :, None, :, 0]
+        w = grid.w
+        qp0, qp1 = (qlo[..., 1] * w + qlo[..., 2])[:, None, :, None], (qhi[..., 1] * w + qhi[..., 2])[:, None, :, None]
+        kp0, kp1 = (klo[..., 1] * w + klo[..., 2])[None, :, None, :], (khi[..., 1] * w + khi[..., 2])[None, :, None, :]
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        # (boxes that are not valid hold arbitrary bounds: clamped to index the table, masked by `both`)
+        dmin = torch.maximum(torch.maximum(kt0 - qt1, qt0 - kt1), zero).clamp_max(grid.t - 1)
+        dmax = torch.maximum(torch.maximum(qt1 - kt0, kt1 - qt0).clamp_max(grid.t - 1), dmin)
+        near = torch.maximum(torch.maximum(kp0 - qp1, qp0 - kp1), zero)
+        ok = (widest[dmin, dmax - dmin] >= near) | (kt0 < p.sink)
+        return (both & ok).flatten(2).any(-1)
+    if kind == "sta":
+        ok = both
+        for axis, (side, n, r) in enumerate(p.axes(grid)):
+            if 2 * r + 1 >= n:
+                continue
+            c0 = (qlo[..., axis] // side).clamp(r, n - 1 - r)[:, None, :, None]
+            c1 = (qhi[..., axis] // side).clamp(r, n - 1 - r)[:, None, :, None]
+            k0, k1 = (klo[..., axis] // side)[None, :, None, :], (khi[..., axis] // side)[None, :, None, :]
+            ok = ok & (k0 <= c1 + r) & (c0 - r <= k1)
         return ok.flatten(2).any(-1)
     if kind == "window1d":
         radius = int(round(p.frames * grid.h * grid.w))

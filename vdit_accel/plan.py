@@ -9,9 +9,11 @@ and each processor holds a reference to its layer's plan. The attention call the
 plan (:meth:`LayerPlan.as_tuple`, the arguments of the ``vdit::attention`` op, as FlexAttention's
 ``BlockMask.as_tuple()``) -- no strategy lookup, no mask build, no string round trip per call.
 
-Phases: a plan is compiled for the denoising phase it serves -- ``sparse`` (after the dense warm-up
-steps; before, every head is dense) and ``quantized`` (outside the strategy's unquantized first and
-last steps) -- so the pre-hook picks one of at most four plans per (grid, layer) by the step.
+Phases: a plan is compiled for the denoising phase it serves -- its ``sparse`` stage (0: the dense
+warm-up, every head dense; ``k >= 1``: the strategy's ``k``-th stage, :attr:`Strategy.stage_starts`,
+where per-layer warm-ups and the strategy's step ranges change what the heads do) and ``quantized``
+(outside the strategy's unquantized first and last steps) -- so the pre-hook picks one of a few plans
+per (grid, layer) by the step.
 
 Token orders: heads whose static order (raster, tiled) differs from the order the tensors arrive in
 (the transformer's *frame*, see :mod:`vdit_accel.pipelines.permute`) get ``k_index`` (K and V are
@@ -133,21 +135,24 @@ class LayerPlan:
         return 1.0 if bm is None else bm.density()
 
 
-def layer_signature(strategy: Strategy, layer: int, num_heads: int) -> tuple[HeadSpec, ...]:
-    """What ``layer``'s heads do, as a key: layers with equal signatures share their plans."""
-    return strategy.layer_heads(layer, num_heads)
+def layer_signature(strategy: Strategy, layer: int, num_heads: int) -> tuple:
+    """What ``layer``'s heads do in every stage, as a key: layers with equal signatures share their plans."""
+    if not strategy.phases and strategy.layer_warmup_steps is None:
+        return strategy.layer_heads(layer, num_heads)
+    return tuple(strategy.stage_heads(layer, num_heads, k) for k in range(1, len(strategy.stage_starts) + 1))
 
 
 def compile_layer_plan(strategy: Strategy, layer: int, num_heads: int, grid: VideoGrid | None,
-                       heads: tuple[int, int], block_size: int, device, *, sparse: bool = True,
+                       heads: tuple[int, int], block_size: int, device, *, sparse: bool | int = True,
                        quantized: bool = True, frame: OrderSpec | None = None) -> LayerPlan:
     """``layer`` of ``strategy`` (a model of ``num_heads`` heads) as a :class:`LayerPlan` for attention
     calls over ``grid`` (None: unknown, then dense) of global heads ``heads``, on ``device``.
 
-    ``sparse`` False: the dense warm-up (no mask, no orders); ``quantized`` False: every head
+    ``sparse``: the stage (:meth:`Strategy.stage_at`; True is stage 1, the first after the dense
+    warm-up); 0 or False: the dense warm-up (no mask, no orders). ``quantized`` False: every head
     unquantized. ``frame``: the static order the call's tokens arrive in (None: raster)."""
     h0, h1 = heads
-    specs = strategy.layer_heads(layer, num_heads)[h0:h1]
+    specs = (strategy.stage_heads(layer, num_heads, int(sparse)) if sparse else strategy.layer_heads(layer, num_heads))[h0:h1]
     runs = head_runs([h.quant for h in specs] if quantized else None, h1 - h0)
     patterns, orders = [h.pattern for h in specs], [h.order for h in specs]
     if not sparse or grid is None or all(h.pattern == DENSE and not h.dynamic for h in specs):

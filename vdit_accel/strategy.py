@@ -27,12 +27,27 @@ strategy; ``model`` fields may be omitted (then any model of matching structure 
 step count: patch the pipeline, not only its transformer). A ``semantic`` or ``segment`` head chooses
 its key blocks from each call's data, so its pattern must be ``dense``.
 
+Version 3 adds the denoising schedule beyond one dense warm-up (heads change over the trajectory)::
+
+      "dense_warmup_steps": 4,
+      "layer_warmup_steps": [12, 4, 4, 4, 4, 40],
+      "default": {...}, "layers": [...],
+      "phases": [{"from_step": 20, "default": {...}, "layers": [{"heads": [...]}, ...]}]
+
+``layer_warmup_steps[i]``: layer ``i`` runs dense for its first that many steps (at least
+``dense_warmup_steps``; as many as the run has: dense throughout). ``default`` / ``layers`` say what the
+heads do from the warm-up on; each entry of ``phases`` what they do from its ``from_step`` (ascending,
+0-based denoising steps) until the next. A phase lists its heads like the top level (``default``, optional
+``layers`` with the top level's shape, per-head ``error`` / ``density``).
+
 Version 1 files (a top-level ``default`` pattern, ``quant`` and ``order``; every listed head with its
-``pattern``) load as they are; :meth:`Strategy.save` writes version 2.
+``pattern``) and version 2 files load as they are; :meth:`Strategy.save` writes the lowest version that
+holds the strategy: 2, or 3 when it has phases or per-layer warm-ups.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -44,9 +59,10 @@ from .patterns import DENSE, PatternSpec, format_pattern, parse_pattern
 from .quant import QuantMode
 
 FORMAT = "vdit-accel-strategy"
-VERSION = 2
-_TOP_KEYS = {"format", "version", "model", "dense_warmup_steps", "quant_bf16_steps", "default", "layers", "search"}
-_TOP_KEYS_V1 = _TOP_KEYS | {"quant", "order"}
+VERSION = 3
+_TOP_KEYS_V2 = {"format", "version", "model", "dense_warmup_steps", "quant_bf16_steps", "default", "layers", "search"}
+_TOP_KEYS = {1: _TOP_KEYS_V2 | {"quant", "order"}, 2: _TOP_KEYS_V2, 3: _TOP_KEYS_V2 | {"layer_warmup_steps", "phases"}}
+_PHASE_KEYS = {"from_step", "default", "layers"}
 _MODEL_KEYS = {"class", "num_layers", "num_heads", "head_dim"}
 _HEAD_KEYS = {"pattern", "order", "quant"}
 _STAT_KEYS = {"error", "density"}
@@ -118,6 +134,62 @@ def _head(x, base: HeadSpec) -> HeadSpec:
     return dataclasses.replace(base, pattern=parse_pattern(x))
 
 
+def _per_head(layers, head_stats, default: HeadSpec, where: str):
+    """``(layers, head_stats)`` normalised: tuples of :class:`HeadSpec` (patterns take ``default``'s
+    order and quant) and of stat dicts; checked to be one non-empty row per layer, all of one width."""
+    if layers is None:
+        if head_stats is not None:
+            raise ValueError(f"per-head 'head_stats' need per-head 'layers'{where}")
+        return None, None
+    if not layers or not all(isinstance(l, (list, tuple)) and l for l in layers):
+        raise ValueError(f"strategy 'layers'{where} must be a non-empty list of non-empty per-head lists")
+    widths = {len(l) for l in layers}
+    if len(widths) != 1:
+        raise ValueError(f"every layer{where} must list the same number of heads, got {sorted(widths)}")
+    out = []
+    for li, layer in enumerate(layers):
+        row = []
+        for hi, head in enumerate(layer):
+            try:
+                row.append(_head(head, default))
+            except ValueError as e:
+                raise ValueError(f"strategy{where} layers[{li}].heads[{hi}]: {e}") from None
+        out.append(tuple(row))
+    if head_stats is not None:
+        if [len(s) for s in head_stats] != [len(l) for l in out]:
+            raise ValueError(f"'head_stats'{where} must list one entry per head of every layer of 'layers'")
+        head_stats = tuple(tuple(dict(s) for s in row) for row in head_stats)
+    return tuple(out), head_stats
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What the heads do from denoising step ``from_step`` (0-based) on, until the next phase.
+
+    ``default`` / ``layers`` / ``head_stats`` as in :class:`Strategy`. Buys a pattern per part of the
+    trajectory (the layout is decided early, details late); costs one more set of plans per grid."""
+
+    from_step: int
+    default: HeadSpec = HeadSpec()
+    layers: tuple[tuple[HeadSpec, ...], ...] | None = None
+    head_stats: tuple[tuple[dict[str, float], ...], ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.from_step, bool) or not isinstance(self.from_step, int) or self.from_step < 1:
+            raise ValueError(f"a phase's from_step must be an int >= 1 (step 0 is the strategy's own), got {self.from_step!r}")
+        default = _head(self.default, HeadSpec())
+        object.__setattr__(self, "default", default)
+        layers, stats = _per_head(self.layers, self.head_stats, default, f" (phase from step {self.from_step})")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "head_stats", stats)
+
+    def layer_heads(self, layer: int, num_heads: int) -> tuple[HeadSpec, ...]:
+        return (self.default,) * num_heads if self.layers is None else self.layers[layer]
+
+    def heads(self) -> list[HeadSpec]:
+        return [self.default] if self.layers is None else [h for layer in self.layers for h in layer]
+
+
 @dataclass(frozen=True)
 class Strategy:
     """A default head spec plus, optionally, every head's own; the denoising schedule; metadata.
@@ -133,6 +205,11 @@ class Strategy:
             ``num_heads``, ``head_dim``), checked by :meth:`validate_for`.
         head_stats: optional ``[layer][head]`` dicts of measured ``error`` / ``density``.
         search: the search's metadata (prompts, steps, budget, GPU, versions, time), free-form.
+        layer_warmup_steps: optional, per layer: its first N steps dense (at least ``dense_warmup_steps``);
+            the first layers dense for longer buys quality where the video's layout forms, at their
+            share of the cost. A layer's N at or beyond the run's steps keeps it dense throughout.
+        phases: later step ranges, each a :class:`Phase` (ascending ``from_step``): a pattern per part
+            of the denoising trajectory.
     """
 
     default: HeadSpec = HeadSpec()
@@ -142,6 +219,8 @@ class Strategy:
     model: dict[str, Any] = field(default_factory=dict)
     head_stats: tuple[tuple[dict[str, float], ...], ...] | None = None
     search: dict[str, Any] = field(default_factory=dict)
+    layer_warmup_steps: tuple[int, ...] | None = None
+    phases: tuple[Phase, ...] = ()
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -158,32 +237,32 @@ class Strategy:
         unknown = set(model) - _MODEL_KEYS
         if unknown:
             raise ValueError(f"strategy 'model' has unknown keys {sorted(unknown)}; allowed: {sorted(_MODEL_KEYS)}")
-        if self.layers is not None:
-            if not self.layers or not all(isinstance(l, (list, tuple)) and l for l in self.layers):
-                raise ValueError("strategy 'layers' must be a non-empty list of non-empty per-head lists")
-            widths = {len(l) for l in self.layers}
-            if len(widths) != 1:
-                raise ValueError(f"every layer must list the same number of heads, got {sorted(widths)}")
-            layers = []
-            for li, layer in enumerate(self.layers):
-                row = []
-                for hi, head in enumerate(layer):
-                    try:
-                        row.append(_head(head, default))
-                    except ValueError as e:
-                        raise ValueError(f"strategy layers[{li}].heads[{hi}]: {e}") from None
-                layers.append(tuple(row))
-            set_("layers", tuple(layers))
-            for name, val in (("num_layers", len(layers)), ("num_heads", widths.pop())):
+        layers, stats = _per_head(self.layers, self.head_stats, default, "")
+        set_("layers", layers)
+        set_("head_stats", stats)
+        phases = tuple(self.phases)
+        if not all(isinstance(ph, Phase) for ph in phases):
+            raise ValueError("strategy 'phases' must be Phase objects (from_step, default, layers)")
+        starts = [ph.from_step for ph in phases]
+        if starts != sorted(set(starts)):
+            raise ValueError(f"strategy phases must start at strictly ascending steps, got {starts}")
+        set_("phases", phases)
+        for where, rows in [("'layers'", layers)] + [(f"phase from step {ph.from_step}", ph.layers) for ph in phases]:
+            if rows is None:
+                continue
+            for name, val in (("num_layers", len(rows)), ("num_heads", len(rows[0]))):
                 if model.get(name, val) != val:
-                    raise ValueError(f"strategy model.{name}={model[name]} but 'layers' has {val}")
+                    raise ValueError(f"strategy model.{name}={model[name]} but {where} has {val}")
                 model[name] = val
-            if self.head_stats is not None:
-                if [len(s) for s in self.head_stats] != [len(l) for l in layers]:
-                    raise ValueError("'head_stats' must list one entry per head of every layer of 'layers'")
-                set_("head_stats", tuple(tuple(dict(s) for s in row) for row in self.head_stats))
-        elif self.head_stats is not None:
-            raise ValueError("per-head 'head_stats' need per-head 'layers'")
+        if self.layer_warmup_steps is not None:
+            warm = self.layer_warmup_steps
+            if not isinstance(warm, (list, tuple)) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in warm):
+                raise ValueError(f"layer_warmup_steps must be a list of ints >= 0 (one per layer), got {warm!r}")
+            if model.get("num_layers", len(warm)) != len(warm):
+                raise ValueError(f"layer_warmup_steps lists {len(warm)} layers but the strategy has {model['num_layers']}")
+            model["num_layers"] = len(warm)
+            set_("layer_warmup_steps", tuple(int(n) for n in warm))
         set_("model", model)
         set_("search", dict(self.search))
 
@@ -237,9 +316,13 @@ class Strategy:
         return st
 
     def with_heads(self, **changes) -> "Strategy":
-        """Every head (default and listed) with ``changes`` (``order=``, ``quant=``, ``pattern=``)."""
-        layers = None if self.layers is None else [[dataclasses.replace(h, **changes) for h in l] for l in self.layers]
-        return dataclasses.replace(self, default=dataclasses.replace(self.default, **changes), layers=layers)
+        """Every head (default and listed, of every phase) with ``changes`` (``order=``, ``quant=``, ``pattern=``)."""
+
+        def apply(x):
+            layers = None if x.layers is None else [[dataclasses.replace(h, **changes) for h in l] for l in x.layers]
+            return dataclasses.replace(x, default=dataclasses.replace(x.default, **changes), layers=layers)
+
+        return dataclasses.replace(apply(self), phases=tuple(apply(ph) for ph in self.phases))
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -253,8 +336,56 @@ class Strategy:
         return self.layers[layer]
 
     def heads(self) -> list[HeadSpec]:
-        """Every head spec the strategy uses (the default alone for a uniform strategy)."""
-        return [self.default] if self.layers is None else [h for layer in self.layers for h in layer]
+        """Every head spec the strategy uses, in every phase (the default alone for a uniform strategy)."""
+        own = [self.default] if self.layers is None else [h for layer in self.layers for h in layer]
+        return own + [h for ph in self.phases for h in ph.heads()]
+
+    # -- the schedule --------------------------------------------------------------------------
+    @property
+    def stage_starts(self) -> tuple[int, ...]:
+        """The steps from which what the heads do changes, ascending: the dense warm-up's end, then every
+        later per-layer warm-up end and phase start. Stage ``k >= 1`` runs from ``stage_starts[k - 1]``
+        to the next; stage 0 is the dense warm-up."""
+        w = self.dense_warmup_steps
+        later = {n for n in (self.layer_warmup_steps or ()) if n > w} | {ph.from_step for ph in self.phases if ph.from_step > w}
+        return (w, *sorted(later))
+
+    def stage_at(self, step: int) -> int:
+        """The stage (see :attr:`stage_starts`) denoising ``step`` is in: 0 in the dense warm-up."""
+        return 0 if step < self.dense_warmup_steps else bisect.bisect_right(self.stage_starts, step)
+
+    def layer_warmup(self, layer: int) -> int:
+        """The steps ``layer`` runs dense before its patterns apply."""
+        own = self.layer_warmup_steps[layer] if self.layer_warmup_steps is not None else 0
+        return max(self.dense_warmup_steps, own)
+
+    def heads_at(self, layer: int, num_heads: int, step: int) -> tuple[HeadSpec, ...]:
+        """What ``layer``'s heads do at denoising ``step``: in the layer's warm-up every head dense (in
+        raster order, its quantization mode kept), else the heads of the phase ``step`` is in."""
+        if step < self.layer_warmup(layer):
+            return tuple(dataclasses.replace(h, pattern=DENSE, order=None) for h in self.layer_heads(layer, num_heads))
+        phase = None
+        for ph in self.phases:
+            if ph.from_step <= step:
+                phase = ph
+        return self.layer_heads(layer, num_heads) if phase is None else phase.layer_heads(layer, num_heads)
+
+    def stage_heads(self, layer: int, num_heads: int, stage: int) -> tuple[HeadSpec, ...]:
+        """What ``layer``'s heads do in ``stage`` (>= 1; see :attr:`stage_starts`)."""
+        starts = self.stage_starts
+        if not 1 <= stage <= len(starts):
+            raise ValueError(f"stage {stage} is not one of this strategy's sparse stages 1..{len(starts)}")
+        return self.heads_at(layer, num_heads, starts[stage - 1])
+
+    def dense_throughout(self, num_steps: int, num_layers: int | None = None) -> bool:
+        """Whether a run of ``num_steps`` steps attends every key at every step in every layer."""
+        if self.dense_warmup_steps >= num_steps:
+            return True
+        n_layers = num_layers or self.model.get("num_layers") or (len(self.layers) if self.layers else 1)
+        heads = self.model.get("num_heads") or 1
+        return all(h.pattern == DENSE and not h.dynamic
+                   for layer in range(n_layers) for s in self.stage_starts if s < num_steps
+                   for h in self.heads_at(layer, heads, s))
 
     def uses_orders(self) -> bool:
         """Whether any head is attended in another order than raster."""
@@ -288,42 +419,56 @@ class Strategy:
                     "(`vdit-accel search`) or use a uniform one (e.g. --strategy window3d:t=1,h=2,w=2)."
                 )
 
-    def describe(self) -> str:
+    def describe(self, num_steps: int | None = None) -> str:
+        """One line: the heads' patterns, the schedule; for a run of ``num_steps`` that attends every key
+        throughout, only that (the patterns listed would never run)."""
         heads = self.heads()
+        if num_steps is not None and self.dense_throughout(num_steps):
+            why = (f"its {self.dense_warmup_steps} dense warm-up steps cover all {num_steps}"
+                   if self.dense_warmup_steps >= num_steps else "every head of every layer is dense at every step")
+            return f"runs dense throughout a {num_steps}-step run ({why}): no attention is skipped"
         extra = ""
         if self.is_quantized():
             modes = sorted({str(h.quant) for h in heads})
             extra = f", quant={'/'.join(modes)} (bf16 steps: first {self.quant_bf16_steps[0]}, last {self.quant_bf16_steps[1]})"
         if self.uses_orders():
             extra += f", order={'/'.join(sorted({format_order(h.order) for h in heads}))}"
+        if self.layer_warmup_steps is not None:
+            extra += f", layer_warmup_steps={list(self.layer_warmup_steps)}"
+
+        def mix(specs) -> str:
+            kinds: dict[str, int] = {}
+            for h in specs:
+                kinds[h.pattern.kind] = kinds.get(h.pattern.kind, 0) + 1
+            return ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+        later = "".join(f"; from step {ph.from_step}: " + (f"uniform {format_pattern(ph.default.pattern)}" if ph.layers is None
+                                                            else mix(ph.heads())) for ph in self.phases)
         if self.layers is None:
-            return f"uniform {format_pattern(self.default.pattern)}, dense_warmup_steps={self.dense_warmup_steps}{extra}"
-        kinds: dict[str, int] = {}
-        for h in heads:
-            kinds[h.pattern.kind] = kinds.get(h.pattern.kind, 0) + 1
-        mix = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-        return (f"{len(self.layers)} layers x {len(self.layers[0])} heads ({mix}), "
-                f"dense_warmup_steps={self.dense_warmup_steps}{extra}")
+            return f"uniform {format_pattern(self.default.pattern)}, dense_warmup_steps={self.dense_warmup_steps}{extra}{later}"
+        own = [h for layer in self.layers for h in layer]
+        return (f"{len(self.layers)} layers x {len(self.layers[0])} heads ({mix(own)}), "
+                f"dense_warmup_steps={self.dense_warmup_steps}{extra}{later}")
 
     # -- JSON ----------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The lowest file version that holds this strategy (3 for phases or per-layer warm-ups)."""
+        return 3 if self.phases or self.layer_warmup_steps is not None else 2
+
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+        d: dict[str, Any] = {"format": FORMAT, "version": self.version}
         if self.model:
             d["model"] = dict(self.model)
         d["dense_warmup_steps"] = self.dense_warmup_steps
+        if self.layer_warmup_steps is not None:
+            d["layer_warmup_steps"] = list(self.layer_warmup_steps)
         if self.quant_bf16_steps != (0, 0):
             d["quant_bf16_steps"] = list(self.quant_bf16_steps)
-        d["default"] = self.default.to_json()
-        if self.layers is not None:
-            d["layers"] = []
-            for li, layer in enumerate(self.layers):
-                heads = []
-                for hi, h in enumerate(layer):
-                    entry = h.to_json(self.default)
-                    if self.head_stats is not None:
-                        entry.update(self.head_stats[li][hi])
-                    heads.append(entry)
-                d["layers"].append({"heads": heads})
+        d.update(_heads_to_json(self.default, self.layers, self.head_stats))
+        if self.phases:
+            d["phases"] = [{"from_step": ph.from_step, **_heads_to_json(ph.default, ph.layers, ph.head_stats)}
+                           for ph in self.phases]
         if self.search:
             d["search"] = self.search
         return d
@@ -335,38 +480,33 @@ class Strategy:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a vdit-accel strategy (format={d.get('format')!r}, expected {FORMAT!r})")
         version = d.get("version")
-        if version not in (1, VERSION):
-            raise ValueError(f"strategy version {version!r} is not supported (this vdit-accel reads versions 1 and "
-                             f"{VERSION}); write it again with a vdit-accel that reads it, or search a new one")
-        unknown = set(d) - (_TOP_KEYS if version == VERSION else _TOP_KEYS_V1)
+        if version not in _TOP_KEYS:
+            raise ValueError(f"strategy version {version!r} is not supported (this vdit-accel reads versions "
+                             f"{', '.join(map(str, sorted(_TOP_KEYS)))}); write it again with a vdit-accel that reads it, "
+                             "or search a new one")
+        unknown = set(d) - _TOP_KEYS[version]
         if unknown:
             raise ValueError(f"strategy (version {version}) has unknown keys {sorted(unknown)}; allowed: "
-                             f"{sorted(_TOP_KEYS if version == VERSION else _TOP_KEYS_V1)}")
+                             f"{sorted(_TOP_KEYS[version])}")
         default = _default_v1(d) if version == 1 else _read("default", lambda: HeadSpec.from_json(_object(d, "default")))
-        layers = stats = None
-        if "layers" in d:
-            if not isinstance(d["layers"], list):
-                raise ValueError("strategy 'layers' must be a list of {'heads': [...]}")
-            layers, stats = [], []
-            for li, layer in enumerate(d["layers"]):
-                if not isinstance(layer, dict) or set(layer) != {"heads"} or not isinstance(layer["heads"], list):
-                    raise ValueError(f"strategy layers[{li}] must be {{'heads': [...]}}")
-                heads, st = [], []
-                for hi, head in enumerate(layer["heads"]):
-                    where = f"layers[{li}].heads[{hi}]"
-                    if not isinstance(head, dict) or "pattern" not in head or set(head) - _HEAD_KEYS - _STAT_KEYS:
-                        raise ValueError(f"strategy {where} must have 'pattern' and optionally 'order', 'quant', "
-                                         "'error', 'density'")
-                    heads.append(_read(where, lambda: HeadSpec.from_json(head, default)))
-                    st.append({k: float(v) for k, v in head.items() if k in _STAT_KEYS})
-                layers.append(heads)
-                stats.append(st)
-            if not any(any(s) for s in stats):
-                stats = None
+        layers, stats = _heads_from_json(d, default, "")
+        phases = []
+        raw = d.get("phases", [])
+        if not isinstance(raw, list):
+            raise ValueError("strategy 'phases' must be a list of {'from_step': N, 'default': {...}, 'layers': [...]}")
+        for pi, ph in enumerate(raw):
+            where = f"phases[{pi}]"
+            if not isinstance(ph, dict) or "from_step" not in ph or set(ph) - _PHASE_KEYS:
+                raise ValueError(f"strategy {where} must have 'from_step' and optionally 'default', 'layers'")
+            ph_default = _read(f"{where}.default", lambda: HeadSpec.from_json(_object(ph, "default")))
+            ph_layers, ph_stats = _heads_from_json(ph, ph_default, f"{where}.")
+            phases.append(_read(where, lambda: Phase(ph["from_step"], ph_default, ph_layers, ph_stats)))
         qbs = d.get("quant_bf16_steps", [0, 0])
+        warm = d.get("layer_warmup_steps")
         return cls(default=default, layers=layers, dense_warmup_steps=d.get("dense_warmup_steps", 0),
                    quant_bf16_steps=tuple(qbs) if isinstance(qbs, list) else qbs, model=dict(d.get("model", {})),
-                   head_stats=stats, search=dict(d.get("search", {})))
+                   head_stats=stats, search=dict(d.get("search", {})),
+                   layer_warmup_steps=tuple(warm) if isinstance(warm, list) else warm, phases=tuple(phases))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
@@ -388,6 +528,44 @@ class Strategy:
         except json.JSONDecodeError as e:
             raise ValueError(f"strategy file {str(path)!r} is not valid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+def _heads_to_json(default: HeadSpec, layers, head_stats) -> dict[str, Any]:
+    """``{"default": ..., "layers": [{"heads": [...]}, ...]}`` (layers only where listed)."""
+    d: dict[str, Any] = {"default": default.to_json()}
+    if layers is not None:
+        d["layers"] = []
+        for li, layer in enumerate(layers):
+            heads = []
+            for hi, h in enumerate(layer):
+                entry = h.to_json(default)
+                if head_stats is not None:
+                    entry.update(head_stats[li][hi])
+                heads.append(entry)
+            d["layers"].append({"heads": heads})
+    return d
+
+
+def _heads_from_json(d: dict, default: HeadSpec, where: str):
+    """``(layers, head_stats)`` of a document's (or a phase's) ``layers`` (None, None where absent)."""
+    if "layers" not in d:
+        return None, None
+    if not isinstance(d["layers"], list):
+        raise ValueError(f"strategy {where}'layers' must be a list of {{'heads': [...]}}")
+    layers, stats = [], []
+    for li, layer in enumerate(d["layers"]):
+        if not isinstance(layer, dict) or set(layer) != {"heads"} or not isinstance(layer["heads"], list):
+            raise ValueError(f"strategy {where}layers[{li}] must be {{'heads': [...]}}")
+        heads, st = [], []
+        for hi, head in enumerate(layer["heads"]):
+            at = f"{where}layers[{li}].heads[{hi}]"
+            if not isinstance(head, dict) or "pattern" not in head or set(head) - _HEAD_KEYS - _STAT_KEYS:
+                raise ValueError(f"strategy {at} must have 'pattern' and optionally 'order', 'quant', 'error', 'density'")
+            heads.append(_read(at, lambda: HeadSpec.from_json(head, default)))
+            st.append({k: float(v) for k, v in head.items() if k in _STAT_KEYS})
+        layers.append(heads)
+        stats.append(st)
+    return layers, (stats if any(any(s) for s in stats) else None)
 
 
 def _read(where: str, make):

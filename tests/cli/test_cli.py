@@ -91,7 +91,7 @@ def test_generate_large_is_the_trained_models_large_size(tmp_path, monkeypatch):
 def test_inspect_and_console_script():
     res = runner.invoke(app, ["inspect", "window3d:t=1,h=2,w=2", "--latent-frames", "5", "--latent-height", "8",
                               "--latent-width", "8"])
-    assert res.exit_code == 0 and "mean density" in res.output and "warning" not in res.output
+    assert res.exit_code == 0 and "effective density" in res.output and "warning" not in res.output
     proc = subprocess.run([sys.executable, "-m", "vdit_accel.cli.app", "version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("vdit-accel ") and "torch " in proc.stdout
 
@@ -114,6 +114,9 @@ def test_search_with_progress_bars(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["format"] == "vdit-accel-strategy"
     assert "prompts" in res.stderr and "2/2" in res.stderr and "prompt 2/2 profiled" in res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["picture"] == str(out.with_suffix(".png")) and out.with_suffix(".png").is_file()
+    assert 0 < summary["effective_density"] <= 1 and "effective density" in summary["summary"]
 
 
 def test_search_old_steps_option_warns(tmp_path):

@@ -1,5 +1,6 @@
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -25,11 +26,17 @@ PATTERNS = [
     "stripes:frames=0",
     "stripes:frames=-1,tokens=5|-3",
     "window3d:t=0,h=1,w=1+stripes:frames=0",
+    "radial",
+    "radial:decay=0.5,min_band=1,sink=0",
+    "sta:t=1,h=3,w=3,tile=1|2|2",
+    "sta:t=3,h=1,w=3,tile=2|2|3",
+    "radial:decay=2+sta:t=1,h=1,w=1,tile=1|3|3",
 ]
 GRIDS = [
     VideoGrid(3, 5, 7),
     VideoGrid(4, 3, 6, text_len=11, text_at="prefix"),
     VideoGrid(2, 4, 5, text_len=9, text_at="suffix"),
+    VideoGrid(9, 3, 4),  # enough frames for every radial group: bands, then thinned frame distances
 ]
 
 
@@ -64,6 +71,27 @@ def _brute_force(p, grid):
         for tok in p.tokens:
             col[tok % v] = True
         return col[None, :].expand(v, v)
+    if kind == "radial":
+        frame, narrow = grid.h * grid.w, p.min_band * grid.w
+        pos = y * grid.w + x
+        dp = (pos[:, None] - pos[None, :]).abs()
+        out = (dt == 0) | (t[None, :] < p.sink).expand(v, v)
+        for d in range(1, grid.t):
+            band = p.decay * frame / 2 ** d.bit_length()
+            if band >= narrow:
+                out |= (dt == d) & (dp <= int(band))
+            else:
+                split = 2 ** math.ceil(math.log2(narrow / band))
+                if d % split == 0:
+                    out |= (dt == d) & (dp <= int(narrow))
+        return out
+    if kind == "sta":
+        ok = torch.ones(v, v, dtype=torch.bool)
+        for c, side, size, k in zip((t, y, x), p.tile, (grid.t, grid.h, grid.w), (p.t, p.h, p.w)):
+            tile, n, r = c // side, -(-size // side), k // 2
+            if 2 * r + 1 < n:
+                ok &= (tile.clamp(r, n - 1 - r)[:, None] - tile[None, :]).abs() <= r
+        return ok
     if kind == "union":
         out = torch.zeros(v, v, dtype=torch.bool)
         for q in p.of:
@@ -141,6 +169,10 @@ def test_skip_keeps_text_dense():
         ("window3d:t=one,h=1,w=1", "bad value"),
         (42, "a pattern is a string or a dict"),
         ({"kind": "window3d", "t": True, "h": 1, "w": 1}, "'t' must be an int"),
+        ("sta:t=2,h=3,w=3", "odd int"),
+        ("sta:t=1,h=1,w=1,tile=2|8", "three ints"),
+        ("radial:decay=0", "number > 0"),
+        ("radial:sink=-1", "int >= 0"),
     ],
 )
 def test_validation_errors(bad, match):
@@ -168,9 +200,10 @@ def test_grid_validation():
 def test_block_mask_exact_on_random_grids():
     """Blocks spanning several whole frames, single rows, odd tails: box test == token truth."""
     g = torch.Generator().manual_seed(0)
-    specs = ["window3d:t=1,h=0,w=1", "frame_periodic:h=1,w=0,every=3", "window1d:frames=0.3", "stripes:tokens=3|-2"]
+    specs = ["window3d:t=1,h=0,w=1", "frame_periodic:h=1,w=0,every=3", "window1d:frames=0.3", "stripes:tokens=3|-2",
+             "radial:decay=0.7,min_band=0.5", "sta:t=3,h=1,w=3,tile=2|3|2"]
     for _ in range(12):
-        t, h, w = (int(x) for x in torch.randint(1, 6, (3,), generator=g))
+        t, h, w = (int(x) for x in torch.randint(1, 7, (3,), generator=g))
         text = int(torch.randint(0, 9, (1,), generator=g))
         grid = VideoGrid(t, h, w, text, ("prefix", "suffix")[text % 2] if text else "none")
         bm, bn = (int(2 ** x) for x in torch.randint(0, 6, (2,), generator=g))
@@ -191,3 +224,63 @@ def test_mask_build_is_fast_at_real_size():
     m = build_block_mask([parse_pattern("window3d:t=2,h=6,w=10"), parse_pattern("frame_periodic:h=3,w=3")], grid)
     assert time.perf_counter() - t0 < 10.0  # CPU; a GPU build is milliseconds
     assert 0 < m.density() < 1
+
+
+@pytest.mark.parametrize("spec", ["radial:decay=0.5", "sta:t=3,h=3,w=3,tile=2|4|4", "sta:t=1,h=1,w=3,tile=1|2|3"])
+@pytest.mark.parametrize("grid", [VideoGrid(5, 6, 7), VideoGrid(4, 8, 8, text_len=5, text_at="suffix")])
+def test_peer_patterns_exact_in_the_tiled_order(spec, grid):
+    """In the tiled order too, a block is visited iff some token pair in it is allowed (odd grids, text)."""
+    from vdit_accel.orders.static import block_mask_for_order, static_order
+    from vdit_accel.orders.spec import Tiled
+
+    p = parse_pattern(spec)
+    for block in (16, 32):
+        perm = static_order(Tiled(), grid, block)
+        tok = _token_mask_with_text(p, grid)[perm][:, perm]  # the token mask in the tiled order
+        s = grid.seq_len
+        pad = torch.zeros(-(-s // block) * block, -(-s // block) * block, dtype=torch.bool)
+        pad[:s, :s] = tok
+        expect = pad.view(-1, block, pad.shape[1] // block, block).any(3).any(1)
+        assert torch.equal(block_mask_for_order(p, grid, perm, block, block), expect), (spec, grid, block)
+
+
+def _token_mask_with_text(p, grid):
+    out = torch.zeros(grid.seq_len, grid.seq_len, dtype=torch.bool)
+    vs, vl = grid.video_start, grid.video_len
+    out[vs : vs + vl, vs : vs + vl] = _brute_force(p, grid)
+    ts = grid.text_start
+    out[ts : ts + grid.text_len] = True
+    out[:, ts : ts + grid.text_len] = True
+    return out
+
+
+def test_sta_in_its_tiled_order_visits_whole_tiles_only():
+    """STA's point: with the tiled order's own tile, every visited block is a tile the window covers
+    entirely (no partly used block), where the same window in raster order wastes most of its blocks."""
+    from vdit_accel.orders.static import block_mask_for_order, static_order, tile_shape
+    from vdit_accel.orders.spec import Tiled
+
+    grid, block = VideoGrid(6, 8, 16), 32
+    tile = tile_shape(grid, block)[:2] + (int(tile_shape(grid, block)[2]),)
+    p = parse_pattern(f"sta:t=1,h=3,w=3,tile={'|'.join(map(str, tile))}")
+    perm = static_order(Tiled(), grid, block)
+    tok = token_pattern_mask(p, grid)[perm][:, perm]
+    blocks = block_mask_for_order(p, grid, perm, block, block)
+    used = tok.view(grid.seq_len // block, block, grid.seq_len // block, block).float().mean((1, 3))
+    assert torch.equal(used[blocks], torch.ones(int(blocks.sum())))  # every visited block fully used
+    assert blocks.float().mean() < build_block_mask_for_pattern(p, grid, block, block).float().mean()
+
+
+def test_radial_density_halves_with_frame_distance():
+    """The radial mask's O(n log n) shape at a real grid: far frame pairs are thinned, near ones banded,
+    frame 0 is a sink for every query."""
+    grid = VideoGrid(21, 30, 52)
+    p = parse_pattern("radial")
+    bands = p.bands(grid)
+    assert bands[0] == 30 * 52 and bands[1] == 30 * 52 // 2 and bands[2] == bands[3] == 30 * 52 // 4
+    kept = [d for d in range(1, 21) if bands[d] >= 0]
+    assert kept == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20]  # under 2 rows from d = 8: every 2nd, then 4th
+    assert bands[8] == bands[20] == 2 * 52
+    m = build_block_mask_for_pattern(p, grid)
+    assert m[:, 0].all()  # the first key block (frame 0) is a sink
+    assert 0.2 < m.float().mean() < 0.6

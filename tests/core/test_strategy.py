@@ -67,7 +67,7 @@ def test_validate_for_model():
     "doc,match",
     [
         ({"format": "other", "version": 1}, "not a vdit-accel strategy"),
-        ({"format": "vdit-accel-strategy", "version": 99}, "version 99 is not supported .*reads versions 1 and 2"),
+        ({"format": "vdit-accel-strategy", "version": 99}, "version 99 is not supported .*reads versions 1, 2, 3"),
         ({"format": "vdit-accel-strategy", "version": 1, "pickle": 1}, "unknown keys"),
         ({"format": "vdit-accel-strategy", "version": 2, "quant": "fp8"}, r"version 2\) has unknown keys \['quant'\]"),
         ({"format": "vdit-accel-strategy", "version": 2, "default": "dense"}, "'default' must be a JSON object"),

@@ -118,15 +118,18 @@ def test_search_beats_uniform_at_equal_density(pipe, tmp_path):
     uniform = Strategy.uniform("window3d:t=1,h=1,w=1")
     ref, _ = _generate(pipe, None, **size)
     uni, d_uni = _generate(pipe, uniform, **size)
-    cfg = SearchConfig(block_size=32, steps=[0, 1, 2], target_density=d_uni, dense_warmup_steps=0)
+    cfg = SearchConfig(block_size=32, steps=[0, 1, 2], target_density=d_uni, dense_warmup_steps=0, orders=("raster",))
     found = search(pipe, ["a red circle moving left", "a blue square bouncing"], cfg, call_kwargs={**CALL, **size},
                    progress=lambda m: None)
     path = tmp_path / "searched.json"
     found.save(path)
     loaded = Strategy.load(path)
-    assert loaded.search["mean_density"] <= d_uni + 1e-6 and loaded.model["class"] == "WanTransformer3DModel"
-    srch, d_srch = _generate(pipe, loaded, **size)
-    assert d_srch <= d_uni + 1e-6
+    assert loaded.search["accounting"]["effective_density"] <= d_uni + 1e-6 and loaded.model["class"] == "WanTransformer3DModel"
+    srch, _ = _generate(pipe, loaded, **size)
+    # over the whole run (its warm-ups and step ranges included), at most the uniform pattern's density
+    from vdit_accel.sparsity_search.accounting import account
+
+    assert account(loaded, VideoGrid(5, 8, 8), 3, block_size=32).effective_density <= d_uni + 1e-6
     assert psnr(srch, ref) > psnr(uni, ref)
     # The strategy is resolution independent: it applies at another size too.
     other, _ = _generate(pipe, loaded, height=160, width=96, num_frames=13)
@@ -171,3 +174,24 @@ def test_search_cli_errors(tmp_path):
     assert res.exit_code == 2 and "no such file" in res.output
     res = CliRunner().invoke(app, ["search", "--budget", "0"])
     assert res.exit_code == 2 and "budget must be > 0" in res.output
+    res = CliRunner().invoke(app, ["search", "--min-psnr", "30", "--target-density", "0.3"])
+    assert res.exit_code == 2 and "leave out target_density" in res.output
+    res = CliRunner().invoke(app, ["search", "--attention-speedup", "0.5"])
+    assert res.exit_code == 2 and "attention_speedup must be >= 1" in res.output
+    res = CliRunner().invoke(app, ["search", "--validation-prompts", str(tmp_path / "none.txt")])
+    assert res.exit_code == 2 and "--validation-prompts" in res.output and "no such file" in res.output
+
+
+def test_same_model_prompts_and_seed_give_the_same_strategy(pipe):
+    """Stable: with a fixed cost model, two searches of the same inputs write the same strategy (and the
+    error budget bounds the run's mean error, warm-ups charged)."""
+    from vdit_accel.sparsity_search.solver import CostModel
+
+    cfg = SearchConfig(block_size=32, budget=0.1, sample_blocks=2)
+    cost = CostModel(0.5, 10.0, "fixed for the test")
+    runs = [search(pipe, ["a red circle moving left"], cfg, call_kwargs=CALL, progress=lambda m: None, cost_model=cost)
+            for _ in range(2)]
+    a, b = (dict(r.to_dict(), search={k: v for k, v in r.search.items() if k != "seconds"}) for r in runs)
+    assert a == b
+    assert runs[0].search["mean_error"] <= 0.1 + 1e-9 and runs[0].search["cost_model"]["source"] == "fixed for the test"
+    assert len(runs[0].search["error_per_step"]) == 3 and runs[0].search["profiled_steps"] == [0, 1, 2]
