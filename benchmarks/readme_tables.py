@@ -248,7 +248,7 @@ def search_targets_summary(results: Path = RESULTS) -> str:
     docs = [(p, json.loads(p.read_text())) for p in sorted(Path(results).glob("search-targets-*.json"))]
     docs = [(p, d) for p, d in docs if d["gpu"] != "cpu"]
     if not docs:
-        return ("(no GPU run yet: `bash benchmarks/gpu_search_targets.sh 30`, then `35 --ship`, on a GPU; a CPU run at "
+        return ("(no GPU run yet: `bash benchmarks/gpu_search_targets.sh` on a GPU; a CPU run at "
                 "a small size is in [`benchmarks/RESULTS.md`](benchmarks/RESULTS.md))\n")
     newest = max(d["date"] for _, d in docs)
     spec = importlib.util.spec_from_file_location("search_targets", Path(__file__).resolve().parent / "search_targets.py")

@@ -97,10 +97,11 @@ def strategy_picture(strategy: Strategy, grid: VideoGrid, num_steps: int, *, num
                 if warm >= b:  # this range never runs sparse for the layer: hatched
                     for k in range(0, 2 * _CELL, 6):
                         cv2.line(img, (x + k, y), (x + k - _CELL, y + _CELL - 2), (255, 255, 255), 1)
+                ink = (255, 255, 255) if kind in ("skip", "dense") else (0, 0, 0)  # readable on dark and pale cells
                 if head.quant is not None:
-                    _text(img, QUANT_MARK.get(str(head.quant), "q"), x + _CELL - 10, y + 10, 0.33, (0, 0, 0))
+                    _text(img, QUANT_MARK.get(str(head.quant), "q"), x + _CELL - 10, y + 10, 0.33, ink)
                 if head.order is not None:
-                    _text(img, ORDER_MARK.get(head.order.kind, "o"), x + 2, y + _CELL - 5, 0.33, (255, 255, 255))
+                    _text(img, ORDER_MARK.get(head.order.kind, "o"), x + 2, y + _CELL - 5, 0.33, ink)
     _legend(img, sorted(used), head_h + grid_h + 6, width)
     _curve(img, acc.per_step_density, strategy.search.get("error_per_step"), strategy.layer_warmup, n_layers,
            head_h + grid_h + legend_h, curve_h, width)
@@ -148,7 +149,7 @@ def _curve(img, density, error, layer_warmup, n_layers: int, y0: int, height: in
     for frac in (0.0, 0.5, 1.0):
         y = int(bottom - frac * (bottom - top))
         _text(img, f"{frac:.1f}", 8, y + 4, 0.35, (40, 40, 200))
-    pts = np.array([[px(i), int(bottom - d * (bottom - top))] for i, d in enumerate(density)], np.int32)
+    pts = np.array([[px(i), int(bottom - min(d, 1.0) * (bottom - top))] for i, d in enumerate(density)], np.int32)
     cv2.polylines(img, [pts], False, (40, 40, 200), 2)
     if error:
         top_err = max(max(error), 1e-12)
