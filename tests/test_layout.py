@@ -147,3 +147,21 @@ def test_every_module_imports_alone_in_either_order():
         code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
         res = subprocess.run([sys.executable, "-c", code, *order], capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_the_kernels_folder_does_not_shadow_the_kernels_distribution():
+    """Run from the checkout root (its folder ``kernels/`` first on ``sys.path``), ``import kernels`` is
+    Hugging Face's distribution, which transformers >= 5.25 imports, and transformers' T5 still loads;
+    without that distribution the name is an empty module, none of ours."""
+    code = ("import importlib.metadata, kernels\n"
+            "try:\n    importlib.metadata.version('kernels'); print('dist', kernels.__file__)\n"
+            "except importlib.metadata.PackageNotFoundError:\n    print('none', hasattr(kernels, 'attention_fwd'))\n"
+            "from transformers import T5EncoderModel\nprint(T5EncoderModel.__name__)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    kind, what = res.stdout.split("\n")[0].split(" ", 1)
+    if kind == "dist":
+        assert not Path(what).resolve().is_relative_to(REPO / "kernels"), what
+    else:
+        assert what == "False"
+    assert res.stdout.split("\n")[1] == "T5EncoderModel"
