@@ -50,6 +50,9 @@ KINDS = {
     "sweep-trained-validation": ("Sampling settings of the trained tiny Wan", "Validation captions per setting "
                                  "(`python benchmarks/check_trained.py --sweep`)."),
     "train-tiny": ("Training the tiny Wan", "Commands, steps and losses (`python benchmarks/train_tiny.py`)."),
+    "diffusers": ("diffusers' own tests with vdit-accel active", "The supported families' transformer and "
+                  "pipeline tests, plain / patched dense / patched sparse, per file and per test, with the "
+                  "calls that reached us (`python benchmarks/external/diffusers_suite.py`; the `.md` beside it)."),
 }
 _DATED = re.compile(r"^(?P<kind>.+?)-(?P<device>[a-z0-9-]+?)-(?P<date>\d{8})(?P<suffix>-[\w-]+)?\.json$")
 

@@ -446,7 +446,6 @@ def _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import vdit_accel
-    from vdit_accel.pipelines import key_padding
     from vdit_accel.pipelines import op as vdit_op
     from vdit_accel.pipelines import patch_state
 
@@ -456,19 +455,16 @@ def _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, 
 
         torch._dynamo.reset()  # a fresh compile per shape: never near the recompile limit
     timer = _SelfAttentionTimer(grid.video_len, _Clock(cuda))
-    # What the vdit::attention op calls, directly and under a key-padding mask (HunyuanVideo's text).
-    originals = [(m, m.planned_attention) for m in (vdit_op, key_padding)]
+    original = vdit_op.planned_attention  # what the vdit::attention op calls, key-padded or not
     try:
         if strategy is not None:
             vdit_accel.patch(model, strategy, block_size=block_size)
         if attention_fn is not None:
-            for m, _ in originals:
-                m.planned_attention = attention_fn
+            vdit_op.planned_attention = attention_fn
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if on_cudnn else contextlib.nullcontext(), timer:
             return _time_forward(model, inputs, reps, timer, cheap_warmup=strategy is None or strategy.is_uniform)
     finally:
-        for m, fn in originals:
-            m.planned_attention = fn
+        vdit_op.planned_attention = original
         if patch_state(model) is not None:
             vdit_accel.unpatch(model)
 

@@ -1,22 +1,22 @@
 """Attention under a key-padding mask of trailing text tokens (HunyuanVideo, HunyuanVideo 1.5).
 
 HunyuanVideo passes a bool ``[B, 1, 1, S]`` mask, HunyuanVideo 1.5 a ``[B, 1, S, S]`` one (valid_i &
-valid_j): the text after the video is padded per sample. Each sample's valid tokens ``[0, n)`` go
-through our attention exactly, with the layer plan of the forward's grid restricted to its first ``n``
-tokens (:func:`truncate_block_mask`); the padded query rows, whose outputs diffusers discards, get what
-PyTorch's SDPA gives them under the original mask rows. The lengths are data (read from the mask), so
-this runs eagerly: called directly from eager code, and as the ``vdit::attention`` op given the
-mask (:mod:`.op`) under ``torch.compile``, where the op is one opaque node and ``fullgraph=True`` holds.
+valid_j): the text after the video is padded per sample. :func:`key_padded` runs each sample's valid
+tokens ``[0, n)`` through our attention exactly -- with the layer plan of the forward's grid restricted
+to its first ``n`` tokens (:func:`truncate_block_mask`, in :func:`.op.key_padded_attention`) -- and
+gives the padded query rows, whose outputs diffusers discards, what PyTorch's SDPA gives them under
+the original mask rows. The lengths are data (read from the mask), so this runs eagerly: called
+directly from eager code, and inside the ``vdit::attention`` op given the mask (:mod:`.op`) under
+``torch.compile``, where the op is one opaque node and ``fullgraph=True`` holds.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from vdit_accel.attention import HeadRun, planned_attention
 from vdit_accel.block_mask import cdiv
 
 from .notice import warn_once
@@ -96,18 +96,3 @@ def key_padded(q, k, v, attn_mask: torch.Tensor, scale: float | None, padding_al
             rows = mb[:, :, n:] if mb.shape[2] == seq else mb
             out[s, n:] = sdpa(q[s, n:], k[s], v[s], rows, scale=scale)
     return out
-
-
-def key_padded_attention(q, k, v, attn_mask, kv_num_blocks, kv_indices, block_m: int, block_n: int,
-                         runs: Sequence[HeadRun], scale: float | None, padding_allowed: bool) -> torch.Tensor:
-    """:func:`key_padded` with our attention under ``kv_num_blocks`` / ``kv_indices``, the layer plan's
-    mask over all ``S`` tokens (None: dense), restricted to each sample's valid tokens."""
-    seq = q.shape[1]
-
-    def attend_valid(qs, ks, vs, n):
-        num, idx = kv_num_blocks, kv_indices
-        if num is not None and n < seq:
-            num, idx = truncate_block_mask(num, idx, n, block_m, block_n)
-        return planned_attention(qs, ks, vs, num, idx, block_m, block_n, runs, scale=scale)
-
-    return key_padded(q, k, v, attn_mask, scale, padding_allowed, attend_valid)

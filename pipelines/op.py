@@ -27,7 +27,7 @@ from vdit_accel.attention import HeadRun, planned_attention
 from vdit_accel.plan import LayerPlan
 from vdit_accel.quant import QuantMode
 
-from .key_padding import key_padded_attention
+from .key_padding import key_padded, truncate_block_mask
 
 INFERENCE_ONLY = (
     "vdit-accel attention is inference-only: it has no backward. To train, vdit_accel.unpatch() the model (or, "
@@ -60,7 +60,7 @@ def run_dense(q, k, v, scale: float | None) -> torch.Tensor:
 
 def run_key_padded(q, k, v, attn_mask: torch.Tensor, plan: LayerPlan | None, scale: float | None,
                    padding_allowed: bool) -> torch.Tensor:
-    """Attention under a bool key-padding ``attn_mask`` (:func:`.key_padding.key_padded_attention`) with
+    """Attention under a bool key-padding ``attn_mask`` (:func:`key_padded_attention`) with
     ``plan``'s mask over the whole sequence (None: dense): the ``vdit::attention`` op, given the mask, while
     torch.compile traces (or autograd records), else its implementation directly."""
     if plan is None:
@@ -74,6 +74,22 @@ def run_key_padded(q, k, v, attn_mask: torch.Tensor, plan: LayerPlan | None, sca
         return vdit_attention(q, k, v, num, idx, bm, bn, op_runs, scale=scale, key_padding_mask=attn_mask,
                               padding_allowed=padding_allowed)
     return key_padded_attention(q, k, v, attn_mask, num, idx, bm, bn, runs, scale, padding_allowed)
+
+
+def key_padded_attention(q, k, v, attn_mask, kv_num_blocks, kv_indices, block_m: int, block_n: int,
+                         runs: Sequence[HeadRun], scale: float | None, padding_allowed: bool) -> torch.Tensor:
+    """:func:`.key_padding.key_padded` with our attention under ``kv_num_blocks`` / ``kv_indices``, the
+    layer plan's mask over all ``S`` tokens (None: dense), restricted to each sample's valid tokens.
+    (Through this module's ``planned_attention``, like every call of ours: one place to swap it.)"""
+    seq = q.shape[1]
+
+    def attend_valid(qs, ks, vs, n):
+        num, idx = kv_num_blocks, kv_indices
+        if num is not None and n < seq:
+            num, idx = truncate_block_mask(num, idx, n, block_m, block_n)
+        return planned_attention(qs, ks, vs, num, idx, block_m, block_n, runs, scale=scale)
+
+    return key_padded(q, k, v, attn_mask, scale, padding_allowed, attend_valid)
 
 
 def _head_runs(quant_runs: Sequence[int] | None, num_heads: int) -> tuple[HeadRun, ...]:
@@ -119,7 +135,7 @@ def vdit_attention(
     ``k_index``: ``[S]`` or ``[B or 1, H, S]``, K and V gathered into the keys' order first. The output
     stays in q's order.
     ``key_padding_mask``: a bool ``[B or 1, 1, 1 or S, S]`` mask of trailing padded tokens (no token orders
-    then; :func:`.key_padding.key_padded_attention`: each sample over its valid tokens, the block mask
+    then; :func:`key_padded_attention`: each sample over its valid tokens, the block mask
     restricted to them; other masks go to SDPA, with a warning); ``padding_allowed`` False takes only
     an all-valid mask.
     """

@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["runs"] = {m: runs[m] for m in records if m in runs}
     totals = {m: sum((Counter(r.get(m, {})) for r in rows), Counter()) for m in records}
     doc.update(totals={m: dict(sorted(c.items())) for m, c in totals.items()}, files=rows, tests=tests)
+    doc["note"] = "; ".join(f"{m}: {_cell(doc['totals'][m], m)}" for m in records)  # RESULTS.md shows it
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"diffusers-suite-{tag}-{date.strftime('%Y%m%d')}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
