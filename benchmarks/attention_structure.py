@@ -373,9 +373,9 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vdit_accel import toyvideo
+    from vdit_accel.pipelines import toy
     from vdit_accel.grid import VideoGrid
-    from vdit_accel.pipelines import trained
+    from vdit_accel.pipelines.toy import trained
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="wan-rich", choices=sorted(trained.MODELS))
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps or d.steps
     t, h, w = spec.grid(size["num_frames"], size["height"], size["width"])
     grid = VideoGrid(t, h, w)
-    scenes = toyvideo.rich_validation_scenes() if spec.scenes == "rich" else toyvideo.validation_scenes()
+    scenes = toy.rich_validation_scenes() if spec.scenes == "rich" else toy.validation_scenes()
     captions = [s.caption for s in scenes[:args.prompts]]
     tag, date, doc = run_header("attention_structure.py", argv, device)
     doc.update({"model": spec.name, "weights": str(args.weights or spec.weights_dir), "size": size,

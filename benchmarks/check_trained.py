@@ -7,14 +7,14 @@
     python benchmarks/check_trained.py --sweep --guidance 5 8 11 14 --steps 20 30 50 --shift 3 5 7 \
         --seed-bases 5000 6000                                           # choose sampling settings
 
-The captions are ``vdit_accel.toyvideo.check_scenes()``: 20 single-object captions whose (colour, shape,
+The captions are ``vdit_accel.pipelines.toy.check_scenes()``: 20 single-object captions whose (colour, shape,
 direction) never occurred in training, and 4 two-object captions built from held-out combinations
 (reported apart; the criterion is on the 20). Each is generated once through the standard
-``WanPipeline`` call with seed ``1000 + i`` and scored by ``vdit_accel.toyvideo.check_video``
+``WanPipeline`` call with seed ``1000 + i`` and scored by ``vdit_accel.pipelines.toy.check_video``
 (colour from the frames, direction from the centroid's motion). The ground-truth clip of every
 caption is scored too (the checker's own sanity: it must be 100%).
 
-``--scenes validation`` prompts ``vdit_accel.toyvideo.validation_scenes()`` instead: 20 single-object
+``--scenes validation`` prompts ``vdit_accel.pipelines.toy.validation_scenes()`` instead: 20 single-object
 captions from the 4 held-out combinations the check's 20 leave out. Sampling settings (guidance scale,
 steps, the scheduler's shift at inference) are chosen there, with other seeds, and only then is the
 check run. ``--sweep`` does the choosing: every combination of the ``--guidance``, ``--steps`` and
@@ -69,14 +69,14 @@ def contact_sheet(videos: list[np.ndarray], path: Path, thumb: int = 128, labels
 def scene_list(scenes: str = "check", world: str = "basic") -> list[tuple]:
     """``[(ToyScene, kind)]``: the check's 20 single-object then 4 two-object scenes, or the 20
     validation scenes (kind ``"single"``), of the model's scene set ``world`` (``"basic"``, ``"rich"``)."""
-    from vdit_accel import toyvideo
+    from vdit_accel.pipelines import toy
 
     rich = world == "rich"
     if scenes == "check":
-        singles, twos = toyvideo.rich_check_scenes() if rich else toyvideo.check_scenes()
+        singles, twos = toy.rich_check_scenes() if rich else toy.check_scenes()
         return [(s, "single") for s in singles] + [(s, "two") for s in twos]
     if scenes == "validation":
-        return [(s, "single") for s in (toyvideo.rich_validation_scenes() if rich else toyvideo.validation_scenes())]
+        return [(s, "single") for s in (toy.rich_validation_scenes() if rich else toy.validation_scenes())]
     raise ValueError(f"scenes must be 'check' or 'validation', got {scenes!r}")
 
 
@@ -114,7 +114,7 @@ _TRUTH: dict = {}  # (caption, frames, height, width) -> the checker on the grou
 def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, limit: int | None = None,
               max_sequence_length: int = 128, seed_base: int = 1000, scenes: str = "check", world: str = "basic") -> dict:
     """Generate and score the check (or validation) captions; returns the rows and the agreement."""
-    from vdit_accel import toyvideo
+    from vdit_accel.pipelines import toy
 
     items = scene_list(scenes, world)[:limit]
     videos = generate(pipe, [(s.caption, seed_base + i) for i, (s, _) in enumerate(items)], size, steps,
@@ -123,8 +123,8 @@ def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, l
     for i, ((scene, kind), video) in enumerate(zip(items, videos)):
         key = (scene.caption, *video.shape[:3])
         if key not in _TRUTH:
-            _TRUTH[key] = toyvideo.check_video(toyvideo.render_frames(scene, *video.shape[:3]), scene.caption)["ok"]
-        result = toyvideo.check_video(video, scene.caption)
+            _TRUTH[key] = toy.check_video(toy.render_frames(scene, *video.shape[:3]), scene.caption)["ok"]
+        result = toy.check_video(video, scene.caption)
         rows.append({"caption": scene.caption, "kind": kind, "seed": seed_base + i, "ok": result["ok"],
                      "ground_truth_ok": _TRUTH[key], "objects": result["objects"],
                      **({"camera": result["camera"]} if "camera" in result else {})})
@@ -149,7 +149,7 @@ def run_sweep(pipe, size: dict, guidance_scales, steps_list, shifts, seed_bases,
     import hashlib
     import itertools
 
-    from vdit_accel import toyvideo
+    from vdit_accel.pipelines import toy
 
     items = [s for s, kind in scene_list(scenes, world) if kind == "single"][:limit]
     jobs = [(base, i, s) for base in seed_bases for i, s in enumerate(items)]
@@ -163,7 +163,7 @@ def run_sweep(pipe, size: dict, guidance_scales, steps_list, shifts, seed_bases,
         bad, digest = [], hashlib.sha1()
         for (base, i, scene), video in zip(jobs, videos):
             digest.update(video.tobytes())
-            res = toyvideo.check_video(video, scene.caption)
+            res = toy.check_video(video, scene.caption)
             ok[base].append(res["ok"])
             if not res["ok"]:
                 o = res["objects"][0]
@@ -180,7 +180,7 @@ def run_sweep(pipe, size: dict, guidance_scales, steps_list, shifts, seed_bases,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vdit_accel.pipelines import trained
+    from vdit_accel.pipelines.toy import trained
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="wan-trained", choices=sorted(trained.MODELS))
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--scenes", choices=("check", "validation"), default=None,
-                    help="check: toyvideo.check_scenes() (the criterion); validation: toyvideo.validation_scenes(), "
+                    help="check: toy.check_scenes() (the criterion); validation: toy.validation_scenes(), "
                          "for choosing settings (default: validation with --sweep, check otherwise)")
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help=f"denoising steps (default {d.steps}; --sweep: 20 30 50)")
@@ -258,11 +258,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     if args.sweep:
-        from vdit_accel import toyvideo
+        from vdit_accel.pipelines import toy
 
         (name, size), = sizes.items()
         items = [s for s, kind in scene_list(scenes, spec.scenes) if kind == "single"][:args.limit]
-        truth = [toyvideo.check_video(toyvideo.render_frames(s, size["num_frames"], size["height"], size["width"]),
+        truth = [toy.check_video(toy.render_frames(s, size["num_frames"], size["height"], size["width"]),
                                       s.caption)["ok"] for s in items]
         doc.update({"size": {"name": name, **size}, "seed_bases": args.seed_bases, "batch": batch, "grid": grid,
                     "captions": [s.caption for s in items], "ground_truth_agreement": round(float(np.mean(truth)), 3),

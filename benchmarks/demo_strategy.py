@@ -7,10 +7,10 @@ What ``vdit-accel generate`` does, per prompt: the dense run (the unpatched pipe
 attention) and the accelerated run (patched with each ``--strategy``), same prompt and seed, batch 1,
 at the model's default size (17x128x128, 40 steps, guidance 5; ``--size large``: 17x256x256). The
 prompts: the demo's own (seed 0), then the held-out check captions of
-``vdit_accel.toyvideo.check_scenes()`` with seeds 1000 + i (as ``benchmarks/check_trained.py``).
+``vdit_accel.pipelines.toy.check_scenes()`` with seeds 1000 + i (as ``benchmarks/check_trained.py``).
 
 Per strategy and prompt: PSNR and SSIM of the accelerated frames against the dense ones, and the
-caption check (``toyvideo.check_video``) of both videos; per strategy: mean and minimum PSNR, the
+caption check (``toy.check_video``) of both videos; per strategy: mean and minimum PSNR, the
 agreement of the check on dense and on accelerated videos (and on how many prompts the two verdicts
 are the same), the block density of the sparse steps and over the whole run (dense warm-up steps count
 as 1.0). On a CPU the sparse attention runs PyTorch's reference path, so the seconds are not the
@@ -36,9 +36,9 @@ DEMO_PROMPT = "a red circle moving left on a blue background"
 
 def prompts_and_seeds(n: int, with_demo: bool = True) -> list[tuple[str, int]]:
     """The demo's prompt with seed 0 (if ``with_demo``), then check captions with seeds 1000 + i, ``n`` in all."""
-    from vdit_accel import toyvideo
+    from vdit_accel.pipelines import toy
 
-    singles, _ = toyvideo.check_scenes()
+    singles, _ = toy.check_scenes()
     jobs = [(DEMO_PROMPT, 0)] if with_demo else []
     jobs += [(s.caption, 1000 + i) for i, s in enumerate(singles)]
     return jobs[:n]
@@ -54,8 +54,9 @@ def generate_one(pipe, prompt: str, seed: int, size: dict, steps: int, guidance:
 
 def main(argv: list[str] | None = None) -> dict:
     import vdit_accel
-    from vdit_accel import toyvideo
-    from vdit_accel.pipelines import patch_state, trained
+    from vdit_accel.pipelines import toy
+    from vdit_accel.pipelines import patch_state
+    from vdit_accel.pipelines.toy import trained
     from vdit_accel.video import psnr, ssim
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     dense = [gen(p, s) for p, s in jobs]
-    dense_ok = [toyvideo.check_video(v, p)["ok"] for v, (p, _) in zip(dense, jobs)]
+    dense_ok = [toy.check_video(v, p)["ok"] for v, (p, _) in zip(dense, jobs)]
     dense_s = time.perf_counter() - t0
     print(json.dumps({"dense": True, "ok": dense_ok, "seconds": round(dense_s, 1)}), flush=True)
     tag, date, doc = run_header("demo_strategy.py", argv, device)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
             vdit_accel.unpatch(pipe)
         secs = time.perf_counter() - t0
         p = [psnr(a, b) for a, b in zip(videos, dense)]
-        ok = [toyvideo.check_video(v, q)["ok"] for v, (q, _) in zip(videos, jobs)]
+        ok = [toy.check_video(v, q)["ok"] for v, (q, _) in zip(videos, jobs)]
         warmup = strategy.dense_warmup_steps
         row = {"strategy": spec, "describe": strategy.describe(), "tokens": tokens,
                "density_sparse_steps": round(density, 4),

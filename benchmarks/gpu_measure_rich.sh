@@ -4,7 +4,7 @@
 # the self-attention share of a dense step and the per-call oracle (benchmarks/attention_structure.py).
 # Usage: [PARTS="check structure quality"] bash benchmarks/gpu_measure_rich.sh [WEIGHTS_DIR]
 # (default weights: /tmp/ckpt-wan-rich when a training command just left it on this warm machine, else the
-# committed pipelines/weights/wan-rich; default PARTS: check structure). Results land in $OUT: check-rich-*.json/.png,
+# committed pipelines/toy/weights/wan-rich; default PARTS: check structure). Results land in $OUT: check-rich-*.json/.png,
 # attention-structure-wan-rich-*.json/.png, and with quality the quality table (benchmarks/quality.py at the
 # native size, quality-*.json; QUALITY_ARGS passes more arguments, e.g. "--only oracle-0.25,oracle-0.25+warmup
 # --name quality-oracle" to split the table over commands of at most 10 minutes).
@@ -17,7 +17,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 repo=$(pwd)
 weights=${1:-}
 if [ -z "$weights" ]; then
-  if [ -f /tmp/ckpt-wan-rich/state.json ]; then weights=/tmp/ckpt-wan-rich; else weights=$repo/pipelines/weights/wan-rich; fi
+  if [ -f /tmp/ckpt-wan-rich/state.json ]; then weights=/tmp/ckpt-wan-rich; else weights=$repo/pipelines/toy/weights/wan-rich; fi
 fi
 echo "weights: $weights"
 out=$(realpath "$OUT")

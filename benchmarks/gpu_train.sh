@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One training command on the device machine (benchmarks/train_tiny.py), resumable across commands and sessions.
+# One training command on the device machine (python -m vdit_accel.pipelines.toy.train), resumable across commands and sessions.
 # Usage (device tool, carry .whl and, to resume from a checkpoint brought back earlier, .ckpt):
-#   bash benchmarks/gpu_train.sh MODEL [train_tiny.py args ...]
+#   bash benchmarks/gpu_train.sh MODEL [vdit_accel.pipelines.toy.train args ...]
 # Resumes from /tmp/ckpt-MODEL (left by the previous command on a still-warm machine) if it is there, else
-# from .ckpt/MODEL (carried), else from pipelines/weights/MODEL when it holds a state.json (the committed
+# from .ckpt/MODEL (carried), else from pipelines/toy/weights/MODEL when it holds a state.json (the committed
 # checkpoint between sessions: the shippable EMA weights; training goes on from them), else starts
 # (pass --init-from etc. then). The checkpoint is written to
 # /tmp/ckpt-MODEL and packed into $OUT as ckpt.tar.part-* (15 MB each: the device returns files of at most
@@ -20,12 +20,12 @@ ck=/tmp/ckpt-$model
 resume=()
 if [ -f "$ck/state.json" ]; then resume=(--resume "$ck"); echo "resuming from $ck (warm machine)";
 elif [ -f ".ckpt/$model/state.json" ]; then resume=(--resume "$repo/.ckpt/$model"); echo "resuming from .ckpt/$model";
-elif [ -f "pipelines/weights/$model/state.json" ]; then resume=(--resume "$repo/pipelines/weights/$model");
-  echo "resuming from pipelines/weights/$model";
+elif [ -f "pipelines/toy/weights/$model/state.json" ]; then resume=(--resume "$repo/pipelines/toy/weights/$model");
+  echo "resuming from pipelines/toy/weights/$model";
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
 # From /tmp: the checkout's vdit_accel/ would shadow the installed package.
-( cd /tmp && python3 "$repo/benchmarks/train_tiny.py" --model "$model" "${resume[@]}" --out "$ck.new" "$@" ) 2>&1 | tee "$OUT/train.log"
+( cd /tmp && python3 -m vdit_accel.pipelines.toy.train --model "$model" "${resume[@]}" --out "$ck.new" "$@" ) 2>&1 | tee "$OUT/train.log"
 rc=${PIPESTATUS[0]}
 if [ -f "$ck.new/state.json" ]; then rm -rf "$ck" && mv "$ck.new" "$ck"; fi
 tar cf - -C "$ck" . | split -b 15M - "$OUT/ckpt.tar.part-"

@@ -147,7 +147,8 @@ def _plans_density(state) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     import vdit_accel
-    from vdit_accel.pipelines import patch_state, trained
+    from vdit_accel.pipelines import patch_state
+    from vdit_accel.pipelines.toy import trained
     from vdit_accel.video import psnr, ssim
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -49,7 +49,7 @@ KINDS = {
                       "back from the frames (`python benchmarks/check_trained.py`)."),
     "sweep-trained-validation": ("Sampling settings of the trained tiny Wan", "Validation captions per setting "
                                  "(`python benchmarks/check_trained.py --sweep`)."),
-    "train-tiny": ("Training the tiny Wan", "Commands, steps and losses (`python benchmarks/train_tiny.py`)."),
+    "train-tiny": ("Training the tiny Wan", "Commands, steps and losses (`python -m vdit_accel.pipelines.toy.train`)."),
     "diffusers": ("diffusers' own tests with vdit-accel active", "The supported families' transformer and "
                   "pipeline tests, plain / patched dense / patched sparse, per file and per test, with the "
                   "calls that reached us (`python benchmarks/external/diffusers_suite.py`; the `.md` beside it)."),

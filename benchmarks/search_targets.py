@@ -142,8 +142,9 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vdit_accel import Strategy, toyvideo
-    from vdit_accel.pipelines import trained
+    from vdit_accel import Strategy
+    from vdit_accel.pipelines import toy
+    from vdit_accel.pipelines.toy import trained
     from vdit_accel.sparsity_search import SearchConfig, search
     from vdit_accel.sparsity_search.accounting import HeadDensity, account, cost_model_for
     from vdit_accel.sparsity_search.targets import Targets
@@ -177,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     call = dict(num_frames=size[0], height=size[1], width=size[2], num_inference_steps=steps,
                 guidance_scale=spec.guidance_scale, max_sequence_length=spec.max_sequence_length)
     rich = spec.scenes == "rich"
-    train = toyvideo.sample_rich_scenes(args.calibration, 7) if rich else toyvideo.sample_scenes(args.calibration, 7)
+    train = toy.sample_rich_scenes(args.calibration, 7) if rich else toy.sample_scenes(args.calibration, 7)
     calibration = (["a red circle moving left on a blue background"] + [s.caption for s in train])[:args.calibration]
-    scenes = toyvideo.rich_validation_scenes(args.validation) if rich else toyvideo.validation_scenes(args.validation)
+    scenes = toy.rich_validation_scenes(args.validation) if rich else toy.validation_scenes(args.validation)
     validation = [s.caption for s in scenes]
     check = caption_check_for(args.model)
     verifier = Verifier(pipe, call, args.block_size, check, progress=print)

@@ -392,10 +392,10 @@ def _builtin_prompts(model: str) -> tuple[list[str], list[str] | None]:
     calibration = [DEFAULT_PROMPT, "two squares bouncing off the walls"]
     if model not in TRAINED_FAMILIES:
         return calibration, None
-    from vdit_accel import toyvideo
-    from vdit_accel.pipelines import trained
+    from vdit_accel.pipelines import toy
+    from vdit_accel.pipelines.toy import trained
 
-    scenes = toyvideo.rich_validation_scenes(2) if trained.model_spec(model).scenes == "rich" else toyvideo.validation_scenes(2)
+    scenes = toy.rich_validation_scenes(2) if trained.model_spec(model).scenes == "rich" else toy.validation_scenes(2)
     return calibration, [s.caption for s in scenes]
 
 

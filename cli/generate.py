@@ -245,7 +245,7 @@ class _Runner:
 def run(plan: Plan, console) -> dict:
     """Load the model, finish the checks, run dense and accelerated, write the outputs; the report."""
     import vdit_accel
-    from vdit_accel.pipelines import trained
+    from vdit_accel.pipelines.toy import trained
     from vdit_accel.quant import QUANT_MODES
     from vdit_accel.video import comparison_frames, difference, frame_strip, psnr, ssim, write_mp4, write_png
 
@@ -365,17 +365,14 @@ def _json_default(x):
 
 
 def _caption_check(model: str, prompt: str, videos: dict) -> dict | None:
-    """The toy-video caption check (:func:`vdit_accel.toyvideo.check_video`) of each video, where the
-    model is one trained on toy videos and the prompt is one of their captions."""
+    """The toy-video caption check (:func:`vdit_accel.pipelines.toy.caption_check`) of each video, where
+    the model is one trained on toy videos and the prompt is one of their captions."""
     if model not in _trained_names():
         return None
-    from vdit_accel import toyvideo
+    from vdit_accel.pipelines import toy
 
-    try:
-        toyvideo.parse_caption(prompt)
-    except ValueError:
-        return None
-    return {name: toyvideo.check_video(v, prompt) for name, v in videos.items() if v is not None}
+    checks = {name: toy.caption_check(v, prompt) for name, v in videos.items() if v is not None}
+    return None if any(c is None for c in checks.values()) else checks
 
 
 def measured_summary(strategy, size: list[int], steps: int) -> str:

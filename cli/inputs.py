@@ -75,7 +75,7 @@ def builtin_models() -> tuple[str, ...]:
 def default_model(say) -> str:
     """The built-in model a command uses without ``--model``: the trained tiny Wan where its weights are
     installed, else the random-weight tiny Wan (said through ``say``)."""
-    from vdit_accel.pipelines import trained
+    from vdit_accel.pipelines.toy import trained
 
     if trained.weights_available():
         return "wan-trained"

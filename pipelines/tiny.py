@@ -15,7 +15,7 @@ from .defaults import TinyDefaults, cast_pipeline
 TINY_FAMILIES = (
     "wan", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video_1_5", "cogvideox", "cogvideox_1_5", "ltx", "mochi",
 )
-# Pipelines with trained weights shipped in the package (pipelines/trained.py), also built by
+# Pipelines with trained weights shipped in the package (pipelines/toy/trained.py), also built by
 # build_tiny_pipeline; apart from TINY_FAMILIES because they need their weight files.
 TRAINED_FAMILIES = ("wan-trained", "wan-rich")
 
@@ -225,11 +225,11 @@ def build_tiny_pipeline(family: str = "wan", seed: int = 0, dtype: torch.dtype =
     it), a 3-stage ``AutoencoderKLWan`` (8x spatial, 4x temporal compression), a 2-layer
     ``UMT5EncoderModel`` and ``FlowMatchEulerDiscreteScheduler``. The others use 2 heads of 16 channels
     and 2-4 layers; at :func:`tiny_defaults` sizes every video token grid is at least 3 x 4 x 4.
-    ``"wan-trained"`` and ``"wan-rich"`` are the trained tiny Wans of :mod:`vdit_accel.pipelines.trained`
+    ``"wan-trained"`` and ``"wan-rich"`` are the trained tiny Wans of :mod:`vdit_accel.pipelines.toy.trained`
     (weights from the package).
     """
     if family in TRAINED_FAMILIES:
-        from .trained import build_trained_pipeline
+        from .toy.trained import build_trained_pipeline
 
         return build_trained_pipeline(dtype=dtype, model=family)  # trained weights: ``seed`` does not apply
     if family not in TINY_FAMILIES:
@@ -262,7 +262,7 @@ def supported_models() -> list[tuple[str, tuple[str, ...]]]:
 
 def tiny_defaults(family: str = "wan") -> TinyDefaults:
     if family in TRAINED_FAMILIES:
-        from .trained import model_spec
+        from .toy.trained import model_spec
 
         return model_spec(family).defaults
     if family not in TINY_FAMILIES:

@@ -5,7 +5,7 @@ pipeline generates the decoded video twice with the same seed: dense (the unpatc
 diffusers' own attention; once per job, cached) and patched with the strategy. Measured per job:
 PSNR and SSIM of the accelerated frames against the dense ones and, where the model has one, the
 caption check of both videos (``check(video, prompt) -> bool``; for the trained toy models
-:func:`vdit_accel.toyvideo.check_video`): a caption that the dense video passes and the accelerated one
+:func:`vdit_accel.pipelines.toy.check_video`): a caption that the dense video passes and the accelerated one
 fails is a regression. Timed per run: the self-attention modules (every patched layer's attention
 module, projections included; CUDA events on a GPU) and the whole call. Before the first timed run of
 a strategy an untimed one-step run compiles its kernels.
@@ -221,13 +221,10 @@ def caption_check_for(model: str | None) -> Callable | None:
 
     if model not in TRAINED_FAMILIES:
         return None
-    import vdit_accel.toyvideo as toyvideo
+    from vdit_accel.pipelines import toy
 
     def check(video: np.ndarray, prompt: str):
-        try:
-            toyvideo.parse_caption(prompt)
-        except ValueError:
-            return None
-        return bool(toyvideo.check_video(video, prompt)["ok"])
+        result = toy.caption_check(video, prompt)
+        return None if result is None else bool(result["ok"])
 
     return check

@@ -76,7 +76,7 @@ def test_generate_large_is_the_trained_models_large_size(tmp_path, monkeypatch):
     speed); explicit sizes still win."""
     import dataclasses
 
-    from vdit_accel.pipelines import trained
+    from vdit_accel.pipelines.toy import trained
 
     small = dataclasses.replace(trained.WAN_TRAINED, large=dict(num_frames=5, height=48, width=80))
     monkeypatch.setitem(trained.MODELS, "wan-trained", small)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vdit_accel import Strategy
 from vdit_accel.cli.generate import SHIPPED_STRATEGIES, GenerateOptions, measured_summary, prepare
-from vdit_accel.pipelines import trained
+from vdit_accel.pipelines.toy import trained
 
 REPO = Path(__file__).resolve().parents[2]
 

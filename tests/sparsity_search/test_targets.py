@@ -95,13 +95,13 @@ def test_min_psnr_end_to_end_on_wan_trained(trained, tmp_path):
     """The real loop at a small size: profiled, solved, generated dense and accelerated on a calibration
     and a held-out prompt, tuned; every figure and prompt in the file; the file's figures are what a fresh
     verification of it measures."""
-    from vdit_accel import toyvideo
+    from vdit_accel.pipelines import toy
     from vdit_accel.sparsity_search import SearchConfig, search
     from vdit_accel.sparsity_search.verify import Verifier, caption_check_for, jobs_for
 
     # (a 2 x 8 x 8 grid, 3 steps, no guidance: the whole loop in under a minute on 2 cores)
     call = dict(height=64, width=64, num_frames=5, num_inference_steps=3, guidance_scale=1.0, max_sequence_length=128)
-    held_out = [toyvideo.validation_scenes(1)[0].caption]
+    held_out = [toy.validation_scenes(1)[0].caption]
     cfg = SearchConfig(block_size=16, orders=("raster",), min_psnr=30.0, max_probes=5, sample_blocks=4)
     check = caption_check_for("wan-trained")
     st = search(trained, ["a red circle moving left on a blue background"], cfg, call_kwargs=call,

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import vdit_accel
-from vdit_accel import toyvideo
-from vdit_accel.pipelines import build_tiny_pipeline, tiny_defaults, trained
+from vdit_accel.pipelines import toy
+from vdit_accel.pipelines import build_tiny_pipeline, tiny_defaults
+from vdit_accel.pipelines.toy import train as train_tiny
+from vdit_accel.pipelines.toy import trained
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _load(name):
@@ -35,83 +37,83 @@ def _load(name):
 def test_checker_agrees_with_ground_truth(size):
     """Rendered clips of every kind read back as their captions, at square, wide and tall sizes; so do
     the check scenes at the square one."""
-    singles, twos = toyvideo.check_scenes()
-    scenes = toyvideo.sample_scenes(16, seed=size[1]) + (singles + twos if size[1] == size[2] else [])
-    bad = [s.caption for s in scenes if not toyvideo.check_video(toyvideo.render_frames(s, *size), s.caption)["ok"]]
+    singles, twos = toy.check_scenes()
+    scenes = toy.sample_scenes(16, seed=size[1]) + (singles + twos if size[1] == size[2] else [])
+    bad = [s.caption for s in scenes if not toy.check_video(toy.render_frames(s, *size), s.caption)["ok"]]
     assert not bad, bad
 
 
 def test_checker_rejects_wrong_captions():
     """The checker can fail: wrong colour, wrong or opposite direction, a missing second object, an
     object that does not move, an empty video."""
-    scene = toyvideo.ToyScene((toyvideo.ToyObject("red", "circle", "left", "quickly", x0=0.8, y0=0.5),))
-    clip = toyvideo.render_frames(scene, 17, 96, 96)
-    assert toyvideo.check_video(clip, "a red circle moving left")["ok"]
-    assert toyvideo.check_video(clip, "a red square moving left on a blue background")["ok"]  # shape is not read
+    scene = toy.ToyScene((toy.ToyObject("red", "circle", "left", "quickly", x0=0.8, y0=0.5),))
+    clip = toy.render_frames(scene, 17, 96, 96)
+    assert toy.check_video(clip, "a red circle moving left")["ok"]
+    assert toy.check_video(clip, "a red square moving left on a blue background")["ok"]  # shape is not read
     for wrong in ("a blue circle moving left", "a red circle moving right", "a red circle moving up-left",
                   "a red circle moving left and a green square moving up"):
-        assert not toyvideo.check_video(clip, wrong)["ok"], wrong
-    res = toyvideo.check_video(clip, "a blue circle moving left")["objects"][0]
+        assert not toy.check_video(clip, wrong)["ok"], wrong
+    res = toy.check_video(clip, "a blue circle moving left")["objects"][0]
     assert res["found_colour"] == "red" and res["found_direction"] == "left"
     still = np.repeat(clip[:1], 17, axis=0)
-    assert toyvideo.check_video(still, "a red circle moving left")["objects"][0]["found_direction"] is None
-    assert not toyvideo.check_video(np.zeros_like(clip), "a red circle moving left")["ok"]
+    assert toy.check_video(still, "a red circle moving left")["objects"][0]["found_direction"] is None
+    assert not toy.check_video(np.zeros_like(clip), "a red circle moving left")["ok"]
     # Fading out half-way: not there at the end, so no direction.
     fading = clip.copy()
     fading[9:] = clip[0, 0, 0]
-    assert not toyvideo.check_video(fading, "a red circle moving left")["ok"]
+    assert not toy.check_video(fading, "a red circle moving left")["ok"]
     with pytest.raises(ValueError, match="not a toy-video caption"):
-        toyvideo.check_video(clip, "a red car driving left")
+        toy.check_video(clip, "a red car driving left")
 
 
 def test_scenes_split_deterministic_and_captioned():
     """Training scenes never show a held-out combination, held-out ones only those; same seed, same
     scenes and pixels; captions parse back and fit the text length."""
-    assert len(toyvideo.held_out_combinations()) == 24
-    assert {c for c, _, _ in toyvideo.held_out_combinations()} == set(toyvideo.COLOURS)
-    assert {d for _, _, d in toyvideo.held_out_combinations()} == set(toyvideo.DIRECTIONS)
-    train = toyvideo.sample_scenes(600, seed=3)
-    for split, scenes in (("train", train), ("held_out", toyvideo.sample_scenes(100, seed=4, split="held_out"))):
+    assert len(toy.held_out_combinations()) == 24
+    assert {c for c, _, _ in toy.held_out_combinations()} == set(toy.COLOURS)
+    assert {d for _, _, d in toy.held_out_combinations()} == set(toy.DIRECTIONS)
+    train = toy.sample_scenes(600, seed=3)
+    for split, scenes in (("train", train), ("held_out", toy.sample_scenes(100, seed=4, split="held_out"))):
         for s in scenes:
-            assert all(toyvideo.is_held_out(o.colour, o.shape, o.direction) == (split == "held_out") for o in s.objects)
-            parsed = toyvideo.parse_caption(s.caption)
+            assert all(toy.is_held_out(o.colour, o.shape, o.direction) == (split == "held_out") for o in s.objects)
+            parsed = toy.parse_caption(s.caption)
             assert parsed == [(o.colour, o.shape, o.direction) for o in s.objects]
-            assert len(s.caption.encode()) <= toyvideo.MAX_CAPTION_BYTES < trained.MAX_SEQUENCE_LENGTH
+            assert len(s.caption.encode()) <= toy.MAX_CAPTION_BYTES < trained.MAX_SEQUENCE_LENGTH
     kinds = {("two" if len(s.objects) == 2 else "bouncing" if s.objects[0].bouncing else "single") for s in train}
-    assert kinds == set(toyvideo.KINDS) and {s.background for s in train} == set(toyvideo.BACKGROUNDS)
-    assert toyvideo.sample_scenes(5, seed=3) == train[:5]
-    assert toyvideo.sample_scenes(5, seed=5) != train[:5]
-    a = toyvideo.render(train[:3], 9, 40, 56)
-    assert torch.equal(a, toyvideo.render(train[:3], 9, 40, 56)) and a.shape == (3, 3, 9, 40, 56)
+    assert kinds == set(toy.KINDS) and {s.background for s in train} == set(toy.BACKGROUNDS)
+    assert toy.sample_scenes(5, seed=3) == train[:5]
+    assert toy.sample_scenes(5, seed=5) != train[:5]
+    a = toy.render(train[:3], 9, 40, 56)
+    assert torch.equal(a, toy.render(train[:3], 9, 40, 56)) and a.shape == (3, 3, 9, 40, 56)
     assert a.min() >= -1 and a.max() <= 1
-    busy = toyvideo.sample_busy_scenes(300, seed=6)  # the VAE's data: every path fits the frame
-    assert busy[:4] == toyvideo.sample_busy_scenes(4, seed=6) and max(len(s.objects) for s in busy) == 5
-    singles, twos = toyvideo.check_scenes()
+    busy = toy.sample_busy_scenes(300, seed=6)  # the VAE's data: every path fits the frame
+    assert busy[:4] == toy.sample_busy_scenes(4, seed=6) and max(len(s.objects) for s in busy) == 5
+    singles, twos = toy.check_scenes()
     caps = [s.caption for s in singles + twos]
     assert len(singles) == 20 and len(twos) == 4 and len(set(caps)) == 24
-    assert all(toyvideo.is_held_out(o.colour, o.shape, o.direction) for s in singles + twos for o in s.objects)
-    assert {s.objects[0].colour for s in singles} == set(toyvideo.COLOURS)
+    assert all(toy.is_held_out(o.colour, o.shape, o.direction) for s in singles + twos for o in s.objects)
+    assert {s.objects[0].colour for s in singles} == set(toy.COLOURS)
 
 
 def test_validation_scenes_disjoint_from_the_check():
     """The validation set (sampling settings are tuned on it) shares no (colour, shape, direction) with the
     check's single-object scenes, uses only held-out combinations (all 4 left over), is deterministic, has
     distinct captions, and its ground-truth clips read back as their captions."""
-    singles, _ = toyvideo.check_scenes()
-    val = toyvideo.validation_scenes()
+    singles, _ = toy.check_scenes()
+    val = toy.validation_scenes()
     combos = lambda scenes: {(o.colour, o.shape, o.direction) for s in scenes for o in s.objects}
     assert len(val) == 20 and all(len(s.objects) == 1 for s in val)
     assert not combos(val) & combos(singles)
-    assert combos(val) | combos(singles) == set(toyvideo.held_out_combinations()) and len(combos(val)) == 4
-    assert val == toyvideo.validation_scenes() and toyvideo.validation_scenes(7) == val[:7]
-    assert toyvideo.validation_scenes(seed=10) != val
+    assert combos(val) | combos(singles) == set(toy.held_out_combinations()) and len(combos(val)) == 4
+    assert val == toy.validation_scenes() and toy.validation_scenes(7) == val[:7]
+    assert toy.validation_scenes(seed=10) != val
     assert len({s.caption for s in val}) == 20
     assert {s.background for s in val} >= {"dark", "drifting"} and any(s.objects[0].bouncing for s in val)
     assert len({s.objects[0].speed for s in val}) == 3
-    bad = [s.caption for s in val if not toyvideo.check_video(toyvideo.render_frames(s, 17, 128, 128), s.caption)["ok"]]
+    bad = [s.caption for s in val if not toy.check_video(toy.render_frames(s, 17, 128, 128), s.caption)["ok"]]
     assert not bad, bad
     with pytest.raises(ValueError, match="n must be"):
-        toyvideo.validation_scenes(0)
+        toy.validation_scenes(0)
 
 
 # --- captions, architecture --------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def test_caption_path_matches_wan_pipeline():
     paddings the training uses."""
     from transformers import ByT5Tokenizer
 
-    caps = [s.caption for s in toyvideo.sample_scenes(6, seed=1)] + ["", "x" * 300]
+    caps = [s.caption for s in toy.sample_scenes(6, seed=1)] + ["", "x" * 300]
     tok = ByT5Tokenizer()
     for length in (trained.MAX_SEQUENCE_LENGTH, 512):
         ids, mask = trained.tokenize_captions(caps, length)
@@ -157,13 +159,13 @@ def test_training_decode_is_the_pipeline_decode_before_its_clamp():
     vae = trained.build_components(seed=2)[1].eval()
     z = torch.randn(1, 16, 3, 4, 6) * 3
     with torch.no_grad():
-        raw = _load("train_tiny")._decode_unclamped(vae, z)
+        raw = train_tiny._decode_unclamped(vae, z)
         ref = vae.decode(z).sample
     assert raw.shape == ref.shape == (1, 3, 9, 16, 24)
     assert raw.abs().max() > 1 and torch.equal(raw.clamp(-1, 1), ref)
 
 
-@pytest.mark.skipif(not trained.weights_available(), reason="no trained weights shipped yet (benchmarks/train_tiny.py)")
+@pytest.mark.skipif(not trained.weights_available(), reason="no trained weights shipped yet (pipelines/toy/train.py)")
 def test_shipped_weights_load_and_generate():
     """The weights in the package load through build_tiny_pipeline("wan-trained") (fp16 files, statistics in
     the VAE's header) and generate a finite video through WanPipeline."""
@@ -179,7 +181,7 @@ def test_per_frame_init_makes_the_vae_an_image_autoencoder_per_frame():
     """After init_vae_per_frame a static video encodes to the image's latent at every latent frame and
     decodes to the image's reconstruction at every frame (the causal convolutions see the current frame
     only; time downsampling keeps a frame, upsampling repeats it); without it, it does not."""
-    tt = _load("train_tiny")
+    tt = train_tiny
     img = torch.rand(1, 3, 1, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
     vid = img.expand(-1, -1, 9, -1, -1).contiguous()
     for init in (True, False):
@@ -194,7 +196,7 @@ def test_per_frame_init_makes_the_vae_an_image_autoencoder_per_frame():
 
 
 def test_missing_weights_say_how_to_train(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_tiny.py"):
+    with pytest.raises(FileNotFoundError, match="vdit_accel.pipelines.toy.train"):
         trained.build_trained_pipeline(tmp_path)
 
 
@@ -204,7 +206,7 @@ def test_missing_weights_say_how_to_train(tmp_path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("wan-trained")
-    state = _load("train_tiny").main(["--smoke", "--out", str(out)])
+    state = train_tiny.main(["--smoke", "--out", str(out)])
     return out, state
 
 
@@ -238,7 +240,7 @@ def test_smoke_resume_continues(smoke, tmp_path):
     """A second command resumes from the checkpoint: the VAE is not retrained, the transformer goes on
     from the saved raw weights, and the log and runs accumulate."""
     out, first = smoke
-    state = _load("train_tiny").main(["--smoke", "--resume", str(out), "--out", str(tmp_path), "--dit-steps", "5"])
+    state = train_tiny.main(["--smoke", "--resume", str(out), "--out", str(tmp_path), "--dit-steps", "5"])
     assert state["vae"]["steps"] == 2 and state["dit"]["steps"] == 5 and len(state["runs"]) == 2
     assert state["latents_mean"] == first["latents_mean"]
     a = trained.load_trained_components(out)[1].state_dict()
@@ -263,7 +265,7 @@ def test_check_script_runs(smoke, tmp_path):
     doc = mod.main(argv + ["--scenes", "validation", "--shift", "5", "--guidance", "6"])
     assert (doc["scenes"], doc["shift"], doc["guidance_scale"], doc["steps"]) == ("validation", 5.0, 6.0, 1)
     assert [r["caption"] for r in doc["results"]["default"]["rows"]] == \
-        [s.caption for s in toyvideo.validation_scenes(3)]
+        [s.caption for s in toy.validation_scenes(3)]
     assert len(list(tmp_path.glob("check-trained-cpu-*-validation.json"))) == 1
     with pytest.raises(SystemExit):
         mod.main(argv + ["--shift", "3", "5"])  # several values need --sweep
@@ -280,7 +282,7 @@ def test_check_script_sweep(smoke, tmp_path):
                     "--out-dir", str(tmp_path), "--device", "cpu"])
     assert [p.name for p in tmp_path.iterdir()] == [f"sweep-trained-validation-cpu-{doc['date'].replace('-', '')}.json"]
     assert json.loads(next(tmp_path.iterdir()).read_text()) == doc
-    assert doc["scenes"] == "validation" and doc["captions"] == [s.caption for s in toyvideo.validation_scenes(2)]
+    assert doc["scenes"] == "validation" and doc["captions"] == [s.caption for s in toy.validation_scenes(2)]
     assert doc["ground_truth_agreement"] == 1.0 and doc["seed_bases"] == [5000, 6000]
     rows = doc["rows"]
     assert [(r["guidance_scale"], r["steps"], r["shift"]) for r in rows] == [(8.0, 3, 3.0), (8.0, 3, 7.0), (8.0, 3, 3.0)]

@@ -1,9 +1,9 @@
-"""Train the tiny Wan pipelines ``"wan-trained"`` and ``"wan-rich"`` on procedural toy videos (vdit_accel.toyvideo).
+"""Train the tiny Wan pipelines ``"wan-trained"`` and ``"wan-rich"`` on procedural toy videos (vdit_accel.pipelines.toy).
 
 Two stages, one checkpoint directory:
 
-1. **VAE** (``AutoencoderKLWan``, pipelines/trained.py): busy clips (1-5 objects of any size,
-   ``toyvideo.sample_busy_scenes``) rendered on the device each step at a few short sizes (the causal 3D
+1. **VAE** (``AutoencoderKLWan``, pipelines/toy/trained.py): busy clips (1-5 objects of any size,
+   ``toy.sample_busy_scenes``) rendered on the device each step at a few short sizes (the causal 3D
    convolutions see every size the same way); loss = L1 + L2 of the pixels before the decoder's clamp,
    object pixels weighted 5x, plus a small KL term; the posterior std starts small (see ``main``). Seen
    on the CPU: this autoencoder learns the background at once and objects only after hundreds of steps
@@ -35,24 +35,24 @@ the run stops cleanly and saves before it.
 
 GPU (one H100; each command resumes from the previous one's checkpoint, carried back as .ckpt/; the
 install lines of benchmarks/gpu_run.sh first, then from the repository root R). The shipped weights
-(pipelines/weights/wan-trained/) came from these four, 24.2 min of device time in all
+(pipelines/toy/weights/wan-trained/) came from these four, 24.2 min of device time in all
 (benchmarks/results/train-tiny-nvidia-h100-80gb-hbm3-20261122.json has their logs):
 
-    cd /tmp && python3 $R/benchmarks/train_tiny.py --out $OUT/ckpt --minutes 8.9
-    cd /tmp && python3 $R/benchmarks/train_tiny.py --resume $R/.ckpt --out $OUT/ckpt --minutes 8.4
-    cd /tmp && python3 $R/benchmarks/train_tiny.py --resume $R/.ckpt --out $OUT/ckpt --minutes 7.5 --dit-minutes 18
-    cd /tmp && python3 $R/benchmarks/train_tiny.py --resume $R/.ckpt --out $OUT/ckpt --minutes 2.1 --dit-minutes 20
+    cd /tmp && python3 $R/pipelines/toy/train.py --out $OUT/ckpt --minutes 8.9
+    cd /tmp && python3 $R/pipelines/toy/train.py --resume $R/.ckpt --out $OUT/ckpt --minutes 8.4
+    cd /tmp && python3 $R/pipelines/toy/train.py --resume $R/.ckpt --out $OUT/ckpt --minutes 7.5 --dit-minutes 18
+    cd /tmp && python3 $R/pipelines/toy/train.py --resume $R/.ckpt --out $OUT/ckpt --minutes 2.1 --dit-minutes 20
 
 (the fourth resumed from the third's raw weights with its EMA slots set to them: the third's EMA files
 did not come back from the device, whose tool returns at most 8 files; keep $OUT to the checkpoint).
 
-``--model wan-rich`` trains the testbed on the rich scenes (``toyvideo.sample_rich_scenes``; the
+``--model wan-rich`` trains the testbed on the rich scenes (``toy.sample_rich_scenes``; the
 ``RICH`` preset: the VAE on rich and busy clips at 4:7, the transformer from 17x128x224 to its native
 65x256x448) -- started from wan-trained's weights with ``--init-from wan-trained`` (:func:`init_from`).
 On the device machine through ``benchmarks/gpu_train.sh wan-rich ...`` (install, resume, pack the
 checkpoint back in 15 MB parts); the commands so far and their logs are in
 ``benchmarks/results/train-rich-*.json``. Between sessions the checkpoint is the committed
-``pipelines/weights/wan-rich/`` (EMA weights and state.json; the raw weights restart from them).
+``pipelines/toy/weights/wan-rich/`` (EMA weights and state.json; the raw weights restart from them).
 
 CPU: ``--smoke`` runs every stage at toy size in seconds and then loads the result through
 ``build_trained_pipeline``, generates with ``WanPipeline`` and checks the video (untrained: only that it
@@ -75,8 +75,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vdit_accel import toyvideo
-from vdit_accel.pipelines import trained
+from vdit_accel.pipelines import toy
+from vdit_accel.pipelines.toy import trained
 
 _T0 = time.monotonic()
 
@@ -85,7 +85,7 @@ _T0 = time.monotonic()
 class TrainConfig:
     """One preset. Sizes are (frames, height, width); VAE buckets carry a batch size, transformer buckets a
     share of the steps (each step fills ``tokens_per_step`` video tokens from one bucket). ``model``: the
-    :data:`vdit_accel.pipelines.trained.MODELS` entry trained (architecture, caption length, scene set)."""
+    :data:`vdit_accel.pipelines.toy.trained.MODELS` entry trained (architecture, caption length, scene set)."""
 
     model: str = "wan-trained"
 
@@ -151,15 +151,15 @@ def _spec(cfg: TrainConfig):
 def _scenes(cfg: TrainConfig, n: int, seed: int) -> list:
     """``n`` training scenes of the model's scene set."""
     if _spec(cfg).scenes == "rich":
-        return toyvideo.sample_rich_scenes(n, seed)
-    return toyvideo.sample_scenes(n, seed)
+        return toy.sample_rich_scenes(n, seed)
+    return toy.sample_scenes(n, seed)
 
 
 def _vae_scenes(cfg: TrainConfig, n: int, seed: int, step: int) -> list:
     """The VAE's clips: busy ones (many object pixels); for a rich model rich ones every other step."""
     if _spec(cfg).scenes == "rich" and step % 2 == 1:
-        return toyvideo.sample_rich_scenes(n, seed, split="any")
-    return toyvideo.sample_busy_scenes(n, seed)
+        return toy.sample_rich_scenes(n, seed, split="any")
+    return toy.sample_busy_scenes(n, seed)
 
 
 def _elapsed() -> float:
@@ -344,7 +344,7 @@ def train_vae(cfg: TrainConfig, state: dict, vae, opt, device, deadline: float, 
         step = s["steps"]
         f, h, w, b = cfg.vae_buckets[step % len(cfg.vae_buckets)]
         scenes = _vae_scenes(cfg, b, int(_rng(state["seed"], 1, step).integers(2**31)), step)
-        x, mask = toyvideo.render(scenes, f, h, w, device=device, return_mask=True)
+        x, mask = toy.render(scenes, f, h, w, device=device, return_mask=True)
         weight = 1.0 + cfg.vae_object_weight * mask
         warmup = 50 if first_step == 0 else cfg.resume_warmup_steps
         lr = _lr(cfg.vae_lr, step - first_step, warmup, s["seconds"] / schedule_seconds, 0.1)
@@ -397,7 +397,7 @@ def latent_stats(cfg: TrainConfig, state: dict, vae, device) -> tuple[list[float
             n = min(chunk, per - j)
             scenes = _scenes(cfg, n, int(_rng(state["seed"], 2, i, j).integers(2**31)))
             with _autocast(device):
-                z = _encode(vae, toyvideo.render(scenes, f, h, w, device=device)).float()
+                z = _encode(vae, toy.render(scenes, f, h, w, device=device)).float()
             total = total + z.sum((0, 2, 3, 4)).double()
             total_sq = total_sq + z.pow(2).sum((0, 2, 3, 4)).double()
             count += z.numel() // z.shape[1]
@@ -409,19 +409,19 @@ def latent_stats(cfg: TrainConfig, state: dict, vae, device) -> tuple[list[float
 
 @torch.no_grad()
 def vae_check(vae, device, size: tuple[int, int, int], count: int = 24, scenes: str = "basic") -> dict:
-    """The check of vdit_accel.toyvideo on VAE reconstructions of (the first ``count`` of) the check
+    """The check of vdit_accel.pipelines.toy on VAE reconstructions of (the first ``count`` of) the check
     scenes (``scenes``: the model's set, ``"basic"`` or ``"rich"``): what a perfect transformer could
     score at most; and the reconstructions' PSNR."""
     vae.eval()
-    singles, twos = toyvideo.rich_check_scenes() if scenes == "rich" else toyvideo.check_scenes()
+    singles, twos = toy.rich_check_scenes() if scenes == "rich" else toy.check_scenes()
     singles, twos = singles[:count], twos[:max(0, count - len(singles))]
     ok, psnr = [], []
     for scene in singles + twos:
-        x = toyvideo.render([scene], *size, device=device)
+        x = toy.render([scene], *size, device=device)
         with _autocast(device):
             y = vae.decode(_encode(vae, x)).sample.float()
         frames = ((y[0].permute(1, 2, 3, 0).cpu().numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        ok.append(toyvideo.check_video(frames, scene.caption)["ok"])
+        ok.append(toy.check_video(frames, scene.caption)["ok"])
         psnr.append(float(10 * torch.log10(4.0 / (y - x).pow(2).mean())))
     vae.train()
     return {"size": list(size), "single_ok": int(sum(ok[:len(singles)])), "single": len(singles),
@@ -479,7 +479,7 @@ def build_pool(cfg: TrainConfig, state: dict, vae, device, seconds: float) -> li
             scenes = _scenes(cfg, n, int(_rng(state["seed"], 3, state["run"], i, chunk_id).integers(2**31)))
             chunk_id += 1
             with _autocast(device):
-                z = _encode(vae, toyvideo.render(scenes, b.frames, b.height, b.width, device=device)).float()
+                z = _encode(vae, toy.render(scenes, b.frames, b.height, b.width, device=device)).float()
             b.latents.append(((z - mean) / std).to(store))
             ids, mask = trained.tokenize_captions([s.caption for s in scenes], _spec(cfg).max_sequence_length)
             b.ids.append(ids.to(device))
@@ -620,12 +620,12 @@ def _smoke_check(out: Path, device, cfg: TrainConfig) -> dict:
     """Load what was saved through the package's loader, generate with WanPipeline, run the check."""
     spec = _spec(cfg)
     pipe = trained.build_trained_pipeline(out, model=spec).to(device)
-    caption = (toyvideo.rich_check_scenes() if spec.scenes == "rich" else toyvideo.check_scenes())[0][0].caption
+    caption = (toy.rich_check_scenes() if spec.scenes == "rich" else toy.check_scenes())[0][0].caption
     f, h, w = cfg.check_size
     video = pipe(prompt=caption, num_frames=f, height=h, width=w, num_inference_steps=2,
                  max_sequence_length=spec.max_sequence_length, output_type="np",
                  generator=torch.Generator("cpu").manual_seed(0)).frames[0]
-    result = toyvideo.check_video(video, caption)
+    result = toy.check_video(video, caption)
     _log("smoke check (untrained: only that it runs)", caption=caption, ok=result["ok"], shape=str(video.shape))
     return result
 
@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vae-steps", type=int, help="stop the VAE stage after this many steps (CPU runs)")
     ap.add_argument("--dit-steps", type=int, help="stop the transformer stage after this many steps (CPU runs)")
     ap.add_argument("--model", default="wan-trained", choices=sorted(trained.MODELS),
-                    help="which trained model (pipelines/trained.py: its architecture, captions and scenes)")
+                    help="which trained model (pipelines/toy/trained.py: its architecture, captions and scenes)")
     ap.add_argument("--init-from", default=None, choices=sorted(trained.MODELS), metavar="MODEL",
                     help="start from a shipped model's weights (init_from) instead of random ones: its VAE and text "
                          "encoder, its transformer's blocks spread over the new depth")

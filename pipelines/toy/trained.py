@@ -1,7 +1,7 @@
 """The trained tiny Wan pipelines: their architectures, weight files and loader.
 
 Real ``WanPipeline`` s whose components were trained on the procedural clips of
-:mod:`vdit_accel.toyvideo` by ``benchmarks/train_tiny.py`` (commands and loss curves in
+:mod:`vdit_accel.pipelines.toy` by ``pipelines/toy/train.py`` (commands and loss curves in
 ``benchmarks/results/``). Two models (:data:`MODELS`), each a :class:`TrainedModel`:
 
 - ``"wan-trained"``: ``WanTransformer3DModel`` with 6 layers of 4 heads x 64 channels (FFN 1024, patch
@@ -25,7 +25,7 @@ transformer (no dropout, so training and inference embed a caption identically),
 ``timestep = 1000 * sigma`` (trained with sigmas shifted by ``training_shift``, sampled at
 ``scheduler_shift``, chosen on the validation scenes). One video token is 8x8 pixels (VAE 4x, patch 2).
 
-Weights live in ``pipelines/weights/<name>/`` as fp16 safetensors (``transformer``, ``vae``,
+Weights live in ``pipelines/toy/weights/<name>/`` as fp16 safetensors (``transformer``, ``vae``,
 ``text_encoder``) and are loaded into float32 modules.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .defaults import TinyDefaults, cast_pipeline
+from ..defaults import TinyDefaults, cast_pipeline
 
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
 COMPONENTS = ("transformer", "vae", "text_encoder")
@@ -61,8 +61,8 @@ class TrainedModel:
     (the cross-attention sees the padding, so the length is part of the model). ``defaults``: the
     generation size of ``vdit-accel generate`` and the checks; ``large``: the larger size
     (``num_frames``, ``height``, ``width``). ``weights``: where its files are (default the package's
-    ``pipelines/weights/<name>``). ``scenes``: ``"basic"`` or ``"rich"``, which of
-    :mod:`vdit_accel.toyvideo` 's scene sets it learned. ``guidance_scale`` / ``scheduler_shift`` /
+    ``pipelines/toy/weights/<name>``). ``scenes``: ``"basic"`` or ``"rich"``, which of
+    :mod:`vdit_accel.pipelines.toy` 's scene sets it learned. ``guidance_scale`` / ``scheduler_shift`` /
     ``defaults.steps``: the sampling settings, chosen on the validation scenes, never on the check.
     """
 
@@ -77,7 +77,7 @@ class TrainedModel:
     training_shift: float = 3.0
     vae: dict = field(default_factory=lambda: dict(_WAN_VAE))
     text_encoder: dict = field(default_factory=lambda: dict(_UMT5))
-    weights: Path | None = None  # default: pipelines/weights/<name>
+    weights: Path | None = None  # default: pipelines/toy/weights/<name>
 
     @property
     def weights_dir(self) -> Path:
@@ -135,7 +135,7 @@ def model_spec(model: str | TrainedModel = "wan-trained") -> TrainedModel:
 
 def build_components(seed: int = 0, latents_mean=None, latents_std=None, model: str | TrainedModel = "wan-trained"):
     """``(transformer, vae, text_encoder)`` of ``model`` 's architecture with seeded random weights, in
-    training mode (the starting point of ``train_tiny.py``; the loader fills them from files).
+    training mode (the starting point of :mod:`.train`; the loader fills them from files).
     ``latents_mean`` / ``latents_std``: the VAE's per-channel latent statistics (16 each; identity if None)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -222,14 +222,14 @@ def load_trained_components(weights_dir: str | Path | None = None, model: str | 
     if missing:
         raise FileNotFoundError(
             f"no trained weights of {spec.name!r} ({', '.join(n + '.safetensors' for n in missing)}) in "
-            f"{str(weights_dir)!r}; train them with `python benchmarks/train_tiny.py --model {spec.name} --out DIR` "
+            f"{str(weights_dir)!r}; train them with `python -m vdit_accel.pipelines.toy.train --model {spec.name} --out DIR` "
             f"and copy DIR's transformer, vae and text_encoder .safetensors into {str(spec.weights_dir)!r}, or pass "
             "weights_dir=DIR")
     with safe_open(str(weights_dir / "vae.safetensors"), "pt") as f:
         header = f.metadata() or {}
     if header.get("format") != spec.format:
         raise ValueError(f"{str(weights_dir / 'vae.safetensors')!r} is not a {spec.format!r} file "
-                         f"(format {header.get('format')!r}); retrain with benchmarks/train_tiny.py --model {spec.name}")
+                         f"(format {header.get('format')!r}); retrain with pipelines/toy/train.py --model {spec.name}")
     modules = build_components(0, json.loads(header["latents_mean"]), json.loads(header["latents_std"]), model=spec)
     for name, module in zip(COMPONENTS, modules):
         state = load_file(str(weights_dir / f"{name}.safetensors"))
@@ -241,6 +241,6 @@ def load_trained_components(weights_dir: str | Path | None = None, model: str | 
 def build_trained_pipeline(weights_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
                            model: str | TrainedModel = "wan-trained"):
     """The trained tiny ``WanPipeline`` ``model`` (see the module docstring), offline. ``weights_dir``: a
-    directory written by ``benchmarks/train_tiny.py`` (default: the weights shipped in the package)."""
+    directory written by ``pipelines/toy/train.py`` (default: the weights shipped in the package)."""
     spec = model_spec(model)
     return cast_pipeline(make_pipeline(*load_trained_components(weights_dir, spec), model=spec), dtype)

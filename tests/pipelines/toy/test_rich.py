@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from vdit_accel import toyvideo
+from vdit_accel.pipelines import toy
 from vdit_accel.grid import VideoGrid
-from vdit_accel.pipelines import trained
+from vdit_accel.pipelines.toy import train as train_tiny
+from vdit_accel.pipelines.toy import trained
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _load(name):
@@ -31,83 +32,83 @@ def _load(name):
 def test_rich_ground_truth_reads_back():
     """Every rich check, validation and sampled training scene reads back as its caption (objects,
     looping ones across their wrap-around, the camera's pan) at the 4:7 aspect, small."""
-    singles, twos = toyvideo.rich_check_scenes()
-    scenes = singles + twos + toyvideo.rich_validation_scenes() + toyvideo.sample_rich_scenes(12, seed=1)
-    bad = [s.caption for s in scenes if not toyvideo.check_video(toyvideo.render_frames(s, 17, 64, 112), s.caption)["ok"]]
+    singles, twos = toy.rich_check_scenes()
+    scenes = singles + twos + toy.rich_validation_scenes() + toy.sample_rich_scenes(12, seed=1)
+    bad = [s.caption for s in scenes if not toy.check_video(toy.render_frames(s, 17, 64, 112), s.caption)["ok"]]
     assert not bad, bad
 
 
 def test_rich_checker_rejects_wrong_captions():
     """A pan the other way, a pan where the background stands still, a looping object's direction reversed;
     and a looping object read without its wrap-around cut would go the wrong way."""
-    tex = toyvideo._rich_background(np.random.default_rng(0), "textured", set())
-    obj = toyvideo.ToyObject("red", "circle", "right", "quickly", x0=0.5, y0=0.5, size=0.1, looping=True)
-    panned = toyvideo.ToyScene((obj,), **toyvideo._with_camera(tex, np.random.default_rng(1), "left"))
-    clip = toyvideo.render_frames(panned, 17, 64, 112)
-    res = toyvideo.check_video(clip, panned.caption)
+    tex = toy.scenes._rich_background(np.random.default_rng(0), "textured", set())
+    obj = toy.ToyObject("red", "circle", "right", "quickly", x0=0.5, y0=0.5, size=0.1, looping=True)
+    panned = toy.ToyScene((obj,), **toy.scenes._with_camera(tex, np.random.default_rng(1), "left"))
+    clip = toy.render_frames(panned, 17, 64, 112)
+    res = toy.check_video(clip, panned.caption)
     assert res["ok"] and res["camera"]["found_camera"] == "left", res
     wrong_pan = panned.caption.replace("panning left", "panning right")
-    assert not toyvideo.check_video(clip, wrong_pan)["ok"]
-    assert not toyvideo.check_video(clip, panned.caption.replace("looping right", "looping left"))["ok"]
-    still = toyvideo.render_frames(toyvideo.ToyScene((obj,), **tex), 17, 64, 112)
-    assert toyvideo.check_video(still, "a red circle looping right quickly on a textured background")["ok"]
-    res = toyvideo.check_video(still, "a red circle looping right quickly on a textured background, camera panning up")
+    assert not toy.check_video(clip, wrong_pan)["ok"]
+    assert not toy.check_video(clip, panned.caption.replace("looping right", "looping left"))["ok"]
+    still = toy.render_frames(toy.ToyScene((obj,), **tex), 17, 64, 112)
+    assert toy.check_video(still, "a red circle looping right quickly on a textured background")["ok"]
+    res = toy.check_video(still, "a red circle looping right quickly on a textured background, camera panning up")
     assert not res["ok"] and res["camera"]["found_camera"] is None
     # Without the run cut, the jump back across the frame (about one frame width) outweighs the motion.
-    plain = toyvideo.check_video(still, "a red circle moving right quickly on a textured background")
+    plain = toy.check_video(still, "a red circle moving right quickly on a textured background")
     assert not plain["ok"]
     with pytest.raises(ValueError, match="camera pans"):
-        toyvideo.check_video(clip, "a red circle moving right, camera panning sideways")
+        toy.check_video(clip, "a red circle moving right, camera panning sideways")
 
 
 def test_rich_scenes_split_deterministic_and_captioned():
     """Training scenes avoid the held-out combinations; every part occurs; captions parse back and fit
     wan-rich's text length; same seed, same scenes; the check and validation sets share no combination."""
-    train = toyvideo.sample_rich_scenes(400, seed=3)
+    train = toy.sample_rich_scenes(400, seed=3)
     for s in train:
-        assert not any(toyvideo.is_held_out(o.colour, o.shape, o.direction) for o in s.objects)
-        assert toyvideo.parse_caption(s.caption) == [(o.colour, o.shape, o.direction) for o in s.objects]
-        assert toyvideo.parse_camera(s.caption) == (s.camera or None)
-        assert len(s.caption.encode()) <= toyvideo.MAX_RICH_CAPTION_BYTES < trained.WAN_RICH.max_sequence_length
+        assert not any(toy.is_held_out(o.colour, o.shape, o.direction) for o in s.objects)
+        assert toy.parse_caption(s.caption) == [(o.colour, o.shape, o.direction) for o in s.objects]
+        assert toy.parse_camera(s.caption) == (s.camera or None)
+        assert len(s.caption.encode()) <= toy.MAX_RICH_CAPTION_BYTES < trained.WAN_RICH.max_sequence_length
         assert len({o.colour for o in s.objects}) == len(s.objects)
     assert {len(s.objects) for s in train} == {1, 2, 3}
-    assert {s.background for s in train} >= {"textured", "dark", "drifting"} and any(s.background in toyvideo.COLOURS
+    assert {s.background for s in train} >= {"textured", "dark", "drifting"} and any(s.background in toy.COLOURS
                                                                                       for s in train)
-    assert {s.camera for s in train} == {"", *toyvideo.PAN_DIRECTIONS}
+    assert {s.camera for s in train} == {"", *toy.PAN_DIRECTIONS}
     assert {len(s.pillars) for s in train} == {0, 1, 2}
     assert {o.verb for s in train for o in s.objects} == {"moving", "bouncing", "looping"}
-    assert toyvideo.sample_rich_scenes(4, seed=3) == train[:4] and toyvideo.sample_rich_scenes(4, seed=4) != train[:4]
-    singles, twos = toyvideo.rich_check_scenes()
-    val = toyvideo.rich_validation_scenes()
+    assert toy.sample_rich_scenes(4, seed=3) == train[:4] and toy.sample_rich_scenes(4, seed=4) != train[:4]
+    singles, twos = toy.rich_check_scenes()
+    val = toy.rich_validation_scenes()
     combos = lambda scenes: {(o.colour, o.shape, o.direction) for s in scenes for o in s.objects}
     assert len(singles) == 20 and len(twos) == 4 and len(val) == 20
-    assert combos(singles) | combos(val) == set(toyvideo.held_out_combinations()) and not combos(singles) & combos(val)
+    assert combos(singles) | combos(val) == set(toy.held_out_combinations()) and not combos(singles) & combos(val)
     assert sum(bool(s.camera) for s in singles) == 8 and sum(bool(s.pillars) for s in singles) == 8
     assert len({s.caption for s in singles + twos + val}) == 44
     with pytest.raises(ValueError, match="textured"):
-        toyvideo.ToyScene((singles[0].objects[0],), background="textured")
+        toy.ToyScene((singles[0].objects[0],), background="textured")
     with pytest.raises(ValueError, match="bouncing or looping"):
-        toyvideo.ToyObject("red", "circle", "left", bouncing=True, looping=True)
+        toy.ToyObject("red", "circle", "left", bouncing=True, looping=True)
 
 
 def test_rich_render_keeps_textures_muted_and_pillars_in_front():
     """Textures never count as object pixels (value <= 0.45 or saturation <= 0.45), and a pillar hides
     the object behind it: its coverage mask is zero there."""
-    scene = toyvideo.rich_check_scenes()[0][3]  # a tint and two pillars
-    video, cover = toyvideo.render([scene], 9, 64, 112, return_mask=True)
+    scene = toy.rich_check_scenes()[0][3]  # a tint and two pillars
+    video, cover = toy.render([scene], 9, 64, 112, return_mask=True)
     rgb = (video[0].permute(1, 2, 3, 0).numpy() + 1) / 2
-    hue, sat, val = toyvideo._hsv(rgb)
+    hue, sat, val = toy.check._hsv(rgb)
     vivid = (sat >= 0.6) & (val >= 0.5)
     assert (cover[0, 0].numpy()[vivid] > 0).all()  # every vivid pixel is an object's
     x, half, _ = scene.pillars[0]
     col = int(x * 112)
     assert float(cover[0, 0, :, :, col].max()) == 0.0
-    tex = toyvideo.sample_rich_scenes(40, seed=7)
+    tex = toy.sample_rich_scenes(40, seed=7)
     tex = [s for s in tex if s.background == "textured"][:3]
     for s in tex:
         bare = dataclasses.replace(s, objects=())
-        rgb = (toyvideo.render([bare], 5, 64, 112)[0].permute(1, 2, 3, 0).numpy() + 1) / 2
-        _, sat, val = toyvideo._hsv(rgb)
+        rgb = (toy.render([bare], 5, 64, 112)[0].permute(1, 2, 3, 0).numpy() + 1) / 2
+        _, sat, val = toy.check._hsv(rgb)
         assert not ((sat >= 0.6) & (val >= 0.5)).any()
 
 
@@ -129,7 +130,7 @@ def test_wan_rich_architecture_contract():
 
 def test_init_from_wan_trained_computes_the_same_function():
     """The 8-layer model started from wan-trained's 6 (init_from) computes wan-trained's output exactly."""
-    tt = _load("train_tiny")
+    tt = train_tiny
     t, vae, te = trained.build_components(0, model="wan-rich")
     tt.init_from(t, vae, te, "wan-trained")
     src = trained.load_trained_components(model="wan-trained")[0]
@@ -203,10 +204,10 @@ def test_structure_and_check_scripts_run_on_wan_rich(tmp_path):
 
 
 def test_rich_smoke_training_resumes_with_more_vae(tmp_path):
-    """train_tiny.py --model wan-rich --init-from wan-trained --smoke trains, saves and loads through the
+    """vdit_accel.pipelines.toy.train --model wan-rich --init-from wan-trained --smoke trains, saves and loads through the
     package's loader; a resume with --vae-more-minutes trains the VAE on and re-measures its latent
     statistics before the transformer goes on."""
-    tt = _load("train_tiny")
+    tt = train_tiny
     first = tt.main(["--model", "wan-rich", "--init-from", "wan-trained", "--smoke", "--out", str(tmp_path / "a")])
     assert first["model"] == "wan-rich" and first["init_from"] == "wan-trained" and first["vae"]["done"]
     assert first["smoke_check"]["objects"]
