@@ -224,7 +224,8 @@ def results_md(results: Path = RESULTS) -> str:
             elif isinstance(doc.get("rows"), list) and doc["rows"]:
                 out += [rows_table(doc["rows"]), ""]
             else:
-                scalars = {k: val for k, val in doc.items() if k not in ("gpu", "date", "command", "versions")
+                scalars = {k: val for k, val in doc.items() if k not in ("gpu", "date", "command", "versions", "cuda_graph",
+                                                                        "note", "command_note")
                            and not isinstance(val, (dict, list))}
                 out += ["; ".join(f"{k}: {_cell(val)}" for k, val in scalars.items()) or "(no rows)", ""]
             for key in ("cuda_graph", "note", "command_note"):
