@@ -470,7 +470,7 @@ def bench_pipeline(
     device: Optional[str] = typer.Option(None, metavar="DEVICE", show_default="cuda if available, else cpu", help="cuda or cpu."),
     git_sha: Optional[str] = typer.Option(None, metavar="SHA", help="Commit recorded in the result file (default: the package version)."),
     out_dir: Path = typer.Option(Path("."), metavar="DIR", help="Where e2e-<gpu>-<yyyymmdd>.json is written "
-                                 "(ulysses-p<P>-<gpu>-<yyyymmdd>.json with --ulysses)."),
+                                 "(ulysses-<gpu>-<yyyymmdd>-p<P>.json with --ulysses)."),
     ulysses: Optional[int] = typer.Option(None, metavar="P", help=_ULYSSES_HELP + " Each row also times the "
                                           "all-to-all; --ulysses 1 (one process) writes the baseline for --baseline."),
     baseline: Optional[Path] = typer.Option(None, metavar="FILE", help="With --ulysses: the --ulysses 1 result file of "

@@ -661,7 +661,7 @@ def run_pipeline_bench(shapes, variants=VARIANTS, reps: int | None = None, out_d
     every shape, so a cut-off run keeps what it measured). Returns the document and its path.
 
     ``ulysses`` P: each shape parallelised over the P processes of ``torch.distributed`` (P = 1: one, for
-    the baseline), every row with ``a2a_ms`` / ``a2a_calls``, the file ``ulysses-p<P>-<gpu>-<yyyymmdd>.json``,
+    the baseline), every row with ``a2a_ms`` / ``a2a_calls``, the file ``ulysses-<gpu>-<yyyymmdd>-p<P>.json``,
     written by rank 0 alone. ``baseline``: such a file of P = 1 (the same GPU): each row then has
     ``ms_1gpu``, ``speedup_vs_1gpu`` and ``efficiency`` (speed-up / P) against the row of its shape and
     impl there."""
@@ -702,9 +702,9 @@ def run_pipeline_bench(shapes, variants=VARIANTS, reps: int | None = None, out_d
            "attn_timing": ("CUDA events" if cuda else "perf_counter") + " around every video self-attention call "
                           "(diffusers' attention-backend call), summed per forward",
            "shapes": {}, "rows": []}
-    what = "e2e"
+    what, suffix = "e2e", ""
     if ulysses is not None:
-        what = f"ulysses-p{ulysses}"
+        what, suffix = "ulysses", f"-p{ulysses}"
         doc.update(ulysses=ulysses, baseline=Path(baseline).name if baseline is not None else None,
                    a2a_timing=("CUDA events" if cuda else "perf_counter") + " around every collective of Ulysses "
                    "attention (diffusers' all-to-all; HunyuanVideo's joint exchange: its all-to-all and the text heads' "
@@ -712,7 +712,7 @@ def run_pipeline_bench(shapes, variants=VARIANTS, reps: int | None = None, out_d
     out_dir = Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{what}-{slug}-{today:%Y%m%d}.json"
+    path = out_dir / f"{what}-{slug}-{today:%Y%m%d}{suffix}.json"
     t0 = time.perf_counter()
     for shape in shapes:
         rows, info = run_shape(shape, variants, reps, device, block_size, searched_strategy, log, ulysses)

@@ -233,7 +233,7 @@ class JointUlysses:
         out = attend(q, k, v, attn_mask)  # (B, V + L, H/P, D)
         video = out[:, :shard * degree].reshape(batch, degree, shard, head_n, dim).permute(1, 3, 0, 2, 4).contiguous()
         video = all_to_all(video, group).flatten(0, 1).permute(1, 2, 0, 3)  # (B, V/P, H, D)
-        text_out = all_gather_heads(out[:, shard * degree:].contiguous(), group)  # (B, L, H, D)
+        text_out = all_gather_heads(out[:, shard * degree:], group)  # (B, L, H, D)
         return torch.cat([video, text_out], dim=1)
 
 
@@ -247,7 +247,7 @@ def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 
 def all_gather_heads(x: torch.Tensor, group) -> torch.Tensor:
     """``(B, L, H / P, D)`` of every rank, concatenated over heads in rank order: ``(B, L, H, D)``."""
-    import torch.distributed._functional_collectives as funcol
-
-    out = funcol.all_gather_tensor(x, 2, group=group)
-    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
+    local = x.permute(2, 0, 1, 3).contiguous()  # heads first: all_gather_into_tensor stacks along dim 0
+    out = local.new_empty((local.shape[0] * torch.distributed.get_world_size(group), *local.shape[1:]))
+    torch.distributed.all_gather_into_tensor(out, local, group=group)
+    return out.permute(1, 2, 0, 3)

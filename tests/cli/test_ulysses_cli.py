@@ -73,7 +73,7 @@ def test_bench_pipeline_ulysses_reports_all_to_all_and_scaling(tmp_path):
             "--block-size", "16", "--device", "cpu", "--reps", "2", "--out-dir", str(tmp_path)]
     res = runner.invoke(app, [*args, "--ulysses", "1"])
     assert res.exit_code == 0, res.output
-    (one_path,) = tmp_path.glob("ulysses-p1-cpu-*.json")
+    (one_path,) = tmp_path.glob("ulysses-cpu-*-p1.json")
     one = json.loads(one_path.read_text())
     assert one["ulysses"] == 1 and [r["a2a_calls"] for r in one["rows"]] == [0, 0]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -82,7 +82,7 @@ def test_bench_pipeline_ulysses_reports_all_to_all_and_scaling(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("| tiny-wan | dense-cudnn |") == 1  # rank 0's table only
-    (two_path,) = tmp_path.glob("ulysses-p2-cpu-*.json")
+    (two_path,) = tmp_path.glob("ulysses-cpu-*-p2.json")
     two = json.loads(two_path.read_text())
     assert two["ulysses"] == 2 and two["baseline"] == one_path.name and two["command"].startswith("torchrun")
     for r, base in zip(two["rows"], one["rows"]):
