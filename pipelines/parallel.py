@@ -19,7 +19,7 @@ with the plan each family needs, after :func:`check_ulysses`:
   text's heads by an all-gather. So the unpatched model is diffusers' attention, parallelised, and the
   patched one ours.
 - **CogVideoX, Mochi, SkyReels-V2, HunyuanVideo 1.5** (no plan in diffusers, none of ours), LTX-Video
-  (diffusers' plan fails on its pipeline's own call: see :data:`_REFUSED`) and HunyuanVideo's
+  (diffusers' plan fails on its pipeline's own call: see ``_REFUSED``) and HunyuanVideo's
   ``token_replace`` image conditioning (it modulates the first frame's tokens apart): refused, before
   any work, with the reason.
 
@@ -43,17 +43,17 @@ from .patch import _transformers_of
 # Families and where their plan comes from.
 DIFFUSERS_PLANS = ("wan",)  # the transformer class's own _cp_plan (diffusers 0.42.1)
 OUR_PLANS = ("hunyuan_video",)
+_NO_PLAN = "diffusers 0.42.1 has no context-parallel plan for it and vdit-accel supplies none"
 _REFUSED = {
-    "skyreels_v2": "its per-frame timesteps (diffusion forcing) would need a plan of their own",
-    "cogvideox": "its processors call SDPA directly and its text sits before the video",
-    "mochi": "its processors call SDPA directly and drop padded text per sample",
-    "hunyuan_video_1_5": "its joint attention (image, ByT5 and MLLM tokens after the video) has no plan of ours yet",
+    "skyreels_v2": f"{_NO_PLAN} (its per-frame timesteps, diffusion forcing, would need one of their own)",
+    "cogvideox": f"{_NO_PLAN} (its processors call SDPA directly and its text sits before the video)",
+    "mochi": f"{_NO_PLAN} (its processors call SDPA directly and drop padded text per sample)",
+    "hunyuan_video_1_5": f"{_NO_PLAN} (its joint attention has image, ByT5 and MLLM tokens after the video)",
+    # diffusers' plan: the text mask, split with the text and gathered back as (B, 1, L), broadcasts over
+    # the batch where SDPA expects the heads ("output with shape [2, 1, 192, 16] doesn't match the broadcast
+    # shape [2, 2, 192, 16]": the tiny LTX pipeline, unpatched, guidance batch 2, 2 gloo ranks, 2026-12).
+    "ltx": "diffusers 0.42.1's own plan for it fails on the pipeline's text mask in cross-attention (batch 2)",
 }
-# LTX-Video has a plan in diffusers 0.42.1, but under it the pipeline's own call fails: the text mask,
-# split with the text and gathered back as (B, 1, L), broadcasts over the batch where SDPA expects the
-# heads ("output with shape [2, 1, 192, 16] doesn't match the broadcast shape [2, 2, 192, 16]": the tiny
-# LTX pipeline, unpatched, guidance batch 2, 2 gloo ranks, torch 2.13, 2026-12).
-_REFUSED_PLAN = {"ltx": "diffusers' own plan fails on the pipeline's text mask in cross-attention (batch 2)"}
 
 
 def check_ulysses(transformer, degree: int, video_tokens: int | None = None) -> None:
@@ -64,12 +64,10 @@ def check_ulysses(transformer, degree: int, video_tokens: int | None = None) -> 
         raise ValueError(f"the Ulysses degree must be an integer >= 1, got {degree!r}")
     adapter = adapter_for(transformer)
     name = type(transformer).__name__
-    if adapter.family in _REFUSED or adapter.family in _REFUSED_PLAN:
-        why = (f"diffusers 0.42.1 has no context-parallel plan for it and vdit-accel supplies none "
-               f"({_REFUSED[adapter.family]})" if adapter.family in _REFUSED else _REFUSED_PLAN[adapter.family])
+    if adapter.family in _REFUSED:
         raise NotImplementedError(
-            f"vdit-accel: Ulysses context parallelism is not supported for {name}: {why}; run it on one GPU. "
-            f"Supported under Ulysses: {', '.join(ulysses_classes())}")
+            f"vdit-accel: Ulysses context parallelism is not supported for {name}: {_REFUSED[adapter.family]}; run "
+            f"it on one GPU. Supported under Ulysses: {', '.join(ulysses_classes())}")
     if adapter.family == "hunyuan_video" and getattr(transformer.config, "image_condition_type", None) == "token_replace":
         raise NotImplementedError(
             f"vdit-accel: Ulysses context parallelism is not supported for {name} with image_condition_type="
@@ -139,8 +137,9 @@ def _cpu_as_one_device():
 def _check_forward(degree: int):
     def pre_hook(module, args, kwargs):
         grid = adapter_for(module).grid(module, args, kwargs)
-        if grid is not None:
-            check_ulysses(module, degree, grid.video_len)
+        if grid is None:
+            return
+        check_ulysses(module, degree, grid.video_len)
         joint = getattr(module._parallel_config, JOINT_ATTR, None)
         if joint is not None:
             joint.text_len = grid.text_len

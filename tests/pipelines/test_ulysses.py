@@ -26,17 +26,20 @@ def _ulysses(degree: int, rank: int):
     return SimpleNamespace(context_parallel_config=cp)
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """The worker's outputs from 2 CPU processes (gloo), or a skip where gloo is missing."""
+def _two_ranks(worker: Path, out: Path):
+    """``worker``'s outputs from 2 CPU processes (gloo), or a skip where gloo is missing."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("ulysses") / "out.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _two_ranks(WORKER, tmp_path_factory.mktemp("ulysses") / "out.pt")
 
 
 def _diff(res, a, b):
@@ -124,16 +127,7 @@ PIPELINE_WORKER = Path(__file__).with_name("ulysses_pipeline_worker.py")
 
 @pytest.fixture(scope="module")
 def pipelines_two_ranks(tmp_path_factory):
-    """The pipeline worker's latents from 2 CPU processes (gloo), or a skip where gloo is missing."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("ulysses-pipelines") / "out.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(PIPELINE_WORKER), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out)
+    return _two_ranks(PIPELINE_WORKER, tmp_path_factory.mktemp("ulysses-pipelines") / "out.pt")
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
