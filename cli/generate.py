@@ -129,7 +129,10 @@ def prepare(opts: GenerateOptions, say) -> Plan:
     if opts.large and model not in _trained_names():
         raise ValueError(f"--large is a size of the built-in trained models ({', '.join(_trained_names())}); "
                          f"with {model!r} give --frames, --height and --width")
-    return Plan(opts, model, device, dtype, *_strategy(opts, model), outputs)
+    strategy, source, shipped = _strategy(opts, model)
+    if opts.ulysses > 1 and any(h.dynamic for h in strategy.heads()):
+        raise ValueError("semantic and segment token orders do not run under --ulysses; use raster or tiled")
+    return Plan(opts, model, device, dtype, strategy, source, shipped, outputs)
 
 
 def _strategy(opts: GenerateOptions, model: str):

@@ -35,6 +35,8 @@ def test_ulysses_needs_torchrun_with_as_many_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     res = runner.invoke(app, ["generate", "--out", out])
     assert res.exit_code == 2 and "without --ulysses: each would run the whole command; add --ulysses 2" in res.stderr
+    res = runner.invoke(app, ["generate", "--order", "semantic", "--ulysses", "2", "--out", out])
+    assert res.exit_code == 2 and "semantic and segment token orders do not run under --ulysses" in res.stderr
     assert not list(tmp_path.iterdir())  # all before any work
 
 
