@@ -42,7 +42,10 @@ KINDS = {
     "prologue": ("Fused Q/K prologue", "Wan's eager RMSNorm + RoPE against the fused kernel "
                  "(`python benchmarks/prologue.py`)."),
     "mask-build": ("Block-mask build time", "A layer's cold mask build (`python benchmarks/mask_build.py`)."),
-    "search": ("Search time", "The offline search of Wan2.1-1.3B's real config (`python benchmarks/search_speed.py`)."),
+    "search": ("Search time", "The offline search of Wan2.1-1.3B's real config (`python benchmarks/search_speed.py`); "
+               "sharded over P processes against one on the same prompts (`python benchmarks/sharded_search.py`)."),
+    "ulysses": ("Ulysses context parallelism", "One step on P GPUs (step and all-to-all times, speed-up and "
+                "efficiency against one GPU), and the same output as one GPU in bf16 (`bash benchmarks/gpu_ulysses.sh P`)."),
     "search-targets": ("Searched strategy against uniform families at PSNR targets", "Each row tuned to keep the "
                        "target on every validation prompt, verified end to end (`python benchmarks/search_targets.py`)."),
     "check-trained": ("Caption check of the trained tiny Wan", "Held-out captions, colour and direction read "

@@ -6,6 +6,8 @@ and ``version`` answer at once. Errors are one line (``error: ...``) with exit s
 
 from __future__ import annotations
 
+import datetime
+import io
 import json
 import logging
 import sys
@@ -49,6 +51,9 @@ class _Group(TyperGroup):
     """Usage errors (an unknown option, a value that is not a number) on one line, exit status 2."""
 
     def main(self, args=None, prog_name=None, **extra):
+        from . import distributed
+
+        distributed.ARGV[:] = list(args) if args is not None else sys.argv[1:]
         try:
             rv = super().main(args, prog_name or "vdit-accel", standalone_mode=False, **extra)
         except _ParseError as e:
@@ -67,6 +72,10 @@ class _Group(TyperGroup):
 
 app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Faster video diffusion transformers.")
+
+
+_ULYSSES_HELP = ("Ulysses context parallelism over P GPUs (Wan 2.1/2.2, HunyuanVideo): run under "
+                 "`torchrun --nproc-per-node P -m vdit_accel.cli.app ...`; every process runs, rank 0 prints and writes.")
 
 
 def _command(*args, **kwargs):
@@ -125,21 +134,31 @@ def generate(
     out: Path = typer.Option(Path("out/video.mp4"), metavar="PATH",
                              help="The accelerated video; beside it NAME-dense.mp4, NAME-compare.mp4 (dense | accelerated | "
                              "difference), NAME-frames.png and the report NAME.json."),
+    ulysses: int = typer.Option(1, metavar="P", help=_ULYSSES_HELP),
 ):
     """Generate a video dense and accelerated; write both, a comparison and a report of speed and PSNR."""
+    from .distributed import Ranks, env_rank, init_ranks, leave
     from .generate import GenerateOptions, prepare, run
 
     opts = GenerateOptions(prompt=prompt, model=model, large=large, strategy=strategy, order=order, frames=frames,
                            height=height, width=width, steps=steps, seed=seed, dense_warmup_steps=dense_warmup_steps,
-                           block_size=block_size, quant=quant, compare=compare, device=device, dtype=dtype, out=out)
+                           block_size=block_size, quant=quant, compare=compare, device=device, dtype=dtype, out=out,
+                           ulysses=ulysses)
+    ranks = Ranks()
     try:
         from rich.console import Console
 
-        console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+        quiet = {} if env_rank() == 0 else {"file": io.StringIO()}  # only rank 0 prints
+        console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True, **quiet)
         plan = prepare(opts, console.print)
-        report = run(plan, console)
+        ranks = init_ranks(plan.device) if ulysses > 1 else Ranks(device=plan.device)
+        report = run(plan, console, ranks)
     except _USER_ERRORS as e:
         _fail(str(e))
+    finally:
+        leave()
+    if not ranks.speaks:
+        return
     summary = {k: report[k] for k in ("video", "density", "psnr_db", "speedup") if k in report}
     if "quant" in report:
         summary["quant_psnr_db"] = {m: round(e.get("psnr_db", e["psnr_db_vs_unquantized"]), 2) for m, e in report["quant"].items()}
@@ -272,10 +291,9 @@ def search(
 ):
     """Search a per-layer, per-head strategy over the whole denoising schedule on calibration prompts;
     with --min-psnr / --attention-speedup verify it end to end and tune it (torchrun for several GPUs)."""
-    import os
+    from .distributed import init_ranks, leave, world_size
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    torch = None
+    world = world_size()
     try:
         from .inputs import check_at_least, check_block_size, check_model, check_writable, default_model, load_pipeline, \
             resolve_device_dtype
@@ -300,8 +318,6 @@ def search(
         model = model or default_model(_say)
         check_model(model)
 
-        import torch
-
         from vdit_accel.sparsity_search import SearchConfig
         from vdit_accel.sparsity_search import search as run_search
         from vdit_accel.sparsity_search.verify import caption_check_for
@@ -314,16 +330,10 @@ def search(
             builtin_cal, builtin_val = _builtin_prompts(model)
             prompt_list = prompt_list or builtin_cal
             held_out = held_out or builtin_val
-        if world > 1 and not torch.distributed.is_initialized():
-            import datetime
-
-            backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-            # (with targets rank 0 verifies end to end while the others wait for its strategy: a long wait)
-            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=3))
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        rank = torch.distributed.get_rank() if world > 1 else 0
         device, dtype = resolve_device_dtype(device, dtype)
+        # (with targets rank 0 verifies end to end while the others wait for its strategy: a long wait)
+        ranks = init_ranks(device, datetime.timedelta(hours=3))
+        rank, device = ranks.rank, ranks.device
         pipe, defaults = load_pipeline(model, device, dtype)
         call = dict(height=height or defaults.height, width=width or defaults.width,
                     num_frames=frames or defaults.frames, num_inference_steps=num_inference_steps or defaults.steps,
@@ -341,8 +351,7 @@ def search(
     except _USER_ERRORS as e:
         _fail(str(e))
     finally:
-        if world > 1 and torch is not None and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave()
 
 
 def _report_search(strategy, out: Path, picture: Optional[Path], block_size: int) -> None:
@@ -460,24 +469,48 @@ def bench_pipeline(
     block_size: int = typer.Option(128, metavar="TOKENS", help="Tokens per block of the sparse masks."),
     device: Optional[str] = typer.Option(None, metavar="DEVICE", show_default="cuda if available, else cpu", help="cuda or cpu."),
     git_sha: Optional[str] = typer.Option(None, metavar="SHA", help="Commit recorded in the result file (default: the package version)."),
-    out_dir: Path = typer.Option(Path("."), metavar="DIR", help="Where e2e-<gpu>-<yyyymmdd>.json is written."),
+    out_dir: Path = typer.Option(Path("."), metavar="DIR", help="Where e2e-<gpu>-<yyyymmdd>.json is written "
+                                 "(ulysses-<gpu>-<yyyymmdd>-p<P>.json with --ulysses)."),
+    ulysses: Optional[int] = typer.Option(None, metavar="P", help=_ULYSSES_HELP + " Each row also times the "
+                                          "all-to-all; --ulysses 1 (one process) writes the baseline for --baseline."),
+    baseline: Optional[Path] = typer.Option(None, metavar="FILE", help="With --ulysses: the --ulysses 1 result file of "
+                                            "the same GPU; each row gets its speed-up over one GPU and the efficiency."),
 ):
     """Time one denoising step (one transformer forward, batch 1) of real-config transformers with
     random weights: diffusers' attention, ours dense and sparse, FlexAttention on the same masks."""
-    from vdit_accel.cli.bench import VARIANTS, markdown_table, run_pipeline_bench
+    from vdit_accel.cli.bench import VARIANTS, markdown_table, run_pipeline_bench, scaling_table
+
+    from .distributed import check_ulysses_world, init_ranks, leave, torchrun_command
 
     chosen = [v.strip() for item in (variants or []) for v in item.split(",") if v.strip()] or list(VARIANTS)
     command = " ".join(["vdit-accel bench pipeline", *(f"--shape {s}" for s in shape), "--variants " + ",".join(chosen)]
                        + [f"--{k.replace('_', '-')} {v}" for k, v in (("reps", reps), ("searched_strategy", searched_strategy),
                                                                        ("block_size", block_size), ("device", device),
-                                                                       ("out_dir", out_dir)) if v is not None])
+                                                                       ("out_dir", out_dir), ("ulysses", ulysses),
+                                                                       ("baseline", baseline)) if v is not None])
+    rank = 0
     try:
+        check_ulysses_world(ulysses or 1)
+        if ulysses is not None and ulysses > 1:
+            command = torchrun_command(ulysses)
+            ranks = init_ranks(device or ("cuda" if _cuda() else "cpu"))
+            device, rank = ranks.device, ranks.rank
         doc, path = run_pipeline_bench(shape, chosen, reps, out_dir, device, block_size, searched_strategy,
-                                       command=command, git_sha=git_sha, log=lambda m: typer.echo(m, err=True))
+                                       command=command, git_sha=git_sha, log=lambda m: typer.echo(m, err=True),
+                                       ulysses=ulysses, baseline=baseline)
     except _USER_ERRORS as e:
         _fail(str(e))
-    typer.echo(markdown_table(doc))
-    typer.echo(f"wrote {path}", err=True)
+    finally:
+        leave()
+    if rank == 0:
+        typer.echo(scaling_table(doc) if ulysses is not None else markdown_table(doc))
+        typer.echo(f"wrote {path}", err=True)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main():

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import json
 import re
@@ -308,18 +309,40 @@ class _Clock:
         return lambda: ms
 
 
-class _SelfAttentionTimer:
+class _Tally:
+    """Milliseconds of the calls timed through :meth:`timed` since the last :meth:`reset`."""
+
+    def __init__(self, clock: _Clock):
+        self.clock = clock
+        self._pending: list[Callable[[], float]] = []
+
+    def timed(self, fn, *args, **kwargs):
+        start = self.clock.start()
+        out = fn(*args, **kwargs)
+        self._pending.append(self.clock.stop(start))
+        return out
+
+    def reset(self) -> None:
+        self._pending = []
+
+    def total(self) -> tuple[float, int]:
+        """(milliseconds, calls) since the last reset (synchronize first on CUDA)."""
+        return sum(t() for t in self._pending), len(self._pending)
+
+
+class _SelfAttentionTimer(_Tally):
     """Times every video self-attention call while active.
 
     Wraps each backend of diffusers' attention registry (the patched processors' ``"vdit"`` backend
     and the native SDPA one alike; both are looked up there per call). A call counts when its query
-    and key lengths are equal and at least the video's token count: Wan's cross-attention (text keys)
-    and HunyuanVideo's token refiner (text only) pass through untimed.
+    and key lengths are equal and at least ``min_len`` (the video's tokens, or a Ulysses rank's share of
+    them): Wan's cross-attention (text keys) and HunyuanVideo's token refiner (text only) pass through
+    untimed. Under Ulysses a call includes its all-to-all exchanges.
     """
 
     def __init__(self, min_len: int, clock: _Clock):
-        self.min_len, self.clock = min_len, clock
-        self._pending: list[Callable[[], float]] = []
+        super().__init__(clock)
+        self.min_len = min_len
         self._saved: dict | None = None
 
     def __enter__(self):
@@ -340,19 +363,33 @@ class _SelfAttentionTimer:
             q, k = kwargs.get("query"), kwargs.get("key")
             if q is None or k is None or q.shape[1] != k.shape[1] or q.shape[1] < self.min_len:
                 return fn(*args, **kwargs)
-            start = self.clock.start()
-            out = fn(*args, **kwargs)
-            self._pending.append(self.clock.stop(start))
-            return out
+            return self.timed(fn, *args, **kwargs)
 
         return timed
 
-    def reset(self) -> None:
-        self._pending = []
 
-    def total(self) -> tuple[float, int]:
-        """(milliseconds, calls) since the last reset (synchronize first on CUDA)."""
-        return sum(t() for t in self._pending), len(self._pending)
+class _ExchangeTimer(_Tally):
+    """Times the collectives of Ulysses attention while active: diffusers' all-to-all
+    (``attention_dispatch._all_to_all_single``, which HunyuanVideo's joint exchange calls too) and that
+    exchange's all-gather of the text heads (:func:`vdit_accel.pipelines.parallel.all_gather_heads`).
+    CUDA events on the compute stream around each: the collective's time plus any wait for the other
+    ranks to reach it."""
+
+    _TARGETS = (("diffusers.models.attention_dispatch", "_all_to_all_single"),
+                ("vdit_accel.pipelines.parallel", "all_gather_heads"))
+
+    def __enter__(self):
+        import importlib
+
+        self._saved = [(importlib.import_module(m), n) for m, n in self._TARGETS]
+        self._saved = [(mod, name, getattr(mod, name)) for mod, name in self._saved]
+        for mod, name, fn in self._saved:
+            setattr(mod, name, functools.partial(self.timed, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, fn in self._saved:
+            setattr(mod, name, fn)
 
 
 @contextlib.contextmanager
@@ -368,8 +405,10 @@ def _first_blocks_only(model):
             setattr(model, n, m)
 
 
-def _time_forward(model, inputs, reps: int, timer: _SelfAttentionTimer, cheap_warmup: bool) -> tuple[dict, torch.Tensor]:
-    """Step and self-attention times of ``reps`` forwards after a warm-up; also the last forward's output."""
+def _time_forward(model, inputs, reps: int, timer: _SelfAttentionTimer, cheap_warmup: bool,
+                  exchange: _ExchangeTimer | None = None) -> tuple[dict, torch.Tensor]:
+    """Step and self-attention times (and, given ``exchange``, Ulysses' all-to-all times) of ``reps``
+    forwards after a warm-up; also the last forward's output."""
     cuda = timer.clock.cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.no_grad():
@@ -378,9 +417,11 @@ def _time_forward(model, inputs, reps: int, timer: _SelfAttentionTimer, cheap_wa
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        steps, attns, calls = [], [], set()
+        steps, attns, calls, a2a, a2a_calls = [], [], set(), [], set()
         for _ in range(reps):
-            timer.reset()
+            for t in (timer, exchange):
+                if t is not None:
+                    t.reset()
             start = timer.clock.start()
             out = model(**inputs)[0]
             elapsed = timer.clock.stop(start)
@@ -389,11 +430,19 @@ def _time_forward(model, inputs, reps: int, timer: _SelfAttentionTimer, cheap_wa
             ms, n = timer.total()
             attns.append(ms)
             calls.add(n)
-    if len(calls) != 1:
-        raise RuntimeError(f"self-attention calls per forward changed between repetitions: {sorted(calls)}")
-    return {"ms": round(statistics.median(steps), 2), "attn_ms": round(statistics.median(attns), 2),
-            "attn_calls": calls.pop(),
-            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None}, out
+            if exchange is not None:
+                ms, n = exchange.total()
+                a2a.append(ms)
+                a2a_calls.add(n)
+    if len(calls) != 1 or len(a2a_calls) > 1:
+        raise RuntimeError(f"self-attention calls ({sorted(calls)}) or all-to-all calls ({sorted(a2a_calls)}) per "
+                           "forward changed between repetitions")
+    stats = {"ms": round(statistics.median(steps), 2), "attn_ms": round(statistics.median(attns), 2),
+             "attn_calls": calls.pop()}
+    if exchange is not None:
+        stats.update(a2a_ms=round(statistics.median(a2a), 2), a2a_calls=a2a_calls.pop())
+    stats["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None
+    return stats, out
 
 
 # -- one shape -----------------------------------------------------------------------------------
@@ -440,9 +489,11 @@ def _density(strategy, num_layers: int, num_heads: int, grid, block_size: int, d
     return sum(plans[strategy.layer_heads(layer, num_heads)] for layer in range(num_layers)) / num_layers
 
 
-def _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, on_cudnn):
+def _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, on_cudnn, ulysses: int | None = None):
     """Patch with ``strategy`` (None: leave diffusers' path), swap the attention behind the
-    ``vdit::attention`` op for ``attention_fn`` (None: ours), time, and restore everything."""
+    ``vdit::attention`` op for ``attention_fn`` (None: ours), time, and restore everything. ``ulysses``:
+    the model's Ulysses degree, if run so (its all-to-all timed apart; self-attention calls over a rank's
+    share of the video)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import vdit_accel
@@ -454,15 +505,17 @@ def _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, 
         import torch._dynamo
 
         torch._dynamo.reset()  # a fresh compile per shape: never near the recompile limit
-    timer = _SelfAttentionTimer(grid.video_len, _Clock(cuda))
+    timer = _SelfAttentionTimer(grid.video_len // (ulysses or 1), _Clock(cuda))
+    exchange = _ExchangeTimer(timer.clock) if ulysses is not None else None
     original = vdit_op.planned_attention  # what the vdit::attention op calls, key-padded or not
     try:
         if strategy is not None:
             vdit_accel.patch(model, strategy, block_size=block_size)
         if attention_fn is not None:
             vdit_op.planned_attention = attention_fn
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if on_cudnn else contextlib.nullcontext(), timer:
-            return _time_forward(model, inputs, reps, timer, cheap_warmup=strategy is None or strategy.is_uniform)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if on_cudnn else contextlib.nullcontext(), timer, \
+                exchange or contextlib.nullcontext():
+            return _time_forward(model, inputs, reps, timer, strategy is None or strategy.is_uniform, exchange)
     finally:
         vdit_op.planned_attention = original
         if patch_state(model) is not None:
@@ -484,8 +537,12 @@ def _quant_check(row: dict, out: torch.Tensor, unquantized: torch.Tensor | None)
 
 
 def run_shape(shape: str, variants=VARIANTS, reps: int | None = None, device: str = "cuda", block_size: int = 128,
-              searched_strategy: Path | None = None, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
-    """Time one forward of ``shape`` for each of ``variants`` (rows in :data:`VARIANTS` order).
+              searched_strategy: Path | None = None, log: Callable[[str], None] = print,
+              ulysses: int | None = None) -> tuple[list[dict], dict]:
+    """Time one forward of ``shape`` for each of ``variants`` (rows in :data:`VARIANTS` order); with
+    ``ulysses`` P (``torch.distributed`` set up with P processes, one device each) the transformer runs
+    parallelised over them (:func:`~vdit_accel.pipelines.parallel.enable_ulysses`; P = 1: not), every row
+    with its all-to-all time.
 
     Returns ``(rows, info)``: one row per variant (``skipped`` with the reason where a variant cannot
     run, ``error`` where it failed), and what was run (grid, window, SDPA backend, repetitions).
@@ -501,6 +558,11 @@ def run_shape(shape: str, variants=VARIANTS, reps: int | None = None, device: st
         grid = call_grid(model, inputs, shape)
         adapter = adapter_for(model)
         num_layers, num_heads = len(adapter.layers(model)), adapter.num_heads(model)
+        if ulysses is not None:
+            from vdit_accel.pipelines.parallel import check_ulysses, enable_ulysses
+
+            check_ulysses(model, ulysses, grid.video_len)
+            enable_ulysses(model, ulysses)
         window = window_near(grid, TARGET_DENSITY, block_size, device)
         reps = reps or spec.reps
         # Wan: every row under cuDNN (the cross-attention too, alike in every row). HunyuanVideo: SDPA's
@@ -508,7 +570,8 @@ def run_shape(shape: str, variants=VARIANTS, reps: int | None = None, device: st
         on_cudnn = cuda and spec.text_valid == spec.text_max
         info = {"what": spec.what, "model": spec.model, "latent": list(spec.latent),
                 "grid": [grid.t, grid.h, grid.w], "text_tokens": spec.text_valid, "text_max": spec.text_max,
-                "window": window, "sdpa": "cudnn" if on_cudnn else "default", "reps": reps, "block_size": block_size}
+                "window": window, "sdpa": "cudnn" if on_cudnn else "default", "reps": reps, "block_size": block_size,
+                "ulysses": ulysses}
         log(f"{shape}: {spec.what}; grid {grid.t}x{grid.h}x{grid.w} + {grid.text_len} text = {grid.seq_len} tokens; "
             f"{window}; {reps} rep(s)")
         rows, outputs = [], {}
@@ -535,7 +598,8 @@ def run_shape(shape: str, variants=VARIANTS, reps: int | None = None, device: st
                 if label is not None:
                     row["strategy"] = label
                 try:
-                    stats, out = _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, on_cudnn)
+                    stats, out = _run_variant(model, inputs, strategy, attention_fn, reps, grid, block_size, on_cudnn,
+                                              ulysses)
                     row.update(stats)
                     if strategy is not None:
                         row["density"] = round(_density(strategy, num_layers, num_heads, grid, block_size,
@@ -591,9 +655,16 @@ def _check_args(shapes, variants, reps, device) -> None:
 def run_pipeline_bench(shapes, variants=VARIANTS, reps: int | None = None, out_dir: Path = Path("."),
                        device: str | None = None, block_size: int = 128, searched_strategy: Path | None = None,
                        command: str = "", git_sha: str | None = None,
-                       log: Callable[[str], None] = print) -> tuple[dict, Path]:
+                       log: Callable[[str], None] = print, ulysses: int | None = None,
+                       baseline: Path | None = None) -> tuple[dict, Path]:
     """Run :func:`run_shape` for each shape and write ``out_dir/e2e-<gpu>-<yyyymmdd>.json`` (after
-    every shape, so a cut-off run keeps what it measured). Returns the document and its path."""
+    every shape, so a cut-off run keeps what it measured). Returns the document and its path.
+
+    ``ulysses`` P: each shape parallelised over the P processes of ``torch.distributed`` (P = 1: one, for
+    the baseline), every row with ``a2a_ms`` / ``a2a_calls``, the file ``ulysses-<gpu>-<yyyymmdd>-p<P>.json``,
+    written by rank 0 alone. ``baseline``: such a file of P = 1 (the same GPU): each row then has
+    ``ms_1gpu``, ``speedup_vs_1gpu`` and ``efficiency`` (speed-up / P) against the row of its shape and
+    impl there."""
     import diffusers
 
     import vdit_accel
@@ -603,8 +674,16 @@ def run_pipeline_bench(shapes, variants=VARIANTS, reps: int | None = None, out_d
     _check_args(list(shapes), variants, reps, device)
     if searched_strategy is not None and not Path(searched_strategy).is_file():
         raise ValueError(f"searched strategy file {str(searched_strategy)!r} does not exist")
+    if baseline is not None and ulysses is None:
+        raise ValueError("--baseline is the one-GPU result of a --ulysses run: give --ulysses P too")
+    one_gpu = _baseline_rows(baseline) if baseline is not None else None
+    rank = torch.distributed.get_rank() if ulysses is not None and torch.distributed.is_initialized() else 0
+    if rank:
+        log = lambda msg: None  # noqa: E731  (rank 0 speaks)
     cuda = torch.device(device).type == "cuda"
     gpu = torch.cuda.get_device_name(torch.device(device)) if cuda else "cpu"
+    if one_gpu is not None and one_gpu[0] != gpu:
+        raise ValueError(f"--baseline {str(baseline)!r} was measured on {one_gpu[0]}, this run is on {gpu}")
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     today = dt.date.today()
     try:
@@ -623,17 +702,47 @@ def run_pipeline_bench(shapes, variants=VARIANTS, reps: int | None = None, out_d
            "attn_timing": ("CUDA events" if cuda else "perf_counter") + " around every video self-attention call "
                           "(diffusers' attention-backend call), summed per forward",
            "shapes": {}, "rows": []}
+    what, suffix = "e2e", ""
+    if ulysses is not None:
+        what, suffix = "ulysses", f"-p{ulysses}"
+        doc.update(ulysses=ulysses, baseline=Path(baseline).name if baseline is not None else None,
+                   a2a_timing=("CUDA events" if cuda else "perf_counter") + " around every collective of Ulysses "
+                   "attention (diffusers' all-to-all; HunyuanVideo's joint exchange: its all-to-all and the text heads' "
+                   "all-gather), summed per forward; every time is rank 0's")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"e2e-{slug}-{today:%Y%m%d}.json"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{what}-{slug}-{today:%Y%m%d}{suffix}.json"
     t0 = time.perf_counter()
     for shape in shapes:
-        rows, info = run_shape(shape, variants, reps, device, block_size, searched_strategy, log)
+        rows, info = run_shape(shape, variants, reps, device, block_size, searched_strategy, log, ulysses)
+        if one_gpu is not None:
+            _scaling(rows, one_gpu[1], ulysses)
         doc["shapes"][shape] = info
         doc["rows"] += rows
-        path.write_text(json.dumps(doc, indent=1) + "\n")
+        if rank == 0:
+            path.write_text(json.dumps(doc, indent=1) + "\n")
     log(f"{len(doc['rows'])} rows in {time.perf_counter() - t0:.0f} s -> {path}")
     return doc, path
+
+
+def _baseline_rows(path: Path) -> tuple[str, dict]:
+    """``(gpu, {(shape, impl): ms})`` of a one-GPU result file (``--ulysses 1``, or any of this bench)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        if doc.get("ulysses", 1) != 1:
+            raise ValueError(f"it is a --ulysses {doc['ulysses']} run, not a one-GPU one")
+        return doc["gpu"], {(r["shape"], r["impl"]): r["ms"] for r in doc["rows"] if r.get("ms") is not None}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--baseline {str(path)!r}: not a result file of `bench pipeline` on one GPU ({e})") from None
+
+
+def _scaling(rows: list[dict], one_gpu: dict, degree: int) -> None:
+    """Each measured row's speed-up over its one-GPU time, and that over ``degree`` (the efficiency)."""
+    for r in rows:
+        base = one_gpu.get((r["shape"], r["impl"]))
+        if r.get("ms") and base:
+            r.update(ms_1gpu=base, speedup_vs_1gpu=round(base / r["ms"], 3), efficiency=round(base / r["ms"] / degree, 3))
 
 
 # -- the table -----------------------------------------------------------------------------------
@@ -682,4 +791,22 @@ def markdown_table(doc: dict) -> str:
         peak = _peak_gb(r)
         lines.append(f"| {r['shape']} | {r['impl']} | {r.get('density', 1.0):.3f} | {r['ms']:.0f} | {share} | "
                      f"{x(vs_dense)} | {x(vs_flex)} | {f'{peak:.1f}' if peak is not None else '—'} |")
+    return "\n".join(lines)
+
+
+def scaling_table(doc: dict) -> str:
+    """The rows of a ``--ulysses`` result document: step and all-to-all times, and with a baseline the
+    speed-up over one GPU and the scaling efficiency."""
+    p = doc["ulysses"]
+    lines = [f"| shape | impl | block density | step ms on {p} GPU(s) | all-to-all ms (share) | 1 GPU ms | speed-up | "
+             "efficiency |", "|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if r.get("ms") is None:
+            why = r.get("skipped") or r.get("error") or "not run"
+            lines.append(f"| {r['shape']} | {r['impl']} | — | — | — | — | — | — |  ({why})")
+            continue
+        a2a = f"{r['a2a_ms']:.0f} ({100 * r['a2a_ms'] / r['ms']:.0f}%)" if r.get("a2a_ms") is not None else "—"
+        one = r.get("ms_1gpu")
+        lines.append(f"| {r['shape']} | {r['impl']} | {r.get('density', 1.0):.3f} | {r['ms']:.0f} | {a2a} | "
+                     + (f"{one:.0f} | {r['speedup_vs_1gpu']:.2f}× | {r['efficiency']:.2f} |" if one else "— | — | — |"))
     return "\n".join(lines)

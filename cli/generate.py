@@ -11,6 +11,10 @@ beside ``--out``::
     out/video-compare.mp4  dense | accelerated | amplified difference, side by side, labelled
     out/video-frames.png   six frames of each, one row per video
     out/video.json         the report
+
+With ``--ulysses P`` (under ``torchrun --nproc-per-node P``) every run is spread over P processes by
+Ulysses context parallelism (:mod:`vdit_accel.pipelines.parallel`; the dense run is diffusers' attention
+parallelised the same way); every rank runs, rank 0 alone prints and writes the files.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .inputs import check_at_least, check_block_size, check_model, check_size, check_writable, default_model, \
-    load_pipeline, resolve_device_dtype, transformers_of
+from .distributed import Ranks, check_ulysses_world
+from .inputs import check_at_least, check_block_size, check_model, check_size, check_ulysses_size, check_writable, \
+    default_model, load_pipeline, resolve_device_dtype, transformers_of
 
 DEFAULT_PROMPT = "a red circle moving left on a blue background"
 UNIFORM_DEFAULT = "window3d:t=1,h=2,w=2"
@@ -61,6 +66,7 @@ class GenerateOptions:
     device: str | None = None
     dtype: str | None = None
     out: Path = Path("out/video.mp4")
+    ulysses: int = 1
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ def prepare(opts: GenerateOptions, say) -> Plan:
     check_at_least("--seed", opts.seed, 0)
     check_at_least("--dense-warmup-steps", opts.dense_warmup_steps, 0)
     check_block_size(opts.block_size)
+    check_ulysses_world(opts.ulysses)
     device, dtype = resolve_device_dtype(opts.device, opts.dtype)
     from vdit_accel.quant import QUANT_MODES
 
@@ -122,7 +129,10 @@ def prepare(opts: GenerateOptions, say) -> Plan:
     if opts.large and model not in _trained_names():
         raise ValueError(f"--large is a size of the built-in trained models ({', '.join(_trained_names())}); "
                          f"with {model!r} give --frames, --height and --width")
-    return Plan(opts, model, device, dtype, *_strategy(opts, model), outputs)
+    strategy, source, shipped = _strategy(opts, model)
+    if opts.ulysses > 1 and any(h.dynamic for h in strategy.heads()):
+        raise ValueError("semantic and segment token orders do not run under --ulysses; use raster or tiled")
+    return Plan(opts, model, device, dtype, strategy, source, shipped, outputs)
 
 
 def _strategy(opts: GenerateOptions, model: str):
@@ -242,15 +252,16 @@ class _Runner:
                        "total_s": total}
 
 
-def run(plan: Plan, console) -> dict:
-    """Load the model, finish the checks, run dense and accelerated, write the outputs; the report."""
+def run(plan: Plan, console, ranks: Ranks = Ranks()) -> dict:
+    """Load the model, finish the checks, run dense and accelerated, write the outputs; the report.
+    Under ``--ulysses P``: on ``ranks.device``, the pipeline parallelised; files from rank 0 only."""
     import vdit_accel
     from vdit_accel.pipelines.toy import trained
     from vdit_accel.quant import QUANT_MODES
     from vdit_accel.video import comparison_frames, difference, frame_strip, psnr, ssim, write_mp4, write_png
 
     opts, strat = plan.opts, plan.strategy
-    pipe, defaults = load_pipeline(plan.model, plan.device, plan.dtype)
+    pipe, defaults = load_pipeline(plan.model, ranks.device or plan.device, plan.dtype)
     frames, height, width = opts.frames, opts.height, opts.width
     if opts.large:
         large = trained.model_spec(plan.model).large
@@ -258,6 +269,7 @@ def run(plan: Plan, console) -> dict:
     frames, height, width = frames or defaults.frames, height or defaults.height, width or defaults.width
     steps = opts.steps or defaults.steps
     check_size(pipe, frames, height, width)
+    check_ulysses_size(pipe, opts.ulysses, frames, height, width)
     if strat.dense_warmup_steps >= steps:
         raise ValueError(f"the strategy runs its first {strat.dense_warmup_steps} steps dense but the run has {steps}: "
                          "nothing would be accelerated (lower --dense-warmup-steps or raise --steps)")
@@ -265,11 +277,15 @@ def run(plan: Plan, console) -> dict:
                 output_type="np")
     if plan.model in _builtin_names():
         call.update(max_sequence_length=defaults.max_sequence_length, **defaults.call_kwargs)
+    if opts.ulysses > 1:
+        from vdit_accel.pipelines.parallel import enable_ulysses
+
+        enable_ulysses(pipe, opts.ulysses)
     runner = _Runner(pipe, call, opts.seed, console)
 
     grid, density = runner.checked_warm_up(strat, opts.block_size)  # before any long run
     report: dict = {"model": plan.model, "prompt": opts.prompt, "seed": opts.seed, "frames": frames, "height": height,
-                    "width": width, "steps": steps, "device": plan.device, "dtype": plan.dtype,
+                    "width": width, "steps": steps, "device": plan.device, "dtype": plan.dtype, "ulysses": opts.ulysses,
                     "grid": {"t": grid.t, "h": grid.h, "w": grid.w, "tokens": grid.seq_len},
                     "strategy": strat.describe(), "strategy_source": plan.strategy_source,
                     "block_size": opts.block_size, "density": density,
@@ -307,6 +323,8 @@ def run(plan: Plan, console) -> dict:
     if caption_check:
         report["caption_check"] = caption_check
     report["notes"] = notes(report, plan)
+    if not ranks.speaks:
+        return report
 
     out = plan.outputs
     out.video.parent.mkdir(parents=True, exist_ok=True)

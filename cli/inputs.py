@@ -144,3 +144,32 @@ def check_size(pipe, frames: int, height: int, width: int) -> None:
         if height % token or width % token:
             raise ValueError(f"--height and --width must be multiples of {token} pixels (one token) for this model, "
                              f"got {height}x{width}")
+
+
+def video_tokens(pipe, frames: int, height: int, width: int) -> int | None:
+    """The video tokens of a generation of that size, where the pipeline says its VAE factors and the
+    transformer its patch sizes (Wan- and HunyuanVideo-style pipelines); None where it does not."""
+    temporal = getattr(pipe, "vae_scale_factor_temporal", None)
+    spatial = getattr(pipe, "vae_scale_factor_spatial", None)
+    tr = transformers_of(pipe)
+    patch = getattr(tr[0].config, "patch_size", None) if tr else None
+    if not temporal or not spatial or patch is None:
+        return None
+    if isinstance(patch, (tuple, list)):
+        p_t, p_h, p_w = patch
+    else:
+        p_t, p_h, p_w = getattr(tr[0].config, "patch_size_t", None) or 1, patch, patch
+    t = ((frames - 1) // temporal + 1) // p_t
+    return t * (height // spatial // p_h) * (width // spatial // p_w)
+
+
+def check_ulysses_size(pipe, degree: int, frames: int, height: int, width: int) -> None:
+    """``--ulysses degree`` can run this pipeline at this size (:func:`~vdit_accel.pipelines.parallel.check_ulysses`
+    on each transformer: a family with a plan, heads and video tokens that ``degree`` divides)."""
+    if degree == 1:
+        return
+    from vdit_accel.pipelines.parallel import check_ulysses
+
+    tokens = video_tokens(pipe, frames, height, width)
+    for tr in transformers_of(pipe):
+        check_ulysses(tr, degree, tokens)

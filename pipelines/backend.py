@@ -11,7 +11,8 @@ except that Wan-style self-attention runs its Q/K norm and RoPE fused (:mod:`.pr
 
 Context parallelism: the backend is registered with ``supports_context_parallel``; under Ulysses it
 runs diffusers' own templated path (all-to-all around :func:`_ulysses_forward_op`), and the mask of each
-processor covers the global heads of its rank (:func:`local_heads`). Ring attention raises.
+processor covers the global heads of its rank (:func:`local_heads`); for HunyuanVideo's joint attention
+that templated path runs :class:`.parallel.JointUlysses` (text replicated, not exchanged). Ring attention raises.
 
 Which layer a call belongs to: the patched processor publishes itself, for the length of its own
 call, in a per-thread slot (:data:`_running`), and the backend reads that processor's

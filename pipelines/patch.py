@@ -120,11 +120,12 @@ class PatchState:
         self.grid: VideoGrid | None = None
         self.call_grid: VideoGrid | None = None
         self._forward_seen = False
+        self.parallel = False  # whether the last forward ran under context parallelism (enable_parallelism)
         self._steps = steps or _StepTracker()
         # What each layer's heads do, as a key: layers with equal signatures share their plans.
         self._signatures = [layer_signature(strategy, i, self.num_heads) for i in range(len(self.layers))]
-        self._plans: dict[tuple, LayerPlan] = {}  # (signature, grid, device, heads, phase) -> its plan
-        self._forward_plans: dict[tuple, tuple[LayerPlan, ...]] = {}  # (grid, device, phase, heads) -> per layer
+        self._plans: dict[tuple, LayerPlan] = {}  # (signature, grid, device, heads, phase, frame) -> its plan
+        self._forward_plans: dict[tuple, tuple[LayerPlan, ...]] = {}  # (grid, device, phase, heads, parallel) -> per layer
         self.scheduler = None  # the patched pipeline's scheduler: its timesteps tell the step count
         self.originals: dict[str, object] = {}
         self.processors: list = []  # the patched processors, in layer order
@@ -155,6 +156,7 @@ class PatchState:
     @torch.compiler.disable
     def on_forward(self, module, args, kwargs):
         self._forward_seen = True
+        self.parallel = getattr(module, "_parallel_config", None) is not None
         self.grid = self.adapter.grid(module, args, kwargs)
         t = self.adapter.timestep(args, kwargs)
         # Under CUDA-graph capture the timestep's value cannot be read (a host sync): the step stays
@@ -177,7 +179,7 @@ class PatchState:
         phase = self.phase()
         heads = tuple(local_heads(getattr(p, "_parallel_config", None), self.num_heads) or (0, self.num_heads)
                       for p in self.processors)
-        key = (self.grid, device, phase, heads)
+        key = (self.grid, device, phase, heads, self.parallel)
         plans = self._forward_plans.get(key)
         if plans is None:
             plans = tuple(self._plan(i, self.grid, device, h, phase) for i, h in enumerate(heads))
@@ -240,7 +242,9 @@ class PatchState:
 
     def _plan(self, layer: int, grid: VideoGrid | None, device, heads: tuple[int, int],
               phase: tuple[bool, bool]) -> LayerPlan:
-        key = (self._signatures[layer], grid, torch.device(device), heads, phase)
+        # The order the tokens arrive in: the frame's, except under context parallelism (no frame there).
+        frame = self.orders.frame_order if self.orders is not None and grid is not None and not self.parallel else None
+        key = (self._signatures[layer], grid, torch.device(device), heads, phase, frame)
         plan = self._plans.get(key)
         if plan is None:
             if grid is None and phase[0] and not self.strategy.is_dense():
@@ -248,7 +252,6 @@ class PatchState:
                     f"vdit-accel: {self.adapter.family}: the transformer's forward "
                     "did not tell the token grid (e.g. LTX given video_coords only); running such calls dense"
                 )
-            frame = self.orders.frame_order if self.orders is not None and grid is not None else None
             plan = self._plans[key] = compile_layer_plan(
                 self.strategy, layer, self.num_heads, grid, heads, self.block_size, device,
                 sparse=phase[0], quantized=phase[1], frame=frame)

@@ -34,8 +34,10 @@ Two places, chosen per transformer forward and per layer:
   (``q_index`` of :func:`vdit_accel.attention`; ``segment`` has no query order). Semantic heads keep their
   k-means centroids per layer between calls (warm start).
 
-Not supported (clear errors): orders under context parallelism (the frame would permute a sharded
-sequence), and attention observers (the search) while a frame is active (they expect raster order).
+Under context parallelism (Ulysses) there is no frame: each rank's blocks see a shard of the sequence, so
+``tiled`` heads gather per call, inside attention, where the rank has the whole sequence of its heads. Not
+supported (clear errors): ``semantic`` and ``segment`` under context parallelism, and attention observers
+(the search) while a frame is active (they expect raster order).
 """
 
 from __future__ import annotations
@@ -136,15 +138,15 @@ class OrderRuntime:
     def on_forward(self, module, args, kwargs) -> None:
         """After the patch state's pre-hook: check what orders cannot do, and set this forward's frame."""
         state = self.state
-        if getattr(module, "_parallel_config", None) is not None:
-            raise NotImplementedError(
-                "vdit-accel: token orders (strategy 'order') are not supported under context parallelism; "
-                "use a strategy without orders with enable_parallelism()"
-            )
         self.frame = self._frame_inv = None
         self._calls.clear()
+        if state.parallel and any(h.dynamic for h in self.strategy.heads()):
+            raise NotImplementedError(
+                "vdit-accel: semantic and segment token orders are not supported under context parallelism; "
+                "use a static order (raster, tiled) with enable_parallelism()"
+            )
         grid = state.grid
-        if self.frame_order is None or grid is None:
+        if self.frame_order is None or grid is None or state.parallel:  # sharded: tiled heads gather per call
             return
         if state.observers:
             raise NotImplementedError(

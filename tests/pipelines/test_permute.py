@@ -413,12 +413,36 @@ def test_order_errors(pipe):
         with pytest.raises(NotImplementedError, match="observers"):
             _run(pipe)
         state.observers.clear()
+    finally:
+        vdit_accel.unpatch(pipe)
+    vdit_accel.patch(pipe, Strategy.uniform("dense", order="semantic:top_p=0.9"), block_size=32)
+    try:
         pipe.transformer._parallel_config = object()
-        with pytest.raises(NotImplementedError, match="context parallelism"):
+        with pytest.raises(NotImplementedError, match="semantic and segment token orders are not supported under "
+                                                      "context parallelism"):
             _run(pipe)
     finally:
         pipe.transformer._parallel_config = None
         vdit_accel.unpatch(pipe)
+
+
+def test_tiled_under_context_parallelism_gathers_per_call(pipe):
+    """Under context parallelism (the model's ``_parallel_config`` set) the tiled order has no frame: each
+    call gathers K and V and reads Q through the order (what a Ulysses rank does: test_ulysses.py), with
+    the framed run's output."""
+    strategy = Strategy.uniform("window3d:t=0,h=1,w=1", order="tiled")
+    framed = _run(pipe, strategy)
+    vdit_accel.patch(pipe, strategy, block_size=32)
+    state = patch_state(pipe.transformer)
+    try:
+        pipe.transformer._parallel_config = object()
+        out = pipe(**CALL, generator=torch.Generator().manual_seed(0)).frames
+        assert state.parallel and state.orders.frame is None
+        assert all(p._vdit_plan.k_index is not None for p in state.processors)
+    finally:
+        pipe.transformer._parallel_config = None
+        vdit_accel.unpatch(pipe)
+    torch.testing.assert_close(out, framed, rtol=1e-5, atol=1e-5)
 
 
 def test_patch_order_shortcut(pipe, base):

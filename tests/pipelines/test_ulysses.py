@@ -26,17 +26,20 @@ def _ulysses(degree: int, rank: int):
     return SimpleNamespace(context_parallel_config=cp)
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """The worker's outputs from 2 CPU processes (gloo), or a skip where gloo is missing."""
+def _two_ranks(worker: Path, out: Path):
+    """``worker``'s outputs from 2 CPU processes (gloo), or a skip where gloo is missing."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("ulysses") / "out.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _two_ranks(WORKER, tmp_path_factory.mktemp("ulysses") / "out.pt")
 
 
 def _diff(res, a, b):
@@ -115,3 +118,51 @@ def test_ring_and_ulysses_anything_are_refused():
     anything = SimpleNamespace(context_parallel_config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
     with pytest.raises(NotImplementedError, match="ulysses_anything"):
         _vdit_backend(q, q, q, _parallel_config=anything)
+
+
+# -- whole pipelines under enable_ulysses -----------------------------------------------------------
+
+PIPELINE_WORKER = Path(__file__).with_name("ulysses_pipeline_worker.py")
+
+
+@pytest.fixture(scope="module")
+def pipelines_two_ranks(tmp_path_factory):
+    return _two_ranks(PIPELINE_WORKER, tmp_path_factory.mktemp("ulysses-pipelines") / "out.pt")
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pipeline_under_ulysses_matches_one_process(pipelines_two_ranks, family, batch):
+    """Point 3 of issue 24 on the CPU (float32): 2 ranks give one process's latents, unpatched (diffusers'
+    attention; HunyuanVideo through our plan), dense and per-head sparse in the tiled order with a dense
+    warm-up step; with padded text (HunyuanVideo; batch 2 of two prompt lengths)."""
+    res = pipelines_two_ranks
+    assert res["world"] == 2 and res["device"] == "cpu"
+    for name in ("unpatched", "dense", "per_head_tiled_warmup"):
+        (one, one_calls), (two, two_calls) = res[(family, name, batch, 1)], res[(family, name, batch, 2)]
+        assert one.shape[0] == batch and one_calls == 0 and two_calls > 0, (name, one.shape, one_calls, two_calls)
+        assert (one - two).abs().max().item() <= 1e-4 * one.abs().max().item(), name
+    dense, sparse = res[(family, "dense", batch, 1)][0], res[(family, "per_head_tiled_warmup", batch, 1)][0]
+    assert (dense - sparse).abs().max().item() > 1e-3  # the strategy changes the output: it was applied
+
+
+def test_check_ulysses_refuses_before_work():
+    from vdit_accel.pipelines.parallel import check_ulysses, enable_ulysses, ulysses_classes
+
+    assert ulysses_classes() == ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel")
+    for family in ("cogvideox", "mochi", "skyreels_v2", "hunyuan_video_1_5", "ltx"):
+        tr = build_tiny_pipeline(family).transformer
+        with pytest.raises(NotImplementedError, match=f"not supported for {type(tr).__name__}.*run it on one GPU"):
+            enable_ulysses(tr, 2)  # refused before torch.distributed is even asked for
+    wan = build_tiny_pipeline("wan").transformer  # 4 heads
+    check_ulysses(wan, 4, video_tokens=720)
+    with pytest.raises(ValueError, match="does not divide WanTransformer3DModel's 4 attention heads.*2, 4"):
+        check_ulysses(wan, 3)
+    with pytest.raises(ValueError, match="does not divide the 718 video tokens"):
+        check_ulysses(wan, 4, video_tokens=718)
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        enable_ulysses(wan, 2)
+    hunyuan = build_tiny_pipeline("hunyuan_video").transformer
+    hunyuan.register_to_config(image_condition_type="token_replace")
+    with pytest.raises(NotImplementedError, match="token_replace"):
+        check_ulysses(hunyuan, 2)
