@@ -268,15 +268,7 @@ def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale
     compiled layer plan, whose masks were built for the call's grid."""
     sparse = kv_num_blocks is not None
     bsz, s, h, d = q.shape
-    if backend_for(q, k, v, kv_num_blocks, mask_block_m, mask_block_n, quant, config) == "gluon":
-        return _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale, return_lse,
-                              out, q_index)
-    if config is None:
-        cfg = _launch_config(d, q.device, q.dtype, quant, mask_block_m, mask_block_n, sparse, True)
-        if cfg["tma"] and not (_tma_ok(k) and _tma_ok(v)):
-            cfg = _launch_config(d, q.device, q.dtype, quant, mask_block_m, mask_block_n, sparse, False)
-    else:
-        cfg = _int4_config(config, quant)
+    gluon = backend_for(q, k, v, kv_num_blocks, mask_block_m, mask_block_n, quant, config) == "gluon"
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     if q_index is not None and q_index.stride(2) != 1:
@@ -288,6 +280,15 @@ def launch(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale
         if return_lse:
             lse.fill_(float("-inf"))
         return (out, lse) if return_lse else out
+    if gluon:
+        _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale, out, lse, q_index)
+        return (out, lse) if return_lse else out
+    if config is None:
+        cfg = _launch_config(d, q.device, q.dtype, quant, mask_block_m, mask_block_n, sparse, True)
+        if cfg["tma"] and not (_tma_ok(k) and _tma_ok(v)):
+            cfg = _launch_config(d, q.device, q.dtype, quant, mask_block_m, mask_block_n, sparse, False)
+    else:
+        cfg = _int4_config(config, quant)
 
     kv_num_blocks, kv_indices, num_strides, idx_strides, mask_m, mask_n = _mask_args(
         kv_num_blocks, kv_indices, mask_block_m, mask_block_n, out, cfg["BLOCK_M"], cfg["BLOCK_N"])
@@ -370,8 +371,9 @@ def _mask_args(kv_num_blocks, kv_indices, mask_block_m, mask_block_n, dummy, til
     return kv_num_blocks, kv_indices, num_strides, idx_strides, mask_block_m, mask_block_n
 
 
-def _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale, return_lse, out, q_index):
-    """:func:`launch` through the Gluon Hopper kernel (inputs already accepted by :func:`_hopper_reason`)."""
+def _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_n, scale: float, out, lse, q_index):
+    """:func:`launch` through the Gluon Hopper kernel (inputs already accepted by :func:`_hopper_reason`):
+    writes ``out`` and, when not None, ``lse`` (both allocated, non-empty, by :func:`launch`)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -380,15 +382,6 @@ def _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_
     bsz, s, h, d = q.shape
     sparse = kv_num_blocks is not None
     block_n = math.gcd(128, mask_block_n) if sparse else 128
-    if out is None:
-        out = torch.empty((bsz, s, h, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((bsz, h, s), dtype=torch.float32, device=q.device) if return_lse else None
-    if out.numel() == 0:
-        if return_lse:
-            lse.fill_(float("-inf"))
-        return (out, lse) if return_lse else out
-    if q_index is not None and q_index.stride(2) != 1:
-        q_index = q_index.contiguous()
     gdtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
 
     def desc(x, rows):  # the whole (B, S, H, D) tensor, one (1, rows, 1, D) box a load; rows past S read as 0
@@ -398,18 +391,16 @@ def _launch_hopper(q, k, v, kv_num_blocks, kv_indices, mask_block_m, mask_block_
     kv_num_blocks, kv_indices, num_strides, idx_strides, mask_m, mask_n = _mask_args(
         kv_num_blocks, kv_indices, mask_block_m, mask_block_n, out, 2 * _HOPPER_BLOCK_M, block_n)
     qi_strides = (0, 0) if q_index is None else (0 if q_index.shape[0] == 1 else q_index.stride(0), q_index.stride(1))
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
     grid = (triton.cdiv(s, 2 * _HOPPER_BLOCK_M), bsz * h)
     with torch.cuda.device(q.device):
         _hopper._attn_fwd_hopper[grid](
-            desc(q, _HOPPER_BLOCK_M), desc(k, block_n), desc(v, block_n), q, out, lse if return_lse else out,
+            desc(q, _HOPPER_BLOCK_M), desc(k, block_n), desc(v, block_n), q, out, out if lse is None else lse,
             kv_num_blocks, kv_indices, out if q_index is None else q_index,
             q.stride(0), q.stride(1), q.stride(2), *qi_strides,
             out.stride(0), out.stride(1), out.stride(2),
             *num_strides, *idx_strides,
             s, h, float(scale) * 1.4426950408889634,
             BLOCK_M=_HOPPER_BLOCK_M, BLOCK_N=block_n, HEAD_DIM=d, MASK_BLOCK_M=mask_m, MASK_BLOCK_N=mask_n,
-            SPARSE=sparse, EVEN_N=(s % block_n == 0), RETURN_LSE=bool(return_lse), Q_INDEXED=q_index is not None,
+            SPARSE=sparse, EVEN_N=(s % block_n == 0), RETURN_LSE=lse is not None, Q_INDEXED=q_index is not None,
             NUM_STAGES=_HOPPER_STAGES[d], num_warps=4, maxnreg=_hopper.MAX_REGS,
         )
-    return (out, lse) if return_lse else out

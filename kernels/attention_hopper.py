@@ -57,7 +57,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-# triton 3.6: tma.async_copy_global_to_shared; 3.7+: tma.async_load (the old name raises). (2026-12-04)
+# triton 3.6: tma.async_copy_global_to_shared; 3.7+: tma.async_load (the old name raises). (2026-12)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 
 NUM_CONSUMERS = gl.constexpr(2)  # consumer warpgroups per CTA (the ping-pong pair)
@@ -328,7 +328,7 @@ def _attn_fwd_hopper(
     strides = (stride_qb, stride_qs, stride_qh, stride_qib, stride_qih, stride_ob, stride_os, stride_oh,
                stride_numb, stride_numh, stride_numm, stride_idxb, stride_idxh, stride_idxm, stride_idxn)
     # The argument tuples are written out in the call: constexprs in a tuple bound to a name first arrive
-    # in the partitions as tensors (triton 3.6, 2026-12-04).
+    # in the partitions as tensors (triton 3.6, 2026-12).
     gl.warp_specialize([
         (_consumer0, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, bars, Out, Lse, QIdx, KV_num, KV_idx, Q, scalars,
                       strides, BLOCK_M, BLOCK_N, HEAD_DIM, MASK_BLOCK_M, MASK_BLOCK_N, SPARSE, EVEN_N, RETURN_LSE,

@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 
 from .defaults import TinyDefaults, cast_pipeline
+from .toy.trained import MODELS, build_trained_pipeline, model_spec
 
 TINY_FAMILIES = (
     "wan", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video_1_5", "cogvideox", "cogvideox_1_5", "ltx", "mochi",
 )
 # Pipelines with trained weights shipped in the package (pipelines/toy/trained.py), also built by
 # build_tiny_pipeline; apart from TINY_FAMILIES because they need their weight files.
-TRAINED_FAMILIES = ("wan-trained", "wan-rich")
+TRAINED_FAMILIES = tuple(MODELS)
 
 
 # 17 frames at 192x192: a (5, 12, 12) token grid, 720 video tokens, 6 blocks of 128.
@@ -229,8 +230,6 @@ def build_tiny_pipeline(family: str = "wan", seed: int = 0, dtype: torch.dtype =
     (weights from the package).
     """
     if family in TRAINED_FAMILIES:
-        from .toy.trained import build_trained_pipeline
-
         return build_trained_pipeline(dtype=dtype, model=family)  # trained weights: ``seed`` does not apply
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny pipeline family {family!r}; available: {', '.join(TINY_FAMILIES + TRAINED_FAMILIES)}")
@@ -262,8 +261,6 @@ def supported_models() -> list[tuple[str, tuple[str, ...]]]:
 
 def tiny_defaults(family: str = "wan") -> TinyDefaults:
     if family in TRAINED_FAMILIES:
-        from .toy.trained import model_spec
-
         return model_spec(family).defaults
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny pipeline family {family!r}; available: {', '.join(TINY_FAMILIES + TRAINED_FAMILIES)}")
