@@ -7,7 +7,9 @@
 # committed pipelines/toy/weights/wan-rich; default PARTS: check structure). Results land in $OUT: check-rich-*.json/.png,
 # attention-structure-wan-rich-*.json/.png, and with quality the quality table (benchmarks/quality.py at the
 # native size, quality-*.json; QUALITY_ARGS passes more arguments, e.g. "--only oracle-0.25,oracle-0.25+warmup
-# --name quality-oracle" to split the table over commands of at most 10 minutes).
+# --name quality-oracle" to split the table over commands of at most 10 minutes); with sweep the sampler's shift
+# on the validation captions at the native size (sweep-rich-validation-*.json; SWEEP_SHIFTS, default 5 8 12 16:
+# about 90 s each on an H200), for choosing wan-rich's scheduler_shift.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -29,6 +31,9 @@ python3 "$repo/benchmarks/check_trained.py" --model wan-rich --weights "$weights
 case " $parts " in *" structure "*)
 python3 "$repo/benchmarks/attention_structure.py" --model wan-rich --weights "$weights" --share --oracle \
   --out-dir "$out" 2>&1 | grep -v " layer [0-9]: \|Warning\|rms_norm";; esac
+case " $parts " in *" sweep "*)
+python3 "$repo/benchmarks/check_trained.py" --model wan-rich --weights "$weights" --sweep --size default --guidance 5 \
+  --steps 40 --shift ${SWEEP_SHIFTS:-5 8 12 16} --seed-bases 5000 --out-dir "$out" 2>&1 | grep -v "Warning\|rms_norm" | tail -12;; esac
 case " $parts " in *" quality "*)
 python3 "$repo/benchmarks/quality.py" --model wan-rich --weights "$weights" --out-dir "$out" ${QUALITY_ARGS:-} 2>&1 \
   | grep -v "Warning\|rms_norm";; esac

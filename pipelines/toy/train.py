@@ -15,7 +15,8 @@ Two stages, one checkpoint directory:
    (normalised posterior means), then rectified flow as diffusers' ``FlowMatchEulerDiscreteScheduler``
    runs it: ``x_t = (1 - sigma) x_0 + sigma * noise``, target ``noise - x_0``, ``timestep = 1000 sigma``,
    ``sigma`` uniform then shifted by the scheduler's shift (3.0), so training sees the noise levels
-   inference visits. Sizes are mixed per step (a fixed token budget per batch): 17x128x128 (the CPU
+   inference visits (``--shift-tokens N``: a clip of n tokens with 3.0 * sqrt(n / N), SD3's
+   resolution-dependent shift). Sizes are mixed per step (a fixed token budget per batch): 17x128x128 (the CPU
    default, 1,280 tokens), 17x96x160, 17x64x64, 33x128x128 and 17x256x256 (5,120 tokens); RoPE makes
    one model serve them all. 10% of captions are dropped (classifier-free guidance); 20% of batches pad
    the captions to 512 tokens instead of 128 (WanPipeline's default), so either padding works. EMA of
@@ -63,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import platform
@@ -116,6 +118,11 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     log_every: int = 50
+    # None: every size trains with the model's training_shift. N: a clip of n video tokens trains with
+    # training_shift * sqrt(n / N), SD3's resolution-dependent shift (Esser et al. 2024, sec. 5.3.2): n
+    # tokens of one image see the noise averaged over n, so the same sigma leaves a large clip's layout
+    # more visible, and without the shift the high-noise steps where the layout forms are rarely trained.
+    shift_tokens: int | None = None
 
 
 SMOKE = TrainConfig(
@@ -488,7 +495,8 @@ def build_pool(cfg: TrainConfig, state: dict, vae, device, seconds: float) -> li
         b.latents, b.ids, b.masks = torch.cat(b.latents), torch.cat(b.ids), torch.cat(b.masks)
     vae.train()
     _log("pool", seconds=time.monotonic() - t0,
-         clips=" ".join(f"{b.frames}x{b.height}x{b.width}:{b.latents.shape[0]}(batch {b.batch})" for b in buckets))
+         clips=" ".join(f"{b.frames}x{b.height}x{b.width}:{b.latents.shape[0]}(batch {b.batch}, shift "
+                        f"{training_shift(cfg, b.latents.shape[2:]):.2f})" for b in buckets))
     return buckets
 
 
@@ -497,6 +505,16 @@ def _ema_update(ema, model, decay: float):
         e = [p for p in ema.parameters()]
         m = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def training_shift(cfg: TrainConfig, latent_thw) -> float:
+    """The flow-matching shift a clip of latent size ``(T, h, w)`` trains with (see ``shift_tokens``)."""
+    base = _spec(cfg).training_shift
+    if cfg.shift_tokens is None:
+        return base
+    p = trained.model_spec(cfg.model).transformer["patch_size"]
+    tokens = math.prod(n // k for n, k in zip(latent_thw, p))
+    return base * math.sqrt(tokens / cfg.shift_tokens)
 
 
 def train_dit(cfg: TrainConfig, state: dict, modules, pool: list[_Bucket], device, deadline: float,
@@ -508,7 +526,6 @@ def train_dit(cfg: TrainConfig, state: dict, modules, pool: list[_Bucket], devic
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
     first = s["steps"]
     warmup = cfg.warmup_steps if first == 0 else cfg.resume_warmup_steps
-    shift = _spec(cfg).training_shift
     empty_ids, empty_mask = trained.tokenize_captions([""], _spec(cfg).max_sequence_length)
     empty_ids, empty_mask = empty_ids.to(device), empty_mask.to(device)
     shares = np.array([b.share for b in pool])
@@ -533,6 +550,7 @@ def train_dit(cfg: TrainConfig, state: dict, modules, pool: list[_Bucket], devic
         if rng.random() < cfg.long_text_prob:  # WanPipeline's default padding: 512 tokens
             ids, mask = F.pad(ids, (0, 512 - ids.shape[1])), F.pad(mask, (0, 512 - mask.shape[1]))
         u = torch.rand(b.batch, device=device, generator=gen)
+        shift = training_shift(cfg, b.latents.shape[2:])
         sigma = shift * u / (1 + (shift - 1) * u)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         sig = sigma.view(-1, 1, 1, 1, 1)
@@ -650,6 +668,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--init-from", default=None, choices=sorted(trained.MODELS), metavar="MODEL",
                     help="start from a shipped model's weights (init_from) instead of random ones: its VAE and text "
                          "encoder, its transformer's blocks spread over the new depth")
+    ap.add_argument("--shift-tokens", type=int, default=None, metavar="N",
+                    help="train a clip of n tokens with the model's training shift times sqrt(n / N) (SD3's "
+                         "resolution-dependent shift; default: the preset's, None for both models: one shift)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes and a few steps on the CPU, then load, generate, check")
@@ -664,6 +685,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is None:
         ap.error("--out is required")
     cfg = PRESETS[(args.model, args.smoke)]
+    if args.shift_tokens is not None:
+        cfg = dataclasses.replace(cfg, shift_tokens=args.shift_tokens)
     if args.smoke:
         args.vae_steps = 2 if args.vae_steps is None else args.vae_steps
         args.dit_steps = 3 if args.dit_steps is None else args.dit_steps
@@ -705,7 +728,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformer, vae, text_encoder, ema_t, ema_te = modules
     run = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "start_vae_steps": state["vae"]["steps"], "start_dit_steps": state["dit"]["steps"]}
+           "torch": torch.__version__, "shift_tokens": cfg.shift_tokens, "start_vae_steps": state["vae"]["steps"], "start_dit_steps": state["dit"]["steps"]}
     n = sum(p.numel() for p in transformer.parameters())
     _log("model", transformer_params=n, vae_params=sum(p.numel() for p in vae.parameters()),
          text_encoder_params=sum(p.numel() for p in text_encoder.parameters()), device=str(device))

@@ -212,8 +212,28 @@ def test_rich_smoke_training_resumes_with_more_vae(tmp_path):
     assert first["model"] == "wan-rich" and first["init_from"] == "wan-trained" and first["vae"]["done"]
     assert first["smoke_check"]["objects"]
     second = tt.main(["--model", "wan-rich", "--smoke", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
-                      "--vae-more-minutes", "1", "--vae-steps", "4", "--dit-steps", "5"])
+                      "--vae-more-minutes", "1", "--vae-steps", "4", "--dit-steps", "5", "--shift-tokens", "40"])
+    assert [r["shift_tokens"] for r in second["runs"]] == [None, 40]
     assert second["vae"]["steps"] == 4 and second["vae"]["done"] and second["dit"]["steps"] == 5
     assert second["latents_mean"] != first["latents_mean"]
     with pytest.raises(SystemExit):
         tt.main(["--smoke", "--resume", str(tmp_path / "b"), "--out", str(tmp_path / "c")])  # not a wan-trained one
+
+
+def test_training_shift_scales_with_the_token_count():
+    """--shift-tokens N: a clip of n tokens trains with training_shift * sqrt(n / N); composing the two shifts
+    is SD3's resolution-dependent shift applied to the base-shifted sigmas (their eq. 23), and a larger clip
+    trains at higher noise. Without it every size has the model's one shift."""
+    base = trained.WAN_RICH.training_shift
+    cfg = dataclasses.replace(train_tiny.RICH, shift_tokens=2240)
+    # latents (T, h, w) of a 17x128x224 clip: 5x32x56, 5x16x28 = 2,240 tokens after the 1x2x2 patch;
+    # of the native 65x256x448: 17x64x112, 30,464 tokens
+    assert train_tiny.training_shift(train_tiny.RICH, (17, 64, 112)) == base
+    assert train_tiny.training_shift(cfg, (5, 32, 56)) == pytest.approx(base)
+    native = train_tiny.training_shift(cfg, (17, 64, 112))
+    assert native == pytest.approx(base * math.sqrt(30464 / 2240))
+    u = torch.rand(10000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shifted = lambda s, t: s * t / (1 + (s - 1) * t)
+    alpha = native / base
+    assert torch.allclose(shifted(native, u), shifted(alpha, shifted(base, u)))
+    assert shifted(native, u).median() > shifted(base, u).median()
