@@ -2,10 +2,10 @@
 # One device-machine run: install the carried wheels and this checkout, check and time the kernels
 # (benchmarks/attention.py), sweep dense configs, and generate on the GPU through the patched pipeline.
 # Usage (device tool, carry .whl): SHA=<commit> bash benchmarks/gpu_run.sh [what ...]
-#   what: bench sweep generate e2e overhead large
+#   what: bench sweep generate e2e overhead large tests
 # (e2e: one denoising step of every real shape and row, benchmarks/e2e.py; about 6 min on an H100; overhead: the
 # host time of a patched call and a CUDA-graph capture, benchmarks/overhead.py; large: generate --large, dense
-# against accelerated; none of these three in the default set)
+# against accelerated; tests: the tests that need CUDA, skipped on the CPU; none of these four in the default set)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -23,6 +23,12 @@ for what in "${whats[@]}"; do
       ( out=$(realpath "$OUT"); repo=$(pwd); cd /tmp && python3 "$repo/benchmarks/e2e.py" --out-dir "$out" --git-sha "$sha" 2>&1 | tee "$out/e2e.log" | grep -v '^  {' ) ;;
     overhead)
       ( out=$(realpath "$OUT"); repo=$(pwd); cd /tmp && python3 "$repo/benchmarks/overhead.py" --out-dir "$out" --git-sha "$sha" 2>&1 | tee "$out/overhead.log" ) ;;
+    tests)  # real Triton (tests/conftest.py sets TRITON_INTERPRET=1 unless it is set); from /tmp with importlib
+      # imports, so that neither the checkout's vdit_accel/ nor its kernels/ shadows the installed package
+      ( out=$(realpath "$OUT"); repo=$(pwd); cd /tmp && TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -rs \
+          -p no:cacheprovider --import-mode=importlib "$repo/tests/pipelines/test_plans.py::test_cuda_graph_capture_replays_eager" \
+          "$repo/tests/sparsity_search/test_search_orders.py::test_order_overhead_measurement_on_the_gpu" 2>&1 \
+          | grep -v -i "warn" | tee "$out/tests.log" | tail -15 ) ;;
     large)
       ( out=$(realpath "$OUT"); cd /tmp && python3 -m vdit_accel.cli.app generate --large --out "$out/gen/video-large.mp4" 2>&1 | tail -3 ) ;;
     generate)

@@ -50,6 +50,10 @@ KINDS = {
                        "target on every validation prompt, verified end to end (`python benchmarks/search_targets.py`)."),
     "check-trained": ("Caption check of the trained tiny Wan", "Held-out captions, colour and direction read "
                       "back from the frames (`python benchmarks/check_trained.py`)."),
+    "check-rich": ("Caption check of the testbed wan-rich", "Held-out captions at its native size (three seed "
+                   "sets) and at half the tokens (`bash benchmarks/gpu_measure_rich.sh`)."),
+    "sweep-rich-validation": ("Sampling settings of the testbed wan-rich", "Validation captions per setting at "
+                              "its native size (`PARTS=sweep bash benchmarks/gpu_measure_rich.sh`)."),
     "sweep-trained-validation": ("Sampling settings of the trained tiny Wan", "Validation captions per setting "
                                  "(`python benchmarks/check_trained.py --sweep`)."),
     "attention-structure": ("Attention structure of the trained testbed", "Blocks per head for 95% of the "

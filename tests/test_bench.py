@@ -235,3 +235,17 @@ def test_flex_on_another_mask_is_an_error(monkeypatch):
         self, BlockMask.full(bm.seq_len, bm.num_heads, bm.block_m, bm.block_n)))
     [row] = bench.run_shape("tiny-wan", ["flex-window3d-0.15"], device="cpu", block_size=16, log=lambda m: None)[0]
     assert "not the same block mask" in row["error"] and "ms" not in row
+
+
+def test_gpu_scripts_name_tests_that_exist():
+    """The device scripts run tests by node id (benchmarks/gpu_*.sh): each names a test file and function that
+    exist, so a renamed or moved test fails here rather than as 'not found' on the GPU machine."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    ids = set()
+    for script in (repo / "benchmarks").glob("gpu_*.sh"):
+        ids |= set(re.findall(r"(tests/[\w/]+\.py)::(\w+)", script.read_text()))
+    assert ids, "no node ids found: the pattern is out of date"
+    for path, name in sorted(ids):
+        assert re.search(rf"^def {name}\(", (repo / path).read_text(), re.M), f"{path}::{name}"
