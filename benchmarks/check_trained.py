@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from result_files import RESULTS, run_header, write_result  # noqa: E402
+from result_files import RESULTS, run_header  # noqa: E402
 
 
 def contact_sheet(videos: list[np.ndarray], path: Path, thumb: int = 128, labels: list[str] | None = None,

@@ -214,7 +214,7 @@ class HeadProfiler:
             stats = self.stats[(layer, step)] = LayerStats.zeros(h, n_cols)
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         bs = self.block_size
-        mb, nb = cdiv(s, bs), cdiv(s, bs)
+        mb = cdiv(s, bs)
         sampled = set(torch.linspace(0, mb - 1, min(self.sample_blocks, mb)).round().long().tolist())
         mass_rows = [m for m in range(mb) if (self.mass_stride and m % self.mass_stride == 0) or m in sampled]
         rows_measured = sum(min(s, (m + 1) * bs) - m * bs for m in mass_rows)

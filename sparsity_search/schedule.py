@@ -134,7 +134,6 @@ def _evaluate(problem: ScheduleProblem, lam: float, metric: np.ndarray, dense_me
     Returns ``(objective, warm-up index [L], choice [P, L, H])``."""
     n = problem.num_steps
     l, h, _ = problem.shape
-    k = warmups.shape[0]
     total = np.repeat(warmups[:, None] * float(h * dense_metric), l, 1)  # [K, L]: the warm-up steps, dense
     picks = []
     for a, b in _ranges(boundaries, n):

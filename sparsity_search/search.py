@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -435,7 +434,7 @@ class _Writer:
     def strategy(self, schedule: Schedule, t0: float | None = None, meta_extra: dict | None = None) -> Strategy:
         """The schedule as a strategy: warm-ups, a phase per step range whose heads differ, per-head stats,
         the accounting and the search's metadata (``t0``: when the search began, for its time)."""
-        n_steps, L, H = self.problem.num_steps, self.num_layers, self.num_heads
+        n_steps, L = self.problem.num_steps, self.num_layers
         choice = self.representative[schedule.choice]  # [P, L, H]
         warm = list(schedule.warmup)
         ranges = schedule.ranges

@@ -37,7 +37,7 @@ from .orders.plan import frame_index
 from .orders.spec import OrderSpec
 from .orders.static import block_mask_for_order, static_order
 from .patterns import DENSE, PatternSpec, build_block_mask_for_pattern
-from .strategy import HeadSpec, Strategy
+from .strategy import Strategy
 
 
 @dataclass(frozen=True, eq=False)

@@ -507,6 +507,23 @@ def _ema_update(ema, model, decay: float):
         torch._foreach_lerp_(e, m, 1.0 - decay)
 
 
+def parse_buckets(items: list[str]) -> list[tuple[int, int, int, float]]:
+    """``["17x128x224:0.5", ...]`` as ``[(17, 128, 224, 0.5), ...]``: sizes the VAE and the patch divide (frames
+    4k + 1, height and width multiples of 8), positive shares (normalised when the pool is drawn from)."""
+    out = []
+    for item in items:
+        try:
+            size, share = item.split(":")
+            f, h, w = (int(x) for x in size.split("x"))
+            share = float(share)
+        except ValueError:
+            raise ValueError(f"{item!r} is not FRAMESxHEIGHTxWIDTH:SHARE") from None
+        if f % 4 != 1 or h % 8 or w % 8 or min(f, h, w) <= 0 or not share > 0:
+            raise ValueError(f"{item!r}: frames must be 4k+1, height and width multiples of 8, the share positive")
+        out.append((f, h, w, share))
+    return out
+
+
 def training_shift(cfg: TrainConfig, latent_thw) -> float:
     """The flow-matching shift a clip of latent size ``(T, h, w)`` trains with (see ``shift_tokens``)."""
     base = _spec(cfg).training_shift
@@ -671,6 +688,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shift-tokens", type=int, default=None, metavar="N",
                     help="train a clip of n tokens with the model's training shift times sqrt(n / N) (SD3's "
                          "resolution-dependent shift; default: the preset's, None for both models: one shift)")
+    ap.add_argument("--dit-buckets", nargs="+", default=None, metavar="FxHxW:SHARE",
+                    help="the transformer's sizes and their shares of the steps instead of the preset's, e.g. "
+                         "17x128x224:0.5 33x128x224:0.3 65x128x224:0.2 (a curriculum: captions first at small "
+                         "sizes, where a step holds many clips)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes and a few steps on the CPU, then load, generate, check")
@@ -687,6 +708,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = PRESETS[(args.model, args.smoke)]
     if args.shift_tokens is not None:
         cfg = dataclasses.replace(cfg, shift_tokens=args.shift_tokens)
+    if args.dit_buckets:
+        try:
+            cfg = dataclasses.replace(cfg, dit_buckets=parse_buckets(args.dit_buckets))
+        except ValueError as e:
+            ap.error(f"--dit-buckets: {e}")
     if args.smoke:
         args.vae_steps = 2 if args.vae_steps is None else args.vae_steps
         args.dit_steps = 3 if args.dit_steps is None else args.dit_steps
@@ -728,7 +754,8 @@ def main(argv: list[str] | None = None) -> dict:
     transformer, vae, text_encoder, ema_t, ema_te = modules
     run = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "shift_tokens": cfg.shift_tokens, "start_vae_steps": state["vae"]["steps"], "start_dit_steps": state["dit"]["steps"]}
+           "torch": torch.__version__, "shift_tokens": cfg.shift_tokens,
+           "dit_buckets": [list(b) for b in cfg.dit_buckets], "start_vae_steps": state["vae"]["steps"], "start_dit_steps": state["dit"]["steps"]}
     n = sum(p.numel() for p in transformer.parameters())
     _log("model", transformer_params=n, vae_params=sum(p.numel() for p in vae.parameters()),
          text_encoder_params=sum(p.numel() for p in text_encoder.parameters()), device=str(device))

@@ -212,8 +212,11 @@ def test_rich_smoke_training_resumes_with_more_vae(tmp_path):
     assert first["model"] == "wan-rich" and first["init_from"] == "wan-trained" and first["vae"]["done"]
     assert first["smoke_check"]["objects"]
     second = tt.main(["--model", "wan-rich", "--smoke", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
-                      "--vae-more-minutes", "1", "--vae-steps", "4", "--dit-steps", "5", "--shift-tokens", "40"])
+                      "--vae-more-minutes", "1", "--vae-steps", "4", "--dit-steps", "5", "--shift-tokens", "40",
+                      "--dit-buckets", "5x32x64:1"])
     assert [r["shift_tokens"] for r in second["runs"]] == [None, 40]
+    assert second["runs"][0]["dit_buckets"] == [list(b) for b in tt.SMOKE_RICH.dit_buckets]
+    assert second["runs"][1]["dit_buckets"] == [[5, 32, 64, 1.0]]
     assert second["vae"]["steps"] == 4 and second["vae"]["done"] and second["dit"]["steps"] == 5
     assert second["latents_mean"] != first["latents_mean"]
     with pytest.raises(SystemExit):
@@ -237,3 +240,12 @@ def test_training_shift_scales_with_the_token_count():
     alpha = native / base
     assert torch.allclose(shifted(native, u), shifted(alpha, shifted(base, u)))
     assert shifted(native, u).median() > shifted(base, u).median()
+
+
+def test_dit_buckets_parse_and_refuse_sizes_the_model_cannot_take():
+    assert train_tiny.parse_buckets(["17x128x224:0.5", "65x256x448:2"]) == [(17, 128, 224, 0.5), (65, 256, 448, 2.0)]
+    for bad in ("17x128:0.5", "16x128x224:1", "17x100x224:1", "17x128x224:0", "17x128x224"):
+        with pytest.raises(ValueError, match="17x|16x"):
+            train_tiny.parse_buckets([bad])
+    with pytest.raises(SystemExit):
+        train_tiny.main(["--model", "wan-rich", "--smoke", "--out", "/nonexistent", "--dit-buckets", "17x128x224:x"])
