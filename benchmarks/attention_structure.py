@@ -22,7 +22,12 @@ rows in chunks, never S x S at once):
 - ``box_mass``: mass within 3D boxes of +-(frames, rows, columns) around the query
   (``BOXES``);
 - ``sink_top1pct``: the share of all mass on the 1% most attended keys; ``sink_keys``: keys that at
-  least half of the queries give 10x the uniform weight, with their (frame, row, column).
+  least half of the queries give 10x the uniform weight, with their (frame, row, column);
+- ``out_rms`` / ``out_varying_rms``: what the head writes, its attention output through its slice of the
+  layer's output projection, as an RMS over queries, and the RMS of its deviation from its mean over the
+  queries: a near-uniform head writes about the same vector everywhere (mean of V), a constant the next
+  layer could take from a bias; ``out_share``: its ``out_varying_rms``² over the layer's sum, so the
+  summary can say how much of what varies comes from the diffuse heads.
 
 ``--share``: the dense transformer step time and its self-attention time at the size (CUDA events
 around each self-attention call and around the forward, as ``vdit-accel bench pipeline`` times them),
@@ -57,6 +62,7 @@ from result_files import RESULTS, run_header, write_result  # noqa: E402
 BLOCK = 128
 RECALLS = (0.9, 0.95, 0.99)
 ORDERS = ("raster", "tiled", "semantic")
+DIFFUSE = 0.85  # a head that needs this much of the blocks for 95% of its mass is near-uniform (uniform: 0.95)
 BOXES = ((0, 2, 2), (1, 2, 2), (1, 4, 4), (2, 8, 8))  # +-frames, +-rows, +-columns
 ROWS_PER_CHUNK = 1024
 
@@ -95,9 +101,11 @@ def _key_block_sums(p: torch.Tensor, k_perm: torch.Tensor | None, nb: int) -> to
 
 
 @torch.no_grad()
-def head_metrics(q: torch.Tensor, k: torch.Tensor, grid, perms: dict, rows_per_chunk: int = ROWS_PER_CHUNK) -> dict:
+def head_metrics(q: torch.Tensor, k: torch.Tensor, grid, perms: dict, rows_per_chunk: int = ROWS_PER_CHUNK,
+                 v: torch.Tensor | None = None, w_out: torch.Tensor | None = None) -> dict:
     """The metrics of the module docstring for one head: ``q``, ``k`` ``[S, D]`` in raster order;
-    ``perms``: ``{order: (q_perm [S], k_perm [S])}`` (position -> token)."""
+    ``perms``: ``{order: (q_perm [S], k_perm [S])}`` (position -> token); with ``v`` ``[S, D]`` and ``w_out``
+    ``[dim, D]`` (the head's columns of the output projection) also ``out_rms`` and ``out_varying_rms``."""
     s, d = q.shape
     dev = q.device
     scale = 1.0 / math.sqrt(d)
@@ -115,6 +123,7 @@ def head_metrics(q: torch.Tensor, k: torch.Tensor, grid, perms: dict, rows_per_c
     col = torch.zeros(s, device=dev)
     hits = torch.zeros(s, device=dev)
     keys95 = []
+    y_sum, y_sq = 0.0, 0.0
     sample_every = max(1, s // 2048)
     hw = grid.h * grid.w
     frames = torch.arange(grid.t, device=dev)
@@ -134,7 +143,15 @@ def head_metrics(q: torch.Tensor, k: torch.Tensor, grid, perms: dict, rows_per_c
         col += p.sum(0)
         hits += (p > 10.0 / s).float().sum(0)
         keys95.append(_blocks_needed(p[::sample_every], 0.95).float() / s)
+        if v is not None:
+            y = (p @ v.float()) @ w_out.float().T  # [c, dim]: what the head writes for these queries
+            y_sum = y_sum + y.sum(0)
+            y_sq += float((y * y).sum())
     out = {"blocks": {}}
+    if v is not None:
+        mean = y_sum / s
+        out["out_rms"] = round(math.sqrt(y_sq / s), 5)
+        out["out_varying_rms"] = round(math.sqrt(max(0.0, y_sq / s - float((mean * mean).sum()))), 5)
     for name, m in mass.items():
         m = m / torch.bincount(qblock[name], minlength=nb).float().clamp_min(1)[:, None]
         out["blocks"][name] = {f"{r:.2f}": round(float(_blocks_needed(m, r).float().mean() / nb), 4) for r in RECALLS}
@@ -215,6 +232,7 @@ def measure_structure(pipe, spec, captions, size, steps, phases, grid, log) -> d
     capture_steps = {min(steps - 1, int(round(p * (steps - 1)))): name for name, p in phases.items()}
     per = {}  # (phase, layer, head) -> list of metric dicts (one per caption)
     calls_per_step = 2 if spec.guidance_scale > 1 else 1
+    w_out = [blk.attn1.to_out[0].weight.detach() for blk in pipe.transformer.blocks]
 
     def on_call(forward, layer, q, k, v):
         step, which = divmod(forward, calls_per_step)
@@ -225,7 +243,9 @@ def measure_structure(pipe, spec, captions, size, steps, phases, grid, log) -> d
         for b in range(q.shape[0]):
             perms = _orders(q[b:b + 1], k[b:b + 1], grid, q.device)
             for h in range(q.shape[2]):
-                m = head_metrics(q[b, :, h], k[b, :, h], grid, {n: (qp[h], kp[h]) for n, (qp, kp) in perms.items()})
+                w = w_out[layer][:, h * q.shape[3]:(h + 1) * q.shape[3]]
+                m = head_metrics(q[b, :, h], k[b, :, h], grid, {n: (qp[h], kp[h]) for n, (qp, kp) in perms.items()},
+                                 v=v[b, :, h], w_out=w)
                 per.setdefault((phase, layer, h), []).append(m)
         log(f"  step {step} ({phase}) layer {layer}: {time.perf_counter() - t0:.1f} s")
         return None
@@ -244,7 +264,12 @@ def measure_structure(pipe, spec, captions, size, steps, phases, grid, log) -> d
             "frame_mass": avg(lambda m: m["frame_mass"]), "box_mass": avg(lambda m: m["box_mass"]),
             "sink_top1pct": round(float(np.mean([m["sink_top1pct"] for m in ms])), 4),
             "sink_keys": [m["sink_keys"] for m in ms], "sink_coords": ms[0]["sink_coords"],
+            "out_rms": round(float(np.mean([m["out_rms"] for m in ms])), 5),
+            "out_varying_rms": round(float(np.mean([m["out_varying_rms"] for m in ms])), 5),
         })
+    for x in heads:
+        layer = [y["out_varying_rms"] ** 2 for y in heads if (y["phase"], y["layer"]) == (x["phase"], x["layer"])]
+        x["out_share"] = round(x["out_varying_rms"] ** 2 / max(sum(layer), 1e-30), 4)
     summary = {}
     for phase in phases:
         hs = [x for x in heads if x["phase"] == phase]
@@ -259,6 +284,12 @@ def measure_structure(pipe, spec, captions, size, steps, phases, grid, log) -> d
             "mean_frame_mass": [round(float(np.mean([x["frame_mass"][j] for x in hs])), 4) for j in range(3)],
             "mean_box_mass": [round(float(np.mean([x["box_mass"][j] for x in hs])), 4) for j in range(len(BOXES))],
             "heads_with_sinks": sum(1 for x in hs if max(x["sink_keys"]) > 0),
+            # heads needing >= 0.85 of the blocks (tiled) for 95%: how many, and their mean share of what varies
+            "diffuse_heads": sum(1 for x in hs if x["blocks"]["tiled"]["0.95"] >= DIFFUSE),
+            "diffuse_out_share": round(float(np.mean([x["out_share"] for x in hs if x["blocks"]["tiled"]["0.95"] >= DIFFUSE]
+                                                     or [0.0])), 4),
+            "local_out_share": round(float(np.mean([x["out_share"] for x in hs if x["blocks"]["tiled"]["0.95"] <= 0.25]
+                                                   or [0.0])), 4),
         }
     return {"heads": heads, "summary": summary, "videos": videos}
 
@@ -424,7 +455,9 @@ def main(argv: list[str] | None = None) -> dict:
     doc.update(summary=res["summary"], heads=res["heads"])
     for phase, s in res["summary"].items():
         log(f"{phase}: median blocks@95 " + ", ".join(f"{o} {v['0.95']:.3f}" for o, v in s["median_blocks"].items())
-            + f"; keys@95 {s['median_keys_95']:.3f}; frame mass {s['mean_frame_mass']}; sinks {s['heads_with_sinks']}")
+            + f"; keys@95 {s['median_keys_95']:.3f}; frame mass {s['mean_frame_mass']}; sinks {s['heads_with_sinks']}"
+            + f"; {s['diffuse_heads']} diffuse heads, mean out_share {s['diffuse_out_share']:.3f} "
+              f"(local heads {s['local_out_share']:.3f})")
     if args.oracle:
         o = measure_oracle(pipe, spec, captions, size, steps, grid, args.oracle_recall, args.oracle_warmup,
                            res["videos"], log)

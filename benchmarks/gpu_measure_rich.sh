@@ -9,7 +9,10 @@
 # native size, quality-*.json; QUALITY_ARGS passes more arguments, e.g. "--only oracle-0.25,oracle-0.25+warmup
 # --name quality-oracle" to split the table over commands of at most 10 minutes); with sweep the sampler's shift
 # on the validation captions at the native size (sweep-rich-validation-*.json; SWEEP_SHIFTS, default 5 8 12 16:
-# about 90 s each on an H200), for choosing wan-rich's scheduler_shift.
+# about 90 s each on an H200), for choosing wan-rich's scheduler_shift; with check-small the check at the
+# smallest training size, 17x128x224 (into $OUT/small: its file name is the native check's).
+# Times on an H200: check 454 s (native x 3 seed sets 302 s, half x 3 147 s), structure without the oracle 37 s
+# (+ the share 1 s): the default PARTS do not fit one 10-minute command with the oracle; run check apart.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -28,6 +31,9 @@ cd /tmp  # not the checkout: its vdit_accel/ would shadow the installed package
 case " $parts " in *" check "*)
 python3 "$repo/benchmarks/check_trained.py" --model wan-rich --weights "$weights" --size default half \
   --seed-base 1000 2000 3000 --out-dir "$out" 2>&1 | grep -v "^  \(ok \|BAD\)\|Warning\|rms_norm";; esac
+case " $parts " in *" check-small "*)  # the smallest training size (17x128x224, 2,240 tokens): learned at all?
+python3 "$repo/benchmarks/check_trained.py" --model wan-rich --weights "$weights" --frames 17 --height 128 --width 224 \
+  --seed-base 1000 --out-dir "$out/small" 2>&1 | grep -v "^  \(ok \|BAD\)\|Warning\|rms_norm";; esac
 case " $parts " in *" structure "*)
 python3 "$repo/benchmarks/attention_structure.py" --model wan-rich --weights "$weights" --share --oracle \
   --out-dir "$out" 2>&1 | grep -v " layer [0-9]: \|Warning\|rms_norm";; esac

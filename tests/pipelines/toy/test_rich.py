@@ -177,6 +177,14 @@ def test_head_metrics_match_brute_force():
     for j, (bt, bh, bw) in enumerate(st.BOXES):
         inside = (d[..., 0] <= bt) & (d[..., 1] <= bh) & (d[..., 2] <= bw)
         assert got["box_mass"][j] == pytest.approx(float((p * inside).sum() / len(p)), abs=1e-4)
+    # what the head writes: o = P V through its output columns; RMS and RMS about the mean over queries
+    v, w = torch.randn(grid.video_len, 16, generator=g), torch.randn(24, 16, generator=g)
+    got = st.head_metrics(q, k, grid, {"raster": (ident, ident)}, rows_per_chunk=50, v=v, w_out=w)
+    y = (p @ v.double()) @ w.double().T
+    assert got["out_rms"] == pytest.approx(float(y.pow(2).sum(1).mean().sqrt()), rel=1e-4)
+    assert got["out_varying_rms"] == pytest.approx(float((y - y.mean(0)).pow(2).sum(1).mean().sqrt()), rel=1e-3)
+    uniform = st.head_metrics(torch.zeros_like(q), k, grid, {"raster": (ident, ident)}, v=v, w_out=w)
+    assert uniform["out_varying_rms"] < 1e-3 * uniform["out_rms"]  # uniform attention writes one vector
     # the oracle's batched block mass equals the per-head one
     qb = torch.stack([q, k], 1)[None]  # (1, S, 2 heads, D)
     m = st.tiled_block_mass(qb, torch.stack([k, q], 1)[None], shuf, rows_per_chunk=64)
