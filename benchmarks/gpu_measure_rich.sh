@@ -8,11 +8,10 @@
 # attention-structure-wan-rich-*.json/.png, and with quality the quality table (benchmarks/quality.py at the
 # native size, quality-*.json; QUALITY_ARGS passes more arguments, e.g. "--only oracle-0.25,oracle-0.25+warmup
 # --name quality-oracle" to split the table over commands of at most 10 minutes); with sweep the sampler's shift
-# on the validation captions at the native size (sweep-rich-validation-*.json; SWEEP_SHIFTS, default 5 8 12 16:
-# about 90 s each on an H200), for choosing wan-rich's scheduler_shift; with check-small the check at the
-# smallest training size, 17x128x224 (into $OUT/small: its file name is the native check's).
-# Times on an H200: check 454 s (native x 3 seed sets 302 s, half x 3 147 s), structure without the oracle 37 s
-# (+ the share 1 s): the default PARTS do not fit one 10-minute command with the oracle; run check apart.
+# on the validation captions at the native size (sweep-rich-validation-*.json; SWEEP_SHIFTS, default 5 8 12 16),
+# for choosing wan-rich's scheduler_shift; with check-small the check at the smallest training size, 17x128x224
+# (into $OUT/small: its file name is the native check's). The check alone takes most of a 10-minute command (its
+# result file's "seconds"): run it apart from structure with the oracle.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
