@@ -123,6 +123,13 @@ class TrainConfig:
     # tokens of one image see the noise averaged over n, so the same sigma leaves a large clip's layout
     # more visible, and without the shift the high-noise steps where the layout forms are rarely trained.
     shift_tokens: int | None = None
+    # 0: the plain flow loss. W > 0: the squared error of a latent position some object covers (in any of
+    # the pixels and frames it encodes) weighs 1 + W, the rest 1, normalised by the mean weight. Objects
+    # cover 5.4% of a rich clip's latent positions at 17x128x224 and 3.4% at 65x256x448 (16 clips), so in
+    # the plain loss the textured, panning backgrounds outweigh them 20-30:1; W = 6 gives the captioned
+    # things 20-28% of the weight without changing the per-position optimum (each position's prediction
+    # still targets the conditional mean: only how capacity is spent changes).
+    dit_object_weight: float = 0.0
 
 
 SMOKE = TrainConfig(
@@ -449,10 +456,21 @@ class _Bucket:
     latents: list = field(default_factory=list)  # tensors [n, C, T, h, w], normalised
     ids: list = field(default_factory=list)
     masks: list = field(default_factory=list)
+    objects: list = field(default_factory=list)  # bool [n, 1, T, h, w]: latent_object_mask (object weighting only)
 
     @property
     def size(self) -> int:
         return sum(x.shape[0] for x in self.latents)
+
+
+def latent_object_mask(cover: torch.Tensor, temporal: int, spatial: int) -> torch.Tensor:
+    """Which latent positions an object covers: ``cover`` ``[B, 1, F, H, W]`` (``toy.render``'s mask, F =
+    temporal * k + 1) as bool ``[B, 1, 1 + k, H / spatial, W / spatial]``, True where any pixel of any frame
+    the position encodes is covered (the causal VAE: latent frame 0 is pixel frame 0, latent frame j > 0
+    pixel frames temporal * (j - 1) + 1 .. temporal * j)."""
+    first = cover[:, :, :1].expand(-1, -1, temporal - 1, -1, -1)  # pad frame 0 to a full window
+    padded = torch.cat([first, cover], 2)
+    return F.max_pool3d(padded.float(), (temporal, spatial, spatial)) > 0
 
 
 def _tokens(cfg: TrainConfig, f: int, h: int, w: int) -> int:
@@ -485,14 +503,19 @@ def build_pool(cfg: TrainConfig, state: dict, vae, device, seconds: float) -> li
             n = int(min(targets[i] - b.size, max(1, cfg.encode_pixels // (b.frames * b.height * b.width))))
             scenes = _scenes(cfg, n, int(_rng(state["seed"], 3, state["run"], i, chunk_id).integers(2**31)))
             chunk_id += 1
+            x, cover = toy.render(scenes, b.frames, b.height, b.width, device=device, return_mask=True)
             with _autocast(device):
-                z = _encode(vae, toy.render(scenes, b.frames, b.height, b.width, device=device)).float()
+                z = _encode(vae, x).float()
             b.latents.append(((z - mean) / std).to(store))
+            if cfg.dit_object_weight:
+                b.objects.append(latent_object_mask(cover, vae.config.scale_factor_temporal,
+                                                    vae.config.scale_factor_spatial))
             ids, mask = trained.tokenize_captions([s.caption for s in scenes], _spec(cfg).max_sequence_length)
             b.ids.append(ids.to(device))
             b.masks.append(mask.to(device))
     for b in buckets:
         b.latents, b.ids, b.masks = torch.cat(b.latents), torch.cat(b.ids), torch.cat(b.masks)
+        b.objects = torch.cat(b.objects) if b.objects else None
     vae.train()
     _log("pool", seconds=time.monotonic() - t0,
          clips=" ".join(f"{b.frames}x{b.height}x{b.width}:{b.latents.shape[0]}(batch {b.batch}, shift "
@@ -578,7 +601,11 @@ def train_dit(cfg: TrainConfig, state: dict, modules, pool: list[_Bucket], devic
         with _autocast(device):
             emb = trained.caption_embeddings(text_encoder, ids, mask)
             pred = transformer(hidden_states=xt, timestep=sigma * 1000.0, encoder_hidden_states=emb, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise - x0)
+        if b.objects is None:
+            loss = F.mse_loss(pred.float(), noise - x0)
+        else:
+            weight = 1.0 + cfg.dit_object_weight * b.objects[idx].float()
+            loss = (weight * (pred.float() - (noise - x0)).square()).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)):
@@ -688,6 +715,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shift-tokens", type=int, default=None, metavar="N",
                     help="train a clip of n tokens with the model's training shift times sqrt(n / N) (SD3's "
                          "resolution-dependent shift; default: the preset's, None for both models: one shift)")
+    ap.add_argument("--object-weight", type=float, default=None, metavar="W",
+                    help="weigh the flow loss at latent positions that objects cover 1 + W (TrainConfig."
+                         "dit_object_weight; default: the preset's, 0 for both models: the plain loss)")
     ap.add_argument("--dit-buckets", nargs="+", default=None, metavar="FxHxW:SHARE",
                     help="the transformer's sizes and their shares of the steps instead of the preset's, e.g. "
                          "17x128x224:0.5 33x128x224:0.3 65x128x224:0.2 (a curriculum: captions first at small "
@@ -708,6 +738,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = PRESETS[(args.model, args.smoke)]
     if args.shift_tokens is not None:
         cfg = dataclasses.replace(cfg, shift_tokens=args.shift_tokens)
+    if args.object_weight is not None:
+        if args.object_weight < 0:
+            ap.error("--object-weight must be >= 0")
+        cfg = dataclasses.replace(cfg, dit_object_weight=args.object_weight)
     if args.dit_buckets:
         try:
             cfg = dataclasses.replace(cfg, dit_buckets=parse_buckets(args.dit_buckets))
@@ -754,7 +788,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformer, vae, text_encoder, ema_t, ema_te = modules
     run = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "shift_tokens": cfg.shift_tokens,
+           "torch": torch.__version__, "shift_tokens": cfg.shift_tokens, "object_weight": cfg.dit_object_weight,
            "dit_buckets": [list(b) for b in cfg.dit_buckets], "start_vae_steps": state["vae"]["steps"], "start_dit_steps": state["dit"]["steps"]}
     n = sum(p.numel() for p in transformer.parameters())
     _log("model", transformer_params=n, vae_params=sum(p.numel() for p in vae.parameters()),

@@ -221,14 +221,37 @@ def test_rich_smoke_training_resumes_with_more_vae(tmp_path):
     assert first["smoke_check"]["objects"]
     second = tt.main(["--model", "wan-rich", "--smoke", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
                       "--vae-more-minutes", "1", "--vae-steps", "4", "--dit-steps", "5", "--shift-tokens", "40",
-                      "--dit-buckets", "5x32x64:1"])
+                      "--dit-buckets", "5x32x64:1", "--object-weight", "8"])
     assert [r["shift_tokens"] for r in second["runs"]] == [None, 40]
+    assert [r["object_weight"] for r in second["runs"]] == [0.0, 8.0]
     assert second["runs"][0]["dit_buckets"] == [list(b) for b in tt.SMOKE_RICH.dit_buckets]
     assert second["runs"][1]["dit_buckets"] == [[5, 32, 64, 1.0]]
     assert second["vae"]["steps"] == 4 and second["vae"]["done"] and second["dit"]["steps"] == 5
     assert second["latents_mean"] != first["latents_mean"]
     with pytest.raises(SystemExit):
         tt.main(["--smoke", "--resume", str(tmp_path / "b"), "--out", str(tmp_path / "c")])  # not a wan-trained one
+
+
+@pytest.mark.parametrize("frames", [1, 5, 13])
+def test_latent_object_mask_marks_what_each_latent_position_encodes(frames):
+    """latent_object_mask against a brute-force loop over the causal VAE's windows (latent frame 0 = pixel
+    frame 0, frame j > 0 = pixel frames 4j-3..4j; 4x4 pixels a position), on a sparse random cover and on a
+    rendered rich clip's cover."""
+    gen = torch.Generator().manual_seed(frames)
+    sparse = (torch.rand(2, 1, frames, 24, 40, generator=gen) > 0.995).float() * torch.rand(2, 1, frames, 24, 40, generator=gen)
+    _, rendered = toy.render(toy.sample_rich_scenes(2, 3), frames, 24, 40, return_mask=True)
+    for cover in (sparse, rendered):
+        got = train_tiny.latent_object_mask(cover, 4, 4)
+        t = (frames - 1) // 4 + 1
+        assert got.shape == (2, 1, t, 6, 10) and got.dtype == torch.bool
+        want = torch.zeros_like(got)
+        for j in range(t):
+            lo, hi = (0, 1) if j == 0 else (4 * j - 3, 4 * j + 1)
+            for y in range(6):
+                for x in range(10):
+                    want[:, 0, j, y, x] = (cover[:, 0, lo:hi, 4 * y:4 * y + 4, 4 * x:4 * x + 4] > 0).flatten(1).any(1)
+        assert torch.equal(got, want)
+    assert 0 < train_tiny.latent_object_mask(rendered, 4, 4).float().mean() < 0.5
 
 
 def test_training_shift_scales_with_the_token_count():
