@@ -135,8 +135,26 @@ def run_check(pipe, size: dict, steps: int, guidance_scale: float, batch: int, l
 
     summary = {"agreement": rate("single")[0], "captions": rate("single")[1],
                "two_object_agreement": rate("two")[0], "two_object_captions": rate("two")[1],
-               "ground_truth_agreement": round(float(np.mean([r["ground_truth_ok"] for r in rows])), 3)}
+               "ground_truth_agreement": round(float(np.mean([r["ground_truth_ok"] for r in rows])), 3),
+               "parts": part_agreement(rows)}
     return {"summary": summary, "rows": rows, "videos": videos}
+
+
+def part_agreement(rows: list[dict]) -> dict:
+    """Which part of the captions the videos get wrong: over the rows' objects the fraction whose colour, whose
+    direction, and whose colour and direction were read as captioned, and over the rows that pan the camera
+    the fraction whose pan was (each ``None`` where there is nothing to count), with the counts."""
+    objects = [o for r in rows for o in r["objects"]]
+    cameras = [r["camera"] for r in rows if "camera" in r]
+
+    def frac(hits: list[bool]):
+        return round(sum(hits) / len(hits), 3) if hits else None
+
+    return {"colour": frac([o["found_colour"] == o["colour"] for o in objects]),
+            "direction": frac([o["found_direction"] == o["direction"] for o in objects]),
+            "object": frac([o["found_colour"] == o["colour"] and o["found_direction"] == o["direction"] for o in objects]),
+            "objects": len(objects), "camera": frac([c["found_camera"] == c["camera"] for c in cameras]),
+            "cameras": len(cameras)}
 
 
 def run_sweep(pipe, size: dict, guidance_scales, steps_list, shifts, seed_bases, batch: int, limit: int | None = None,

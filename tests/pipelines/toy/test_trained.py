@@ -260,6 +260,9 @@ def test_check_script_runs(smoke, tmp_path):
     res = doc["results"]["default"]
     assert len(res["rows"]) == 3 and doc["captions"] == 3 and res["ground_truth_agreement"] == 1.0
     assert len(list(tmp_path.glob("check-trained-cpu-*.png"))) == 1
+    parts = res["parts"]
+    assert parts["objects"] == sum(len(r["objects"]) for r in res["rows"]) and parts["cameras"] == 0
+    assert parts["object"] <= min(parts["colour"], parts["direction"]) and parts["camera"] is None
     with pytest.raises(SystemExit):
         mod.main(argv + ["--require", "1.01"])
     doc = mod.main(argv + ["--scenes", "validation", "--shift", "5", "--guidance", "6"])
@@ -269,6 +272,23 @@ def test_check_script_runs(smoke, tmp_path):
     assert len(list(tmp_path.glob("check-trained-cpu-*-validation.json"))) == 1
     with pytest.raises(SystemExit):
         mod.main(argv + ["--shift", "3", "5"])  # several values need --sweep
+
+
+def test_part_agreement_counts_each_part_of_the_captions():
+    """check_trained.part_agreement: colour, direction and both over all objects of all rows, the camera pan
+    over the rows that have one."""
+    mod = _load("check_trained")
+
+    def obj(colour, found_colour, direction, found_direction):
+        return {"colour": colour, "found_colour": found_colour, "direction": direction, "found_direction": found_direction}
+
+    rows = [{"objects": [obj("red", "red", "left", "left"), obj("blue", "cyan", "up", "up")],
+             "camera": {"camera": "left", "found_camera": None}},
+            {"objects": [obj("green", "green", "down", None)]},
+            {"objects": [obj("cyan", "blue", "up", "down")], "camera": {"camera": "up", "found_camera": "up"}}]
+    assert mod.part_agreement(rows) == {"colour": 0.5, "direction": 0.5, "object": 0.25, "objects": 4,
+                                        "camera": 0.5, "cameras": 2}
+    assert mod.part_agreement([])["colour"] is None
 
 
 def test_check_script_sweep(smoke, tmp_path):
