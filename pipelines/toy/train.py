@@ -636,15 +636,23 @@ def train_dit(cfg: TrainConfig, state: dict, modules, pool: list[_Bucket], devic
 
 
 def plot_losses(state: dict, path: Path, width: int = 900, height: int = 360):
-    """Two panels, log-scale loss against step: the VAE's reconstruction loss, the transformer's flow loss."""
+    """Two panels, log-scale loss against step: the VAE's reconstruction loss, the transformer's flow loss,
+    with a marked line where a run changed the flow loss's object weight (the curve jumps there because
+    the loss changed, not the model)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    panels = [("VAE reconstruction (weighted L1+L2)", state["vae"]["log"], (40, 90, 200)),
-              ("transformer flow-matching MSE", state["dit"]["log"], (200, 60, 40))]
+    marks, weight = [], 0.0
+    for run in state.get("runs", []):
+        w = run.get("object_weight") or 0.0
+        if w != weight:
+            marks.append((run["start_dit_steps"], f"object weight {w:g}" if w else "plain loss"))
+            weight = w
+    panels = [("VAE reconstruction (weighted L1+L2)", state["vae"]["log"], (40, 90, 200), []),
+              ("transformer flow-matching MSE", state["dit"]["log"], (200, 60, 40), marks)]
     pw = width // 2
-    for k, (title, log, colour) in enumerate(panels):
+    for k, (title, log, colour, panel_marks) in enumerate(panels):
         x0, y0, x1, y1 = k * pw + 60, 30, (k + 1) * pw - 15, height - 40
         draw.rectangle([x0, y0, x1, y1], outline="black")
         draw.text((x0, 8), title, fill="black")
@@ -672,6 +680,10 @@ def plot_losses(state: dict, path: Path, width: int = 900, height: int = 360):
             draw.text((xx - 10, y1 + 5), f"{int(smax * frac)}", fill="black")
         draw.text(((x0 + x1) // 2 - 15, y1 + 20), "step", fill="black")
         draw.line([xy(s, v) for s, v in zip(steps, vals)], fill=colour, width=2)
+        for step, label in panel_marks:
+            xx, _ = xy(step, lo)
+            draw.line([(xx, y0), (xx, y1)], fill=(90, 90, 90))
+            draw.text((xx + 3, y0 + 3), label, fill=(90, 90, 90))
     img.save(path)
 
 
