@@ -14,6 +14,10 @@ direction) never occurred in training, and 4 two-object captions built from held
 (colour from the frames, direction from the centroid's motion). The ground-truth clip of every
 caption is scored too (the checker's own sanity: it must be 100%).
 
+``--scenes seen`` prompts 20 single-object captions of the training distribution instead (their combinations
+were seen in training; file suffix ``-seen``): where they fail as often as the check, the model has not
+learned the captions at all, rather than failing to compose them.
+
 ``--scenes validation`` prompts ``vdit_accel.pipelines.toy.validation_scenes()`` instead: 20 single-object
 captions from the 4 held-out combinations the check's 20 leave out. Sampling settings (guidance scale,
 steps, the scheduler's shift at inference) are chosen there, with other seeds, and only then is the
@@ -77,7 +81,21 @@ def scene_list(scenes: str = "check", world: str = "basic") -> list[tuple]:
         return [(s, "single") for s in singles] + [(s, "two") for s in twos]
     if scenes == "validation":
         return [(s, "single") for s in (toy.rich_validation_scenes() if rich else toy.validation_scenes())]
-    raise ValueError(f"scenes must be 'check' or 'validation', got {scenes!r}")
+    if scenes == "seen":
+        return [(s, "single") for s in seen_scenes(world)]
+    raise ValueError(f"scenes must be 'check', 'validation' or 'seen', got {scenes!r}")
+
+
+def seen_scenes(world: str = "basic", n: int = 20, seed: int = 77) -> list:
+    """``n`` single-object scenes of the training distribution (so their (colour, shape, direction) were seen
+    in training), deterministic: beside the check's held-out combinations they tell a compositional failure
+    (only the held-out ones wrong) from an unlearned one (both wrong)."""
+    from vdit_accel.pipelines import toy
+
+    sample = toy.sample_rich_scenes if world == "rich" else toy.sample_scenes
+    out = [s for s in sample(20 * n, seed, split="train") if len(s.objects) == 1][:n]
+    assert not any(toy.is_held_out(s.objects[0].colour, s.objects[0].shape, s.objects[0].direction) for s in out)
+    return out
 
 
 def set_shift(pipe, shift: float):
@@ -214,9 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", type=int, default=None, help="override the default size's frames (with --height, --width)")
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
-    ap.add_argument("--scenes", choices=("check", "validation"), default=None,
+    ap.add_argument("--scenes", choices=("check", "validation", "seen"), default=None,
                     help="check: toy.check_scenes() (the criterion); validation: toy.validation_scenes(), "
-                         "for choosing settings (default: validation with --sweep, check otherwise)")
+                         "for choosing settings (default: validation with --sweep, check otherwise); seen: 20 "
+                         "training-distribution captions (seen_scenes: compositional failure or unlearned?)")
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help=f"denoising steps (default {d.steps}; --sweep: 20 30 50)")
     ap.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, nargs="+", default=None,
@@ -321,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc.update({"seed_base": args.seed_base, "steps": steps, "guidance_scale": guidance_scale, "shift": shift,
                 "batch": batch, "agreement": first["agreement"], "mean_agreement": means, "captions": first["captions"],
                 "seconds": round(time.perf_counter() - t0, 1), "results": results})
-    stem = f"{stem_what}-{tag}-{date:%Y%m%d}" + ("-validation" if scenes == "validation" else "")
+    stem = f"{stem_what}-{tag}-{date:%Y%m%d}" + (f"-{scenes}" if scenes != "check" else "")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
     contact_sheet(videos, args.out_dir / f"{stem}.png", labels=labels, frames_per_row=3 if spec.scenes == "basic" else 5)
     for name, r in results.items():

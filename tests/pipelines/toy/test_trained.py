@@ -270,6 +270,9 @@ def test_check_script_runs(smoke, tmp_path):
     assert [r["caption"] for r in doc["results"]["default"]["rows"]] == \
         [s.caption for s in toy.validation_scenes(3)]
     assert len(list(tmp_path.glob("check-trained-cpu-*-validation.json"))) == 1
+    doc = mod.main(argv + ["--scenes", "seen"])
+    assert [r["caption"] for r in doc["results"]["default"]["rows"]] == [s.caption for s in mod.seen_scenes("basic")[:3]]
+    assert len(list(tmp_path.glob("check-trained-cpu-*-seen.json"))) == 1
     with pytest.raises(SystemExit):
         mod.main(argv + ["--shift", "3", "5"])  # several values need --sweep
 
