@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--oracle-warmup", type=float, default=0.2, help="fraction of the steps run dense first")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--git-sha", default=None, help="the commit for the result header (default: the checkout's; the "
+                    "device copy's own git HEAD can be stale)")
     args = ap.parse_args(argv)
     spec = trained.model_spec(args.model)
     phases = {}
@@ -441,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid = VideoGrid(t, h, w)
     scenes = toy.rich_validation_scenes() if spec.scenes == "rich" else toy.validation_scenes()
     captions = [s.caption for s in scenes[:args.prompts]]
-    tag, date, doc = run_header("attention_structure.py", argv, device)
+    tag, date, doc = run_header("attention_structure.py", argv, device, sha=args.git_sha)
     doc.update({"model": spec.name, "weights": str(args.weights or spec.weights_dir), "size": size,
                 "grid": [t, h, w], "tokens": t * h * w, "steps": steps, "guidance_scale": spec.guidance_scale,
                 "captions": captions, "seed_base": 2000, "block": BLOCK, "boxes": BOXES, "phases": phases})

@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed-bases", type=int, nargs="+", default=[5000, 6000],
                     help="--sweep: the seed bases every setting is run on")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--git-sha", default=None, help="the commit for the result header (default: the checkout's; the "
+                    "device copy's own git HEAD can be stale)")
     ap.add_argument("--require", type=float, default=None,
                     help="exit with status 1 if the agreement (at every size checked) is below this")
     args = ap.parse_args(argv)
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if device == "cuda" and spec.name != "wan-trained" else torch.float32
     pipe = trained.build_trained_pipeline(args.weights, dtype=dtype, model=spec).to(device)
-    tag, date, doc = run_header("check_trained.py", argv, device)
+    tag, date, doc = run_header("check_trained.py", argv, device, sha=args.git_sha)
     doc.update({"model": spec.name, "weights": str(args.weights or spec.weights_dir), "scenes": scenes,
                 "dtype": str(dtype).removeprefix("torch.")})
     stem_what = "check-" + spec.name.removeprefix("wan-")

@@ -2,7 +2,8 @@
 # One device-machine command that measures the wan-rich testbed (carry .whl): the caption check at its native
 # size with three seed sets and at half the tokens (benchmarks/check_trained.py), then the attention structure,
 # the self-attention share of a dense step and the per-call oracle (benchmarks/attention_structure.py).
-# Usage: [PARTS="check structure quality"] bash benchmarks/gpu_measure_rich.sh [WEIGHTS_DIR]
+# Usage: [SHA=<commit>] [PARTS="check structure quality"] bash benchmarks/gpu_measure_rich.sh [WEIGHTS_DIR]
+# (SHA: the commit for the result headers; the device copy's own git HEAD can be stale)
 # (default weights: /tmp/ckpt-wan-rich when a training command just left it on this warm machine, else the
 # committed pipelines/toy/weights/wan-rich; default PARTS: check structure). Results land in $OUT: check-rich-*.json/.png,
 # attention-structure-wan-rich-*.json/.png, and with quality the quality table (benchmarks/quality.py at the
@@ -26,20 +27,21 @@ fi
 echo "weights: $weights"
 out=$(realpath "$OUT")
 parts=${PARTS:-check structure}
+sha=(${SHA:+--git-sha "$SHA"})
 cd /tmp  # not the checkout: its vdit_accel/ would shadow the installed package
 case " $parts " in *" check "*)
-python3 "$repo/benchmarks/check_trained.py" --model wan-rich --weights "$weights" --size default half \
+python3 "$repo/benchmarks/check_trained.py" "${sha[@]}" --model wan-rich --weights "$weights" --size default half \
   --seed-base 1000 2000 3000 --out-dir "$out" 2>&1 | grep -v "^  \(ok \|BAD\)\|Warning\|rms_norm";; esac
 case " $parts " in *" check-small "*)  # the smallest training size (17x128x224, 2,240 tokens): learned at all?
-python3 "$repo/benchmarks/check_trained.py" --model wan-rich --weights "$weights" --frames 17 --height 128 --width 224 \
+python3 "$repo/benchmarks/check_trained.py" "${sha[@]}" --model wan-rich --weights "$weights" --frames 17 --height 128 --width 224 \
   --seed-base 1000 --out-dir "$out/small" 2>&1 | grep -v "^  \(ok \|BAD\)\|Warning\|rms_norm";; esac
 case " $parts " in *" structure "*)
-python3 "$repo/benchmarks/attention_structure.py" --model wan-rich --weights "$weights" --share --oracle \
+python3 "$repo/benchmarks/attention_structure.py" "${sha[@]}" --model wan-rich --weights "$weights" --share --oracle \
   --out-dir "$out" 2>&1 | grep -v " layer [0-9]: \|Warning\|rms_norm";; esac
 case " $parts " in *" sweep "*)
-python3 "$repo/benchmarks/check_trained.py" --model wan-rich --weights "$weights" --sweep --size default --guidance 5 \
+python3 "$repo/benchmarks/check_trained.py" "${sha[@]}" --model wan-rich --weights "$weights" --sweep --size default --guidance 5 \
   --steps 40 --shift ${SWEEP_SHIFTS:-5 8 12 16} --seed-bases 5000 --out-dir "$out" 2>&1 | grep -v "Warning\|rms_norm" | tail -12;; esac
 case " $parts " in *" quality "*)
-python3 "$repo/benchmarks/quality.py" --model wan-rich --weights "$weights" --out-dir "$out" ${QUALITY_ARGS:-} 2>&1 \
+python3 "$repo/benchmarks/quality.py" "${sha[@]}" --model wan-rich --weights "$weights" --out-dir "$out" ${QUALITY_ARGS:-} 2>&1 \
   | grep -v "Warning\|rms_norm";; esac
 ls -la "$out"

@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default=None, help="comma-separated rows to run (dense always runs: the reference)")
     ap.add_argument("--name", default="quality", help="the result file's name before the device tag")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--git-sha", default=None, help="the commit for the result header (default: the checkout's; the "
+                    "device copy's own git HEAD can be stale)")
     args = ap.parse_args(argv)
     spec = trained.model_spec(args.model)
     d = spec.defaults
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         return run_check(pipe, size, steps_, guidance, batch, args.prompts if n is None else n,
                          d.max_sequence_length, seed_base=row.seed_base, world=world)
 
-    tag, date, doc = run_header("quality.py", argv, device)
+    tag, date, doc = run_header("quality.py", argv, device, sha=args.git_sha)
     doc.update({"model": spec.name, "weights": str(args.weights or spec.weights_dir), "size": size,
                 "tokens": grid.seq_len, "grid": [grid.t, grid.h, grid.w], "steps": steps, "guidance_scale": guidance,
                 "warmup_steps": warmup, "prompts": args.prompts, "dtype": str(dtype).removeprefix("torch."), "rows": []})

@@ -270,7 +270,8 @@ def test_check_script_runs(smoke, tmp_path):
     assert [r["caption"] for r in doc["results"]["default"]["rows"]] == \
         [s.caption for s in toy.validation_scenes(3)]
     assert len(list(tmp_path.glob("check-trained-cpu-*-validation.json"))) == 1
-    doc = mod.main(argv + ["--scenes", "seen"])
+    doc = mod.main(argv + ["--scenes", "seen", "--git-sha", "0123abcd"])
+    assert doc["versions"]["vdit_accel"] == "0123abcd"
     assert [r["caption"] for r in doc["results"]["default"]["rows"]] == [s.caption for s in mod.seen_scenes("basic")[:3]]
     assert len(list(tmp_path.glob("check-trained-cpu-*-seen.json"))) == 1
     with pytest.raises(SystemExit):
